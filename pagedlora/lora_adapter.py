@@ -1,0 +1,231 @@
+"""LoraAdapter: a PEFT LoRA directory read, validated against the base model, and hashed."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors.torch import load_file
+
+# The projections of a Llama-family decoder layer that LoRA may target, in a fixed order.
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+# PEFT saves "base_model.model." + the module path in the base model + ".lora_A.weight".
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
+                  r"\.lora_([AB])\.weight$")
+_UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served as given; the message names the adapter and the cause."""
+
+
+class UnsupportedAdapterError(NotImplementedError):
+    """An adapter using a PEFT feature pagedlora does not implement (named in the message)."""
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    """LoRA weights of one target module of one layer.
+
+    Attributes:
+        a: ``[r, in_features]``, lora_A.
+        b_t: ``[r, out_features]``, lora_B transposed so that both are stored as rank rows.
+        scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023).
+    """
+
+    a: torch.Tensor
+    b_t: torch.Tensor
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """A validated LoRA adapter held in host memory.
+
+    Attributes:
+        name: the name it was added under.
+        path: its PEFT directory.
+        key: xxhash (XXH3-128, hex) of its content (module names, weights, scales): the identity
+            that pages and caches are keyed by, so re-adding a name with new weights never reuses
+            stale state and two names with the same weights share it.
+        modules: ``(layer, module) -> ModuleWeights``, in the engine's dtype.
+    """
+
+    name: str
+    path: Path
+    key: str
+    modules: dict[tuple[int, str], ModuleWeights]
+
+    @property
+    def max_rank(self) -> int:
+        return max(m.rank for m in self.modules.values())
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [t for t in TARGET_MODULES if any(m == t for _, m in self.modules)]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(m.a.nbytes + m.b_t.nbytes for m in self.modules.values())
+
+
+def load_lora_adapter(name: str, path: str | Path, *, num_layers: int,
+                      module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
+                      dtype: torch.dtype) -> LoraAdapter:
+    """Reads and validates a PEFT LoRA directory.
+
+    Args:
+        name: the adapter's name (used in error messages).
+        path: directory with ``adapter_config.json`` and ``adapter_model.safetensors`` (or
+            ``adapter_model.bin``, read with ``torch.load(weights_only=True)``).
+        num_layers: decoder layers of the base model.
+        module_shapes: ``module -> (in_features, out_features)`` of the base model.
+        max_lora_rank: largest rank accepted.
+        dtype: dtype the weights are converted to.
+
+    Raises:
+        AdapterError: missing directory or files, unreadable config or weights, peft_type not
+            LORA, a key that is not a Llama decoder projection, a target the model lacks, a shape
+            that does not fit the model, rank above ``max_lora_rank``, NaN/Inf weights, no LoRA
+            module at all.
+        UnsupportedAdapterError: use_dora, bias other than "none", modules_to_save,
+            embed_tokens/lm_head targets, fan_in_fan_out, lora_bias.
+    """
+    path = Path(path)
+    config = _read_config(name, path)
+    tensors = _read_weights(name, path)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _KEY.match(key)
+        if match is None:
+            if any(t in key for t in _UNSUPPORTED_TARGETS) or "lora_embedding" in key:
+                raise UnsupportedAdapterError(
+                    f"adapter {name!r}: LoRA on embed_tokens/lm_head is not supported ({key})")
+            raise AdapterError(
+                f"adapter {name!r}: weight {key!r} is not a LoRA weight of a Llama decoder "
+                f"projection (expected base_model.model.model.layers.<i>.<self_attn|mlp>."
+                f"<module>.lora_<A|B>.weight; was it trained for another architecture?)")
+        layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+        if module not in module_shapes or _PARENT.get(module) != parent:
+            raise AdapterError(f"adapter {name!r}: target module {parent}.{module} of layer "
+                               f"{layer} is not in the model (it has {list(module_shapes)})")
+        if layer >= num_layers:
+            raise AdapterError(f"adapter {name!r}: layer {layer} ({module}) is beyond the "
+                               f"model's {num_layers} layers")
+        pairs.setdefault((layer, module), {})[which] = tensor
+    if not pairs:
+        raise AdapterError(f"adapter {name!r}: no LoRA weights in {path}")
+    modules = {}
+    for (layer, module), pair in sorted(pairs.items()):
+        modules[(layer, module)] = _module_weights(
+            name, config, layer, module, pair, module_shapes[module], max_lora_rank, dtype)
+    return LoraAdapter(name=name, path=path, key=_content_key(modules), modules=modules)
+
+
+def _read_config(name: str, path: Path) -> dict:
+    if not path.is_dir():
+        raise AdapterError(f"adapter {name!r}: {path} is not a directory")
+    config_path = path / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: cannot read {config_path}: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterError(f"adapter {name!r}: {config_path} is not a JSON object")
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {name!r}: peft_type is {peft_type!r}, only LORA is served")
+    unsupported = []
+    if config.get("use_dora"):
+        unsupported.append("use_dora=True (DoRA)")
+    if config.get("bias", "none") != "none":
+        unsupported.append(f"bias={config['bias']!r}")
+    if config.get("modules_to_save"):
+        unsupported.append(f"modules_to_save={config['modules_to_save']!r}")
+    if config.get("fan_in_fan_out"):
+        unsupported.append("fan_in_fan_out=True")
+    if config.get("lora_bias"):
+        unsupported.append("lora_bias=True")
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    bad_targets = [t for t in targets if any(u in t for u in _UNSUPPORTED_TARGETS)]
+    if bad_targets:
+        unsupported.append(f"target_modules {bad_targets} (LoRA on embeddings or lm_head)")
+    if unsupported:
+        raise UnsupportedAdapterError(
+            f"adapter {name!r} uses features pagedlora does not support: "
+            + "; ".join(unsupported))
+    return config
+
+
+def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
+    st, bin_ = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    try:
+        if st.exists():
+            return load_file(st)
+        if bin_.exists():
+            return torch.load(bin_, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
+        raise AdapterError(f"adapter {name!r}: cannot read weights in {path}: {e}") from e
+    raise AdapterError(f"adapter {name!r}: neither adapter_model.safetensors nor "
+                       f"adapter_model.bin in {path}")
+
+
+def _pattern_value(patterns: dict, module_path: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path's dotted suffix."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
+
+
+def _module_weights(name: str, config: dict, layer: int, module: str,
+                    pair: dict[str, torch.Tensor], shape: tuple[int, int], max_lora_rank: int,
+                    dtype: torch.dtype) -> ModuleWeights:
+    where = f"adapter {name!r}, layer {layer} {module}"
+    if set(pair) != {"A", "B"}:
+        raise AdapterError(f"{where}: has lora_{''.join(pair)} but not both lora_A and lora_B")
+    a, b = pair["A"], pair["B"]
+    in_f, out_f = shape
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_f or b.shape[0] != out_f \
+            or a.shape[0] != b.shape[1]:
+        raise AdapterError(
+            f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the "
+            f"model's {in_f}->{out_f} projection (expected [r, {in_f}] and [{out_f}, r]; "
+            f"was the adapter trained for another model?)")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise AdapterError(f"{where}: weights have dtype {a.dtype}/{b.dtype}, not floating")
+    r = a.shape[0]
+    if r > max_lora_rank:
+        raise AdapterError(f"{where}: rank {r} exceeds max_lora_rank={max_lora_rank}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterError(f"{where}: weights contain NaN or Inf")
+    module_path = f"model.layers.{layer}.{_PARENT[module]}.{module}"
+    r_config = _pattern_value(config.get("rank_pattern") or {}, module_path, config.get("r", r))
+    if r_config != r:
+        raise AdapterError(f"{where}: config says rank {r_config} but the weights have rank {r}")
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path,
+                           config.get("lora_alpha", r))
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return ModuleWeights(a=a.to(dtype).contiguous(), b_t=b.t().to(dtype).contiguous(),
+                         scale=float(scale))
+
+
+def _content_key(modules: dict[tuple[int, str], ModuleWeights]) -> str:
+    h = xxhash.xxh3_128()
+    for (layer, module), w in sorted(modules.items()):
+        h.update(f"{layer}.{module}:{w.scale!r}:{w.a.dtype}:{tuple(w.a.shape)}".encode())
+        h.update(w.a.contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(w.b_t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

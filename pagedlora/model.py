@@ -1,0 +1,204 @@
+"""LlamaModel: the Llama-family forward pass over a flattened token batch and the paged pool."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from pagedlora.kernels.lora import LoraSegment, lora_sgmv
+from pagedlora.kernels.paged_attention import paged_attention, write_kv
+from pagedlora.pool import UnifiedPool
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together (decodes in one group, prefills in another).
+
+    Attributes:
+        block_tables: ``[num_layers, B, max_blocks]`` int64 page of each block per layer.
+        q_start, q_lens, ctx_lens: ``[B]`` int64 (see :func:`paged_attention`).
+    """
+
+    block_tables: torch.Tensor
+    q_start: torch.Tensor
+    q_lens: torch.Tensor
+    ctx_lens: torch.Tensor
+
+
+@dataclass
+class ForwardBatch:
+    """Everything one step's forward pass reads, built by the model runner.
+
+    Attributes:
+        input_ids: ``[T]`` int64 new tokens of all scheduled sequences, one after another.
+        positions: ``[T]`` int64 position of each token in its sequence.
+        slot_pages: ``[num_layers, T]`` int64 page receiving each token's K/V in each layer.
+        slot_offsets: ``[T]`` int64 slot of each token inside its block.
+        groups: attention groups covering every sequence once.
+        sample_index: ``[S]`` int64 tokens whose logits are returned.
+        lora: ``(layer, module) -> segments`` of tokens using an adapter on that module.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_pages: torch.Tensor
+    slot_offsets: torch.Tensor
+    groups: list[AttentionGroup]
+    sample_index: torch.Tensor
+    lora: dict[tuple[int, str], list[LoraSegment]] = field(default_factory=dict)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As transformers' LlamaRMSNorm: normalize in float32, scale in the input dtype.
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Decoder-only Llama family: RMSNorm, RoPE, grouped-query attention, SwiGLU, unmerged LoRA.
+
+    Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
+    biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
+    deltas are added per module through :func:`lora_sgmv`.
+
+    Args:
+        config: a transformers ``PretrainedConfig`` of a supported model type.
+        weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...).
+        dtype, device: of the weights and activations.
+        max_model_len: longest sequence; sizes the RoPE table.
+
+    Raises:
+        ValueError: an unsupported model type, rope type, or a missing weight (named).
+    """
+
+    def __init__(self, config, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
+                 device: torch.device, max_model_len: int) -> None:
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"supported: {SUPPORTED_MODEL_TYPES}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+        self.config = config
+        self.dtype, self.device = dtype, device
+        self.num_layers = config.num_hidden_layers
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.hidden_size = config.hidden_size
+        self.eps = config.rms_norm_eps
+        h, d, i = self.hidden_size, self.head_dim, config.intermediate_size
+        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
+        self.module_shapes = {
+            "q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out),
+            "o_proj": (q_out, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        self._split_qkv = [q_out, kv_out, kv_out]
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ValueError(f"weight {name!r} is missing from the model files")
+            return weights[name].to(device=device, dtype=dtype)
+
+        self.embed = take("model.embed_tokens.weight")
+        self.norm = take("model.norm.weight")
+        tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
+        self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.layers = []
+        for n in range(self.num_layers):
+            p = f"model.layers.{n}."
+            qkv_names = [p + f"self_attn.{m}_proj" for m in "qkv"]
+            has_bias = qkv_names[0] + ".bias" in weights
+            self.layers.append({
+                "in_norm": take(p + "input_layernorm.weight"),
+                "post_norm": take(p + "post_attention_layernorm.weight"),
+                "qkv": torch.cat([take(q + ".weight") for q in qkv_names]),
+                "qkv_bias": torch.cat([take(q + ".bias") for q in qkv_names]) if has_bias
+                else None,
+                "o": take(p + "self_attn.o_proj.weight"),
+                "gate_up": torch.cat([take(p + "mlp.gate_proj.weight"),
+                                      take(p + "mlp.up_proj.weight")]),
+                "down": take(p + "mlp.down_proj.weight"),
+            })
+        self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
+
+    def _rope_tables(self, config, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[max_model_len, head_dim]`` float32 cos and sin, as transformers computes them."""
+        params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) \
+            or {}
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type == "default":
+            theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            d = self.head_dim
+            inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
+            attention_scaling = 1.0
+        elif rope_type in ("linear", "llama3", "yarn"):
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+        else:
+            raise ValueError(f"rope type {rope_type!r} is not supported "
+                             f"(default, linear, llama3, yarn are)")
+        freqs = torch.arange(max_model_len, dtype=torch.float)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * attention_scaling).to(self.device),
+                (emb.sin() * attention_scaling).to(self.device))
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor:
+        """Runs the batch, writing its K/V into the pool.
+
+        Returns:
+            ``[S, vocab_size]`` float32 logits of the tokens in ``batch.sample_index``.
+        """
+        cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
+        sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
+        h = self.embed[batch.input_ids]                                    # [T, H]
+        k_cache, v_cache = pool.k_cache, pool.v_cache
+        rows = pool.rows
+        t, d = h.shape[0], self.head_dim
+        for n, w in enumerate(self.layers):
+            def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
+                segments = batch.lora.get((n, module))
+                if segments:
+                    in_f, out_f = self.module_shapes[module]
+                    lora_sgmv(y, x, segments, rows(in_f), rows(out_f))
+
+            x = _rms_norm(h, w["in_norm"], self.eps)
+            qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
+            q, k, v = qkv.split(self._split_qkv, dim=-1)
+            lora("q_proj", q, x)
+            lora("k_proj", k, x)
+            lora("v_proj", v, x)
+            q = q.reshape(t, self.num_heads, d)
+            k = k.reshape(t, self.num_kv_heads, d)
+            v = v.reshape(t, self.num_kv_heads, d)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            write_kv(k_cache, v_cache, batch.slot_pages[n], batch.slot_offsets, k, v)
+            attn = torch.empty_like(q)
+            for g in batch.groups:
+                index, out = paged_attention(q, k_cache, v_cache, g.block_tables[n], g.q_start,
+                                             g.q_lens, g.ctx_lens, d ** -0.5)
+                attn[index] = out
+            attn = attn.reshape(t, self.num_heads * d)
+            o = F.linear(attn, w["o"])
+            lora("o_proj", o, attn)
+            h = h + o
+            x = _rms_norm(h, w["post_norm"], self.eps)
+            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            lora("gate_proj", gate, x)
+            lora("up_proj", up, x)
+            a = F.silu(gate) * up
+            down = F.linear(a, w["down"])
+            lora("down_proj", down, a)
+            h = h + down
+        h = _rms_norm(h[batch.sample_index], self.norm, self.eps)
+        return F.linear(h, self.lm_head).float()

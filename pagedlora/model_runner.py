@@ -1,0 +1,95 @@
+"""ModelRunner: turns a SchedulerOutput into tensors, runs the model, returns sampled logits."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedlora.adapter_store import AdapterStore
+from pagedlora.kernels.lora import LoraSegment
+from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
+from pagedlora.pool import UnifiedPool
+from pagedlora.scheduler import Request, ScheduledRequest, SchedulerOutput
+
+
+class ModelRunner:
+    """Builds the flattened batch of a step (no padding) and runs the forward pass.
+
+    Sequences are ordered by adapter so that each adapter's tokens form one contiguous segment
+    (the SGMV layout, Punica section 4); decodes (one new token) and prefills are attended in
+    two groups so a long prompt does not pad every decode.
+    """
+
+    def __init__(self, model: LlamaModel, pool: UnifiedPool, adapters: AdapterStore) -> None:
+        self.model = model
+        self.pool = pool
+        self.adapters = adapters
+
+    def run(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor]:
+        """Runs one step.
+
+        Returns:
+            ``(requests, logits)``: the requests that produce a token this step (their known
+            tokens all computed) and their ``[S, vocab_size]`` float32 logits, row i for
+            ``requests[i]``.
+        """
+        order = sorted(out.scheduled, key=lambda s: s.request.adapter_key or "")
+        batch, sampled = self._build(order)
+        logits = self.model.forward(batch, self.pool)
+        return sampled, logits
+
+    def _build(self, order: list[ScheduledRequest]) -> tuple[ForwardBatch, list[Request]]:
+        device = self.pool.tensor.device
+        bs = self.pool.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_pages: list[list[int]] = []
+        sample_index: list[int] = []
+        sampled: list[Request] = []
+        seqs = {True: [], False: []}  # is_decode -> [(q_start, q_len, ctx_len, blocks)]
+        segments: list[tuple[int, int, str]] = []
+        for s in order:
+            r, n = s.request, s.num_new_tokens
+            start, first = len(input_ids), r.num_computed_tokens
+            input_ids.extend(r.all_token_ids[first:first + n])
+            pos = range(first, first + n)
+            positions.extend(pos)
+            slot_pages.extend(r.blocks[p // bs] for p in pos)
+            seqs[n == 1].append((start, n, first + n, r.blocks))
+            if first + n == r.num_tokens:
+                sample_index.append(start + n - 1)
+                sampled.append(r)
+            key = r.adapter_key
+            if key is not None:
+                if segments and segments[-1][2] == key:
+                    segments[-1] = (segments[-1][0], start + n, key)
+                else:
+                    segments.append((start, start + n, key))
+
+        def t(x) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        groups = []
+        for members in seqs.values():
+            if not members:
+                continue
+            width = max(len(m[3]) for m in members)
+            tables = [[list(page) for page in m[3]] + [m[3][0]] * (width - len(m[3]))
+                      for m in members]
+            groups.append(AttentionGroup(
+                block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
+                q_start=t([m[0] for m in members]), q_lens=t([m[1] for m in members]),
+                ctx_lens=t([m[2] for m in members])))
+        batch = ForwardBatch(
+            input_ids=t(input_ids), positions=t(positions),
+            slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
+            groups=groups, sample_index=t(sample_index), lora=self._lora(segments))
+        return batch, sampled
+
+    def _lora(self, segments: list[tuple[int, int, str]]
+              ) -> dict[tuple[int, str], list[LoraSegment]]:
+        lora: dict[tuple[int, str], list[LoraSegment]] = {}
+        for start, end, key in segments:
+            for layer_module, m in self.adapters.resident(key).modules.items():
+                lora.setdefault(layer_module, []).append(
+                    LoraSegment(start=start, end=end, a=m.a, b=m.b, scale=m.scale))
+        return lora

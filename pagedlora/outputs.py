@@ -1,0 +1,39 @@
+"""RequestOutput: what generate returns for one prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request.
+
+    Attributes:
+        request_id: engine-unique id.
+        prompt: the prompt as given (text, messages or token ids).
+        prompt_token_ids: the tokenized prompt.
+        text: generated text (special tokens skipped, cut before a stop string).
+        token_ids: generated tokens (an EOS or stop token included).
+        finish_reason: "stop" (EOS, stop token or string), "length" (max_tokens or
+            max_model_len), or "error" (see ``error``).
+        adapter: the adapter name, None for the base model.
+        error: why the request failed, when finish_reason is "error".
+        queue_time: seconds from arrival to first scheduled.
+        ttft: time to first token, seconds from arrival.
+        tpot: time per output token after the first, seconds (0 with one token).
+        num_preemptions: times its KV pages were freed and recomputed.
+    """
+
+    request_id: int
+    prompt: object
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    adapter: str | None
+    error: str | None = None
+    queue_time: float | None = None
+    ttft: float | None = None
+    tpot: float | None = None
+    num_preemptions: int = 0

@@ -1,0 +1,73 @@
+"""UnifiedPool: one device tensor of equal pages holding KV blocks and adapter rows alike."""
+
+from __future__ import annotations
+
+import torch
+
+from pagedlora.scheduler.page_allocator import PageAllocator
+
+
+class UnifiedPool:
+    """The engine's device memory for KV cache and adapter weights (S-LoRA, section 4.1).
+
+    The tensor is ``[num_pages, page_numel]``. A KV page is one block of one layer, viewed as
+    ``[2, block_size, num_kv_heads, head_dim]`` (K then V). An adapter page holds
+    ``page_numel // width`` rank rows of one width (a row of lora_A is ``in_features`` wide, a
+    row of lora_B^T ``out_features``), so a row never straddles two pages and kernels read rows in
+    place through ``(page, slot)`` tables.
+
+    Args:
+        num_pages: pages in the pool.
+        block_size, num_kv_heads, head_dim: the KV block shape; they fix ``page_numel``.
+        dtype, device: of the pool tensor.
+    """
+
+    def __init__(self, num_pages: int, *, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.block_size = block_size
+        self.page_numel = 2 * block_size * num_kv_heads * head_dim
+        self.allocator = PageAllocator(num_pages)
+        self.tensor = torch.empty(num_pages, self.page_numel, dtype=dtype, device=device)
+        self._kv = self.tensor.view(num_pages, 2, block_size, num_kv_heads, head_dim)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def pages_for_bytes(num_bytes: float, *, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        """How many pages fit in ``num_bytes`` bytes."""
+        page_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
+        return int(num_bytes // page_bytes)
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    @property
+    def k_cache(self) -> torch.Tensor:
+        """``[num_pages, block_size, num_kv_heads, head_dim]`` view of every page's K half."""
+        return self._kv[:, 0]
+
+    @property
+    def v_cache(self) -> torch.Tensor:
+        """``[num_pages, block_size, num_kv_heads, head_dim]`` view of every page's V half."""
+        return self._kv[:, 1]
+
+    def rows_per_page(self, width: int) -> int:
+        """Rank rows of ``width`` elements one page holds.
+
+        Raises:
+            ValueError: ``width`` exceeds a page (raise block_size).
+        """
+        if width > self.page_numel:
+            raise ValueError(f"an adapter row of {width} elements does not fit a page of "
+                             f"{self.page_numel}; use a larger block_size")
+        return self.page_numel // width
+
+    def rows(self, width: int) -> torch.Tensor:
+        """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``."""
+        view = self._rows.get(width)
+        if view is None:
+            rpp = self.rows_per_page(width)
+            view = self.tensor[:, : rpp * width].view(self.num_pages, rpp, width)
+            self._rows[width] = view
+        return view

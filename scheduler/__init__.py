@@ -1,0 +1,15 @@
+"""Iteration-level scheduling and page accounting, free of torch (``pagedlora.scheduler``)."""
+
+from pagedlora.scheduler.page_allocator import ADAPTER, KV, OutOfPagesError, PageAllocator
+from pagedlora.scheduler.request import Request, RequestStatus
+from pagedlora.scheduler.scheduler import (
+    AdapterResidency,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerOutput,
+)
+
+__all__ = [
+    "ADAPTER", "KV", "AdapterResidency", "OutOfPagesError", "PageAllocator", "Request",
+    "RequestStatus", "ScheduledRequest", "Scheduler", "SchedulerOutput",
+]
