@@ -133,7 +133,8 @@ class Engine:
         params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
                                   "sampling_params")
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
-        requests = [self._new_request(p, k, sp) for p, k, sp in zip(prompts, keys, params)]
+        requests = [self._new_request(p, k, sp)
+                    for p, k, sp in zip(prompts, keys, params, strict=True)]
         for r in requests:
             if not r.is_finished:
                 self.scheduler.add(r)
@@ -146,7 +147,7 @@ class Engine:
             bar.update(len(finished))
             bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - start):.1f}")
         bar.close()
-        return [self._output(r, p, n) for r, p, n in zip(requests, prompts, names)]
+        return [self._output(r, p, n) for r, p, n in zip(requests, prompts, names, strict=True)]
 
     def step(self) -> list[Request]:
         """Runs one scheduler step and model forward; returns the requests it finished."""
@@ -162,7 +163,7 @@ class Engine:
             states = [self._sampling[r.request_id] for r in sampled]
             tokens = sample(logits, [s[0] for s in states], [s[1] for s in states])
             now = time.perf_counter()
-            for r, token in zip(sampled, tokens):
+            for r, token in zip(sampled, tokens, strict=True):
                 r.output_token_ids.append(token)
                 if r.first_token_time is None:
                     r.first_token_time = now

