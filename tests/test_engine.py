@@ -1,0 +1,156 @@
+"""Engine behaviour on the tiny random Llama: prompts, sampling, stopping, batching, accounting."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from pagedlora import Engine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=128, block_size=8)
+
+
+def prompts(n, seed=0, lo=3, hi=30):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def tokens(outs):
+    return [o.token_ids for o in outs]
+
+
+def test_text_and_chat_prompts_use_the_tokenizer(engine, tiny_llama_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    chat_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                       return_dict=False)
+    outs = engine.generate(["Name a color.", messages], sampling_params=GREEDY, progress=False)
+    assert outs[0].prompt_token_ids == tok("Name a color.").input_ids
+    assert outs[1].prompt_token_ids == list(chat_ids)
+    by_ids = engine.generate([outs[0].prompt_token_ids, list(chat_ids)], sampling_params=GREEDY,
+                             progress=False)
+    assert tokens(by_ids) == tokens(outs)
+    assert outs[0].text == tok.decode(outs[0].token_ids, skip_special_tokens=True)
+
+
+def test_results_in_prompt_order_and_batch_independent(engine):
+    ps = prompts(9, seed=1)
+    together = engine.generate(ps, sampling_params=GREEDY, progress=False)
+    alone = [engine.generate([p], sampling_params=GREEDY, progress=False)[0] for p in ps[:3]]
+    assert tokens(together[:3]) == tokens(alone)
+    assert [o.prompt_token_ids for o in together] == ps
+    assert len({o.request_id for o in together}) == 9
+
+
+def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(engine):
+    p = prompts(1, seed=2)[0]
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, top_k=50, seed=123,
+                        ignore_eos=True)
+    a = engine.generate([p], sampling_params=sp, progress=False)[0].token_ids
+    b = engine.generate(prompts(5, seed=3) + [p], sampling_params=[GREEDY] * 5 + [sp],
+                        progress=False)[-1].token_ids
+    assert a == b
+    c = engine.generate([p], sampling_params=SamplingParams(
+        max_tokens=10, temperature=1.0, seed=124, ignore_eos=True), progress=False)[0]
+    assert c.token_ids != a  # another seed, another draw (a 10-token collision is negligible)
+
+
+def test_top_k_one_is_greedy(engine):
+    ps = prompts(3, seed=4)
+    sp = SamplingParams(max_tokens=8, temperature=0.7, top_k=1, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    assert tokens(engine.generate(ps, sampling_params=sp, progress=False)) == \
+        tokens(engine.generate(ps, sampling_params=greedy, progress=False))
+
+
+def test_stop_token_ids_and_eos(engine):
+    p = prompts(1, seed=5)[0]
+    free = engine.generate([p], sampling_params=GREEDY, progress=False)[0].token_ids
+    stop_at = free[4]
+    first = free.index(stop_at)
+    out = engine.generate([p], sampling_params=SamplingParams(
+        max_tokens=12, temperature=0, stop_token_ids=[stop_at]), progress=False)[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:first + 1]
+    engine._eos.add(stop_at)  # the model's EOS ends a request unless ignore_eos
+    try:
+        eos = engine.generate([p], sampling_params=SamplingParams(max_tokens=12, temperature=0),
+                              progress=False)[0]
+        ignored = engine.generate([p], sampling_params=GREEDY, progress=False)[0]
+    finally:
+        engine._eos.discard(stop_at)
+    assert eos.finish_reason == "stop" and eos.token_ids == free[:first + 1]
+    assert ignored.token_ids == free and ignored.finish_reason == "length"
+
+
+def test_stop_strings_cut_the_text(engine):
+    p = prompts(1, seed=6)[0]
+    free = engine.generate([p], sampling_params=GREEDY, progress=False)[0]
+    stop = free.text[len(free.text) // 2:][:3]
+    assert stop.strip(), "the random model produced no text to stop on"
+    out = engine.generate([p], sampling_params=SamplingParams(
+        max_tokens=12, temperature=0, ignore_eos=True, stop=[stop]), progress=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:free.text.index(stop)]
+    assert free.token_ids[:len(out.token_ids)] == out.token_ids
+
+
+def test_max_model_len_ends_with_length(engine):
+    p = prompts(1, seed=7, lo=120, hi=120)[0]
+    out = engine.generate([p], sampling_params=GREEDY, progress=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 128 - 120
+
+
+def test_timings_are_consistent(engine):
+    outs = engine.generate(prompts(4, seed=8), sampling_params=GREEDY, progress=False)
+    for o in outs:
+        assert 0 <= o.queue_time <= o.ttft and o.tpot > 0 and o.num_preemptions == 0
+
+
+def test_continuous_batching_across_steps_matches_alone(engine):
+    ps = prompts(6, seed=9)
+    alone = tokens(engine.generate(ps, sampling_params=GREEDY, progress=False))
+    reqs = []
+    for i, p in enumerate(ps):  # a new request joins every other step
+        r = engine._new_request(p, None, GREEDY)
+        engine.scheduler.add(r)
+        reqs.append(r)
+        engine.step()
+        if i % 2:
+            engine.step()
+    while engine.scheduler.has_unfinished():
+        engine.step()
+    assert [r.output_token_ids for r in reqs] == alone
+    for r in reqs:
+        engine._sampling.pop(r.request_id)
+    assert engine.stats()["pages_kv"] == 0
+
+
+def test_preemption_does_not_change_greedy_tokens(tiny_llama_dir):
+    ps = prompts(8, seed=10, lo=20, hi=40)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    big = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    # 2 layers x 8 tokens per block: 40 pages = 20 blocks, far less than 8 x 64 tokens need
+    page_bytes = 2 * 8 * 2 * 16 * 4
+    small = Engine(tiny_llama_dir, pool_gb=40 * page_bytes / 2**30, block_size=8)
+    want = big.generate(ps, sampling_params=sp, progress=False)
+    got = small.generate(ps, sampling_params=sp, progress=False)
+    assert small.stats()["pages_total"] == 40
+    assert sum(o.num_preemptions for o in got) > 0
+    assert tokens(got) == tokens(want)
+    assert small.stats()["pages_kv"] == 0
+    small.pool.allocator.check_invariants()
+
+
+def test_stats_account_every_page(engine):
+    engine.generate(prompts(3, seed=11), sampling_params=GREEDY, progress=False)
+    s = engine.stats()
+    assert s["pages_kv"] == 0 and s["requests_running"] == s["requests_waiting"] == 0
+    assert s["pages_free"] + s["pages_adapter"] == s["pages_total"]
+    assert s["page_bytes"] == 2 * 8 * 2 * 16 * 4  # 2 x block 8 x 2 kv heads x head_dim 16 x fp32
