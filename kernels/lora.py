@@ -22,20 +22,32 @@ class PagedRows:
 
 @dataclass(frozen=True)
 class LoraSegment:
-    """Tokens ``[start, end)`` of a batch that use one adapter's LoRA on one module.
-
-    Attributes:
-        start, end: token range in the flattened batch.
-        a: rows of lora_A, ``[r, in_features]`` in the pool.
-        b: rows of lora_B transposed, ``[r, out_features]`` in the pool.
-        scale: lora_alpha / r (or / sqrt(r) with rsLoRA).
-    """
+    """Tokens ``[start, end)`` of a batch using the adapter whose rows are columns
+    ``[col_start, col_end)`` of the batch's concatenated rank rows, with its scale."""
 
     start: int
     end: int
+    col_start: int
+    col_end: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraBatch:
+    """The LoRA work of one module of one layer in one step.
+
+    Attributes:
+        a: ``R`` rows of lora_A (``[R, in_features]``), the batch's adapters one after another.
+        b: ``R`` rows of lora_B transposed (``[R, out_features]``), in the same order.
+        segments: disjoint token ranges and the rows each one uses.
+        token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where token
+            t's adapter owns row r, else 0 (tokens of the base model have an all-zero row).
+    """
+
     a: PagedRows
     b: PagedRows
-    scale: float
+    segments: tuple[LoraSegment, ...]
+    token_scale: torch.Tensor
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -50,26 +62,41 @@ def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
     return rows_view[rows.pages, rows.slots]
 
 
-def lora_sgmv(y: torch.Tensor, x: torch.Tensor, segments: list[LoraSegment],
-              a_view: torch.Tensor, b_view: torch.Tensor) -> None:
-    """Segmented LoRA, in place: ``y[s:e] += scale * (x[s:e] @ A^T) @ B^T`` for each segment.
+# Batches of at most this many tokens take the dense form (one shrink over every adapter's
+# rows); larger ones loop over segments, where the rows of other adapters would cost real work.
+_DENSE_MAX_TOKENS = 64
 
-    Shrink (``x @ A^T``, to rank r) then expand (``@ B^T``, to out_features), as SGMV does
-    (Punica, Chen et al. 2023, section 4; S-LoRA section 5.1). Tokens outside every segment
-    (base-model requests) are left unchanged.
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
+                       a_view: torch.Tensor, b_view: torch.Tensor) -> None:
+    """Multi-adapter LoRA, in place: ``y[t] += scale_t * (x[t] @ A_t^T) @ B_t^T`` for every
+    token t, with ``A_t, B_t, scale_t`` the adapter of t's segment (none for base tokens).
+
+    Shrink to rank r, scale, expand to out_features, for a batch whose tokens use different
+    adapters of different ranks (Punica, Chen et al. 2023, section 4, SGMV/BGMV; S-LoRA
+    section 5.1). The rows are read from pool pages once per call. Decode-sized batches run as
+    one dense shrink against every adapter's rows with a per-token column scale (``x @ A^T *
+    token_scale``: few large ops instead of many small ones, which is what a CPU rewards);
+    larger ones loop over the segments so no token multiplies another adapter's rows.
 
     Args:
         y: ``[T, out_features]`` output of the base projection, updated in place.
         x: ``[T, in_features]`` input of the projection, same dtype as ``y``.
-        segments: disjoint token ranges, each with its adapter's rows; ranks may differ.
+        batch: the step's rows, segments and token scales for this module.
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
         b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
     Raises:
-        ValueError: ``x`` and ``y`` disagree on the number of tokens.
+        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens.
     """
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} tokens, y has {y.shape[0]}")
-    for seg in segments:
-        a = gather_rows(a_view, seg.a)  # [r, in]
-        b = gather_rows(b_view, seg.b)  # [r, out]
-        y[seg.start:seg.end] += (x[seg.start:seg.end] @ a.t()).mul_(seg.scale) @ b
+    if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
+                         f"{batch.token_scale.shape[0]}")
+    a = gather_rows(a_view, batch.a)  # [R, in]
+    b = gather_rows(b_view, batch.b)  # [R, out]
+    if x.shape[0] <= _DENSE_MAX_TOKENS or len(batch.segments) == 1:
+        lo, hi = batch.segments[0].start, batch.segments[-1].end
+        y[lo:hi] += (x[lo:hi] @ a.t()).mul_(batch.token_scale[lo:hi]) @ b
+        return
+    for s in batch.segments:
+        y[s.start:s.end] += (x[s.start:s.end] @ a[s.col_start:s.col_end].t()).mul_(s.scale) \
+            @ b[s.col_start:s.col_end]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pagedlora.kernels.lora import LoraSegment, lora_sgmv
+from pagedlora.kernels.lora import LoraBatch, lora_shrink_expand
 from pagedlora.kernels.paged_attention import paged_attention, write_kv
 from pagedlora.pool import UnifiedPool
 
@@ -41,7 +41,7 @@ class ForwardBatch:
         slot_offsets: ``[T]`` int64 slot of each token inside its block.
         groups: attention groups covering every sequence once.
         sample_index: ``[S]`` int64 tokens whose logits are returned.
-        lora: ``(layer, module) -> segments`` of tokens using an adapter on that module.
+        lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets.
     """
 
     input_ids: torch.Tensor
@@ -50,7 +50,7 @@ class ForwardBatch:
     slot_offsets: torch.Tensor
     groups: list[AttentionGroup]
     sample_index: torch.Tensor
-    lora: dict[tuple[int, str], list[LoraSegment]] = field(default_factory=dict)
+    lora: dict[tuple[int, str], LoraBatch] = field(default_factory=dict)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,10 +166,10 @@ class LlamaModel:
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
-                segments = batch.lora.get((n, module))
-                if segments:
+                work = batch.lora.get((n, module))
+                if work is not None:
                     in_f, out_f = self.module_shapes[module]
-                    lora_sgmv(y, x, segments, rows(in_f), rows(out_f))
+                    lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from pagedlora.adapter_store import AdapterStore
-from pagedlora.kernels.lora import LoraSegment
+from pagedlora.adapter_store import AdapterStore, ResidentAdapter
+from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
 from pagedlora.scheduler import Request, ScheduledRequest, SchedulerOutput
@@ -23,6 +23,8 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.adapters = adapters
+        # (placements, rows) of the last step's adapters; see _concatenated_rows
+        self._rows_cache: tuple[tuple[ResidentAdapter, ...], dict] = ((), {})
 
     def run(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor]:
         """Runs one step.
@@ -82,14 +84,58 @@ class ModelRunner:
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
-            groups=groups, sample_index=t(sample_index), lora=self._lora(segments))
+            groups=groups, sample_index=t(sample_index),
+            lora=self._lora(segments, len(input_ids)))
         return batch, sampled
 
-    def _lora(self, segments: list[tuple[int, int, str]]
-              ) -> dict[tuple[int, str], list[LoraSegment]]:
-        lora: dict[tuple[int, str], list[LoraSegment]] = {}
-        for start, end, key in segments:
-            for layer_module, m in self.adapters.resident(key).modules.items():
-                lora.setdefault(layer_module, []).append(
-                    LoraSegment(start=start, end=end, a=m.a, b=m.b, scale=m.scale))
+    def _lora(self, segments: list[tuple[int, int, str]], num_tokens: int
+              ) -> dict[tuple[int, str], LoraBatch]:
+        """One LoraBatch per (layer, module) that any adapter of the step targets."""
+        if not segments:
+            return {}
+        residents = tuple(self.adapters.resident(key) for *_, key in segments)
+        rows = self._concatenated_rows(residents)
+        device = self.pool.tensor.device
+        scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
+        lora = {}
+        for layer_module, (a, b, cols) in rows.items():
+            layout = tuple(cols)
+            token_scale = scales.get(layout)
+            if token_scale is None:
+                token_scale = torch.zeros(num_tokens, cols[-1][2], device=device,
+                                          dtype=self.pool.tensor.dtype)
+                for i, c0, c1, scale in cols:
+                    token_scale[segments[i][0]:segments[i][1], c0:c1] = scale
+                scales[layout] = token_scale
+            lora[layer_module] = LoraBatch(
+                a=a, b=b, token_scale=token_scale,
+                segments=tuple(LoraSegment(segments[i][0], segments[i][1], c0, c1, scale)
+                               for i, c0, c1, scale in cols))
         return lora
+
+    def _concatenated_rows(self, residents: tuple[ResidentAdapter, ...]) -> dict:
+        """``(layer, module) -> (a rows, b rows, [(segment, col_start, col_end, scale)])`` for
+        the step's adapters in segment order. Kept while the same placements repeat (decode
+        steps): a pinned adapter's pages do not move, and a reload is a new placement object."""
+        cached_for, cached = self._rows_cache
+        if len(cached_for) == len(residents) and all(
+                x is y for x, y in zip(cached_for, residents, strict=True)):
+            return cached
+        parts: dict[tuple[int, str], list] = {}
+        for i, resident in enumerate(residents):
+            for layer_module, m in resident.modules.items():
+                parts.setdefault(layer_module, []).append((i, m))
+        rows = {}
+        for layer_module, ms in parts.items():
+            cols, start = [], 0
+            for i, m in ms:
+                r = m.a.pages.shape[0]
+                cols.append((i, start, start + r, m.scale))
+                start += r
+            a = PagedRows(torch.cat([m.a.pages for _, m in ms]),
+                          torch.cat([m.a.slots for _, m in ms]))
+            b = PagedRows(torch.cat([m.b.pages for _, m in ms]),
+                          torch.cat([m.b.slots for _, m in ms]))
+            rows[layer_module] = (a, b, cols)
+        self._rows_cache = (residents, rows)
+        return rows
