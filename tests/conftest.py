@@ -6,16 +6,11 @@ Everything is built here from random weights; nothing is downloaded. The default
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2,
-            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+from support import save_random_adapter, save_random_llama
 
 
 @pytest.fixture(scope="session")
@@ -26,38 +21,10 @@ def default_model_dir() -> Path:
     return resolve_model(None)
 
 
-def save_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    """Saves a random LlamaForCausalLM (float32) with the default model's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
-    model.save_pretrained(out)
-    for f in tokenizer_dir.iterdir():
-        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-            shutil.copy(f, out / f.name)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, default_model_dir) -> Path:
     """A 2-layer random Llama (hidden 64, GQA 4/2 heads) with SmolLM2's tokenizer."""
     return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), default_model_dir)
-
-
-def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: list[str],
-                        seed: int, **lora_kwargs) -> Path:
-    """Saves a PEFT LoRA adapter with random A and B (``init_lora_weights=False``)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=lora_kwargs.pop("lora_alpha", 2 * r),
-                        target_modules=target_modules, init_lora_weights=False,
-                        task_type="CAUSAL_LM", **lora_kwargs)
-    get_peft_model(base, config).save_pretrained(out)
-    return out
 
 
 @pytest.fixture
@@ -68,3 +35,13 @@ def make_adapter(tmp_path):
         return save_random_adapter(model_dir, tmp_path / name, **kwargs)
 
     return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread: these matmuls are small, and on a 2-core box shared with other
+    processes two OpenMP threads make them an order of magnitude slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,17 +10,16 @@ adapter) and, for base requests, from plain ``transformers``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import drive, random_prompt, save_random_adapter
 from transformers import AutoModelForCausalLM
 
 from pagedlora import Engine, SamplingParams
 
 ATOL = 1e-4
-VOCAB = 49152
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> save_random_adapter options; "bin" is converted to adapter_model.bin after saving.
@@ -40,39 +39,14 @@ ADAPTERS = {
 SERVED = ["r1", "r4", "r16", "r64", "rslora", "pattern", "bin"]
 
 
-def random_prompt(length: int, seed: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
-
-
 PROMPTS = [random_prompt(n, seed=200 + n) for n in (4, 9, 17, 30)]
 
 
 # -- fixtures --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU box, two OpenMP threads competing with other
-    processes make these small matmuls an order of magnitude slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _conftest_function(config, name: str):
-    """A plain function of tests/conftest.py (with --import-mode=importlib, conftest is no
-    importable top-level module; pytest holds it as a plugin)."""
-    for plugin in config.pluginmanager.get_plugins():
-        if callable(getattr(plugin, name, None)):
-            return getattr(plugin, name)
-    raise LookupError(f"{name} is not in conftest.py")
-
-
 @pytest.fixture(scope="module")
-def adapter_dirs(tiny_llama_dir, tmp_path_factory, pytestconfig):
-    save_random_adapter = _conftest_function(pytestconfig, "save_random_adapter")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-vs-peft")
     dirs = {}
     for name, options in ADAPTERS.items():
@@ -129,63 +103,6 @@ def make_engine(model_dir, adapter_dirs, names=SERVED, pool_gb=0.05, **options) 
 GREEDY16 = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-# -- the step-by-step driver (as in test_model_vs_hf.py) -------------------------------------------
-
-
-@dataclass
-class Drive:
-    requests: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)
-    num_compared: int = 0
-    max_err: float = 0.0
-
-
-def drive(engine: Engine, arrivals: dict[int, list], oracle: Oracle, *, max_tokens: int) -> Drive:
-    """Runs the engine one step at a time through its internals; every sampled logits row is
-    compared with PEFT's last-position logits for the same tokens, then PEFT's greedy token is
-    appended.
-
-    Args:
-        arrivals: ``step -> [(tag, token_ids, adapter_name)]`` added before that step.
-    """
-    result = Drive()
-    tags, adapter_of = {}, {}
-    step = 0
-    while step <= max(arrivals) or engine.scheduler.has_unfinished():
-        for tag, ids, name in arrivals.get(step, []):
-            key = None if name is None else engine.adapters.key_of(name)
-            r = engine._new_request(ids, key, SamplingParams(max_tokens=max_tokens,
-                                                             temperature=0))
-            engine.scheduler.add(r)
-            assert not r.is_finished, r.error
-            result.requests[tag] = r
-            tags[r.request_id], adapter_of[r.request_id] = tag, name
-        out = engine.scheduler.schedule()
-        assert not out.preempted and not out.failed
-        assert out.scheduled or not engine.scheduler.has_unfinished(), "no progress"
-        result.steps.append([(tags[s.request.request_id], adapter_of[s.request.request_id],
-                              s.num_new_tokens, s.request.num_computed_tokens)
-                             for s in out.scheduled])
-        if out.scheduled:
-            reqs, logits = engine.runner.run(out)
-            engine.scheduler.update(out)
-            assert logits.shape == (len(reqs), VOCAB)
-            for row, r in zip(logits, reqs, strict=True):
-                ref = oracle.logits(adapter_of[r.request_id], r.all_token_ids)
-                err = (row - ref).abs().max().item()
-                assert err <= ATOL, (
-                    f"step {step}, request {tags[r.request_id]!r} (adapter "
-                    f"{adapter_of[r.request_id]!r}, {len(r.prompt_token_ids)} prompt + "
-                    f"{len(r.output_token_ids)} output tokens): max |ours - PEFT| = {err:.3g}")
-                result.max_err = max(result.max_err, err)
-                result.num_compared += 1
-                r.output_token_ids.append(int(ref.argmax()))
-                if len(r.output_token_ids) >= max_tokens:
-                    engine.scheduler.finish(r, "length")
-        step += 1
-    return result
-
-
 def check_pool(engine: Engine) -> dict:
     """Pool accounting once nothing runs: no KV pages, adapter pages = resident adapters'."""
     stats = engine.stats()
@@ -234,7 +151,7 @@ def test_adapter_configs_are_what_the_test_means(adapter_dirs):
 def test_adapter_alone(name, tiny_llama_dir, adapter_dirs, oracle):
     engine = make_engine(tiny_llama_dir, adapter_dirs, names=[name])
     # Logits of prefill and decode steps, two prompts in the same steps.
-    d = drive(engine, {0: [("a", PROMPTS[0], name), ("b", PROMPTS[2], name)]}, oracle,
+    d = drive(engine, {0: [("a", PROMPTS[0], name), ("b", PROMPTS[2], name)]}, oracle.logits,
               max_tokens=3)
     assert d.num_compared == 6
     # Greedy tokens of generate.
@@ -272,7 +189,7 @@ def test_mixed_step_logits_match_peft(tiny_llama_dir, adapter_dirs, oracle):
     arrivals = {0: first,
                 2: [("r64-late", PROMPTS[3], "r64"), ("base-late", PROMPTS[2], None)],
                 3: [("pattern-late", PROMPTS[1], "pattern"), ("r1-late", PROMPTS[0], "r1")]}
-    d = drive(engine, arrivals, oracle, max_tokens=4)
+    d = drive(engine, arrivals, oracle.logits, max_tokens=4)
     assert d.num_compared == 4 * (len(first) + 4)
     assert {a for _, a, _, _ in d.steps[0]} == {None, *SERVED}
     mixed = [s for s in d.steps

@@ -8,25 +8,14 @@ each step is HF's greedy choice, so both sides always see identical sequences.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 import torch
+from support import TINY, drive, random_prompt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedlora import Engine, SamplingParams
 
-ATOL_FP32 = 1e-4
-VOCAB = 49152
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def random_prompt(length: int, seed: int) -> list[int]:
-    """Token ids in [3, VOCAB): no bos/eos/pad of the tiny model."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
 
 
 def load_hf(model_dir, dtype=torch.float32):
@@ -39,82 +28,6 @@ def hf_last_logits(model, token_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([token_ids])).logits[0, -1].float()
 
 
-@dataclass
-class Drive:
-    """What :func:`drive` saw: requests by tag, and each step's ``(tag, new, computed)`` rows."""
-
-    requests: dict = field(default_factory=dict)
-    steps: list = field(default_factory=list)
-    num_compared: int = 0
-    max_err: float = 0.0
-
-    def mixed_steps(self) -> list:
-        """Steps holding a decode (one new token after a prefill) and a prefill together."""
-        return [s for s in self.steps
-                if any(n == 1 and c > 0 for _, n, c in s) and any(n > 1 for _, n, c in s)]
-
-    def chunked(self, tag) -> list[int]:
-        """New-token counts of the steps that computed ``tag``'s prompt."""
-        plen = len(self.requests[tag].prompt_token_ids)
-        return [n for s in self.steps for t, n, c in s if t == tag and c < plen]
-
-
-def drive(engine: Engine, arrivals: dict[int, list], oracle, *, max_tokens: int,
-          compare=None) -> Drive:
-    """Runs the engine step by step, comparing every sampled logits row with ``oracle``.
-
-    Args:
-        arrivals: ``step -> [(tag, token_ids, adapter_key)]``: requests added before that step.
-        oracle: ``(tag, token_ids) -> [vocab]`` reference logits of the last position.
-        max_tokens: output tokens per request (HF's greedy tokens are appended).
-        compare: ``(ours, ref, where) -> float`` asserting closeness and returning the error;
-            default: max absolute difference <= 1e-4 (NaN fails).
-    """
-    if compare is None:
-        def compare(ours, ref, where):
-            err = (ours - ref).abs().max().item()  # NaN fails the comparison below
-            assert err <= ATOL_FP32, f"{where}max |ours - HF| = {err:.3g} > {ATOL_FP32}"
-            return err
-    result = Drive()
-    tags = {}
-    step = 0
-    while step <= max(arrivals) or engine.scheduler.has_unfinished():
-        for tag, ids, key in arrivals.get(step, []):
-            r = engine._new_request(ids, key, SamplingParams(max_tokens=max_tokens,
-                                                             temperature=0))
-            assert not r.is_finished, r.error
-            engine.scheduler.add(r)
-            assert not r.is_finished, r.error
-            result.requests[tag] = r
-            tags[r.request_id] = tag
-        out = engine.scheduler.schedule()
-        assert not out.preempted and not out.failed
-        assert out.scheduled or not engine.scheduler.has_unfinished(), "no progress"
-        result.steps.append([(tags[s.request.request_id], s.num_new_tokens,
-                              s.request.num_computed_tokens) for s in out.scheduled])
-        if out.scheduled:
-            reqs, logits = engine.runner.run(out)
-            engine.scheduler.update(out)
-            assert logits.shape == (len(reqs), engine.model.embed.shape[0])
-            assert logits.dtype == torch.float32
-            for row, r in zip(logits, reqs, strict=True):
-                tag = tags[r.request_id]
-                ref = oracle(tag, r.all_token_ids)
-                where = (f"step {step}, request {tag!r} ({len(r.prompt_token_ids)} prompt + "
-                         f"{len(r.output_token_ids)} output tokens): ")
-                result.max_err = max(result.max_err, compare(row, ref, where))
-                result.num_compared += 1
-                r.output_token_ids.append(int(ref.argmax()))
-                if len(r.output_token_ids) >= max_tokens:
-                    engine.scheduler.finish(r, "length")
-        step += 1
-    for r in result.requests.values():
-        assert len(r.output_token_ids) == max_tokens
-    # Every KV page went back to the pool.
-    assert engine.stats()["pages_kv"] == 0
-    return result
-
-
 def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
     """HF ``generate`` greedy, never stopping at eos."""
     out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new_tokens,
@@ -125,16 +38,6 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
 
 
 # -- fixtures --------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU box, two OpenMP threads competing with other
-    processes make these small matmuls an order of magnitude slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +58,10 @@ def test_tiny_single_prefill_and_decode(tiny_llama_dir, hf_tiny):
     engine = Engine(tiny_llama_dir, pool_gb=0.05)
     prompt = random_prompt(13, seed=1)  # 13 + 8 tokens cross the first 16-token block
     d = drive(engine, {0: [("a", prompt, None)]},
-              lambda tag, ids: hf_last_logits(hf_tiny, ids), max_tokens=8)
+              lambda adapter, ids: hf_last_logits(hf_tiny, ids), max_tokens=8)
     assert d.num_compared == 8
-    assert d.steps[0] == [("a", 13, 0)]  # one prefill step, then decodes
-    assert all(s == [("a", 1, 13 + i)] for i, s in enumerate(d.steps[1:]))
+    assert d.steps[0] == [("a", None, 13, 0)]  # one prefill step, then decodes
+    assert all(s == [("a", None, 1, 13 + i)] for i, s in enumerate(d.steps[1:]))
 
 
 def test_tiny_detects_a_wrong_reference(tiny_llama_dir, hf_tiny):
@@ -167,7 +70,7 @@ def test_tiny_detects_a_wrong_reference(tiny_llama_dir, hf_tiny):
     prompt = random_prompt(9, seed=2)
     with pytest.raises(AssertionError):
         drive(engine, {0: [("a", prompt, None)]},
-              lambda tag, ids: hf_last_logits(hf_tiny, ids[:-1]), max_tokens=2)
+              lambda adapter, ids: hf_last_logits(hf_tiny, ids[:-1]), max_tokens=2)
 
 
 def test_tiny_batch_of_different_lengths(tiny_llama_dir, hf_tiny):
@@ -180,10 +83,10 @@ def test_tiny_batch_of_different_lengths(tiny_llama_dir, hf_tiny):
         3: [("e", random_prompt(23, seed=14), None)],
         5: [("f", random_prompt(7, seed=15), None), ("g", random_prompt(2, seed=16), None)],
     }
-    d = drive(engine, arrivals, lambda tag, ids: hf_last_logits(hf_tiny, ids), max_tokens=7)
+    d = drive(engine, arrivals, lambda adapter, ids: hf_last_logits(hf_tiny, ids), max_tokens=7)
     assert d.num_compared == 7 * 7
     # The first step prefilled four prompts at once.
-    assert sorted(n for _, n, _ in d.steps[0]) == [1, 5, 8, 17]
+    assert sorted(n for _, _, n, _ in d.steps[0]) == [1, 5, 8, 17]
     mixed = d.mixed_steps()
     assert len(mixed) >= 2, d.steps  # "e" and "f"/"g" each joined running decodes
 
@@ -194,7 +97,7 @@ def test_tiny_chunked_prefill(tiny_llama_dir, hf_tiny):
     engine = Engine(tiny_llama_dir, pool_gb=0.05, max_num_batched_tokens=12, block_size=8)
     arrivals = {0: [("short", random_prompt(6, seed=20), None)],
                 2: [("long", random_prompt(41, seed=21), None)]}
-    d = drive(engine, arrivals, lambda tag, ids: hf_last_logits(hf_tiny, ids), max_tokens=6)
+    d = drive(engine, arrivals, lambda adapter, ids: hf_last_logits(hf_tiny, ids), max_tokens=6)
     chunks = d.chunked("long")
     assert len(chunks) >= 4 and sum(chunks) == 41, chunks
     assert max(chunks) <= 12
@@ -238,7 +141,7 @@ def test_tiny_bf16(tiny_llama_dir, hf_tiny):
     engine = Engine(tiny_llama_dir, pool_gb=0.05, dtype="bfloat16")
     compare = _bf16_compare(hf_bf16, hf_tiny)
 
-    def oracle(tag, ids):
+    def oracle(adapter, ids):
         compare.ids = ids
         return hf_last_logits(hf_tiny, ids)
 
@@ -251,10 +154,6 @@ def test_tiny_bf16(tiny_llama_dir, hf_tiny):
 
 # -- other members of the Llama family, random and tiny --------------------------------------------
 
-TINY_BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                 rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
 VARIANTS = {
     "llama-untied-mha": ("llama", dict(tie_word_embeddings=False, num_key_value_heads=4)),
     "llama-head-dim-32": ("llama", dict(head_dim=32)),
@@ -273,7 +172,7 @@ def save_variant(out, name: str):
 
     model_type, overrides = VARIANTS[name]
     torch.manual_seed(3)
-    config = AutoConfig.for_model(model_type, **{**TINY_BASE, **overrides})
+    config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     if model_type == "qwen2":  # biases are zero-initialized; make them matter
         with torch.no_grad():
@@ -292,7 +191,7 @@ def test_variant_prefill_and_decode(variant, tmp_path):
     engine = Engine(model_dir, pool_gb=0.05, block_size=8)
     prompt = random_prompt(37, seed=80)
     d = drive(engine, {0: [("a", prompt, None)], 1: [("b", random_prompt(5, seed=81), None)]},
-              lambda tag, ids: hf_last_logits(hf, ids), max_tokens=4)
+              lambda adapter, ids: hf_last_logits(hf, ids), max_tokens=4)
     assert d.num_compared == 8
 
 
@@ -307,7 +206,7 @@ def test_smollm2_prefill_decode_and_mixed_batch(default_model_dir, hf_smol):
     text = tok("The capital of France is").input_ids
     arrivals = {0: [("text", text, None)],
                 2: [("long", random_prompt(27, seed=50), None)]}
-    d = drive(engine, arrivals, lambda tag, ids: hf_last_logits(hf_smol, ids), max_tokens=6)
+    d = drive(engine, arrivals, lambda adapter, ids: hf_last_logits(hf_smol, ids), max_tokens=6)
     assert d.num_compared == 12
     assert len(d.chunked("long")) >= 2
     assert d.mixed_steps(), d.steps
@@ -319,7 +218,7 @@ def test_smollm2_bf16(default_model_dir, hf_smol):
     engine = Engine(default_model_dir, pool_gb=0.05, dtype="bfloat16")
     compare = _bf16_compare(hf_bf16, hf_smol)
 
-    def oracle(tag, ids):
+    def oracle(adapter, ids):
         compare.ids = ids
         return hf_last_logits(hf_smol, ids)
 

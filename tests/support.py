@@ -1,0 +1,139 @@
+"""Helpers shared by the tests: random models and adapters, and a step-by-step engine driver.
+
+Importable as ``support`` (pyproject sets ``pythonpath = ["tests"]`` for pytest).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pagedlora import Engine, SamplingParams
+
+VOCAB = 49152
+ATOL_FP32 = 1e-4
+TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+def random_prompt(length: int, seed: int) -> list[int]:
+    """Token ids in [3, VOCAB): no bos/eos/pad of the tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (length,), generator=g).tolist()
+
+
+def save_random_llama(out: Path, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """Saves a random LlamaForCausalLM (float32) with the default model's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY, **overrides})).eval()
+    model.save_pretrained(out)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy(f, out / f.name)
+    return out
+
+
+def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: list[str],
+                        seed: int, **lora_kwargs) -> Path:
+    """Saves a PEFT LoRA adapter with random A and B (``init_lora_weights=False``)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=lora_kwargs.pop("lora_alpha", 2 * r),
+                        target_modules=target_modules, init_lora_weights=False,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+@dataclass
+class Drive:
+    """What :func:`drive` saw: requests by tag, and per step ``(tag, adapter, new, computed)``."""
+
+    requests: dict = field(default_factory=dict)
+    steps: list = field(default_factory=list)
+    num_compared: int = 0
+    max_err: float = 0.0
+
+    def mixed_steps(self) -> list:
+        """Steps holding a decode (one new token after a prefill) and a prefill together."""
+        return [s for s in self.steps if any(n == 1 and c > 0 for _, _, n, c in s)
+                and any(n > 1 for _, _, n, _ in s)]
+
+    def chunked(self, tag) -> list[int]:
+        """New-token counts of the steps that computed ``tag``'s prompt."""
+        plen = len(self.requests[tag].prompt_token_ids)
+        return [n for s in self.steps for t, _, n, c in s if t == tag and c < plen]
+
+
+def max_abs_within(atol: float) -> Callable:
+    def compare(ours, ref, where):
+        err = (ours - ref).abs().max().item()  # NaN fails the comparison below
+        assert err <= atol, f"{where}max |ours - reference| = {err:.3g} > {atol}"
+        return err
+    return compare
+
+
+def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_tokens: int,
+          compare: Callable | None = None) -> Drive:
+    """Runs the engine one step at a time through its internals (scheduler, model runner),
+    comparing every sampled logits row with ``oracle``'s for the same tokens, then appending the
+    oracle's greedy token so both sides always see identical sequences.
+
+    Args:
+        arrivals: ``step -> [(tag, token_ids, adapter_name)]``: requests added before that step.
+        oracle: ``(adapter_name, token_ids) -> [vocab]`` reference logits of the last position.
+        max_tokens: output tokens per request.
+        compare: ``(ours, ref, where) -> error``, asserting closeness; default max |diff| <= 1e-4.
+    """
+    compare = compare or max_abs_within(ATOL_FP32)
+    result = Drive()
+    tags, adapter_of = {}, {}
+    step = 0
+    while step <= max(arrivals) or engine.scheduler.has_unfinished():
+        for tag, ids, name in arrivals.get(step, []):
+            key = None if name is None else engine.adapters.key_of(name)
+            r = engine._new_request(ids, key, SamplingParams(max_tokens=max_tokens,
+                                                             temperature=0))
+            engine.scheduler.add(r)
+            assert not r.is_finished, r.error
+            result.requests[tag] = r
+            tags[r.request_id], adapter_of[r.request_id] = tag, name
+        out = engine.scheduler.schedule()
+        assert not out.preempted and not out.failed
+        assert out.scheduled or not engine.scheduler.has_unfinished(), "no progress"
+        result.steps.append([(tags[s.request.request_id], adapter_of[s.request.request_id],
+                              s.num_new_tokens, s.request.num_computed_tokens)
+                             for s in out.scheduled])
+        if out.scheduled:
+            reqs, logits = engine.runner.run(out)
+            engine.scheduler.update(out)
+            assert logits.shape == (len(reqs), engine.model.embed.shape[0])
+            assert logits.dtype == torch.float32
+            for row, r in zip(logits, reqs, strict=True):
+                name = adapter_of[r.request_id]
+                ref = oracle(name, r.all_token_ids)
+                where = (f"step {step}, request {tags[r.request_id]!r} (adapter {name!r}, "
+                         f"{len(r.prompt_token_ids)} prompt + {len(r.output_token_ids)} output "
+                         f"tokens): ")
+                result.max_err = max(result.max_err, compare(row, ref, where))
+                result.num_compared += 1
+                r.output_token_ids.append(int(ref.argmax()))
+                if len(r.output_token_ids) >= max_tokens:
+                    engine.scheduler.finish(r, "length")
+        step += 1
+    for r in result.requests.values():
+        assert len(r.output_token_ids) == max_tokens
+        engine._sampling.pop(r.request_id)
+    assert engine.stats()["pages_kv"] == 0  # every KV page went back to the pool
+    return result
