@@ -116,40 +116,37 @@ def test_tiny_generate_matches_hf_generate(tiny_llama_dir, hf_tiny):
     assert engine.stats()["pages_kv"] == 0
 
 
-def _bf16_compare(hf_bf16, hf_fp32):
-    """Our bf16 logits must be about as close to the fp32 reference as HF's own bf16 logits."""
+def drive_bf16(model_dir, hf_fp32, arrivals: dict, max_tokens: int):
+    """Drives a bf16 engine; each logits row must be about as close to the fp32 reference as
+    HF's own bf16 logits are, and close to HF bf16 relative to the logits' scale."""
+    hf_bf16 = load_hf(model_dir, torch.bfloat16)
+    engine = Engine(model_dir, pool_gb=0.05, dtype="bfloat16")
+    assert engine.pool.tensor.dtype == torch.bfloat16
+    seen = {}
+
+    def oracle(adapter, ids):
+        seen["ids"] = ids
+        return hf_last_logits(hf_fp32, ids)
 
     def compare(ours, ref32, where):
-        ids = compare.ids
-        ref16 = hf_last_logits(hf_bf16, ids)
+        ref16 = hf_last_logits(hf_bf16, seen["ids"])
         hf_err = (ref16 - ref32).abs().max().item()
         our_err = (ours - ref32).abs().max().item()
         scale = ref32.abs().max().item()
         assert torch.isfinite(ours).all(), where
         assert our_err <= 2 * hf_err + 0.01 * scale, \
             f"{where}bf16 error vs fp32 {our_err:.4f}, HF bf16's {hf_err:.4f}"
-        # And close to HF in bf16 itself, relative to the logits' scale.
         diff = (ours - ref16).abs().max().item()
         assert diff <= 0.05 * scale, f"{where}bf16 diff vs HF bf16 {diff:.4f} (scale {scale})"
         return our_err
 
-    return compare
+    return drive(engine, arrivals, oracle, max_tokens=max_tokens, compare=compare)
 
 
 def test_tiny_bf16(tiny_llama_dir, hf_tiny):
-    hf_bf16 = load_hf(tiny_llama_dir, torch.bfloat16)
-    engine = Engine(tiny_llama_dir, pool_gb=0.05, dtype="bfloat16")
-    compare = _bf16_compare(hf_bf16, hf_tiny)
-
-    def oracle(adapter, ids):
-        compare.ids = ids
-        return hf_last_logits(hf_tiny, ids)
-
     arrivals = {0: [("a", random_prompt(12, seed=40), None)],
                 2: [("b", random_prompt(19, seed=41), None)]}
-    d = drive(engine, arrivals, oracle, max_tokens=5, compare=compare)
-    assert d.num_compared == 10
-    assert engine.pool.tensor.dtype == torch.bfloat16
+    assert drive_bf16(tiny_llama_dir, hf_tiny, arrivals, max_tokens=5).num_compared == 10
 
 
 # -- other members of the Llama family, random and tiny --------------------------------------------
@@ -214,18 +211,9 @@ def test_smollm2_prefill_decode_and_mixed_batch(default_model_dir, hf_smol):
 
 @pytest.mark.slow
 def test_smollm2_bf16(default_model_dir, hf_smol):
-    hf_bf16 = load_hf(default_model_dir, torch.bfloat16)
-    engine = Engine(default_model_dir, pool_gb=0.05, dtype="bfloat16")
-    compare = _bf16_compare(hf_bf16, hf_smol)
-
-    def oracle(adapter, ids):
-        compare.ids = ids
-        return hf_last_logits(hf_smol, ids)
-
     arrivals = {0: [("a", random_prompt(9, seed=70), None)],
                 1: [("b", random_prompt(14, seed=71), None)]}
-    d = drive(engine, arrivals, oracle, max_tokens=3, compare=compare)
-    assert d.num_compared == 6
+    assert drive_bf16(default_model_dir, hf_smol, arrivals, max_tokens=3).num_compared == 6
 
 
 @pytest.mark.slow
