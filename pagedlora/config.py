@@ -15,6 +15,7 @@ class EngineConfig:
         pool_gb: size of the unified device pool in GiB (2**30 bytes); KV blocks and adapter
             weights both take pages from it.
         dtype: "float32", "bfloat16" or "float16"; weights, activations and the pool use it.
+            None (the default) picks float32 on the CPU and bfloat16 on CUDA.
         device: torch device string ("cpu", "cuda", "cuda:1").
         block_size: tokens per KV block; one page holds one block of one layer
             (``2 * block_size * num_kv_heads * head_dim`` elements).
@@ -33,7 +34,7 @@ class EngineConfig:
     """
 
     pool_gb: float = 1.0
-    dtype: str = "float32"
+    dtype: str | None = None
     device: str = "cpu"
     block_size: int = 16
     max_num_seqs: int = 64
@@ -46,6 +47,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
             raise ValueError(f"pool_gb must be > 0, got {self.pool_gb!r}")
+        if self.dtype is None:
+            cpu = self.device.split(":")[0] == "cpu"
+            object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras",

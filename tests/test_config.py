@@ -1,0 +1,27 @@
+"""EngineConfig validates itself and picks the dtype by device."""
+
+import pytest
+
+from pagedlora import EngineConfig
+
+
+def test_dtype_defaults_by_device():
+    assert EngineConfig().dtype == "float32"
+    assert EngineConfig(device="cuda:1").dtype == "bfloat16"
+    assert EngineConfig(device="cpu", dtype="float16").dtype == "float16"
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"max_num_seqs": 0}, "max_num_seqs"), ({"max_loras": True}, "max_loras"),
+    ({"max_model_len": -5}, "max_model_len"), ({"seed": 1.5}, "seed"),
+    ({"max_num_batched_tokens": 2.0}, "max_num_batched_tokens"),
+])
+def test_invalid_values_name_the_option(options, match):
+    with pytest.raises(ValueError, match=match):
+        EngineConfig(**options)
+
+
+def test_from_options_rejects_unknown_names():
+    with pytest.raises(TypeError, match=r"unknown Engine option\(s\) \['bogus'\]"):
+        EngineConfig.from_options(1.0, bogus=1)
+    assert EngineConfig.from_options(0.5, block_size=8).block_size == 8
