@@ -68,3 +68,31 @@ def test_bad_model_paths(tmp_path):
         resolve_model(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="has no config.json"):
         resolve_model(tmp_path)
+
+
+def test_identity_is_the_content(engine, tiny_llama_dir, make_adapter):
+    one = make_adapter(tiny_llama_dir, "one", r=4, target_modules=["q_proj", "v_proj"], seed=5)
+    two = make_adapter(tiny_llama_dir, "two", r=8, target_modules=["o_proj"], seed=6)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    prompt = [[11, 12, 13, 14]]
+    engine.add_adapter("x", one)
+    engine.add_adapter("twin", one)  # same weights, another name: the same pages
+    assert engine.adapters.key_of("x") == engine.adapters.key_of("twin")
+    first = engine.generate(prompt, adapters="x", sampling_params=sp, progress=False)[0]
+    twin = engine.generate(prompt, adapters="twin", sampling_params=sp, progress=False)[0]
+    assert twin.token_ids == first.token_ids
+    pages_one = engine.stats()["pages_adapter"]
+    engine.add_adapter("x", two)  # re-added with other weights: a new adapter
+    assert engine.adapters.key_of("x") != engine.adapters.key_of("twin")
+    second = engine.generate(prompt, adapters="x", sampling_params=sp, progress=False)[0]
+    fresh = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    fresh.add_adapter("x", two)
+    assert second.token_ids == fresh.generate(prompt, adapters="x", sampling_params=sp,
+                                              progress=False)[0].token_ids
+    assert second.token_ids != first.token_ids
+    assert engine.stats()["pages_adapter"] > pages_one  # "twin" still holds the old content
+    before = engine.stats()["pages_adapter"]
+    old_pages = len(engine.adapters.resident(engine.adapters.key_of("twin")).pages)
+    engine.add_adapter("twin", two)  # nothing names the old content now: its pages go back
+    assert engine.stats()["pages_adapter"] == before - old_pages
+    engine.pool.allocator.check_invariants()
