@@ -59,6 +59,7 @@ class Job:
     prompt: object
     adapter: str | None
     params: object  # SamplingParams
+    where: str = ""  # "FILE line N", for errors found once the model is loaded
 
 
 def _is_int(v) -> bool:
@@ -203,13 +204,28 @@ def read_jobs(source: str, adapter_names: set[str]) -> list[Job]:
         if not text.strip():
             continue
         try:
-            jobs.append(parse_line(text, adapter_names))
+            job = parse_line(text, adapter_names)
+            job.where = f"{label} line {lineno}"
+            jobs.append(job)
         except InputError as e:
             errors.append(f"{label} line {lineno}: {e}")
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more"] if len(errors) > 20 else [])
         raise CliError(f"{len(errors)} invalid input line(s):\n  " + "\n  ".join(shown))
     return jobs
+
+
+def check_token_ids(jobs: list[Job], engine) -> None:
+    """Token-id prompts must index the model's vocabulary (the engine does not check)."""
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(engine.model_dir).vocab_size
+    errors = [f"{j.where}: token id {max(j.prompt)} is outside the model's vocabulary "
+              f"(0..{vocab - 1})" for j in jobs
+              if j.key == "prompt" and isinstance(j.prompt, list) and j.prompt
+              and max(j.prompt) >= vocab]
+    if errors:
+        raise CliError(f"{len(errors)} invalid input line(s):\n  " + "\n  ".join(errors))
 
 
 def run(args: argparse.Namespace) -> None:
@@ -229,6 +245,7 @@ def run(args: argparse.Namespace) -> None:
                 engine.add_adapter(name, path)
             except (AdapterError, UnsupportedAdapterError) as e:
                 raise CliError(str(e)) from None
+        check_token_ids(jobs, engine)
         outs = engine.generate([j.prompt for j in jobs], adapters=[j.adapter for j in jobs],
                                sampling_params=[j.params for j in jobs], progress=True)
         for job, out in zip(jobs, outs, strict=True):
