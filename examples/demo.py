@@ -52,27 +52,6 @@ def load_train_adapters():
     return module
 
 
-def track_peak(engine) -> dict:
-    """Makes ``engine`` record its pool stats at the step holding the most pages.
-
-    ``generate`` calls ``engine.step()`` once per scheduler step; the instance attribute set
-    here shadows the method, so every step is followed by a (cheap) ``engine.stats()``.
-    """
-    peak: dict = {}
-    step = engine.step
-
-    def step_and_record():
-        finished = step()
-        s = engine.stats()
-        used = s["pages_total"] - s["pages_free"]
-        if not peak or used > peak["pages_total"] - peak["pages_free"]:
-            peak.update(s)
-        return finished
-
-    engine.step = step_and_record
-    return peak
-
-
 def pool_line(s: dict) -> str:
     return (f"{s['pages_kv']:>5} KV pages, {s['pages_adapter']:>5} adapter pages, "
             f"{s['pages_free']} free; internal fragmentation {s['internal_fragmentation']:.1%}")
@@ -105,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
     adapters = [a for a, _ in DEMO]
     prompts = [[{"role": "user", "content": q}] for _, q in DEMO]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    peak = track_peak(engine)
     start = time.perf_counter()
     outs = engine.generate(prompts, adapters=adapters, sampling_params=params, progress=True)
     elapsed = time.perf_counter() - start
@@ -127,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     after = engine.stats()
     print(f"pool: {after['pages_total']} pages of {after['page_bytes'] / 1024:.0f} KiB, "
           f"shared by KV cache blocks and adapter weights")
-    print(f"  busiest step: {pool_line(peak)}")
+    print(f"  busiest step: {pool_line(after['peak'])}")
     print(f"  after batch:  {pool_line(after)}")
     print(f"  adapters resident: {', '.join(after['adapters_resident']) or 'none'}")
 

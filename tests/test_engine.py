@@ -154,3 +154,11 @@ def test_stats_account_every_page(engine):
     assert s["pages_kv"] == 0 and s["requests_running"] == s["requests_waiting"] == 0
     assert s["pages_free"] + s["pages_adapter"] == s["pages_total"]
     assert s["page_bytes"] == 2 * 8 * 2 * 16 * 4  # 2 x block 8 x 2 kv heads x head_dim 16 x fp32
+
+
+def test_peak_stats_of_the_last_generate(engine):
+    engine.generate(prompts(4, seed=12, lo=20, hi=30), sampling_params=GREEDY, progress=False)
+    peak = engine.stats()["peak"]
+    # 4 requests of 20..30 prompt + 12 output tokens, blocks of 8, 2 layers: 4..6 blocks each
+    assert 2 * 4 * 4 <= peak["pages_kv"] <= 2 * 4 * 6 and peak["requests_running"] == 4
+    assert engine.stats()["pages_kv"] == 0
