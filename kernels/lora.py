@@ -64,6 +64,8 @@ def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
 
 # Batches of at most this many tokens take the dense form (one shrink over every adapter's
 # rows); larger ones loop over segments, where the rows of other adapters would cost real work.
+# Measured on this project's 2-core CPU, 4 adapters of ranks 4..32 on a 576x576 projection:
+# dense 34 us vs 363 us for segments at 8 tokens, even around 32-128, segments 2x faster at 512.
 _DENSE_MAX_TOKENS = 64
 
 

@@ -1,0 +1,115 @@
+"""The torch kernels over pool pages against plain math on contiguous tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows, lora_shrink_expand
+from pagedlora.kernels.paged_attention import paged_attention, write_kv
+
+
+def scatter_rows(view: torch.Tensor, rows: torch.Tensor, free: list[int]) -> PagedRows:
+    """Writes ``rows`` into random free (page, slot)s of ``view``; returns their page table."""
+    rpp = view.shape[1]
+    places = free[: rows.shape[0]]
+    del free[: rows.shape[0]]
+    pages = torch.tensor([p // rpp for p in places])
+    slots = torch.tensor([p % rpp for p in places])
+    view[pages, slots] = rows
+    return PagedRows(pages, slots)
+
+
+@pytest.mark.parametrize("num_tokens", [7, 33, 133])  # both the dense and the segmented form
+def test_lora_shrink_expand_matches_per_token_math(num_tokens):
+    g = torch.Generator().manual_seed(num_tokens)
+    in_f, out_f, ranks = 97, 45, [1, 3, 16, 8]
+    pool = torch.zeros(64, 4 * in_f)  # pages of 4 rows of width in_f
+    a_view = pool.view(64, 4, in_f)
+    b_view = pool[:, : (4 * in_f // out_f) * out_f].view(64, 4 * in_f // out_f, out_f)
+    free_a = torch.randperm(64 * 4, generator=g)[:100].tolist()
+    # B rows live in other pages than A rows: take pages 40.. for them
+    free_b = [40 * b_view.shape[1] + i for i in torch.randperm(24 * b_view.shape[1],
+                                                                generator=g).tolist()]
+    free_a = [p for p in free_a if p // 4 < 40]
+    weights = [(torch.randn(r, in_f, generator=g), torch.randn(r, out_f, generator=g),
+                0.5 + i) for i, r in enumerate(ranks)]
+    a_rows = [scatter_rows(a_view, a, free_a) for a, _, _ in weights]
+    b_rows = [scatter_rows(b_view, b, free_b) for _, b, _ in weights]
+    # tokens: a base segment, then adapters 0..3 (zipf-like sizes), then more base tokens
+    cuts = [0, num_tokens // 7, num_tokens // 2, num_tokens * 3 // 5, num_tokens * 2 // 3,
+            num_tokens * 5 // 6]
+    segs, cols, col = [], [], 0
+    for i, r in enumerate(ranks):
+        cols.append((col, col + r))
+        segs.append(LoraSegment(cuts[i + 1], cuts[i + 2], col, col + r, weights[i][2]))
+        col += r
+    token_scale = torch.zeros(num_tokens, col)
+    for s in segs:
+        token_scale[s.start:s.end, s.col_start:s.col_end] = s.scale
+    batch = LoraBatch(a=PagedRows(torch.cat([r.pages for r in a_rows]),
+                                  torch.cat([r.slots for r in a_rows])),
+                      b=PagedRows(torch.cat([r.pages for r in b_rows]),
+                                  torch.cat([r.slots for r in b_rows])),
+                      segments=tuple(segs), token_scale=token_scale)
+    x = torch.randn(num_tokens, in_f, generator=g)
+    y0 = torch.randn(num_tokens, out_f, generator=g)
+    y = y0.clone()
+    lora_shrink_expand(y, x, batch, a_view, b_view)
+    want = y0.clone()
+    for s, (a, b, scale) in zip(segs, weights, strict=True):
+        for t in range(s.start, s.end):
+            want[t] += scale * (x[t] @ a.t()) @ b
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[: cuts[1]], y0[: cuts[1]]) and torch.equal(y[cuts[5]:], y0[cuts[5]:])
+
+
+def test_lora_shrink_expand_refuses_mismatched_tokens():
+    zero = torch.zeros(1, dtype=torch.long)
+    batch = LoraBatch(a=PagedRows(zero, zero), b=PagedRows(zero, zero),
+                      segments=(LoraSegment(0, 2, 0, 1, 1.0),), token_scale=torch.ones(2, 1))
+    view = torch.zeros(1, 1, 4)
+    with pytest.raises(ValueError, match="x has 3 tokens, y 2"):
+        lora_shrink_expand(torch.zeros(2, 4), torch.zeros(3, 4), batch, view, view)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
+    g = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, bs, num_pages = 6, 2, 16, 4, 40
+    cache = torch.zeros(num_pages, 2, bs, kv_heads, d, dtype=dtype)
+    k_cache, v_cache = cache[:, 0], cache[:, 1]
+    # (context already in pages, new tokens): decode, prefill, chunked prefill, odd lengths
+    shapes = [(9, 1), (0, 7), (5, 6), (12, 1), (0, 1)]
+    free = torch.randperm(num_pages, generator=g).tolist()
+    seqs, q_parts = [], []
+    for ctx, new in shapes:
+        n = ctx + new
+        k = torch.randn(n, kv_heads, d, generator=g).to(dtype)
+        v = torch.randn(n, kv_heads, d, generator=g).to(dtype)
+        q = torch.randn(new, heads, d, generator=g).to(dtype)
+        blocks = [free.pop() for _ in range(math.ceil(n / bs))]
+        pages = torch.tensor([blocks[p // bs] for p in range(n)])
+        offsets = torch.arange(n) % bs
+        write_kv(k_cache, v_cache, pages, offsets, k, v)
+        seqs.append((ctx, new, k, v, q, blocks))
+        q_parts.append(q)
+    width = max(len(s[5]) for s in seqs)
+    tables = torch.tensor([s[5] + [0] * (width - len(s[5])) for s in seqs])
+    q_all = torch.cat(q_parts)
+    starts = torch.tensor([0] + [s[1] for s in seqs]).cumsum(0)[:-1]
+    index, out = paged_attention(q_all, k_cache, v_cache, tables, starts,
+                                 torch.tensor([s[1] for s in seqs]),
+                                 torch.tensor([s[0] + s[1] for s in seqs]), d ** -0.5)
+    got = torch.empty_like(q_all)
+    got[index] = out
+    for (ctx, new, k, v, q, _), start in zip(seqs, starts.tolist(), strict=True):
+        kk = k.float().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
+        vv = v.float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q.float(), kk) * d ** -0.5
+        causal = torch.arange(ctx + new)[None, :] <= (ctx + torch.arange(new))[:, None]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        want = torch.einsum("hqk,khd->qhd", probs, vv)
+        torch.testing.assert_close(got[start:start + new].float(), want, atol=atol, rtol=atol)
