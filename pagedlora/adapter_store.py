@@ -106,16 +106,21 @@ class AdapterStore:
 
     @property
     def names(self) -> list[str]:
+        """Names of the added adapters, sorted."""
         return sorted(self._names)
 
     # -- residency (the scheduler's AdapterResidency interface) ------------------------------
 
     def pages_needed(self, key: str) -> int:
+        """Pages that making ``key`` resident takes now: 0 when resident, else its packed size."""
         if key in self._resident:
             return 0
         return sum(n for *_, n in self._groups(self._host[key]))
 
     def acquire(self, key: str) -> bool:
+        """Pins ``key`` in the pool, copying it host -> pool first if needed (evicting unpinned
+        adapters, least recently used first); False, with nothing changed, when even evicting
+        every unpinned adapter would not free enough pages."""
         if key not in self._resident:
             need = self.pages_needed(key)
             if need > self.pool.allocator.num_free + self.evictable_pages():
@@ -127,6 +132,11 @@ class AdapterStore:
         return True
 
     def release(self, key: str) -> None:
+        """Drops one pin; unpinned content that no name refers to any more is freed.
+
+        Raises:
+            ValueError: more releases than acquires.
+        """
         if self._pins[key] <= 0:
             raise ValueError(f"adapter {key} released more often than acquired")
         self._pins[key] -= 1
@@ -136,9 +146,12 @@ class AdapterStore:
                 self._drop_if_unused(key)
 
     def evictable_pages(self) -> int:
+        """Pages held by resident adapters that nothing pins."""
         return sum(len(r.pages) for k, r in self._resident.items() if not self._pins[k])
 
     def evict_unpinned(self, num_pages: int) -> int:
+        """Evicts unpinned adapters, least recently used first, until ``num_pages`` pages are
+        freed or none is left; returns the pages freed (whole adapters, so possibly more)."""
         freed = 0
         for key in [k for k in self._resident if not self._pins[k]]:
             if freed >= num_pages:
@@ -154,9 +167,11 @@ class AdapterStore:
 
     @property
     def resident_keys(self) -> list[str]:
+        """Content keys of the adapters in the pool, least recently used first."""
         return list(self._resident)
 
     def names_of(self, key: str) -> list[str]:
+        """Names currently pointing at content ``key``."""
         return sorted(n for n, k in self._names.items() if k == key)
 
     # -- internals -----------------------------------------------------------------------------

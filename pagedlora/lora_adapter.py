@@ -46,6 +46,7 @@ class ModuleWeights:
 
     @property
     def rank(self) -> int:
+        """r, the number of rank rows."""
         return self.a.shape[0]
 
 
@@ -69,14 +70,17 @@ class LoraAdapter:
 
     @property
     def max_rank(self) -> int:
+        """Largest rank over the adapter's modules (rank_pattern may vary it)."""
         return max(m.rank for m in self.modules.values())
 
     @property
     def target_modules(self) -> list[str]:
+        """Projections the adapter targets in at least one layer, in TARGET_MODULES order."""
         return [t for t in TARGET_MODULES if any(m == t for _, m in self.modules)]
 
     @property
     def num_bytes(self) -> int:
+        """Bytes of its weights in host memory."""
         return sum(m.a.nbytes + m.b_t.nbytes for m in self.modules.values())
 
 

@@ -40,6 +40,7 @@ class UnifiedPool:
 
     @property
     def num_pages(self) -> int:
+        """Pages in the pool."""
         return self.allocator.num_pages
 
     @property

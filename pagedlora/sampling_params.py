@@ -56,4 +56,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax (temperature 0)."""
         return self.temperature == 0

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is: queued (or preempted), in the running batch, or done."""
+
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -53,10 +55,12 @@ class Request:
 
     @property
     def all_token_ids(self) -> list[int]:
+        """Prompt then output tokens."""
         return self.prompt_token_ids + self.output_token_ids
 
     @property
     def is_finished(self) -> bool:
+        """Whether the request has a finish reason."""
         return self.status is RequestStatus.FINISHED
 
     def fail(self, message: str) -> None:

@@ -57,6 +57,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
+        """Tokens computed in the step."""
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
@@ -107,6 +108,7 @@ class Scheduler:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
+        """Whether any request is waiting or running."""
         return bool(self.waiting or self.running)
 
     def finish(self, request: Request, reason: str) -> None:
