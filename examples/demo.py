@@ -11,7 +11,7 @@ and adapter weights.
 Run it from the repository root::
 
     python examples/demo.py                 # trains into adapters/ on the first run
-    python examples/demo.py --retrain       # retrains the adapters first
+    python examples/demo.py --force       # retrains the adapters first
     python examples/demo.py --adapters-dir /tmp/ad --max-tokens 32
 """
 
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters-dir", type=Path, default=HERE.parent / "adapters",
                    help="where the adapters are (trained there if missing; default: %(default)s)")
-    p.add_argument("--retrain", action="store_true", help="retrain the adapters first")
+    p.add_argument("--force", action="store_true", help="retrain the adapters first")
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--pool-gb", type=float, default=1.0)
     return p.parse_args(argv)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     train = load_train_adapters()
     dirs = train.main(["--out", str(args.adapters_dir), "--no-check"]
-                      + (["--force"] if args.retrain else []))
+                      + (["--force"] if args.force else []))
 
     engine = Engine(None, pool_gb=args.pool_gb)
     for name, path in dirs.items():
