@@ -123,8 +123,10 @@ class Engine:
             sampling_params: one for all, one per prompt, or None (defaults).
             progress: show a tqdm bar of finished requests and output tokens/s.
         Returns:
-            one RequestOutput per prompt. An empty prompt or one longer than max_model_len gets
-            finish_reason "error" and a message; the others run normally.
+            one RequestOutput per prompt. An empty prompt, one of max_model_len tokens or more,
+            or token ids outside the vocabulary get finish_reason "error" and a message; the
+            others run normally. If generate itself is interrupted (an exception, Ctrl-C), its
+            requests are aborted and their pages freed before the exception propagates.
         Raises:
             ValueError: an adapter name never added (before any work starts), or lists whose
                 lengths differ from the prompts'.
@@ -164,7 +166,14 @@ class Engine:
         return [self._output(r, p, n) for r, p, n in zip(requests, prompts, names, strict=True)]
 
     def step(self) -> list[Request]:
-        """Runs one scheduler step and model forward; returns the requests it finished."""
+        """Runs one scheduler step, the forward pass and sampling (``generate`` loops on it).
+
+        Returns:
+            the requests that finished in this step (stop, length, or error).
+        Raises:
+            RuntimeError: requests wait but none could be scheduled (a bug: ``Scheduler.add``
+                fails requests that can never fit).
+        """
         out = self.scheduler.schedule()
         finished = list(out.failed)
         if not out.scheduled:
