@@ -33,10 +33,16 @@ ADAPTERS = {
     "pattern": dict(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
                     rank_pattern={"q_proj": 8}, alpha_pattern={"v_proj": 3}, seed=106),
     "bin": dict(r=8, target_modules=["k_proj", "o_proj", "gate_proj"], seed=107),
+    # Ranks and alphas that differ per layer, and an adapter on layer 1 only.
+    "layerwise": dict(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                      rank_pattern={"layers.0.self_attn.q_proj": 12},
+                      alpha_pattern={"layers.1.mlp.down_proj": 7}, seed=109),
+    "layer1": dict(r=6, target_modules=["q_proj", "up_proj"], layers_to_transform=[1],
+                   seed=110),
     # Same targets as "r4" at rank 64 (page accounting only).
     "all64": dict(r=64, target_modules=ALL, seed=108),
 }
-SERVED = ["r1", "r4", "r16", "r64", "rslora", "pattern", "bin"]
+SERVED = ["r1", "r4", "r16", "r64", "rslora", "pattern", "bin", "layerwise", "layer1"]
 
 
 PROMPTS = [random_prompt(n, seed=200 + n) for n in (4, 9, 17, 30)]
@@ -94,6 +100,7 @@ def oracle(tiny_llama_dir, adapter_dirs):
 
 
 def make_engine(model_dir, adapter_dirs, names=SERVED, pool_gb=0.05, **options) -> Engine:
+    options.setdefault("max_loras", len(SERVED))
     engine = Engine(model_dir, pool_gb=pool_gb, max_lora_rank=64, **options)
     for name in names:
         engine.add_adapter(name, adapter_dirs[name])
@@ -140,6 +147,11 @@ def test_adapter_configs_are_what_the_test_means(adapter_dirs):
     assert q_a and all(t.shape[0] == 8 for t in q_a)
     assert v_a and all(t.shape[0] == 4 for t in v_a)
     assert json.loads((adapter_dirs["rslora"] / "adapter_config.json").read_text())["use_rslora"]
+    w = load_file(adapter_dirs["layerwise"] / "adapter_model.safetensors")
+    assert {k.split(".layers.")[1][:1]: t.shape[0] for k, t in w.items()
+            if "q_proj.lora_A" in k} == {"0": 12, "1": 4}
+    w = load_file(adapter_dirs["layer1"] / "adapter_model.safetensors")
+    assert w and all(".layers.1." in k for k in w)
     assert (adapter_dirs["bin"] / "adapter_model.bin").is_file()
     assert not (adapter_dirs["bin"] / "adapter_model.safetensors").exists()
 
@@ -166,7 +178,8 @@ def test_adapter_alone(name, tiny_llama_dir, adapter_dirs, oracle):
 # -- all adapters and the base model together ----------------------------------------------------
 
 
-MIXED = [None, "r1", "r4", "r16", None, "r64", "rslora", "pattern", "bin", "r4", "r64", None]
+MIXED = [None, "r1", "r4", "r16", None, "r64", "rslora", "pattern", "bin", "layerwise", "layer1",
+         "r4", "r64", None]
 
 
 def test_mixed_generate_matches_peft(tiny_llama_dir, adapter_dirs, oracle):
