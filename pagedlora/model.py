@@ -161,7 +161,7 @@ class LlamaModel:
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
         h = self.embed[batch.input_ids]                                    # [T, H]
-        k_cache, v_cache = pool.k_cache, pool.v_cache
+        kv_pages = pool.kv_pages
         rows = pool.rows
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers):
@@ -182,10 +182,10 @@ class LlamaModel:
             v = v.reshape(t, self.num_kv_heads, d)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            write_kv(k_cache, v_cache, batch.slot_pages[n], batch.slot_offsets, k, v)
+            write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
             attn = torch.empty_like(q)
             for g in batch.groups:
-                index, out = paged_attention(q, k_cache, v_cache, g.block_tables[n], g.q_start,
+                index, out = paged_attention(q, kv_pages, g.block_tables[n], g.q_start,
                                              g.q_lens, g.ctx_lens, d ** -0.5)
                 attn[index] = out
             attn = attn.reshape(t, self.num_heads * d)

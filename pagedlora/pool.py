@@ -44,14 +44,10 @@ class UnifiedPool:
         return self.allocator.num_pages
 
     @property
-    def k_cache(self) -> torch.Tensor:
-        """``[num_pages, block_size, num_kv_heads, head_dim]`` view of every page's K half."""
-        return self._kv[:, 0]
-
-    @property
-    def v_cache(self) -> torch.Tensor:
-        """``[num_pages, block_size, num_kv_heads, head_dim]`` view of every page's V half."""
-        return self._kv[:, 1]
+    def kv_pages(self) -> torch.Tensor:
+        """``[num_pages, 2, block_size, num_kv_heads, head_dim]`` view of every page as a KV
+        block (contiguous; K then V)."""
+        return self._kv
 
     def rows_per_page(self, width: int) -> int:
         """Rank rows of ``width`` elements one page holds.

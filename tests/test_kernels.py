@@ -80,7 +80,6 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d, bs, num_pages = 6, 2, 16, 4, 40
     cache = torch.zeros(num_pages, 2, bs, kv_heads, d, dtype=dtype)
-    k_cache, v_cache = cache[:, 0], cache[:, 1]
     # (context already in pages, new tokens): decode, prefill, chunked prefill, odd lengths
     shapes = [(9, 1), (0, 7), (5, 6), (12, 1), (0, 1)]
     free = torch.randperm(num_pages, generator=g).tolist()
@@ -93,14 +92,14 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
         blocks = [free.pop() for _ in range(math.ceil(n / bs))]
         pages = torch.tensor([blocks[p // bs] for p in range(n)])
         offsets = torch.arange(n) % bs
-        write_kv(k_cache, v_cache, pages, offsets, k, v)
+        write_kv(cache, pages, offsets, k, v)
         seqs.append((ctx, new, k, v, q, blocks))
         q_parts.append(q)
     width = max(len(s[5]) for s in seqs)
     tables = torch.tensor([s[5] + [0] * (width - len(s[5])) for s in seqs])
     q_all = torch.cat(q_parts)
     starts = torch.tensor([0] + [s[1] for s in seqs]).cumsum(0)[:-1]
-    index, out = paged_attention(q_all, k_cache, v_cache, tables, starts,
+    index, out = paged_attention(q_all, cache, tables, starts,
                                  torch.tensor([s[1] for s in seqs]),
                                  torch.tensor([s[0] + s[1] for s in seqs]), d ** -0.5)
     got = torch.empty_like(q_all)
