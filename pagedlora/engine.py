@@ -240,7 +240,7 @@ class Engine:
         if isinstance(prompts, str):
             return [prompts]
         prompts = list(prompts)
-        if prompts and (isinstance(prompts[0], dict) or isinstance(prompts[0], int)):
+        if prompts and isinstance(prompts[0], (dict, int)):
             return [prompts]  # one chat conversation or one token-id prompt
         return prompts
 

@@ -75,8 +75,7 @@ class ModelRunner:
             if not members:
                 continue
             width = max(len(m[3]) for m in members)
-            tables = [[list(page) for page in m[3]] + [m[3][0]] * (width - len(m[3]))
-                      for m in members]
+            tables = [m[3] + [m[3][0]] * (width - len(m[3])) for m in members]
             groups.append(AttentionGroup(
                 block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
                 q_start=t([m[0] for m in members]), q_lens=t([m[1] for m in members]),
