@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -21,15 +23,54 @@ def write_kv(kv_pages: torch.Tensor, slot_pages: torch.Tensor, slot_offsets: tor
     kv_pages[:, 1][slot_pages, slot_offsets] = v
 
 
-def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
-                    q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention of new tokens over their sequence's K/V read through block tables.
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Index tensors of one group of sequences, built once per step and read by every layer.
+
+    Attributes:
+        token_index: ``[B, Q]`` int64 index in the flattened batch of sequence b's i-th new
+            token (0 for padding, Q = the longest new-token count).
+        valid: ``[B, Q]`` bool, False for padding.
+        mask: ``[B, 1, Q, S]`` bool, key position s visible to query (b, i): causal, and only
+            the sequence's own context (S = max_blocks * block_size).
+        flat_index: ``[N]`` int64, ``token_index[valid]``: where the outputs go.
+    """
+
+    token_index: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+    flat_index: torch.Tensor
+
+
+def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
+                       num_keys: int) -> AttentionMetadata:
+    """Builds the padding and the causal mask of a group.
 
     For sequence b with ``n = q_lens[b]`` new tokens and ``c = ctx_lens[b]`` tokens in the cache
-    (the new ones included), query i sits at position ``c - n + i`` and attends to keys
-    ``0 .. c - n + i``: ``out = softmax(scale * q K^T + causal mask) V``, with grouped-query
-    heads (GQA). Covers decode (n = 1), prefill, chunked prefill and cached prefixes alike.
+    (the new ones included), query i sits at position ``c - n + i`` and sees keys
+    ``0 .. c - n + i``. Covers decode (n = 1), prefill, chunked prefill and cached prefixes.
+
+    Args:
+        q_start: ``[B]`` int64 index in the flattened batch of each sequence's first new token.
+        q_lens: ``[B]`` int64 new tokens per sequence (>= 1).
+        ctx_lens: ``[B]`` int64 tokens per sequence in the cache, new ones included.
+        num_keys: key positions per sequence in the gathered blocks (max_blocks * block_size).
+    """
+    ar = torch.arange(int(q_lens.max()), device=q_lens.device)
+    valid = ar[None, :] < q_lens[:, None]                                # [B, Q]
+    token_index = torch.where(valid, q_start[:, None] + ar[None, :], 0)
+    q_pos = torch.where(valid, (ctx_lens - q_lens)[:, None] + ar[None, :], 0)
+    key_pos = torch.arange(num_keys, device=q_lens.device)
+    mask = key_pos[None, None, :] <= q_pos[:, :, None]                   # [B, Q, S]
+    return AttentionMetadata(token_index=token_index, valid=valid, mask=mask[:, None],
+                             flat_index=token_index[valid])
+
+
+def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Causal attention of new tokens over their sequence's K/V read through block tables:
+    ``out = softmax(scale * q K^T + mask) V`` with grouped-query heads (GQA); the mask and
+    positions are those of :func:`attention_metadata`.
 
     Args:
         q: ``[T, num_heads, head_dim]`` queries of the whole flattened batch.
@@ -37,31 +78,20 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
             the pool (K then V in each page).
         block_tables: ``[B, max_blocks]`` int64 page of each block of each sequence (padding
             entries may name any page; they are masked).
-        q_start: ``[B]`` int64 index in ``q`` of each sequence's first new token.
-        q_lens: ``[B]`` int64 new tokens per sequence (>= 1).
-        ctx_lens: ``[B]`` int64 tokens per sequence in the cache, new ones included.
+        meta: the group's metadata (``max_blocks * block_size`` keys).
         scale: softmax scale, usually ``head_dim ** -0.5``.
     Returns:
-        ``(token_index, out)``: ``[N]`` int64 indices into ``q`` of the new tokens and
-        ``[N, num_heads, head_dim]`` their attention outputs, ``N = q_lens.sum()``.
+        ``[N, num_heads, head_dim]`` outputs of the new tokens, in ``meta.flat_index`` order.
     """
     num_seqs, max_blocks = block_tables.shape
     _, _, block_size, num_kv_heads, head_dim = kv_pages.shape
-    max_q = int(q_lens.max())
-    ar = torch.arange(max_q, device=q.device)
-    valid = ar[None, :] < q_lens[:, None]                                # [B, Q]
-    token_index = torch.where(valid, q_start[:, None] + ar[None, :], 0)  # [B, Q]
-    q_pos = torch.where(valid, (ctx_lens - q_lens)[:, None] + ar[None, :], 0)
     # Whole pages (K and V) in one row gather of the contiguous pool: much cheaper on the CPU
     # than advanced indexing into the strided K and V halves separately.
     pages = kv_pages.flatten(1).index_select(0, block_tables.flatten())
     pages = pages.view(num_seqs, max_blocks, 2, block_size, num_kv_heads, head_dim)
     keys = pages[:, :, 0].flatten(1, 2)                                 # [B, S, KVH, D]
     values = pages[:, :, 1].flatten(1, 2)
-    key_pos = torch.arange(max_blocks * block_size, device=q.device)
-    mask = key_pos[None, None, :] <= q_pos[:, :, None]                   # [B, Q, S]
     out = F.scaled_dot_product_attention(
-        q[token_index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-        attn_mask=mask[:, None], scale=scale, enable_gqa=True)           # [B, H, Q, D]
-    out = out.transpose(1, 2)[valid]                                     # [N, H, D]
-    return token_index[valid], out
+        q[meta.token_index].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+        attn_mask=meta.mask, scale=scale, enable_gqa=True)              # [B, H, Q, D]
+    return out.transpose(1, 2)[meta.valid]                               # [N, H, D]

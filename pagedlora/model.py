@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.lora import LoraBatch, lora_shrink_expand
-from pagedlora.kernels.paged_attention import paged_attention, write_kv
+from pagedlora.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -21,13 +21,11 @@ class AttentionGroup:
 
     Attributes:
         block_tables: ``[num_layers, B, max_blocks]`` int64 page of each block per layer.
-        q_start, q_lens, ctx_lens: ``[B]`` int64 (see :func:`paged_attention`).
+        meta: padding and causal mask, the same in every layer.
     """
 
     block_tables: torch.Tensor
-    q_start: torch.Tensor
-    q_lens: torch.Tensor
-    ctx_lens: torch.Tensor
+    meta: AttentionMetadata
 
 
 @dataclass
@@ -185,9 +183,8 @@ class LlamaModel:
             write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
             attn = torch.empty_like(q)
             for g in batch.groups:
-                index, out = paged_attention(q, kv_pages, g.block_tables[n], g.q_start,
-                                             g.q_lens, g.ctx_lens, d ** -0.5)
-                attn[index] = out
+                attn[g.meta.flat_index] = paged_attention(q, kv_pages, g.block_tables[n],
+                                                          g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
             o = F.linear(attn, w["o"])
             lora("o_proj", o, attn)

@@ -6,6 +6,7 @@ import torch
 
 from pagedlora.adapter_store import AdapterStore, ResidentAdapter
 from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
+from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
 from pagedlora.scheduler import Request, ScheduledRequest, SchedulerOutput
@@ -78,8 +79,8 @@ class ModelRunner:
             tables = [m[3] + [m[3][0]] * (width - len(m[3])) for m in members]
             groups.append(AttentionGroup(
                 block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
-                q_start=t([m[0] for m in members]), q_lens=t([m[1] for m in members]),
-                ctx_lens=t([m[2] for m in members])))
+                meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
+                                        t([m[2] for m in members]), width * bs)))
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows, lora_shrink_expand
-from pagedlora.kernels.paged_attention import paged_attention, write_kv
+from pagedlora.kernels.paged_attention import attention_metadata, paged_attention, write_kv
 
 
 def scatter_rows(view: torch.Tensor, rows: torch.Tensor, free: list[int]) -> PagedRows:
@@ -99,11 +99,10 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
     tables = torch.tensor([s[5] + [0] * (width - len(s[5])) for s in seqs])
     q_all = torch.cat(q_parts)
     starts = torch.tensor([0] + [s[1] for s in seqs]).cumsum(0)[:-1]
-    index, out = paged_attention(q_all, cache, tables, starts,
-                                 torch.tensor([s[1] for s in seqs]),
-                                 torch.tensor([s[0] + s[1] for s in seqs]), d ** -0.5)
-    got = torch.empty_like(q_all)
-    got[index] = out
+    meta = attention_metadata(starts, torch.tensor([s[1] for s in seqs]),
+                              torch.tensor([s[0] + s[1] for s in seqs]), width * bs)
+    got = torch.full_like(q_all, float("nan"))
+    got[meta.flat_index] = paged_attention(q_all, cache, tables, meta, d ** -0.5)
     for (ctx, new, k, v, q, _), start in zip(seqs, starts.tolist(), strict=True):
         kk = k.float().repeat_interleave(heads // kv_heads, dim=1)  # [n, H, D]
         vv = v.float().repeat_interleave(heads // kv_heads, dim=1)
