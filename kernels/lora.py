@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,12 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     b = gather_rows(b_view, batch.b)  # [R, out]
     if x.shape[0] <= _DENSE_MAX_TOKENS or len(batch.segments) == 1:
         lo, hi = batch.segments[0].start, batch.segments[-1].end
-        y[lo:hi] += (x[lo:hi] @ a.t()).mul_(batch.token_scale[lo:hi]) @ b
+        if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU
+            y.addmm_(F.linear(x, a).mul_(batch.token_scale), b)
+        else:
+            y[lo:hi].addmm_(F.linear(x[lo:hi], a).mul_(batch.token_scale[lo:hi]), b)
         return
     for s in batch.segments:
-        y[s.start:s.end] += (x[s.start:s.end] @ a[s.col_start:s.col_end].t()).mul_(s.scale) \
-            @ b[s.col_start:s.col_end]
+        y[s.start:s.end].addmm_(
+            F.linear(x[s.start:s.end], a[s.col_start:s.col_end]).mul_(s.scale),
+            b[s.col_start:s.col_end])
