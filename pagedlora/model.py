@@ -53,9 +53,9 @@ class ForwardBatch:
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # As transformers' LlamaRMSNorm: normalize in float32, scale in the input dtype.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, x.shape[-1:], weight, eps)
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -175,11 +175,12 @@ class LlamaModel:
             lora("q_proj", q, x)
             lora("k_proj", k, x)
             lora("v_proj", v, x)
-            q = q.reshape(t, self.num_heads, d)
-            k = k.reshape(t, self.num_kv_heads, d)
+            # RoPE on q and k at once: they are adjacent columns of qkv.
+            qk = qkv[:, : self._split_qkv[0] + self._split_qkv[1]].view(
+                t, self.num_heads + self.num_kv_heads, d)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(t, self.num_kv_heads, d)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
             attn = torch.empty_like(q)
             for g in batch.groups:
