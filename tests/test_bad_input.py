@@ -19,12 +19,17 @@ def engine(tiny_llama_dir):
     return Engine(tiny_llama_dir, pool_gb=0.01, max_lora_rank=16, max_model_len=64)
 
 
+def lora_pair(module: str, a, b, layer: int = 0, prefix: str = PREFIX) -> dict:
+    """PEFT keys and tensors of one module's lora_A and lora_B (module: "self_attn.q_proj")."""
+    key = f"{prefix}.{layer}.{module}"
+    return {f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b}
+
+
 def write_adapter(path, tensors=None, **config):
     """A hand-written PEFT directory; defaults to a valid rank-2 LoRA on layer 0's q_proj."""
     path.mkdir(parents=True, exist_ok=True)
     if tensors is None:
-        tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
-                   f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)}
+        tensors = lora_pair("self_attn.q_proj", torch.randn(2, 64), torch.randn(64, 2))
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
            "bias": "none", **config}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
@@ -70,23 +75,20 @@ def test_malformed_config(engine, tmp_path):
 
 
 def test_shapes_of_another_model_name_module_and_shapes(engine, tmp_path):
-    tensors = {f"{PREFIX}.1.mlp.down_proj.lora_A.weight": torch.randn(2, 96),
-               f"{PREFIX}.1.mlp.down_proj.lora_B.weight": torch.randn(64, 2)}
+    tensors = lora_pair("mlp.down_proj", torch.randn(2, 96), torch.randn(64, 2), layer=1)
     path = write_adapter(tmp_path / "other", tensors, target_modules=["down_proj"])
     with pytest.raises(AdapterError, match=r"layer 1 down_proj: lora_A \(2, 96\).*176->64"):
         engine.add_adapter("other", path)
 
 
 def test_layer_beyond_model(engine, tmp_path):
-    tensors = {f"{PREFIX}.5.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
-               f"{PREFIX}.5.self_attn.q_proj.lora_B.weight": torch.randn(64, 2)}
+    tensors = lora_pair("self_attn.q_proj", torch.randn(2, 64), torch.randn(64, 2), layer=5)
     with pytest.raises(AdapterError, match="layer 5 .*beyond the model's 2 layers"):
         engine.add_adapter("deep", write_adapter(tmp_path / "deep", tensors))
 
 
 def test_rank_above_max_lora_rank(engine, tmp_path):
-    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(32, 64),
-               f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": torch.randn(64, 32)}
+    tensors = lora_pair("self_attn.q_proj", torch.randn(32, 64), torch.randn(64, 32))
     path = write_adapter(tmp_path / "big", tensors, r=32)
     with pytest.raises(AdapterError, match="q_proj: rank 32 exceeds max_lora_rank=16"):
         engine.add_adapter("big", path)
@@ -96,24 +98,20 @@ def test_rank_above_max_lora_rank(engine, tmp_path):
 def test_nan_or_inf_weights(engine, tmp_path, bad):
     b = torch.randn(64, 2)
     b[3, 1] = bad
-    tensors = {f"{PREFIX}.0.self_attn.q_proj.lora_A.weight": torch.randn(2, 64),
-               f"{PREFIX}.0.self_attn.q_proj.lora_B.weight": b}
+    tensors = lora_pair("self_attn.q_proj", torch.randn(2, 64), b)
     with pytest.raises(AdapterError, match="layer 0 q_proj: weights contain NaN or Inf"):
         engine.add_adapter("nan", write_adapter(tmp_path / "nan", tensors))
 
 
 def test_target_module_the_model_lacks(engine, tmp_path):
-    tensors = {f"{PREFIX}.0.self_attn.qkv_proj.lora_A.weight": torch.randn(2, 64),
-               f"{PREFIX}.0.self_attn.qkv_proj.lora_B.weight": torch.randn(128, 2)}
+    tensors = lora_pair("self_attn.qkv_proj", torch.randn(2, 64), torch.randn(128, 2))
     with pytest.raises(AdapterError, match="self_attn.qkv_proj of layer 0 is not in the model"):
         engine.add_adapter("qkv", write_adapter(tmp_path / "qkv", tensors))
 
 
 def test_keys_of_another_architecture_match_nothing(engine, tmp_path):
-    tensors = {"base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight":
-               torch.randn(2, 64),
-               "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight":
-               torch.randn(64, 2)}
+    tensors = lora_pair("self_attn.q_proj", torch.randn(2, 64), torch.randn(64, 2),
+                        prefix="base_model.model.language_model.model.layers")
     with pytest.raises(AdapterError, match="language_model.*another architecture"):
         engine.add_adapter("vlm", write_adapter(tmp_path / "vlm", tensors))
 
