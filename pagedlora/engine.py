@@ -86,6 +86,7 @@ class Engine:
         # request id -> (SamplingParams, its torch.Generator), until its output is made
         self._sampling: dict[int, tuple[SamplingParams, torch.Generator]] = {}
         self._peak: dict = {}  # stats() at the fullest step of the last generate call
+        self._num_generated = 0  # output tokens sampled by this engine, for tokens/s
 
     @staticmethod
     def _load_tokenizer(model_dir: Path):
@@ -142,7 +143,7 @@ class Engine:
             if not r.is_finished:
                 self.scheduler.add(r)
         bar = tqdm(total=len(requests), disable=not progress, unit="req", desc="generate")
-        start = time.perf_counter()
+        start, generated_before = time.perf_counter(), self._num_generated
         bar.update(sum(r.is_finished for r in requests))
         self._peak = {}
         self._record_peak()
@@ -151,7 +152,7 @@ class Engine:
                 finished = self.step()
                 self._record_peak()
                 bar.update(len(finished))
-                tokens = sum(len(r.output_token_ids) for r in requests)
+                tokens = self._num_generated - generated_before
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
                                 refresh=False)
         except BaseException:
@@ -185,6 +186,7 @@ class Engine:
         if sampled:
             states = [self._sampling[r.request_id] for r in sampled]
             tokens = sample(logits, [s[0] for s in states], [s[1] for s in states])
+            self._num_generated += len(tokens)
             now = time.perf_counter()
             for r, token in zip(sampled, tokens, strict=True):
                 r.output_token_ids.append(token)

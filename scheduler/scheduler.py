@@ -129,7 +129,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         for request in list(self.running):
-            if request not in self.running:  # preempted earlier in this loop
+            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
             if budget == 0:
                 break
