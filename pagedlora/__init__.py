@@ -15,8 +15,9 @@ _EXPORTS = {
     "EngineConfig": "pagedlora.config",
     "SamplingParams": "pagedlora.sampling_params",
     "RequestOutput": "pagedlora.outputs",
-    "AdapterError": "pagedlora.lora_adapter",
-    "UnsupportedAdapterError": "pagedlora.lora_adapter",
+    "AdapterError": "pagedlora.errors",
+    "AdapterUnavailableError": "pagedlora.errors",
+    "UnsupportedAdapterError": "pagedlora.errors",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,17 +1,45 @@
-"""AdapterStore: adapters by name, their host copies, and their pages in the unified pool."""
+"""AdapterStore: adapters by name, and their content in three tiers: pool pages, host memory, disk.
+
+Tiers, fastest first (S-LoRA, section 4: adapters live in host memory and are fetched into the
+device pool when a batch needs them; vLLM's and SageMaker LMI's ``max_cpu_loras`` bounds the
+host tier, the rest is "evicted to disk"):
+
+- pool: the adapter's rows in unified-pool pages. Pinned while a running or admitted request
+  uses it; otherwise evicted least recently used first when the scheduler needs pages.
+- host: its weights in host memory, bounded by ``max_cpu_loras`` adapters and
+  ``host_cache_bytes``; least recently used leave first. A pool-resident adapter need not stay
+  on host (the budget counts only what host memory holds).
+- disk: a safetensors copy in the spill directory, written when it leaves host memory.
+- source: its PEFT directory, read at registration (to validate and hash) and again only when
+  no other tier has it. Never modified.
+"""
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from pagedlora.errors import AdapterError, AdapterUnavailableError
 from pagedlora.kernels.lora import PagedRows
-from pagedlora.lora_adapter import TARGET_MODULES, LoraAdapter, load_lora_adapter
+from pagedlora.lora_adapter import (
+    TARGET_MODULES,
+    AdapterWeights,
+    LoraAdapter,
+    read_lora_adapter,
+)
 from pagedlora.pool import UnifiedPool
+from pagedlora.scheduler import ScheduledRequest
 from pagedlora.scheduler.page_allocator import ADAPTER
+from pagedlora.spill import SpillDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,30 +67,77 @@ class ResidentAdapter:
     modules: dict[tuple[int, str], ResidentModule]
 
 
+@dataclass
+class AdapterStats:
+    """Counters of one content key (names sharing the content share them).
+
+    Attributes:
+        requests: requests scheduled with it (counted at their first step).
+        tokens: tokens computed with it (prompt, output, and recomputation after preemption).
+        loads_from_disk: weights read from the spill directory into host memory.
+        loads_from_source: weights re-read from the source directory after registration.
+        loads_from_host: copies into the pool (host -> pool).
+        evictions: times it left the pool or host memory.
+        last_used: ``time.time()`` of its last scheduled step, None before.
+    """
+
+    requests: int = 0
+    tokens: int = 0
+    loads_from_disk: int = 0
+    loads_from_source: int = 0
+    loads_from_host: int = 0
+    evictions: int = 0
+    last_used: float | None = None
+
+
+@dataclass
+class _Content:
+    """A registered content key: its description (from the first name added with it), the
+    pages it takes in the pool, and its counters."""
+
+    adapter: LoraAdapter
+    num_pages: int
+    stats: AdapterStats = field(default_factory=AdapterStats)
+
+
 class AdapterStore:
-    """Owns the adapters: name -> content key, host weights, pool residency, pins and LRU.
+    """Owns the adapters: name -> content key, the three tiers, pins, LRU orders and counters.
 
     Packing (S-LoRA, section 4.1, unified paging): for each layer, the rank rows of every
     target module are grouped by row width (``in_features`` for lora_A, ``out_features`` for
     lora_B^T) and packed into pages of that width, so an adapter of rank r takes pages in
     proportion to r, with no padding to max_lora_rank.
 
+    Thread safety: one re-entrant lock guards the registry and every tier, so ``add``/``remove``
+    (and ``prefetch``) may run in other threads while the engine steps. Reading and hashing a
+    source happens outside the lock; a name appears, with all its state, in one locked step.
+
     Args:
         pool: the unified pool (its allocator is shared with the scheduler).
         num_layers: decoder layers of the model.
         module_shapes: ``module -> (in_features, out_features)``.
         max_lora_rank: largest rank accepted.
+        max_cpu_loras: most adapters in host memory; None for no limit.
+        host_cache_bytes: most bytes of adapter weights in host memory; None for no limit.
+        spill: the disk tier.
     """
 
     def __init__(self, pool: UnifiedPool, *, num_layers: int,
-                 module_shapes: dict[str, tuple[int, int]], max_lora_rank: int) -> None:
+                 module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
+                 max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
+                 spill: SpillDir | None = None) -> None:
         self.pool = pool
         self.num_layers = num_layers
         self.module_shapes = module_shapes
         self.max_lora_rank = max_lora_rank
-        self._names: dict[str, str] = {}
-        self._host: dict[str, LoraAdapter] = {}
-        # Resident adapters in LRU order (least recently acquired first).
+        self.max_cpu_loras = max_cpu_loras
+        self.host_cache_bytes = host_cache_bytes
+        self.spill = spill or SpillDir(None)
+        self._lock = threading.RLock()
+        self._names: dict[str, tuple[str, Path]] = {}  # name -> (content key, source path)
+        self._contents: dict[str, _Content] = {}
+        # Host copies and pool placements, least recently used first.
+        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self._pins: Counter[str] = Counter()
         for width in {w for shape in module_shapes.values() for w in shape}:
@@ -70,27 +145,56 @@ class AdapterStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path) -> LoraAdapter:
-        """Reads, validates and registers a PEFT adapter under ``name``.
+    def add(self, name: str, path: str | Path, *, preload: bool = False) -> LoraAdapter:
+        """Reads, validates, hashes and registers a PEFT adapter under ``name``.
 
-        Re-adding a name points it at the new content; the old content's pages are freed
-        once nothing pins them and no other name shares them.
+        The weights are read once (to validate and hash them) and then dropped, unless
+        ``preload`` keeps them in host memory (within its budget). Re-adding a name points it
+        at the new content; the old content's pages, host copy and spill file are freed once
+        nothing pins them and no other name shares them.
 
         Raises:
-            AdapterError, UnsupportedAdapterError: see :func:`load_lora_adapter`.
+            AdapterError, UnsupportedAdapterError: see :func:`read_lora_adapter`.
             ValueError: an empty name.
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-        adapter = load_lora_adapter(
-            name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
-            max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype)
-        old = self._names.get(name)
-        self._names[name] = adapter.key
-        self._host.setdefault(adapter.key, adapter)
-        if old is not None and old != adapter.key:
-            self._drop_if_unused(old)
-        return adapter
+        return self.add_many([(name, path)], preload=preload)[0]
+
+    def add_many(self, items: Iterable[tuple[str, str | Path]], *,
+                 preload: bool = False) -> list[LoraAdapter]:
+        """Registers several adapters, all or none: each is read and validated first (outside
+        the lock), then all names appear together.
+
+        Raises:
+            as :meth:`add`, for the first adapter that fails; nothing is registered then.
+        """
+        read = []
+        for name, path in items:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+            read.append(self._read_source(name, Path(path)))
+        with self._lock:
+            for adapter, weights in read:
+                old = self._names.get(adapter.name)
+                self._names[adapter.name] = (adapter.key, adapter.path)
+                if adapter.key not in self._contents:
+                    self._contents[adapter.key] = _Content(adapter, self._num_pages(adapter))
+                if preload and adapter.key not in self._host:
+                    self._host_put(adapter.key, weights)
+                if old is not None and old[0] != adapter.key:
+                    self._drop_if_unused(old[0])
+        return [adapter for adapter, _ in read]
+
+    def remove(self, name: str) -> None:
+        """Forgets ``name``; its content's pages, host copy and spill file are freed once no
+        request pins it and no other name shares it.
+
+        Raises:
+            ValueError: no adapter of that name.
+        """
+        with self._lock:
+            key = self.key_of(name)
+            del self._names[name]
+            self._drop_if_unused(key)
 
     def key_of(self, name: str) -> str:
         """The content key of adapter ``name``.
@@ -98,38 +202,62 @@ class AdapterStore:
         Raises:
             ValueError: no adapter of that name was added.
         """
-        try:
-            return self._names[name]
-        except KeyError:
-            raise ValueError(f"unknown adapter {name!r}; added adapters: "
-                             f"{sorted(self._names)}") from None
+        with self._lock:
+            try:
+                return self._names[name][0]
+            except KeyError:
+                known = sorted(self._names)
+                shown = known if len(known) <= 20 else [*known[:20], f"... {len(known)} in all"]
+                raise ValueError(f"unknown adapter {name!r}; added adapters: {shown}") from None
 
     @property
     def names(self) -> list[str]:
         """Names of the added adapters, sorted."""
-        return sorted(self._names)
+        with self._lock:
+            return sorted(self._names)
+
+    def names_of(self, key: str) -> list[str]:
+        """Names currently pointing at content ``key``."""
+        with self._lock:
+            return sorted(n for n, (k, _) in self._names.items() if k == key)
 
     # -- residency (the scheduler's AdapterResidency interface) ------------------------------
 
     def pages_needed(self, key: str) -> int:
-        """Pages that making ``key`` resident takes now: 0 when resident, else its packed size."""
-        if key in self._resident:
-            return 0
-        return sum(n for *_, n in self._groups(self._host[key]))
+        """Pages that making ``key`` resident takes now: 0 when resident, else its packed size
+        (0 also for a key no longer registered: :meth:`acquire` then reports it)."""
+        with self._lock:
+            content = self._contents.get(key)
+            return 0 if key in self._resident or content is None else content.num_pages
 
     def acquire(self, key: str) -> bool:
-        """Pins ``key`` in the pool, copying it host -> pool first if needed (evicting unpinned
-        adapters, least recently used first); False, with nothing changed, when even evicting
-        every unpinned adapter would not free enough pages."""
-        if key not in self._resident:
-            need = self.pages_needed(key)
-            if need > self.pool.allocator.num_free + self.evictable_pages():
-                return False
-            self.evict_unpinned(need - self.pool.allocator.num_free)
-            self._resident[key] = self._load(self._host[key])
-        self._resident.move_to_end(key)
-        self._pins[key] += 1
-        return True
+        """Pins ``key`` in the pool, loading it first if needed: weights from host memory, else
+        from the spill file, else from the source (hash-checked); then, if pages are short,
+        unpinned adapters are evicted, least recently used first, and the rows copied in.
+
+        Returns:
+            False, with nothing changed, when even evicting every unpinned adapter would not
+            free enough pages.
+        Raises:
+            AdapterUnavailableError: the weights cannot be had (removed, spill and source both
+                unreadable, or the source changed since registration); nothing changed.
+        """
+        with self._lock:
+            if key not in self._resident:
+                content = self._contents.get(key)
+                if content is None:
+                    raise AdapterUnavailableError(
+                        f"adapter with content key {key} is no longer registered (removed or "
+                        f"re-added with other weights while the request waited)")
+                if content.num_pages > self.pool.allocator.num_free + self.evictable_pages():
+                    return False
+                weights = self._host_weights(key)
+                self.evict_unpinned(content.num_pages - self.pool.allocator.num_free)
+                self._resident[key] = self._load(content.adapter, weights)
+                content.stats.loads_from_host += 1
+            self._resident.move_to_end(key)
+            self._pins[key] += 1
+            return True
 
     def release(self, key: str) -> None:
         """Drops one pin; unpinned content that no name refers to any more is freed.
@@ -137,62 +265,200 @@ class AdapterStore:
         Raises:
             ValueError: more releases than acquires.
         """
-        if self._pins[key] <= 0:
-            raise ValueError(f"adapter {key} released more often than acquired")
-        self._pins[key] -= 1
-        if not self._pins[key]:
-            del self._pins[key]
-            if key not in self._names.values():
+        with self._lock:
+            if self._pins[key] <= 0:
+                raise ValueError(f"adapter {key} released more often than acquired")
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
                 self._drop_if_unused(key)
 
     def evictable_pages(self) -> int:
         """Pages held by resident adapters that nothing pins."""
-        return sum(len(r.pages) for k, r in self._resident.items() if not self._pins[k])
+        with self._lock:
+            return sum(len(r.pages) for k, r in self._resident.items() if not self._pins[k])
 
     def evict_unpinned(self, num_pages: int) -> int:
         """Evicts unpinned adapters, least recently used first, until ``num_pages`` pages are
         freed or none is left; returns the pages freed (whole adapters, so possibly more)."""
-        freed = 0
-        for key in [k for k in self._resident if not self._pins[k]]:
-            if freed >= num_pages:
-                break
-            freed += self._evict(key)
-        return freed
+        with self._lock:
+            freed = 0
+            for key in [k for k in self._resident if not self._pins[k]]:
+                if freed >= num_pages:
+                    break
+                freed += self._evict(key)
+                self._contents[key].stats.evictions += 1
+            return freed
 
-    # -- for the model runner and stats --------------------------------------------------------
+    # -- host tier -----------------------------------------------------------------------------
+
+    def prefetch(self, key: str) -> None:
+        """Brings ``key``'s weights into host memory (from its spill file or source) without
+        touching the pool; a no-op when they are in host memory or the pool already, or the key
+        is unknown. Meant for a background thread: the read runs outside the lock. Errors are
+        logged, never raised; only host copies (LRU) make room, nothing in the pool."""
+        with self._lock:
+            content = self._contents.get(key)
+            if content is None or key in self._host or key in self._resident:
+                return
+            sources = self._sources(key)
+        try:
+            weights, from_spill = self._read_tiers(content.adapter, sources)
+        except AdapterError as e:
+            log.warning("prefetch of adapter %s failed: %s", key, e)
+            return
+        with self._lock:
+            if self._contents.get(key) is content and key not in self._host:
+                self._count_read(content, from_spill)
+                self._host_put(key, weights)
+
+    @property
+    def host_keys(self) -> list[str]:
+        """Content keys held in host memory, least recently used first."""
+        with self._lock:
+            return list(self._host)
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes of adapter weights held in host memory."""
+        with self._lock:
+            return sum(self._contents[k].adapter.num_bytes for k in self._host)
+
+    # -- for the engine, the model runner and stats ----------------------------------------------
+
+    def record_use(self, scheduled: Iterable[ScheduledRequest]) -> None:
+        """Counts a step's requests and tokens per adapter (called by ``Engine.step`` before
+        the step runs, while ``num_computed_tokens`` is still the count before it)."""
+        now = time.time()
+        with self._lock:
+            for s in scheduled:
+                r = s.request
+                content = self._contents.get(r.adapter_key) if r.adapter_key else None
+                if content is None:
+                    continue
+                content.stats.tokens += s.num_new_tokens
+                content.stats.requests += r.num_computed_tokens == 0 and not r.num_preemptions
+                content.stats.last_used = now
+
+    def tier(self, key: str) -> str:
+        """Fastest tier holding ``key``: "pool", "host", "disk" (spill file) or "source"."""
+        with self._lock:
+            if key in self._resident:
+                return "pool"
+            if key in self._host:
+                return "host"
+            return "disk" if self.spill.has(key) else "source"
+
+    def stats(self) -> dict[str, dict]:
+        """``name -> {"tier", "requests", "tokens", "loads_from_disk", "loads_from_source",
+        "loads_from_host", "evictions", "last_used"}`` (see :class:`AdapterStats`)."""
+        with self._lock:
+            return {name: {"tier": self.tier(key), **vars(self._contents[key].stats)}
+                    for name, (key, _) in sorted(self._names.items())}
 
     def resident(self, key: str) -> ResidentAdapter:
         """The pool placement of a pinned adapter."""
-        return self._resident[key]
+        with self._lock:
+            return self._resident[key]
 
     @property
     def resident_keys(self) -> list[str]:
         """Content keys of the adapters in the pool, least recently used first."""
-        return list(self._resident)
-
-    def names_of(self, key: str) -> list[str]:
-        """Names currently pointing at content ``key``."""
-        return sorted(n for n, k in self._names.items() if k == key)
+        with self._lock:
+            return list(self._resident)
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _read_source(self, name: str, path: Path) -> tuple[LoraAdapter, AdapterWeights]:
+        return read_lora_adapter(
+            name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
+            max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype)
+
+    def _sources(self, key: str) -> list[tuple[str, Path]]:
+        """``(name, path)`` of every name registered with content ``key``."""
+        return [(n, p) for n, (k, p) in sorted(self._names.items()) if k == key]
+
+    def _read_tiers(self, adapter: LoraAdapter, sources: list[tuple[str, Path]]
+                    ) -> tuple[AdapterWeights, bool]:
+        """Weights from the spill file, else from a source whose content still hashes to
+        ``adapter.key``. Returns ``(weights, from_spill)``.
+
+        Raises:
+            AdapterUnavailableError: no tier could provide them; the message gives each reason.
+        """
+        weights = self.spill.read(adapter)
+        if weights is not None:
+            return weights, True
+        reasons = []
+        for name, path in sources:
+            try:
+                found, weights = self._read_source(name, path)
+            except (AdapterError, NotImplementedError) as e:
+                reasons.append(str(e))
+                continue
+            if found.key == adapter.key:
+                return weights, False
+            reasons.append(f"adapter {name!r}: the content of {path} changed since it was "
+                           f"registered (hash {found.key}, registered {adapter.key}); add it "
+                           f"again to serve the new weights")
+        names = ", ".join(repr(n) for n, _ in sources) or f"with content key {adapter.key}"
+        raise AdapterUnavailableError(f"adapter {names} cannot be loaded: no intact spill file, "
+                                      f"and its source is unusable: {'; '.join(reasons)}")
+
+    def _count_read(self, content: _Content, from_spill: bool) -> None:
+        if from_spill:
+            content.stats.loads_from_disk += 1
+        else:
+            content.stats.loads_from_source += 1
+
+    def _host_weights(self, key: str) -> AdapterWeights:
+        """``key``'s weights, read into host memory first if they are not there."""
+        weights = self._host.get(key)
+        if weights is not None:
+            self._host.move_to_end(key)
+            return weights
+        content = self._contents[key]
+        weights, from_spill = self._read_tiers(content.adapter, self._sources(key))
+        self._count_read(content, from_spill)
+        self._host_put(key, weights)
+        return weights
+
+    def _host_put(self, key: str, weights: AdapterWeights) -> None:
+        """Keeps ``weights`` as the most recent host copy, then spills the least recently used
+        copies (possibly this one) until the host budget holds."""
+        self._host[key] = weights
+        self._host.move_to_end(key)
+        num_bytes = self.host_bytes
+        while self._host and (
+                (self.max_cpu_loras is not None and len(self._host) > self.max_cpu_loras)
+                or (self.host_cache_bytes is not None and num_bytes > self.host_cache_bytes)):
+            old, old_weights = self._host.popitem(last=False)
+            content = self._contents[old]
+            num_bytes -= content.adapter.num_bytes
+            content.stats.evictions += 1
+            self.spill.write(content.adapter, old_weights)
+
+    def _num_pages(self, adapter: LoraAdapter) -> int:
+        return sum(n for *_, n in self._groups(adapter))
+
     def _groups(self, adapter: LoraAdapter):
-        """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", tensor)``
-        in a fixed order (by module, then A before B^T)."""
+        """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
+        fixed order (by module, then A before B^T)."""
         for layer in range(self.num_layers):
             by_width: dict[int, list] = {}
             for module in TARGET_MODULES:
-                w = adapter.modules.get((layer, module))
-                if w is None:
+                spec = adapter.modules.get((layer, module))
+                if spec is None:
                     continue
-                by_width.setdefault(w.a.shape[1], []).append((module, "a", w.a))
-                by_width.setdefault(w.b_t.shape[1], []).append((module, "b", w.b_t))
+                in_f, out_f = self.module_shapes[module]
+                by_width.setdefault(in_f, []).append((module, "a", spec.rank))
+                by_width.setdefault(out_f, []).append((module, "b", spec.rank))
             for width, rows in sorted(by_width.items()):
-                num_rows = sum(t.shape[0] for *_, t in rows)
+                num_rows = sum(r for *_, r in rows)
                 rpp = self.pool.rows_per_page(width)
                 yield layer, width, rows, -(-num_rows // rpp)
 
-    def _load(self, adapter: LoraAdapter) -> ResidentAdapter:
+    def _load(self, adapter: LoraAdapter, weights: AdapterWeights) -> ResidentAdapter:
         """Allocates pages and copies the adapter's rows into them (host -> pool)."""
         groups = list(self._groups(adapter))
         pages = self.pool.allocator.allocate(sum(g[-1] for g in groups), ADAPTER)
@@ -203,17 +469,19 @@ class AdapterStore:
             rpp = self.pool.rows_per_page(width)
             group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
             next_page += num_pages
-            data = torch.cat([t for *_, t in rows]).to(device)  # [num_rows, width]
+            tensors = [getattr(weights[(layer, module)], "a" if which == "a" else "b_t")
+                       for module, which, _ in rows]
+            data = torch.cat(tensors).to(device)  # [num_rows, width]
             padded = data.new_zeros(num_pages * rpp, width)
             padded[: data.shape[0]] = data
             self.pool.rows(width)[group_pages] = padded.view(num_pages, rpp, width)
             used += data.numel()
             row = 0
-            for module, which, t in rows:
-                idx = torch.arange(row, row + t.shape[0], device=device)
+            for module, which, rank in rows:
+                idx = torch.arange(row, row + rank, device=device)
                 placed.setdefault((layer, module), {})[which] = PagedRows(
                     pages=group_pages[idx // rpp], slots=idx % rpp)
-                row += t.shape[0]
+                row += rank
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
                    for lm, p in placed.items()}
         return ResidentAdapter(pages=pages, used_elements=used, modules=modules)
@@ -224,9 +492,12 @@ class AdapterStore:
         return len(resident.pages)
 
     def _drop_if_unused(self, key: str) -> None:
-        """Forgets content no name refers to, once no request pins it."""
-        if key in self._names.values() or self._pins[key]:
+        """Forgets content no name refers to, once no request pins it: its pages, host copy,
+        spill file and counters."""
+        if self._pins[key] or any(k == key for k, _ in self._names.values()):
             return
         if key in self._resident:
             self._evict(key)
         self._host.pop(key, None)
+        self.spill.delete(key)
+        self._contents.pop(key, None)

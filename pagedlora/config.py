@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -28,6 +30,18 @@ class EngineConfig:
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
+        max_cpu_loras: most adapters whose weights are kept in host memory (vLLM and SageMaker
+            LMI's option); the least recently used beyond it are spilled to ``spill_dir``. None
+            (the default): no limit. 0 keeps none (every load reads the disk). Adapters in the
+            pool need not also be in host memory, and registered adapters take no host memory
+            until used (or added with ``preload=True``).
+        host_cache_gb: most GiB of adapter weights kept in host memory, applied together with
+            ``max_cpu_loras``; None (the default): no limit.
+        spill_dir: directory for adapters evicted from host memory (one safetensors file per
+            content hash, written atomically, reused while intact, checked on every read).
+            None (the default): a private directory under ``$PAGEDLORA_CACHE/spill``, made on
+            the first spill and deleted with the engine. A directory that cannot be written
+            (full, read-only) only costs speed: adapters are re-read from their sources.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -43,6 +57,9 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     seed: int = 0
+    max_cpu_loras: int | None = None
+    host_cache_gb: float | None = None
+    spill_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -64,6 +81,22 @@ class EngineConfig:
                              f"got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.max_cpu_loras is not None and (
+            not isinstance(self.max_cpu_loras, int) or isinstance(self.max_cpu_loras, bool)
+            or self.max_cpu_loras < 0
+        ):
+            raise ValueError(f"max_cpu_loras must be an int >= 0 or None, "
+                             f"got {self.max_cpu_loras!r}")
+        if self.host_cache_gb is not None and (
+            isinstance(self.host_cache_gb, bool) or not isinstance(self.host_cache_gb, (int, float))
+            or not self.host_cache_gb >= 0
+        ):
+            raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
+                             f"got {self.host_cache_gb!r}")
+        if self.spill_dir is not None:
+            if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
+                raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")
+            object.__setattr__(self, "spill_dir", Path(self.spill_dir))
 
     @classmethod
     def from_options(cls, pool_gb: float, **options) -> EngineConfig:

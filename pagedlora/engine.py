@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
+from pagedlora.adapter_dirs import adapter_dirs
 from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
 from pagedlora.lora_adapter import LoraAdapter
@@ -22,6 +23,7 @@ from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import sample
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.scheduler import ADAPTER, KV, Request, Scheduler
+from pagedlora.spill import SpillDir
 
 Prompt = str | list[dict] | list[int]
 
@@ -41,7 +43,8 @@ class Engine:
             once and cached under ``$PAGEDLORA_CACHE``), or None for the embedded default.
         pool_gb: size of the unified pool in GiB.
         **options: the other fields of :class:`EngineConfig` (dtype, device, block_size,
-            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed).
+            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed,
+            max_cpu_loras, host_cache_gb, spill_dir).
 
     Raises:
         TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
@@ -71,7 +74,11 @@ class Engine:
         self.pool.tensor.zero_()  # padding slots are read (and masked); keep them finite
         self.adapters = AdapterStore(self.pool, num_layers=m.num_layers,
                                      module_shapes=m.module_shapes,
-                                     max_lora_rank=config.max_lora_rank)
+                                     max_lora_rank=config.max_lora_rank,
+                                     max_cpu_loras=config.max_cpu_loras,
+                                     host_cache_bytes=None if config.host_cache_gb is None
+                                     else int(config.host_cache_gb * 2**30),
+                                     spill=SpillDir(config.spill_dir))
         self.scheduler = Scheduler(
             block_size=config.block_size, pages_per_block=m.num_layers,
             max_num_seqs=config.max_num_seqs,
@@ -97,16 +104,54 @@ class Engine:
 
     # -- adapters ------------------------------------------------------------------------------
 
-    def add_adapter(self, name: str, path: str | os.PathLike) -> LoraAdapter:
+    def add_adapter(self, name: str, path: str | os.PathLike, preload: bool = False
+                    ) -> LoraAdapter:
         """Registers the PEFT LoRA adapter in ``path`` under ``name``.
+
+        Cheap: the config is checked and the weights are read once to validate and hash them
+        (XXH3-128 of the content is the adapter's identity), then dropped unless ``preload``
+        keeps them in host memory; they are read again from the disk when a request needs
+        them. Thread-safe: may run while ``generate`` runs in another thread. Re-adding a name
+        with other weights makes a new adapter; requests already queued keep the old one.
 
         Raises:
             AdapterError (a ValueError): missing files, bad config, shapes that do not fit the
-                model, rank above max_lora_rank, NaN/Inf, unknown target modules.
+                model, rank above max_lora_rank, NaN/Inf, unknown dtype or target modules,
+                module paths of another architecture.
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
                 embedding/lm_head LoRA.
         """
-        return self.adapters.add(name, path)
+        return self.adapters.add(name, path, preload=preload)
+
+    def add_adapters_from_dir(self, root: str | os.PathLike, preload: bool = False
+                              ) -> list[LoraAdapter]:
+        """Registers every ``root/<name>/`` PEFT directory under its folder's name (SageMaker
+        LMI's ``adapters/`` layout); ``root`` may be a ``.tar.gz`` archive of it, extracted
+        safely into the cache. All or nothing: one invalid adapter registers none.
+
+        Raises:
+            AdapterError, UnsupportedAdapterError: as :meth:`add_adapter`, naming the adapter;
+                also no adapter found, an unreadable archive or one with unsafe paths.
+        """
+        return self.adapters.add_many(adapter_dirs(root).items(), preload=preload)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregisters ``name``; its pages, host copy and spill file are freed unless another
+        name has the same content. The name can then be added again. Thread-safe.
+
+        Raises:
+            ValueError: no adapter of that name, or requests for it are waiting or running
+                (and no other name shares its content).
+        """
+        key = self.adapters.key_of(name)
+        if self.adapters.names_of(key) == [name]:
+            # Copied in one C-level call each: safe while generate runs in another thread.
+            queued = [*self.scheduler.waiting, *self.scheduler.running]
+            users = sum(r.adapter_key == key for r in queued)
+            if users:
+                raise ValueError(f"adapter {name!r} is in use by {users} waiting or running "
+                                 f"request(s); remove it once they finish")
+        self.adapters.remove(name)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -181,6 +226,7 @@ class Engine:
             if not finished and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
             return finished
+        self.adapters.record_use(out.scheduled)
         sampled, logits = self.runner.run(out)
         self.scheduler.update(out)
         if sampled:
@@ -207,8 +253,13 @@ class Engine:
             dict with ``pages_total``, ``pages_kv``, ``pages_adapter``, ``pages_free``,
             ``page_bytes``, ``internal_fragmentation`` (fraction of the elements in used
             pages that hold nothing), ``adapters_resident`` (names), ``requests_running``,
-            ``requests_waiting``, and ``peak``: these same numbers (without ``peak``) at the
-            step of the last ``generate`` call that held the most pages.
+            ``requests_waiting``, ``peak``: these same numbers (without ``peak`` and
+            ``adapters``) at the step of the last ``generate`` call that held the most pages,
+            and ``adapters``: per adapter name, ``tier`` ("pool", "host", "disk" or "source",
+            the fastest holding it), ``requests``, ``tokens``, ``loads_from_disk`` (spill file
+            reads), ``loads_from_source``, ``loads_from_host`` (copies into the pool),
+            ``evictions`` (from the pool or host memory) and ``last_used`` (``time.time()``);
+            names sharing content share these counters.
         """
         alloc, pool = self.pool.allocator, self.pool
         used_kv = sum(r.num_computed_tokens for r in self.scheduler.running)
@@ -228,12 +279,13 @@ class Engine:
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
             "peak": dict(self._peak),
+            "adapters": self.adapters.stats(),
         }
 
     def _record_peak(self) -> None:
         free = self.pool.allocator.num_free
         if free < self._peak.get("pages_free", self.pool.num_pages + 1):
-            self._peak = {k: v for k, v in self.stats().items() if k != "peak"}
+            self._peak = {k: v for k, v in self.stats().items() if k not in ("peak", "adapters")}
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -12,6 +12,8 @@ import torch
 import xxhash
 from safetensors.torch import load_file
 
+from pagedlora.errors import AdapterError, UnsupportedAdapterError
+
 # The projections of a Llama-family decoder layer that LoRA may target, in a fixed order.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
@@ -20,53 +22,62 @@ _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight$")
 _UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["TARGET_MODULES", "AdapterError", "AdapterWeights", "LoraAdapter", "ModuleSpec",
+           "ModuleWeights", "UnsupportedAdapterError", "content_key", "read_lora_adapter"]
 
 
-class AdapterError(ValueError):
-    """An adapter that cannot be served as given; the message names the adapter and the cause."""
+@dataclass(frozen=True)
+class ModuleSpec:
+    """What the store needs to know of one module's LoRA without holding its weights.
 
+    Attributes:
+        rank: r, the number of rank rows of lora_A and of lora_B^T.
+        scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023).
+    """
 
-class UnsupportedAdapterError(NotImplementedError):
-    """An adapter using a PEFT feature pagedlora does not implement (named in the message)."""
+    rank: int
+    scale: float
 
 
 @dataclass(frozen=True)
 class ModuleWeights:
-    """LoRA weights of one target module of one layer.
+    """LoRA weights of one target module of one layer, in the engine's dtype.
 
     Attributes:
         a: ``[r, in_features]``, lora_A.
         b_t: ``[r, out_features]``, lora_B transposed so that both are stored as rank rows.
-        scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023).
     """
 
     a: torch.Tensor
     b_t: torch.Tensor
-    scale: float
 
-    @property
-    def rank(self) -> int:
-        """r, the number of rank rows."""
-        return self.a.shape[0]
+
+AdapterWeights = dict[tuple[int, str], ModuleWeights]
+"""``(layer, module) -> ModuleWeights``: one adapter's weights in host memory."""
 
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    """A validated LoRA adapter held in host memory.
+    """A validated LoRA adapter's description; its weights live apart (see AdapterStore).
 
     Attributes:
         name: the name it was added under.
-        path: its PEFT directory.
-        key: xxhash (XXH3-128, hex) of its content (module names, weights, scales): the identity
-            that pages and caches are keyed by, so re-adding a name with new weights never reuses
-            stale state and two names with the same weights share it.
-        modules: ``(layer, module) -> ModuleWeights``, in the engine's dtype.
+        path: its PEFT directory (the source the weights are re-read from).
+        key: xxhash (XXH3-128, hex) of its content (module names, scales, dtype, shapes and
+            weights in the engine's dtype): the identity that pages and caches are keyed by, so
+            re-adding a name with new weights never reuses stale state and two names with the
+            same weights share it.
+        modules: ``(layer, module) -> ModuleSpec``.
+        num_bytes: bytes of its weights in host memory (engine dtype).
     """
 
     name: str
     path: Path
     key: str
-    modules: dict[tuple[int, str], ModuleWeights]
+    modules: dict[tuple[int, str], ModuleSpec]
+    num_bytes: int
 
     @property
     def max_rank(self) -> int:
@@ -78,16 +89,14 @@ class LoraAdapter:
         """Projections the adapter targets in at least one layer, in TARGET_MODULES order."""
         return [t for t in TARGET_MODULES if any(m == t for _, m in self.modules)]
 
-    @property
-    def num_bytes(self) -> int:
-        """Bytes of its weights in host memory."""
-        return sum(m.a.nbytes + m.b_t.nbytes for m in self.modules.values())
 
-
-def load_lora_adapter(name: str, path: str | Path, *, num_layers: int,
+def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
                       module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
-                      dtype: torch.dtype) -> LoraAdapter:
-    """Reads and validates a PEFT LoRA directory.
+                      dtype: torch.dtype) -> tuple[LoraAdapter, AdapterWeights]:
+    """Reads, validates and hashes a PEFT LoRA directory.
+
+    Every check runs here, on every read (registration reads once to hash, a reload from the
+    source reads again), so an adapter that registered is one that loads.
 
     Args:
         name: the adapter's name (used in error messages).
@@ -96,13 +105,16 @@ def load_lora_adapter(name: str, path: str | Path, *, num_layers: int,
         num_layers: decoder layers of the base model.
         module_shapes: ``module -> (in_features, out_features)`` of the base model.
         max_lora_rank: largest rank accepted.
-        dtype: dtype the weights are converted to.
-
+        dtype: dtype the weights are converted to (and hashed in).
+    Returns:
+        ``(adapter, weights)``.
     Raises:
         AdapterError: missing directory or files, unreadable config or weights, peft_type not
-            LORA, a key that is not a Llama decoder projection, a target the model lacks, a shape
-            that does not fit the model, rank above ``max_lora_rank``, NaN/Inf weights, no LoRA
-            module at all.
+            LORA, a non-numeric r or lora_alpha, a key that is not a Llama decoder projection
+            (e.g. a vision-language model's ``language_model`` paths), a target the model lacks,
+            a shape that does not fit the model, rank above ``max_lora_rank``, a weight dtype
+            other than float16/bfloat16/float32/float64, NaN/Inf weights (also after conversion
+            to ``dtype``), no LoRA module at all.
         UnsupportedAdapterError: use_dora, bias other than "none", modules_to_save,
             embed_tokens/lm_head targets, fan_in_fan_out, lora_bias.
     """
@@ -130,11 +142,14 @@ def load_lora_adapter(name: str, path: str | Path, *, num_layers: int,
         pairs.setdefault((layer, module), {})[which] = tensor
     if not pairs:
         raise AdapterError(f"adapter {name!r}: no LoRA weights in {path}")
-    modules = {}
+    specs, weights = {}, {}
     for (layer, module), pair in sorted(pairs.items()):
-        modules[(layer, module)] = _module_weights(
+        specs[(layer, module)], weights[(layer, module)] = _module_weights(
             name, config, layer, module, pair, module_shapes[module], max_lora_rank, dtype)
-    return LoraAdapter(name=name, path=path, key=_content_key(modules), modules=modules)
+    num_bytes = sum(w.a.nbytes + w.b_t.nbytes for w in weights.values())
+    adapter = LoraAdapter(name=name, path=path, key=content_key(specs, weights), modules=specs,
+                          num_bytes=num_bytes)
+    return adapter, weights
 
 
 def _read_config(name: str, path: Path) -> dict:
@@ -166,6 +181,11 @@ def _read_config(name: str, path: Path) -> dict:
     bad_targets = [t for t in targets if any(u in t for u in _UNSUPPORTED_TARGETS)]
     if bad_targets:
         unsupported.append(f"target_modules {bad_targets} (LoRA on embeddings or lm_head)")
+    for option in ("r", "lora_alpha"):
+        value = config.get(option, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise AdapterError(f"adapter {name!r}: {config_path} has {option}={value!r}, "
+                               f"expected a positive number")
     if unsupported:
         raise UnsupportedAdapterError(
             f"adapter {name!r} uses features pagedlora does not support: "
@@ -196,7 +216,7 @@ def _pattern_value(patterns: dict, module_path: str, default):
 
 def _module_weights(name: str, config: dict, layer: int, module: str,
                     pair: dict[str, torch.Tensor], shape: tuple[int, int], max_lora_rank: int,
-                    dtype: torch.dtype) -> ModuleWeights:
+                    dtype: torch.dtype) -> tuple[ModuleSpec, ModuleWeights]:
     where = f"adapter {name!r}, layer {layer} {module}"
     if set(pair) != {"A", "B"}:
         raise AdapterError(f"{where}: has lora_{''.join(pair)} but not both lora_A and lora_B")
@@ -208,28 +228,34 @@ def _module_weights(name: str, config: dict, layer: int, module: str,
             f"{where}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the "
             f"model's {in_f}->{out_f} projection (expected [r, {in_f}] and [{out_f}, r]; "
             f"was the adapter trained for another model?)")
-    if not (a.is_floating_point() and b.is_floating_point()):
-        raise AdapterError(f"{where}: weights have dtype {a.dtype}/{b.dtype}, not floating")
+    if a.dtype not in _WEIGHT_DTYPES or b.dtype not in _WEIGHT_DTYPES:
+        raise AdapterError(f"{where}: weights have dtype {a.dtype}/{b.dtype}; supported: "
+                           f"{', '.join(str(d) for d in _WEIGHT_DTYPES)}")
     r = a.shape[0]
     if r > max_lora_rank:
         raise AdapterError(f"{where}: rank {r} exceeds max_lora_rank={max_lora_rank}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterError(f"{where}: weights contain NaN or Inf")
     module_path = f"model.layers.{layer}.{_PARENT[module]}.{module}"
     r_config = _pattern_value(config.get("rank_pattern") or {}, module_path, config.get("r", r))
     if r_config != r:
         raise AdapterError(f"{where}: config says rank {r_config} but the weights have rank {r}")
+    a, b_t = a.to(dtype).contiguous(), b.t().to(dtype).contiguous()
+    # Checked in the engine's dtype: float32 weights beyond float16's range become Inf there.
+    if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
+        raise AdapterError(f"{where}: weights contain NaN or Inf (in {dtype})")
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path,
                            config.get("lora_alpha", r))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return ModuleWeights(a=a.to(dtype).contiguous(), b_t=b.t().to(dtype).contiguous(),
-                         scale=float(scale))
+    return ModuleSpec(rank=r, scale=float(scale)), ModuleWeights(a=a, b_t=b_t)
 
 
-def _content_key(modules: dict[tuple[int, str], ModuleWeights]) -> str:
+def content_key(modules: dict[tuple[int, str], ModuleSpec], weights: AdapterWeights) -> str:
+    """XXH3-128 (hex) of an adapter's content: per module in sorted order, its name, scale,
+    dtype and shape, then the bytes of lora_A and lora_B^T. Hashes the tensors' memory in place
+    (the buffer protocol), without copies."""
     h = xxhash.xxh3_128()
-    for (layer, module), w in sorted(modules.items()):
-        h.update(f"{layer}.{module}:{w.scale!r}:{w.a.dtype}:{tuple(w.a.shape)}".encode())
-        h.update(w.a.contiguous().view(torch.uint8).numpy().tobytes())
-        h.update(w.b_t.contiguous().view(torch.uint8).numpy().tobytes())
+    for (layer, module), spec in sorted(modules.items()):
+        w = weights[(layer, module)]
+        h.update(f"{layer}.{module}:{spec.scale!r}:{w.a.dtype}:{tuple(w.a.shape)}".encode())
+        h.update(w.a.contiguous().view(torch.uint8).numpy())
+        h.update(w.b_t.contiguous().view(torch.uint8).numpy())
     return h.hexdigest()

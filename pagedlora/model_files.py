@@ -67,7 +67,8 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return _converted_gguf(path)
 
 
-def _file_hash(path: Path) -> str:
+def file_hash(path: Path) -> str:
+    """xxhash (XXH3-64, hex) of a file's bytes, read in 16 MiB chunks."""
     h = xxhash.xxh3_64()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -83,7 +84,7 @@ def _converted_gguf(path: Path) -> Path:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{_file_hash(path)}"
+    target = cache_dir() / "models" / f"{path.stem}-{file_hash(path)}"
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors in %s (once)", path, target)

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pagedlora.errors import AdapterUnavailableError
 from pagedlora.scheduler.page_allocator import KV, PageAllocator
 from pagedlora.scheduler.request import Request, RequestStatus
 
@@ -18,7 +19,8 @@ class AdapterResidency(Protocol):
         """Pages that making ``key`` resident would take now (0 when resident)."""
 
     def acquire(self, key: str) -> bool:
-        """Pins ``key`` in the pool, loading it if needed; False when its pages cannot be had."""
+        """Pins ``key`` in the pool, loading it if needed; False when its pages cannot be had.
+        Raises AdapterUnavailableError when its weights cannot be had (the request fails)."""
 
     def release(self, key: str) -> None:
         """Drops one pin taken by :meth:`acquire`."""
@@ -46,7 +48,8 @@ class SchedulerOutput:
     Attributes:
         scheduled: requests in the step, running ones first, each with its new token count.
         preempted: requests whose KV pages were freed this step (they will be recomputed).
-        failed: requests finished with an error this step (they can never fit the pool).
+        failed: requests finished with an error this step (they can never fit the pool, or
+            their adapter cannot be loaded).
         adapter_keys: distinct adapters of the step (None, the base model, excluded).
     """
 
@@ -165,8 +168,13 @@ class Scheduler:
             available = self.allocator.num_free + self.adapters.evictable_pages()
             if kv_need + adapter_need > available:
                 break
-            if key is not None and not self.adapters.acquire(key):
-                break
+            try:
+                if key is not None and not self.adapters.acquire(key):
+                    break
+            except AdapterUnavailableError as e:  # this request fails, the others go on
+                request.fail(f"request {request.request_id}: {e}")
+                out.failed.append(self.waiting.popleft())
+                continue
             if not self._allocate_blocks(request, request.num_computed_tokens + n):
                 if key is not None:
                     self.adapters.release(key)

@@ -1,0 +1,17 @@
+"""Adapter errors, free of torch so that the (torch-free) scheduler can catch them."""
+
+from __future__ import annotations
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served as given; the message names the adapter and the cause."""
+
+
+class UnsupportedAdapterError(NotImplementedError):
+    """An adapter using a PEFT feature pagedlora does not implement (named in the message)."""
+
+
+class AdapterUnavailableError(AdapterError):
+    """A registered adapter whose weights cannot be had now: its spill file and its source are
+    both unreadable, its source changed since registration, or it was removed while a request
+    for it waited. Raised by ``AdapterStore.acquire``; the scheduler fails that request alone."""
