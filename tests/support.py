@@ -5,12 +5,14 @@ Importable as ``support`` (pyproject sets ``pythonpath = ["tests"]`` for pytest)
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from pagedlora import Engine, SamplingParams
 
@@ -20,6 +22,57 @@ TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2,
             bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+
+# The tiny model's projections: module -> (parent, in_features, out_features).
+TINY_MODULES = {"q_proj": ("self_attn", 64, 64), "k_proj": ("self_attn", 64, 32),
+                "v_proj": ("self_attn", 64, 32), "o_proj": ("self_attn", 64, 64),
+                "gate_proj": ("mlp", 64, 176), "up_proj": ("mlp", 64, 176),
+                "down_proj": ("mlp", 176, 64)}
+PEFT_PREFIX = "base_model.model.model.layers"
+
+
+def write_peft_dir(path: Path, tensors: dict[str, torch.Tensor], **config) -> Path:
+    """A PEFT LoRA directory written by hand: ``adapter_config.json`` (LORA, bias none, and
+    ``config``) and ``adapter_model.safetensors`` holding ``tensors``."""
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = {"peft_type": "LORA", "bias": "none", "task_type": "CAUSAL_LM", **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, path / "adapter_model.safetensors")
+    return path
+
+
+def write_random_lora(path: Path, *, r: int, target_modules: list[str], seed: int,
+                      num_layers: int = 2) -> Path:
+    """A random rank-``r`` LoRA of the tiny model, written directly as safetensors (a
+    thousand take about a second, unlike PEFT's ``save_pretrained``); ``lora_alpha = 2r``."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(num_layers):
+        for module in target_modules:
+            parent, in_f, out_f = TINY_MODULES[module]
+            key = f"{PEFT_PREFIX}.{layer}.{parent}.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) / in_f**0.5
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) / r**0.5
+    return write_peft_dir(path, tensors, r=r, lora_alpha=2 * r, target_modules=target_modules)
+
+
+@torch.inference_mode()
+def peft_greedy(base, adapter_dir: Path | None, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of HF ``base`` with the PEFT adapter in ``adapter_dir`` (None: the
+    base alone). The adapter is injected and then unloaded again, so one base model serves
+    any number of adapters."""
+    from peft import PeftModel
+
+    model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir)
+    try:
+        out = model.generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                             pad_token_id=0)
+    finally:
+        if adapter_dir is not None:
+            model.unload()
+    return out[0, len(prompt):].tolist()
 
 
 def random_prompt(length: int, seed: int) -> list[int]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from safetensors.torch import save_file
+from support import write_peft_dir
 
 from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
 
@@ -27,14 +25,10 @@ def lora_pair(module: str, a, b, layer: int = 0, prefix: str = PREFIX) -> dict:
 
 def write_adapter(path, tensors=None, **config):
     """A hand-written PEFT directory; defaults to a valid rank-2 LoRA on layer 0's q_proj."""
-    path.mkdir(parents=True, exist_ok=True)
     if tensors is None:
         tensors = lora_pair("self_attn.q_proj", torch.randn(2, 64), torch.randn(64, 2))
-    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
-           "bias": "none", **config}
-    (path / "adapter_config.json").write_text(json.dumps(cfg))
-    save_file(tensors, path / "adapter_model.safetensors")
-    return path
+    return write_peft_dir(path, tensors, **{"r": 2, "lora_alpha": 4,
+                                            "target_modules": ["q_proj"], **config})
 
 
 def assert_pool_clean(engine):
@@ -94,6 +88,42 @@ def test_rank_above_max_lora_rank(engine, tmp_path):
         engine.add_adapter("big", path)
 
 
+def test_rank_pattern_above_max_lora_rank(engine, tmp_path):
+    tensors = {**lora_pair("self_attn.q_proj", torch.randn(32, 64), torch.randn(64, 32)),
+               **lora_pair("self_attn.v_proj", torch.randn(2, 64), torch.randn(32, 2))}
+    path = write_adapter(tmp_path / "pattern", tensors, target_modules=["q_proj", "v_proj"],
+                         rank_pattern={"q_proj": 32})
+    with pytest.raises(AdapterError, match="'pattern', layer 0 q_proj: rank 32 exceeds"):
+        engine.add_adapter("pattern", path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float8_e4m3fn])
+def test_unsupported_weight_dtype(engine, tmp_path, dtype):
+    tensors = lora_pair("self_attn.q_proj", torch.ones(2, 64).to(dtype),
+                        torch.ones(64, 2).to(dtype))
+    with pytest.raises(AdapterError, match=f"'int', layer 0 q_proj: weights have dtype {dtype}"):
+        engine.add_adapter("int", write_adapter(tmp_path / "int", tensors))
+
+
+@pytest.mark.parametrize("option, value", [("r", "eight"), ("lora_alpha", None),
+                                           ("lora_alpha", -1), ("r", True)])
+def test_non_numeric_rank_or_alpha(engine, tmp_path, option, value):
+    path = write_adapter(tmp_path / "cfg", **{option: value})
+    with pytest.raises(AdapterError, match=f"'cfg': .* has {option}=.*positive number"):
+        engine.add_adapter("cfg", path)
+
+
+def test_no_lora_weights_at_all(engine, tmp_path):
+    with pytest.raises(AdapterError, match="'empty': no LoRA weights"):
+        engine.add_adapter("empty", write_adapter(tmp_path / "empty", {}))
+
+
+def test_lm_head_weights_in_the_file(engine, tmp_path):
+    tensors = {"base_model.model.lm_head.lora_A.weight": torch.randn(2, 64)}
+    with pytest.raises(UnsupportedAdapterError, match="'head': LoRA on embed_tokens/lm_head"):
+        engine.add_adapter("head", write_adapter(tmp_path / "head", tensors))
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights(engine, tmp_path, bad):
     b = torch.randn(64, 2)
@@ -127,6 +157,7 @@ def test_missing_half_of_a_pair(engine, tmp_path):
     ({"bias": "all"}, "bias='all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
+    ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
 ])
 def test_unsupported_features_are_named(engine, tmp_path, config, feature):
     path = write_adapter(tmp_path / "x", **config)

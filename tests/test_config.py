@@ -15,6 +15,9 @@ def test_dtype_defaults_by_device():
     ({"max_num_seqs": 0}, "max_num_seqs"), ({"max_loras": True}, "max_loras"),
     ({"max_model_len": -5}, "max_model_len"), ({"seed": 1.5}, "seed"),
     ({"max_num_batched_tokens": 2.0}, "max_num_batched_tokens"),
+    ({"max_cpu_loras": -1}, "max_cpu_loras"), ({"max_cpu_loras": True}, "max_cpu_loras"),
+    ({"host_cache_gb": "1"}, "host_cache_gb"), ({"host_cache_gb": -0.5}, "host_cache_gb"),
+    ({"spill_dir": 5}, "spill_dir"), ({"spill_dir": ""}, "spill_dir"),
 ])
 def test_invalid_values_name_the_option(options, match):
     with pytest.raises(ValueError, match=match):
@@ -25,3 +28,11 @@ def test_from_options_rejects_unknown_names():
     with pytest.raises(TypeError, match=r"unknown Engine option\(s\) \['bogus'\]"):
         EngineConfig.from_options(1.0, bogus=1)
     assert EngineConfig.from_options(0.5, block_size=8).block_size == 8
+
+
+def test_adapter_tier_options():
+    config = EngineConfig(max_cpu_loras=0, host_cache_gb=0.5, spill_dir="/tmp/spill")
+    assert config.max_cpu_loras == 0 and config.host_cache_gb == 0.5
+    assert str(config.spill_dir) == "/tmp/spill" and hasattr(config.spill_dir, "is_dir")
+    defaults = EngineConfig()
+    assert defaults.max_cpu_loras is defaults.host_cache_gb is defaults.spill_dir is None
