@@ -198,6 +198,22 @@ def test_registration_is_lazy_and_preload_keeps_weights(tiny_llama_dir, tmp_path
     engine.adapters.prefetch("no-such-key")  # a no-op
 
 
+def test_host_cache_gb_bounds_the_bytes_in_host_memory(tiny_llama_dir, tmp_path):
+    one = 2 * 2 * 8 * 64 * 4  # 2 layers x (lora_A + lora_B^T) x rank 8 x 64 wide x float32
+    engine = engine_with(tiny_llama_dir, 100, host_cache_gb=2.5 * one / 2**30,
+                         spill_dir=tmp_path / "spill")
+    for i in range(5):
+        path = write_random_lora(tmp_path / f"a{i}", r=8, target_modules=["q_proj"], seed=i)
+        assert engine.add_adapter(f"a{i}", path, preload=True).num_bytes == one
+        assert engine.adapters.host_bytes <= 2.5 * one
+    assert engine.adapters.host_keys == [engine.adapters.key_of(n) for n in ("a3", "a4")]
+    tokens(engine, "a0")  # read back from its spill file, the host's oldest copy makes room
+    assert engine.adapters.host_keys == [engine.adapters.key_of(n) for n in ("a4", "a0")]
+    stats = engine.stats()["adapters"]
+    assert stats["a0"]["loads_from_disk"] == 1 and stats["a0"]["tier"] == "pool"
+    assert stats["a3"]["tier"] == "disk" and stats["a3"]["evictions"] == 1
+
+
 def test_add_adapters_from_dir_and_tar_archive(tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("PAGEDLORA_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "model" / "adapters"
