@@ -24,47 +24,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter, ResidentModule
 from pagedlora.errors import AdapterError, AdapterUnavailableError
-from pagedlora.kernels.lora import PagedRows
-from pagedlora.lora_adapter import (
-    TARGET_MODULES,
-    AdapterWeights,
-    LoraAdapter,
-    read_lora_adapter,
-)
+from pagedlora.host_cache import HostCache
+from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, read_lora_adapter
 from pagedlora.pool import UnifiedPool
 from pagedlora.scheduler import ScheduledRequest
-from pagedlora.scheduler.page_allocator import ADAPTER
 from pagedlora.spill import SpillDir
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class ResidentModule:
-    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale."""
-
-    a: PagedRows
-    b: PagedRows
-    scale: float
-
-
-@dataclass(frozen=True)
-class ResidentAdapter:
-    """An adapter's pages in the pool.
-
-    Attributes:
-        pages: every page it holds.
-        used_elements: elements of those pages holding weights (the rest is internal
-            fragmentation: the tail of each (layer, row width) group's last page).
-        modules: ``(layer, module) -> ResidentModule``.
-    """
-
-    pages: list[int]
-    used_elements: int
-    modules: dict[tuple[int, str], ResidentModule]
+__all__ = ["AdapterStats", "AdapterStore", "ResidentAdapter", "ResidentModule"]
 
 
 @dataclass
@@ -103,10 +73,7 @@ class _Content:
 class AdapterStore:
     """Owns the adapters: name -> content key, the three tiers, pins, LRU orders and counters.
 
-    Packing (S-LoRA, section 4.1, unified paging): for each layer, the rank rows of every
-    target module are grouped by row width (``in_features`` for lora_A, ``out_features`` for
-    lora_B^T) and packed into pages of that width, so an adapter of rank r takes pages in
-    proportion to r, with no padding to max_lora_rank.
+    Pages are packed by :class:`AdapterPacker` (rank-proportional, S-LoRA section 4.1).
 
     Thread safety: one re-entrant lock guards the registry and every tier, so ``add``/``remove``
     (and ``prefetch``) may run in other threads while the engine steps. Reading and hashing a
@@ -129,19 +96,17 @@ class AdapterStore:
         self.pool = pool
         self.num_layers = num_layers
         self.module_shapes = module_shapes
+        self.packer = AdapterPacker(pool, num_layers=num_layers, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
-        self.max_cpu_loras = max_cpu_loras
-        self.host_cache_bytes = host_cache_bytes
         self.spill = spill or SpillDir(None)
+        self._host = HostCache(self.spill, max_adapters=max_cpu_loras,
+                               max_bytes=host_cache_bytes)
         self._lock = threading.RLock()
         self._names: dict[str, tuple[str, Path]] = {}  # name -> (content key, source path)
         self._contents: dict[str, _Content] = {}
-        # Host copies and pool placements, least recently used first.
-        self._host: OrderedDict[str, AdapterWeights] = OrderedDict()
+        # Pool placements, least recently used first.
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self._pins: Counter[str] = Counter()
-        for width in {w for shape in module_shapes.values() for w in shape}:
-            pool.rows_per_page(width)  # fail early if a row cannot fit a page
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -177,9 +142,9 @@ class AdapterStore:
                 old = self._names.get(adapter.name)
                 self._names[adapter.name] = (adapter.key, adapter.path)
                 if adapter.key not in self._contents:
-                    self._contents[adapter.key] = _Content(adapter, self._num_pages(adapter))
+                    self._contents[adapter.key] = _Content(adapter, self.packer.num_pages(adapter))
                 if preload and adapter.key not in self._host:
-                    self._host_put(adapter.key, weights)
+                    self._host_put(adapter, weights)
                 if old is not None and old[0] != adapter.key:
                     self._drop_if_unused(old[0])
         return [adapter for adapter, _ in read]
@@ -253,7 +218,7 @@ class AdapterStore:
                     return False
                 weights = self._host_weights(key)
                 self.evict_unpinned(content.num_pages - self.pool.allocator.num_free)
-                self._resident[key] = self._load(content.adapter, weights)
+                self._resident[key] = self.packer.load(content.adapter, weights)
                 content.stats.loads_from_host += 1
             self._resident.move_to_end(key)
             self._pins[key] += 1
@@ -310,19 +275,19 @@ class AdapterStore:
         with self._lock:
             if self._contents.get(key) is content and key not in self._host:
                 self._count_read(content, from_spill)
-                self._host_put(key, weights)
+                self._host_put(content.adapter, weights)
 
     @property
     def host_keys(self) -> list[str]:
         """Content keys held in host memory, least recently used first."""
         with self._lock:
-            return list(self._host)
+            return self._host.keys
 
     @property
     def host_bytes(self) -> int:
         """Bytes of adapter weights held in host memory."""
         with self._lock:
-            return sum(self._contents[k].adapter.num_bytes for k in self._host)
+            return self._host.num_bytes
 
     # -- for the engine, the model runner and stats ----------------------------------------------
 
@@ -415,76 +380,16 @@ class AdapterStore:
         """``key``'s weights, read into host memory first if they are not there."""
         weights = self._host.get(key)
         if weights is not None:
-            self._host.move_to_end(key)
             return weights
         content = self._contents[key]
         weights, from_spill = self._read_tiers(content.adapter, self._sources(key))
         self._count_read(content, from_spill)
-        self._host_put(key, weights)
+        self._host_put(content.adapter, weights)
         return weights
 
-    def _host_put(self, key: str, weights: AdapterWeights) -> None:
-        """Keeps ``weights`` as the most recent host copy, then spills the least recently used
-        copies (possibly this one) until the host budget holds."""
-        self._host[key] = weights
-        self._host.move_to_end(key)
-        num_bytes = self.host_bytes
-        while self._host and (
-                (self.max_cpu_loras is not None and len(self._host) > self.max_cpu_loras)
-                or (self.host_cache_bytes is not None and num_bytes > self.host_cache_bytes)):
-            old, old_weights = self._host.popitem(last=False)
-            content = self._contents[old]
-            num_bytes -= content.adapter.num_bytes
-            content.stats.evictions += 1
-            self.spill.write(content.adapter, old_weights)
-
-    def _num_pages(self, adapter: LoraAdapter) -> int:
-        return sum(n for *_, n in self._groups(adapter))
-
-    def _groups(self, adapter: LoraAdapter):
-        """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
-        fixed order (by module, then A before B^T)."""
-        for layer in range(self.num_layers):
-            by_width: dict[int, list] = {}
-            for module in TARGET_MODULES:
-                spec = adapter.modules.get((layer, module))
-                if spec is None:
-                    continue
-                in_f, out_f = self.module_shapes[module]
-                by_width.setdefault(in_f, []).append((module, "a", spec.rank))
-                by_width.setdefault(out_f, []).append((module, "b", spec.rank))
-            for width, rows in sorted(by_width.items()):
-                num_rows = sum(r for *_, r in rows)
-                rpp = self.pool.rows_per_page(width)
-                yield layer, width, rows, -(-num_rows // rpp)
-
-    def _load(self, adapter: LoraAdapter, weights: AdapterWeights) -> ResidentAdapter:
-        """Allocates pages and copies the adapter's rows into them (host -> pool)."""
-        groups = list(self._groups(adapter))
-        pages = self.pool.allocator.allocate(sum(g[-1] for g in groups), ADAPTER)
-        device = self.pool.tensor.device
-        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        used, next_page = 0, 0
-        for layer, width, rows, num_pages in groups:
-            rpp = self.pool.rows_per_page(width)
-            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
-            next_page += num_pages
-            tensors = [getattr(weights[(layer, module)], "a" if which == "a" else "b_t")
-                       for module, which, _ in rows]
-            data = torch.cat(tensors).to(device)  # [num_rows, width]
-            padded = data.new_zeros(num_pages * rpp, width)
-            padded[: data.shape[0]] = data
-            self.pool.rows(width)[group_pages] = padded.view(num_pages, rpp, width)
-            used += data.numel()
-            row = 0
-            for module, which, rank in rows:
-                idx = torch.arange(row, row + rank, device=device)
-                placed.setdefault((layer, module), {})[which] = PagedRows(
-                    pages=group_pages[idx // rpp], slots=idx % rpp)
-                row += rank
-        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
-                   for lm, p in placed.items()}
-        return ResidentAdapter(pages=pages, used_elements=used, modules=modules)
+    def _host_put(self, adapter: LoraAdapter, weights: AdapterWeights) -> None:
+        for pushed in self._host.put(adapter, weights):
+            self._contents[pushed.key].stats.evictions += 1
 
     def _evict(self, key: str) -> int:
         resident = self._resident.pop(key)
@@ -498,6 +403,6 @@ class AdapterStore:
             return
         if key in self._resident:
             self._evict(key)
-        self._host.pop(key, None)
+        self._host.discard(key)
         self.spill.delete(key)
         self._contents.pop(key, None)

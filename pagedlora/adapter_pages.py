@@ -1,0 +1,116 @@
+"""AdapterPacker: an adapter's rank rows packed into unified-pool pages, and back out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from pagedlora.kernels.lora import PagedRows
+from pagedlora.lora_adapter import TARGET_MODULES, AdapterWeights, LoraAdapter
+from pagedlora.pool import UnifiedPool
+from pagedlora.scheduler.page_allocator import ADAPTER
+
+
+@dataclass(frozen=True)
+class ResidentModule:
+    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale."""
+
+    a: PagedRows
+    b: PagedRows
+    scale: float
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    """An adapter's pages in the pool.
+
+    Attributes:
+        pages: every page it holds.
+        used_elements: elements of those pages holding weights (the rest is internal
+            fragmentation: the tail of each (layer, row width) group's last page).
+        modules: ``(layer, module) -> ResidentModule``.
+    """
+
+    pages: list[int]
+    used_elements: int
+    modules: dict[tuple[int, str], ResidentModule]
+
+
+class AdapterPacker:
+    """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
+
+    For each layer, the rank rows of every target module are grouped by row width
+    (``in_features`` for lora_A, ``out_features`` for lora_B^T) and packed into pages of that
+    width, so an adapter of rank r takes pages in proportion to r, with no padding to
+    max_lora_rank, and a row never straddles two pages (kernels read rows in place).
+
+    Args:
+        pool: the unified pool.
+        num_layers: decoder layers of the model.
+        module_shapes: ``module -> (in_features, out_features)``.
+    Raises:
+        ValueError: a row width exceeds a page (raise block_size).
+    """
+
+    def __init__(self, pool: UnifiedPool, *, num_layers: int,
+                 module_shapes: dict[str, tuple[int, int]]) -> None:
+        self.pool = pool
+        self.num_layers = num_layers
+        self.module_shapes = module_shapes
+        for width in {w for shape in module_shapes.values() for w in shape}:
+            pool.rows_per_page(width)  # fail early if a row cannot fit a page
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """Pages ``adapter`` takes in the pool."""
+        return sum(n for *_, n in self._groups(adapter))
+
+    def load(self, adapter: LoraAdapter, weights: AdapterWeights) -> ResidentAdapter:
+        """Allocates pages and copies the adapter's rows into them (host -> pool).
+
+        Raises:
+            OutOfPagesError: fewer than :meth:`num_pages` pages are free (nothing is taken).
+        """
+        groups = list(self._groups(adapter))
+        pages = self.pool.allocator.allocate(sum(g[-1] for g in groups), ADAPTER)
+        device = self.pool.tensor.device
+        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
+        used, next_page = 0, 0
+        for layer, width, rows, num_pages in groups:
+            rpp = self.pool.rows_per_page(width)
+            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
+            next_page += num_pages
+            tensors = [getattr(weights[(layer, module)], "a" if which == "a" else "b_t")
+                       for module, which, _ in rows]
+            data = torch.cat(tensors).to(device)  # [num_rows, width]
+            padded = data.new_zeros(num_pages * rpp, width)
+            padded[: data.shape[0]] = data
+            self.pool.rows(width)[group_pages] = padded.view(num_pages, rpp, width)
+            used += data.numel()
+            row = 0
+            for module, which, rank in rows:
+                idx = torch.arange(row, row + rank, device=device)
+                placed.setdefault((layer, module), {})[which] = PagedRows(
+                    pages=group_pages[idx // rpp], slots=idx % rpp)
+                row += rank
+        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
+                   for lm, p in placed.items()}
+        return ResidentAdapter(pages=pages, used_elements=used, modules=modules)
+
+    def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
+        """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
+        fixed order (by module, then A before B^T)."""
+        for layer in range(self.num_layers):
+            by_width: dict[int, list] = {}
+            for module in TARGET_MODULES:
+                spec = adapter.modules.get((layer, module))
+                if spec is None:
+                    continue
+                in_f, out_f = self.module_shapes[module]
+                by_width.setdefault(in_f, []).append((module, "a", spec.rank))
+                by_width.setdefault(out_f, []).append((module, "b", spec.rank))
+            for width, rows in sorted(by_width.items()):
+                num_rows = sum(r for *_, r in rows)
+                rpp = self.pool.rows_per_page(width)
+                yield layer, width, rows, -(-num_rows // rpp)
