@@ -2,8 +2,9 @@
 
 Writes ``--num`` random LoRA adapters on q_proj and v_proj (ranks 4 to 16, SmolLM2's shapes:
 hidden 576, 30 layers, 3 KV heads of 64) as safetensors directly, loads ``Engine(None)``, then
-times ``add_adapter`` for all of them and reports the resident set size before and after.
-The adapters' files are freshly written, so they are read from the page cache (warm disk).
+times ``add_adapter`` for all of them (or one ``add_adapters_from_dir``) and reports the
+resident set size before and after. The adapters' files are freshly written, so they are read
+from the page cache (warm disk).
 
     python benchmarks/register_adapters.py --num 1000 --out /tmp/smol-adapters
 """
@@ -60,6 +61,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/pagedlora-bench-adapters"))
     parser.add_argument("--keep", action="store_true", help="keep the adapter files")
+    parser.add_argument("--from-dir", action="store_true",
+                        help="register with one add_adapters_from_dir call instead")
     args = parser.parse_args()
 
     from pagedlora import Engine
@@ -72,8 +75,11 @@ def main() -> None:
     engine = Engine(None, pool_gb=0.25)
     before = rss_mib()
     t0 = time.perf_counter()
-    for path in dirs:
-        engine.add_adapter(path.name, path)
+    if args.from_dir:
+        engine.add_adapters_from_dir(args.out)
+    else:
+        for path in dirs:
+            engine.add_adapter(path.name, path)
     seconds = time.perf_counter() - t0
     after = rss_mib()
     print(f"registered {args.num} adapters in {seconds:.1f} s "

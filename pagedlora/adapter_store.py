@@ -131,12 +131,15 @@ class AdapterStore:
 
         Raises:
             as :meth:`add`, for the first adapter that fails; nothing is registered then.
+        Note: with ``preload`` every adapter's weights are held until all are read; the host
+            budget applies once they are registered.
         """
         read = []
         for name, path in items:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
-            read.append(self._read_source(name, Path(path)))
+            adapter, weights = self._read_source(name, Path(path))
+            read.append((adapter, weights if preload else None))  # hold no weights otherwise
         with self._lock:
             for adapter, weights in read:
                 old = self._names.get(adapter.name)
