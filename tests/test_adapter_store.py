@@ -339,6 +339,38 @@ def test_source_changed_since_registration_is_an_error(tiny_llama_dir, tmp_path,
     assert_no_leaks(engine)
 
 
+def test_removed_while_waiting_fails_that_request_alone(tiny_llama_dir, tmp_path, two_adapters,
+                                                       caplog):
+    """The race remove_adapter cannot see: a request resolved its adapter's key, the adapter
+    is removed before admission. The scheduler fails it with the store's error."""
+    dirs, want = two_adapters
+    engine = engine_with(tiny_llama_dir, 200)
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    reqs = [engine._new_request(PROMPT, engine.adapters.key_of(n), GREEDY) for n in "ab"]
+    for r in reqs:
+        engine.scheduler.add(r)
+    engine.adapters.remove("a")  # behind the engine's back
+    finished = engine.step()
+    assert finished == [reqs[0]] and "no longer registered" in reqs[0].error
+    while engine.scheduler.has_unfinished():
+        engine.step()
+    assert reqs[1].output_token_ids == want["b"]
+    for r in reqs:
+        engine._sampling.pop(r.request_id)
+    with caplog.at_level(logging.WARNING, logger="pagedlora"):
+        key_b = engine.adapters.key_of("b")
+        engine.adapters.evict_unpinned(engine.pool.num_pages)
+        engine.adapters.prefetch(key_b)  # from the source: fine
+        assert engine.adapters.host_keys == [key_b]
+        engine.add_adapter("a", dirs["a"])
+        for f in dirs["a"].iterdir():
+            f.unlink()
+        engine.adapters.prefetch(engine.adapters.key_of("a"))  # logged, not raised
+    assert "prefetch of adapter" in caplog.text and engine.adapters.host_keys == [key_b]
+    assert_no_leaks(engine)
+
+
 @pytest.mark.parametrize("fault", ["under-a-file", "ENOSPC", "EROFS"])
 def test_unwritable_spill_dir_degrades_to_the_source(tiny_llama_dir, tmp_path, two_adapters,
                                                      monkeypatch, caplog, fault):
@@ -384,10 +416,13 @@ def test_add_and_remove_in_another_thread_while_generate_runs(tiny_llama_dir, tm
                                                  progress=False)]
     stop, errors = threading.Event(), []
 
+    keys = [engine.adapters.key_of(n) for n in served]
+
     def churner():
         i = 0
         try:
             while not stop.is_set():
+                engine.adapters.prefetch(keys[i % len(keys)])  # host copies churn too
                 name = f"churn{i % 3}"
                 engine.add_adapter(name, churn[i % len(churn)])
                 engine.add_adapter(f"{name}-twin", churn[i % len(churn)])
