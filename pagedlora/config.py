@@ -40,8 +40,10 @@ class EngineConfig:
         spill_dir: directory for adapters evicted from host memory (one safetensors file per
             content hash, written atomically, reused while intact, checked on every read).
             None (the default): a private directory under ``$PAGEDLORA_CACHE/spill``, made on
-            the first spill and deleted with the engine. A directory that cannot be written
-            (full, read-only) only costs speed: adapters are re-read from their sources.
+            the first spill and deleted with the engine (private, so that engines never delete
+            each other's files; a killed process leaves its directory behind). A directory
+            that cannot be written (full, read-only) only costs speed: adapters are re-read
+            from their sources.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
