@@ -146,6 +146,7 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
     for (layer, module), pair in sorted(pairs.items()):
         specs[(layer, module)], weights[(layer, module)] = _module_weights(
             name, config, layer, module, pair, module_shapes[module], max_lora_rank, dtype)
+    _check_finite(name, weights, dtype)
     num_bytes = sum(w.a.nbytes + w.b_t.nbytes for w in weights.values())
     adapter = LoraAdapter(name=name, path=path, key=content_key(specs, weights), modules=specs,
                           num_bytes=num_bytes)
@@ -239,13 +240,28 @@ def _module_weights(name: str, config: dict, layer: int, module: str,
     if r_config != r:
         raise AdapterError(f"{where}: config says rank {r_config} but the weights have rank {r}")
     a, b_t = a.to(dtype).contiguous(), b.t().to(dtype).contiguous()
-    # Checked in the engine's dtype: float32 weights beyond float16's range become Inf there.
-    if not (torch.isfinite(a).all() and torch.isfinite(b_t).all()):
-        raise AdapterError(f"{where}: weights contain NaN or Inf (in {dtype})")
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path,
                            config.get("lora_alpha", r))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return ModuleSpec(rank=r, scale=float(scale)), ModuleWeights(a=a, b_t=b_t)
+
+
+def _check_finite(name: str, weights: AdapterWeights, dtype: torch.dtype) -> None:
+    """Raises AdapterError naming the first module with NaN or Inf. Checked in the engine's
+    dtype (float32 weights beyond float16's range become Inf there).
+
+    Fast path: float64 sums are finite exactly when every weight is (a NaN or Inf makes a sum
+    NaN or Inf; finite float32 values cannot overflow a float64 sum). One sum per tensor, not
+    over one concatenation: small reductions run on one thread, and a parallel one on a busy
+    CPU cost 7 ms per 2 MB adapter (isfinite per tensor cost ~7 ms too; this ~1 ms)."""
+    sums = torch.stack([t.sum(dtype=torch.float64) for w in weights.values()
+                        for t in (w.a, w.b_t)])
+    if torch.isfinite(sums.sum()):
+        return
+    for (layer, module), w in weights.items():
+        if not (torch.isfinite(w.a).all() and torch.isfinite(w.b_t).all()):
+            raise AdapterError(f"adapter {name!r}, layer {layer} {module}: weights contain NaN "
+                               f"or Inf (in {dtype})")
 
 
 def content_key(modules: dict[tuple[int, str], ModuleSpec], weights: AdapterWeights) -> str:
