@@ -113,8 +113,13 @@ class AdapterStore:
 
     def pages_needed(self, key: str) -> int:
         """Pages that making ``key`` resident takes now: 0 when resident, else its packed size."""
-        if key in self._resident:
-            return 0
+        return 0 if key in self._resident else self.adapter_pages(key)
+
+    def adapter_pages(self, key: str) -> int:
+        """Pages ``key`` takes in the pool when resident (its packed size)."""
+        resident = self._resident.get(key)
+        if resident is not None:
+            return len(resident.pages)
         return sum(n for *_, n in self._groups(self._host[key]))
 
     def acquire(self, key: str) -> bool:

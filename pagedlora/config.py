@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 _DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,18 @@ class EngineConfig:
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
+        policy: admission order of waiting requests: "fcfs" (arrival), "cluster" (requests
+            whose adapter is in the batch or resident first; S-LoRA section 5.2) or "fair"
+            (virtual token counters per adapter; Sheng et al. 2024).
+        policy_max_wait_s: "cluster" takes a request waiting longer than this many seconds
+            before any other (the starvation bound).
+        watermark: fraction of the pool's pages kept free when admitting a request while
+            others run, so running requests can grow without preemption (vLLM's watermark).
+        enable_prefix_caching: reuse the KV blocks of earlier requests with the same adapter
+            and prompt prefix.
+        ttft_deadline_s: engine-wide bound on time to first token, seconds; a waiting request
+            that can no longer meet it finishes with "abort" (S-LoRA section 5.2, early abort).
+            ``SamplingParams.deadline_s`` overrides it per request. None: no bound.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -43,6 +56,11 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     seed: int = 0
+    policy: str = "fcfs"
+    policy_max_wait_s: float = 5.0
+    watermark: float = 0.01
+    enable_prefix_caching: bool = True
+    ttft_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -64,6 +82,17 @@ class EngineConfig:
                              f"got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not self.policy_max_wait_s > 0:
+            raise ValueError(f"policy_max_wait_s must be > 0, got {self.policy_max_wait_s!r}")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, "
+                             f"got {self.enable_prefix_caching!r}")
+        if self.ttft_deadline_s is not None and not self.ttft_deadline_s > 0:
+            raise ValueError(f"ttft_deadline_s must be > 0 or None, got {self.ttft_deadline_s!r}")
 
     @classmethod
     def from_options(cls, pool_gb: float, **options) -> EngineConfig:
