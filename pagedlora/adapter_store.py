@@ -198,6 +198,13 @@ class AdapterStore:
             content = self._contents.get(key)
             return 0 if key in self._resident or content is None else content.num_pages
 
+    def adapter_pages(self, key: str) -> int:
+        """Pages ``key`` takes in the pool when resident, whether or not it is now (0 for a
+        key no longer registered)."""
+        with self._lock:
+            content = self._contents.get(key)
+            return 0 if content is None else content.num_pages
+
     def acquire(self, key: str) -> bool:
         """Pins ``key`` in the pool, loading it first if needed: weights from host memory, else
         from the spill file, else from the source (hash-checked); then, if pages are short,
@@ -305,7 +312,9 @@ class AdapterStore:
                 if content is None:
                     continue
                 content.stats.tokens += s.num_new_tokens
-                content.stats.requests += r.num_computed_tokens == 0 and not r.num_preemptions
+                # Its first step: nothing computed yet beyond a prefix-cache hit.
+                content.stats.requests += (r.num_computed_tokens == r.num_cached_tokens
+                                           and not r.num_preemptions)
                 content.stats.last_used = now
 
     def tier(self, key: str) -> str:

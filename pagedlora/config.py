@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
+POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,18 @@ class EngineConfig:
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
+        policy: admission order of waiting requests: "fcfs" (arrival), "cluster" (requests
+            whose adapter is in the batch or resident first; S-LoRA section 5.2) or "fair"
+            (virtual token counters per adapter; Sheng et al. 2024).
+        policy_max_wait_s: "cluster" takes a request waiting longer than this many seconds
+            before any other (the starvation bound).
+        watermark: fraction of the pool's pages kept free when admitting a request while
+            others run, so running requests can grow without preemption (vLLM's watermark).
+        enable_prefix_caching: reuse the KV blocks of earlier requests with the same adapter
+            and prompt prefix.
+        ttft_deadline_s: engine-wide bound on time to first token, seconds; a waiting request
+            that can no longer meet it finishes with "abort" (S-LoRA section 5.2, early abort).
+            ``SamplingParams.deadline_s`` overrides it per request. None: no bound.
         max_cpu_loras: most adapters whose weights are kept in host memory (vLLM and SageMaker
             LMI's option); the least recently used beyond it are spilled to ``spill_dir``. None
             (the default): no limit. 0 keeps none (every load reads the disk). Adapters in the
@@ -59,6 +72,11 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     seed: int = 0
+    policy: str = "fcfs"
+    policy_max_wait_s: float = 5.0
+    watermark: float = 0.01
+    enable_prefix_caching: bool = True
+    ttft_deadline_s: float | None = None
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
@@ -83,6 +101,17 @@ class EngineConfig:
                              f"got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if not self.policy_max_wait_s > 0:
+            raise ValueError(f"policy_max_wait_s must be > 0, got {self.policy_max_wait_s!r}")
+        if not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, "
+                             f"got {self.enable_prefix_caching!r}")
+        if self.ttft_deadline_s is not None and not self.ttft_deadline_s > 0:
+            raise ValueError(f"ttft_deadline_s must be > 0 or None, got {self.ttft_deadline_s!r}")
         if self.max_cpu_loras is not None and (
             not isinstance(self.max_cpu_loras, int) or isinstance(self.max_cpu_loras, bool)
             or self.max_cpu_loras < 0

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,11 +17,12 @@ from transformers import AutoConfig, AutoTokenizer
 from pagedlora.adapter_dirs import adapter_dirs
 from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
+from pagedlora.detokenizer import Detokenizer
 from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.model import LlamaModel
 from pagedlora.model_files import load_weights, resolve_model
 from pagedlora.model_runner import ModelRunner
-from pagedlora.outputs import RequestOutput
+from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import sample
 from pagedlora.sampling_params import SamplingParams
@@ -26,6 +30,20 @@ from pagedlora.scheduler import ADAPTER, KV, Request, Scheduler
 from pagedlora.spill import SpillDir
 
 Prompt = str | list[dict] | list[int]
+
+
+@dataclass
+class _Tracked:
+    """What the engine keeps of a request beyond the scheduler's view, until it finishes."""
+
+    request: Request
+    index: int  # position in the submitting call
+    prompt: Prompt
+    adapter: str | None
+    params: SamplingParams
+    generator: torch.Generator
+    detokenizer: Detokenizer
+    num_streamed: int = 0  # output tokens already handed out as StreamOutputs
 
 
 class Engine:
@@ -79,21 +97,20 @@ class Engine:
                                      host_cache_bytes=None if config.host_cache_gb is None
                                      else int(config.host_cache_gb * 2**30),
                                      spill=SpillDir(config.spill_dir))
-        self.scheduler = Scheduler(
-            block_size=config.block_size, pages_per_block=m.num_layers,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens, max_loras=config.max_loras,
-            allocator=self.pool.allocator, adapters=self.adapters)
+        self.scheduler = Scheduler(config, pages_per_block=m.num_layers,
+                                   allocator=self.pool.allocator, adapters=self.adapters)
         self.runner = ModelRunner(m, self.pool, self.adapters)
         eos = hf_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self._eos.add(self.tokenizer.eos_token_id)
         self._next_id = 0
-        # request id -> (SamplingParams, its torch.Generator), until its output is made
-        self._sampling: dict[int, tuple[SamplingParams, torch.Generator]] = {}
+        self._tracked: dict[int, _Tracked] = {}  # request id -> state, until it finishes
+        self._aborts: set[int] = set()  # request ids to abort at the next step (any thread)
+        self._abort_lock = threading.Lock()
         self._peak: dict = {}  # stats() at the fullest step of the last generate call
         self._num_generated = 0  # output tokens sampled by this engine, for tokens/s
+        self._steps: deque[dict] = deque(maxlen=1024)  # per-step metrics, newest last
 
     @staticmethod
     def _load_tokenizer(model_dir: Path):
@@ -177,99 +194,203 @@ class Engine:
             ValueError: an adapter name never added (before any work starts), or lists whose
                 lengths differ from the prompts'.
         """
-        prompts = self._as_list(prompts)
-        names = self._per_prompt(adapters, len(prompts), "adapters")
-        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
-                                  "sampling_params")
-        keys = [None if n is None else self.adapters.key_of(n) for n in names]
-        requests = [self._new_request(p, k, sp)
-                    for p, k, sp in zip(prompts, keys, params, strict=True)]
-        for r in requests:
-            if not r.is_finished:
-                self.scheduler.add(r)
-        bar = tqdm(total=len(requests), disable=not progress, unit="req", desc="generate")
+        tracked = self._submit(prompts, adapters, sampling_params)
+        outputs: dict[int, RequestOutput] = {}
+        bar = tqdm(total=len(tracked), disable=not progress, unit="req", desc="generate")
         start, generated_before = time.perf_counter(), self._num_generated
-        bar.update(sum(r.is_finished for r in requests))
         self._peak = {}
         self._record_peak()
         try:
-            while self.scheduler.has_unfinished():
-                finished = self.step()
+            for t in tracked:
+                if t.request.is_finished:
+                    outputs[t.request.request_id] = self._finish(t).output
+            bar.update(len(outputs))
+            while len(outputs) < len(tracked):
+                done = [d.output for d in self.step() if d.finished]
+                outputs.update((o.request_id, o) for o in done)
                 self._record_peak()
-                bar.update(len(finished))
+                bar.update(len(done))
                 tokens = self._num_generated - generated_before
                 bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
                                 refresh=False)
         except BaseException:
             # Leave nothing behind: a later call must not inherit this call's requests or pages.
-            for r in requests:
-                if not r.is_finished:
-                    self.scheduler.finish(r, "abort")
-                self._sampling.pop(r.request_id, None)
+            self._abort_now(tracked)
             raise
         finally:
             bar.close()
-        return [self._output(r, p, n) for r, p, n in zip(requests, prompts, names, strict=True)]
+        return [outputs[t.request.request_id] for t in tracked]
 
-    def step(self) -> list[Request]:
-        """Runs one scheduler step, the forward pass and sampling (``generate`` loops on it).
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               adapters: str | None | Sequence[str | None] = None,
+               sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+               ) -> Iterator[StreamOutput]:
+        """Like :meth:`generate`, but yields each request's new tokens and text as the steps
+        produce them; a request's last StreamOutput has ``finished=True`` and its complete
+        RequestOutput. Closing the iterator early (``close()``, ``break``, garbage collection)
+        aborts the requests still running and frees their pages.
+
+        Args and errors: as for :meth:`generate` (no progress bar).
+        """
+        tracked = self._submit(prompts, adapters, sampling_params)
+        mine = {t.request.request_id for t in tracked}
+        try:
+            for t in tracked:
+                if t.request.is_finished:
+                    mine.discard(t.request.request_id)
+                    yield self._finish(t)
+            while mine:
+                for d in self.step():
+                    if d.request_id in mine:
+                        if d.finished:
+                            mine.discard(d.request_id)
+                        yield d
+        finally:
+            self._abort_now(tracked)
+
+    def abort(self, request_id: int) -> bool:
+        """Asks for a request to finish with "abort"; its pages are freed at the next step.
+        Safe to call from any thread.
 
         Returns:
-            the requests that finished in this step (stop, length, or error).
+            False when no such request is running or waiting (unknown or already finished).
+        """
+        if request_id not in self._tracked:
+            return False
+        with self._abort_lock:
+            self._aborts.add(request_id)
+        return True
+
+    def step(self) -> list[StreamOutput]:
+        """Runs one scheduler step, the forward pass and sampling (``generate`` and ``stream``
+        loop on it).
+
+        Returns:
+            one StreamOutput per request that got a token or finished in this step (stop,
+            length, abort or error).
         Raises:
             RuntimeError: requests wait but none could be scheduled (a bug: ``Scheduler.add``
                 fails requests that can never fit).
         """
+        with self._abort_lock:
+            aborts, self._aborts = self._aborts, set()
+        for rid in aborts:
+            t = self._tracked.get(rid)
+            if t is not None:
+                self.scheduler.finish(t.request, "abort")
+        started = time.perf_counter()
         out = self.scheduler.schedule()
-        finished = list(out.failed)
+        changed = [r for r in (*out.failed, *out.aborted)]
+        changed += [t.request for rid in aborts if (t := self._tracked.get(rid)) is not None]
         if not out.scheduled:
-            if not finished and self.scheduler.has_unfinished():
+            if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
-            return finished
+            return [self._stream_output(r) for r in changed]
         self.adapters.record_use(out.scheduled)
         sampled, logits = self.runner.run(out)
         self.scheduler.update(out)
         if sampled:
-            states = [self._sampling[r.request_id] for r in sampled]
-            tokens = sample(logits, [s[0] for s in states], [s[1] for s in states])
+            states = [self._tracked[r.request_id] for r in sampled]
+            tokens = sample(logits, [t.params for t in states], [t.generator for t in states])
             self._num_generated += len(tokens)
             now = time.perf_counter()
-            for r, token in zip(sampled, tokens, strict=True):
+            for t, token in zip(states, tokens, strict=True):
+                r = t.request
                 r.output_token_ids.append(token)
+                t.detokenizer.push(token)
                 if r.first_token_time is None:
                     r.first_token_time = now
-                reason = self._stop_reason(r)
+                reason = self._stop_reason(t)
                 if reason is not None:
                     self.scheduler.finish(r, reason)
-                    finished.append(r)
-        return finished
+            changed += sampled
+        self._steps.append({
+            "batch_size": len(out.scheduled), "num_tokens": out.num_batched_tokens,
+            "num_adapters": len(out.adapter_keys), "num_preempted": len(out.preempted),
+            "pages_free": self.pool.allocator.num_free,
+            "seconds": time.perf_counter() - started})
+        return [self._stream_output(r) for r in changed]
+
+    def _submit(self, prompts, adapters, sampling_params) -> list[_Tracked]:
+        """Tokenizes and queues the prompts (see :meth:`generate` for the arguments)."""
+        prompts = self._as_list(prompts)
+        names = self._per_prompt(adapters, len(prompts), "adapters")
+        params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
+                                  "sampling_params")
+        keys = [None if n is None else self.adapters.key_of(n) for n in names]
+        tracked = []
+        for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params, strict=True)):
+            r = self._new_request(p, key, sp)
+            t = self._tracked[r.request_id]
+            t.index, t.prompt, t.adapter = i, p, name
+            tracked.append(t)
+        for t in tracked:
+            if not t.request.is_finished:
+                self.scheduler.add(t.request)
+        return tracked
+
+    def _abort_now(self, tracked: list[_Tracked]) -> None:
+        """Finishes the unfinished requests of ``tracked`` with "abort" and forgets them."""
+        for t in tracked:
+            self.scheduler.finish(t.request, "abort")
+            self._tracked.pop(t.request.request_id, None)
+
+    def _stream_output(self, r: Request) -> StreamOutput:
+        t = self._tracked[r.request_id]
+        if r.is_finished:
+            return self._finish(t)
+        new = r.output_token_ids[t.num_streamed:]
+        t.num_streamed = len(r.output_token_ids)
+        return StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
+                            new_text=t.detokenizer.new_text(finished=False), finished=False)
+
+    def _finish(self, t: _Tracked) -> StreamOutput:
+        """The last StreamOutput of a finished request; the engine forgets the request."""
+        r = t.request
+        self._tracked.pop(r.request_id, None)
+        new = r.output_token_ids[t.num_streamed:]
+        t.num_streamed = len(r.output_token_ids)
+        return StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
+                            new_text=t.detokenizer.new_text(finished=True), finished=True,
+                            output=self._output(t))
 
     # -- stats ---------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """Pool accounting now.
+        """Pool accounting and scheduling metrics now.
 
         Returns:
-            dict with ``pages_total``, ``pages_kv``, ``pages_adapter``, ``pages_free``,
-            ``page_bytes``, ``internal_fragmentation`` (fraction of the elements in used
-            pages that hold nothing), ``adapters_resident`` (names), ``requests_running``,
-            ``requests_waiting``, ``peak``: these same numbers (without ``peak`` and
-            ``adapters``) at the step of the last ``generate`` call that held the most pages,
-            and ``adapters``: per adapter name, ``tier`` ("pool", "host", "disk" or "source",
-            the fastest holding it), ``requests``, ``tokens``, ``loads_from_disk`` (spill file
-            reads), ``loads_from_source``, ``loads_from_host`` (copies into the pool),
-            ``evictions`` (from the pool or host memory) and ``last_used`` (``time.time()``);
-            names sharing content share these counters.
+            dict with ``pages_total``, ``pages_kv`` (held by requests or cached),
+            ``pages_kv_cached`` (cached blocks no request holds: reusable, and freed first when
+            pages run short), ``pages_adapter``, ``pages_free``, ``page_bytes``,
+            ``internal_fragmentation`` (fraction of the elements in used pages that hold
+            nothing), ``adapters_resident`` (names), ``requests_running``,
+            ``requests_waiting``, ``prefix_cache`` (``hit_tokens`` and ``queried_tokens``: prompt
+            tokens served from the cache and looked up, since the engine started), ``steps``
+            (the last 1,024 steps, oldest first: ``batch_size``, ``num_tokens``,
+            ``num_adapters``, ``num_preempted``, ``pages_free`` after scheduling, ``seconds``),
+            ``peak``: the pool numbers at the step of the last ``generate`` call that held
+            the most pages, and ``adapters``: per adapter name, ``tier`` ("pool", "host",
+            "disk" or "source", the fastest holding it), ``requests``, ``tokens``,
+            ``loads_from_disk`` (spill file reads), ``loads_from_source``, ``loads_from_host``
+            (copies into the pool), ``evictions`` (from the pool or host memory) and
+            ``last_used`` (``time.time()``); names sharing content share these counters.
         """
-        alloc, pool = self.pool.allocator, self.pool
-        used_kv = sum(r.num_computed_tokens for r in self.scheduler.running)
-        kv_elems = used_kv * pool.page_numel // pool.block_size * self.model.num_layers
+        alloc, pool, kv = self.pool.allocator, self.pool, self.scheduler.kv
+        bs = pool.block_size
+        filled = dict.fromkeys(range(kv.evictable_pages // self.model.num_layers), bs)
+        for r in self.scheduler.running:
+            for i, block in enumerate(r.blocks):
+                tokens = min(bs, max(0, r.num_computed_tokens - i * bs))
+                filled[("b", block[0])] = max(filled.get(("b", block[0]), 0), tokens)
+        kv_elems = sum(filled.values()) * pool.page_numel // bs * self.model.num_layers
         ad_elems = sum(self.adapters.resident(k).used_elements
                        for k in self.adapters.resident_keys)
         allocated = (alloc.num_used(KV) + alloc.num_used(ADAPTER)) * pool.page_numel
         return {
             "pages_total": alloc.num_pages,
             "pages_kv": alloc.num_used(KV),
+            "pages_kv_cached": kv.evictable_pages,
             "pages_adapter": alloc.num_used(ADAPTER),
             "pages_free": alloc.num_free,
             "page_bytes": pool.page_numel * pool.tensor.element_size(),
@@ -278,6 +399,8 @@ class Engine:
                                         for n in self.adapters.names_of(k)),
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
+            "prefix_cache": {"hit_tokens": kv.hit_tokens, "queried_tokens": kv.queried_tokens},
+            "steps": list(self._steps),
             "peak": dict(self._peak),
             "adapters": self.adapters.stats(),
         }
@@ -285,7 +408,9 @@ class Engine:
     def _record_peak(self) -> None:
         free = self.pool.allocator.num_free
         if free < self._peak.get("pages_free", self.pool.num_pages + 1):
-            self._peak = {k: v for k, v in self.stats().items() if k not in ("peak", "adapters")}
+            self._peak = {k: v for k, v in self.stats().items() if k.startswith("pages")
+                          or k in ("internal_fragmentation", "adapters_resident",
+                                   "requests_running", "requests_waiting")}
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -326,12 +451,19 @@ class Engine:
                          f"got {type(prompt).__name__}")
 
     def _new_request(self, prompt: Prompt, key: str | None, sp: SamplingParams) -> Request:
+        """A Request for ``prompt`` (failed, with the reason, when the prompt is invalid),
+        tracked by the engine until its output is made; not queued."""
         rid, self._next_id = self._next_id, self._next_id + 1
+        now = time.perf_counter()
+        deadline_s = sp.deadline_s or self.config.ttft_deadline_s
         r = Request(request_id=rid, prompt_token_ids=[], max_tokens=sp.max_tokens,
-                    adapter_key=key, arrival_time=time.perf_counter())
+                    adapter_key=key, arrival_time=now,
+                    deadline=None if deadline_s is None else now + deadline_s)
         generator = torch.Generator(self.pool.tensor.device).manual_seed(
             sp.seed if sp.seed is not None else self.config.seed * 1_000_003 + rid)
-        self._sampling[rid] = (sp, generator)
+        self._tracked[rid] = _Tracked(request=r, index=0, prompt=prompt, adapter=None, params=sp,
+                                      generator=generator,
+                                      detokenizer=Detokenizer(self.tokenizer, sp.stop))
         try:
             r.prompt_token_ids = self._tokenize(prompt)
             if not r.prompt_token_ids:
@@ -343,27 +475,19 @@ class Engine:
             r.fail(f"request {rid}: {e}")
         return r
 
-    def _stop_reason(self, r: Request) -> str | None:
-        sp = self._sampling[r.request_id][0]
+    def _stop_reason(self, t: _Tracked) -> str | None:
+        r, sp = t.request, t.params
         token = r.output_token_ids[-1]
         if (token in self._eos and not sp.ignore_eos) or token in sp.stop_token_ids:
             return "stop"
-        if sp.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
-            if any(s in text for s in sp.stop):
-                return "stop"
+        if t.detokenizer.stopped_at is not None:
+            return "stop"
         if len(r.output_token_ids) >= r.max_tokens or r.num_tokens >= self.max_model_len:
             return "length"
         return None
 
-    def _output(self, r: Request, prompt: Prompt, name: str | None) -> RequestOutput:
-        sp = self._sampling.pop(r.request_id)[0]
-        text = ""
-        if self.tokenizer is not None and r.output_token_ids:
-            text = self.tokenizer.decode(r.output_token_ids, skip_special_tokens=True)
-            cuts = [text.find(s) for s in sp.stop if s in text]
-            if cuts:
-                text = text[:min(cuts)]
+    def _output(self, t: _Tracked) -> RequestOutput:
+        r = t.request
         n_out = len(r.output_token_ids)
         ttft = None if r.first_token_time is None else r.first_token_time - r.arrival_time
         tpot = None
@@ -371,7 +495,8 @@ class Engine:
             tpot = (r.finished_time - r.first_token_time) / (n_out - 1) if n_out > 1 else 0.0
         queue = None if r.first_scheduled_time is None else r.first_scheduled_time - r.arrival_time
         return RequestOutput(
-            request_id=r.request_id, prompt=prompt, prompt_token_ids=r.prompt_token_ids,
-            text=text, token_ids=list(r.output_token_ids), finish_reason=r.finish_reason,
-            adapter=name, error=r.error, queue_time=queue, ttft=ttft, tpot=tpot,
-            num_preemptions=r.num_preemptions)
+            request_id=r.request_id, prompt=t.prompt, prompt_token_ids=r.prompt_token_ids,
+            text=t.detokenizer.final_text, token_ids=list(r.output_token_ids),
+            finish_reason=r.finish_reason, adapter=t.adapter, error=r.error, queue_time=queue,
+            ttft=ttft, tpot=tpot, num_preemptions=r.num_preemptions,
+            num_cached_tokens=r.num_cached_tokens)

@@ -16,13 +16,15 @@ class RequestOutput:
         text: generated text (special tokens skipped, cut before a stop string).
         token_ids: generated tokens (an EOS or stop token included).
         finish_reason: "stop" (EOS, stop token or string), "length" (max_tokens or
-            max_model_len), or "error" (see ``error``).
+            max_model_len), "abort" (``Engine.abort``, a closed stream, or a missed deadline),
+            or "error" (see ``error``).
         adapter: the adapter name, None for the base model.
         error: why the request failed, when finish_reason is "error".
         queue_time: seconds from arrival to first scheduled.
         ttft: time to first token, seconds from arrival.
         tpot: time per output token after the first, seconds (0 with one token).
         num_preemptions: times its KV pages were freed and recomputed.
+        num_cached_tokens: prompt tokens whose K/V came from the prefix cache.
     """
 
     request_id: int
@@ -37,3 +39,26 @@ class RequestOutput:
     ttft: float | None = None
     tpot: float | None = None
     num_preemptions: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class StreamOutput:
+    """What one step added to one request (``Engine.stream`` yields these).
+
+    Attributes:
+        request_id: engine-unique id.
+        index: position of the request's prompt in the call that submitted it.
+        new_text: text added since the previous StreamOutput of this request (while it runs,
+            the last ``len(longest stop string) - 1`` characters are held back).
+        new_token_ids: tokens sampled since the previous one.
+        finished: whether this is the request's last StreamOutput.
+        output: the complete RequestOutput, on the last one; None before.
+    """
+
+    request_id: int
+    index: int
+    new_text: str
+    new_token_ids: list[int]
+    finished: bool
+    output: RequestOutput | None = None

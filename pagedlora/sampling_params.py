@@ -18,6 +18,9 @@ class SamplingParams:
         stop: strings that end the output; the text is cut before the first one.
         stop_token_ids: token ids that end the output (kept in token_ids).
         ignore_eos: keep going past the model's end-of-sequence token.
+        deadline_s: seconds after arrival by which the first token is due; a request still
+            waiting that can no longer make it finishes with "abort" (S-LoRA section 5.2,
+            early abort). None: the engine's ``ttft_deadline_s``.
 
     Raises:
         ValueError: naming the offending field, at construction.
@@ -31,6 +34,7 @@ class SamplingParams:
     stop: list[str] | tuple[str, ...] = field(default_factory=tuple)
     stop_token_ids: list[int] | tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +57,9 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative ints, "
                              f"got {self.stop_token_ids!r}")
+
+        if self.deadline_s is not None and not self.deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0 or None, got {self.deadline_s!r}")
 
     @property
     def greedy(self) -> bool:

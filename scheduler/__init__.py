@@ -1,6 +1,8 @@
 """Iteration-level scheduling and page accounting, free of torch (``pagedlora.scheduler``)."""
 
+from pagedlora.scheduler.kv_blocks import KVBlockManager
 from pagedlora.scheduler.page_allocator import ADAPTER, KV, OutOfPagesError, PageAllocator
+from pagedlora.scheduler.policy import POLICIES, ClusterPolicy, FairPolicy, FcfsPolicy
 from pagedlora.scheduler.request import Request, RequestStatus
 from pagedlora.scheduler.scheduler import (
     AdapterResidency,
@@ -10,6 +12,7 @@ from pagedlora.scheduler.scheduler import (
 )
 
 __all__ = [
-    "ADAPTER", "KV", "AdapterResidency", "OutOfPagesError", "PageAllocator", "Request",
+    "ADAPTER", "KV", "POLICIES", "AdapterResidency", "ClusterPolicy", "FairPolicy",
+    "FcfsPolicy", "KVBlockManager", "OutOfPagesError", "PageAllocator", "Request",
     "RequestStatus", "ScheduledRequest", "Scheduler", "SchedulerOutput",
 ]

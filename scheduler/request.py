@@ -29,7 +29,13 @@ class Request:
         num_computed_tokens: tokens whose K/V are in the pool; the scheduler schedules
             ``num_tokens - num_computed_tokens`` more (the vLLM v1 view: no separate prefill and
             decode phases, every request catches up with its known tokens).
-        blocks: KV blocks in order; each block is one page id per layer.
+        blocks: KV blocks in order; each block is one page id per layer (owned by the
+            scheduler's KVBlockManager; a block may be shared with other requests).
+        deadline: seconds (``time.perf_counter``) by which the first token is due, or None;
+            a waiting request that can no longer make it is aborted (S-LoRA, section 5.2).
+        num_cached_tokens: prompt tokens whose K/V came from the prefix cache.
+        block_keys: prefix-cache keys of the full blocks of known tokens (KVBlockManager).
+        num_cached_blocks: leading blocks already registered in the prefix cache.
     """
 
     request_id: int
@@ -47,6 +53,10 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    deadline: float | None = None
+    num_cached_tokens: int = 0
+    block_keys: list[int] = field(default_factory=list)
+    num_cached_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

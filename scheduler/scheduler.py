@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pagedlora.config import EngineConfig
 from pagedlora.errors import AdapterUnavailableError
-from pagedlora.scheduler.page_allocator import KV, PageAllocator
+from pagedlora.scheduler.kv_blocks import KVBlockManager
+from pagedlora.scheduler.page_allocator import PageAllocator
+from pagedlora.scheduler.policy import BatchView, make_policy
 from pagedlora.scheduler.request import Request, RequestStatus
 
 
@@ -17,6 +20,9 @@ class AdapterResidency(Protocol):
 
     def pages_needed(self, key: str) -> int:
         """Pages that making ``key`` resident would take now (0 when resident)."""
+
+    def adapter_pages(self, key: str) -> int:
+        """Pages ``key`` takes when resident (whether or not it is now)."""
 
     def acquire(self, key: str) -> bool:
         """Pins ``key`` in the pool, loading it if needed; False when its pages cannot be had.
@@ -50,12 +56,15 @@ class SchedulerOutput:
         preempted: requests whose KV pages were freed this step (they will be recomputed).
         failed: requests finished with an error this step (they can never fit the pool, or
             their adapter cannot be loaded).
-        adapter_keys: distinct adapters of the step (None, the base model, excluded).
+        aborted: waiting requests finished with "abort" this step (past their deadline).
+        adapter_keys: distinct adapters of the step (None, the base model, excluded); they are
+            pinned in the pool for as long as their requests run.
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
+    aborted: list[Request] = field(default_factory=list)
     adapter_keys: set[str] = field(default_factory=set)
 
     @property
@@ -65,49 +74,69 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """First-come-first-served iteration-level scheduler with page-aware admission.
+    """Iteration-level scheduler with page-aware admission, chunked prefill, preemption,
+    adapter-aware policies and automatic prefix caching.
 
     Each step has a budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences.
-    Running requests are served first (a long prompt is prefilled in chunks within the budget);
-    then waiting requests are admitted in arrival order, each only when its adapter's pages (if it
-    is not resident) and its KV pages can both be had. When a running request cannot get a page
-    for its next tokens, unpinned adapters are evicted first, then the most recently admitted
-    request is preempted: its pages are freed and it is recomputed later (Orca, Yu et al. 2022;
-    vLLM, Kwon et al. 2023, section 4.5 "recomputation").
+    Running requests are served first (a long prompt is prefilled in chunks within the budget,
+    sharing steps with decodes); then waiting requests are admitted in the policy's order
+    (fcfs, cluster or fair; see :mod:`pagedlora.scheduler.policy`), each only when its KV pages
+    plus a watermark of free pages and, if its adapter is not resident, the adapter's pages can
+    all be had. A request whose adapter would exceed ``max_loras`` distinct adapters in the step
+    is passed over for this step (others behind it may go); one short of pages stops admission
+    (no overtaking by smaller requests). When a running request cannot get a page for its next
+    tokens, cached KV blocks nobody holds are evicted first, then unpinned adapters, then the
+    policy's victim (by default the most recently admitted request) is preempted: its pages are
+    freed and it is recomputed later (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5,
+    "recomputation"), usually from its own blocks still in the prefix cache.
+
+    A waiting request with a deadline for its first token is aborted when the estimated time
+    to its first token (its remaining prefill steps times the recent step time) would pass the
+    deadline (S-LoRA, Sheng et al. 2023, section 5.2, early abort).
 
     Args:
-        block_size: tokens per KV block.
+        config: the engine options (block_size, max_num_seqs, max_num_batched_tokens,
+            max_loras, policy, policy_max_wait_s, watermark, enable_prefix_caching).
         pages_per_block: pages one KV block takes (one per layer).
-        max_num_seqs, max_num_batched_tokens, max_loras: per-step caps (see EngineConfig).
         allocator: the pool's page allocator (shared with the adapter store).
         adapters: the adapter store's residency interface.
+        clock: seconds, monotonic (``time.perf_counter``; tests pass a fake).
     """
 
-    def __init__(self, *, block_size: int, pages_per_block: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_loras: int, allocator: PageAllocator,
-                 adapters: AdapterResidency) -> None:
-        self.block_size = block_size
+    def __init__(self, config: EngineConfig, *, pages_per_block: int, allocator: PageAllocator,
+                 adapters: AdapterResidency, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
+        self.config = config
+        self.block_size = config.block_size
         self.pages_per_block = pages_per_block
-        self.max_num_seqs = max_num_seqs
-        self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_loras = max_loras
         self.allocator = allocator
         self.adapters = adapters
-        self.waiting: deque[Request] = deque()
-        # Admission order; the newest is preempted first.
+        self.clock = clock
+        self.kv = KVBlockManager(allocator, block_size=config.block_size,
+                                 pages_per_block=pages_per_block,
+                                 enable_caching=config.enable_prefix_caching)
+        self.policy = make_policy(config.policy, max_wait_s=config.policy_max_wait_s)
+        blocks = int(config.watermark * allocator.num_pages) // pages_per_block
+        self.watermark_pages = blocks * pages_per_block
+        self.waiting: list[Request] = []
+        # Admission order; the policy picks preemption victims from it.
         self.running: list[Request] = []
+        self.step_seconds: float | None = None  # moving average of the time between steps
+        self._last_step_at: float | None = None
 
     # -- queue -------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         """Queues ``request``; it fails at once (finish_reason "error") if it can never fit."""
-        need = self._kv_pages_for(len(request.prompt_token_ids) + 1)
+        need = self.kv.pages_for(len(request.prompt_token_ids) + 1)
         if request.adapter_key is not None:
-            need += self.adapters.pages_needed(request.adapter_key)
+            need += self.adapters.adapter_pages(request.adapter_key)
         if need > self.allocator.num_pages:
             request.fail(f"request {request.request_id} needs {need} pages for its "
-                                f"prompt and adapter, the pool has {self.allocator.num_pages}")
+                         f"prompt and adapter, the pool has {self.allocator.num_pages}")
             return
+        active = {r.adapter_key for r in self.waiting} | {r.adapter_key for r in self.running}
+        self.policy.on_arrival(request, active)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -115,22 +144,31 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def finish(self, request: Request, reason: str) -> None:
-        """Ends ``request`` (from the engine, e.g. on a stop token) and frees its pages."""
-        if request in self.running:
+        """Ends ``request`` (on a stop token, max_tokens, or an abort) and frees its pages.
+        Finishing a finished request does nothing."""
+        if request.is_finished:
+            return
+        if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
             self._release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
-        request.finished_time = time.perf_counter()
+        request.finished_time = self.clock()
 
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         """Chooses the requests of the next step and allocates their pages."""
+        now = self.clock()
+        if self._last_step_at is not None and self.running:
+            dt = now - self._last_step_at
+            self.step_seconds = dt if self.step_seconds is None else (
+                0.8 * self.step_seconds + 0.2 * dt)
+        self._last_step_at = now
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
                 continue
@@ -139,91 +177,136 @@ class Scheduler:
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._grow_or_preempt(request, n, out):
                 continue
-            out.scheduled.append(ScheduledRequest(request, n))
+            self._schedule(request, n, out)
             budget -= n
-            if request.adapter_key is not None:
-                out.adapter_keys.add(request.adapter_key)
+        self._abort_late(now, out)
         if not out.preempted:
-            self._admit(out, budget)
+            self._admit(out, budget, now)
         return out
 
     def update(self, out: SchedulerOutput) -> None:
-        """Records that the step of ``out`` ran: its tokens' K/V are now in the pool."""
+        """Records that the step of ``out`` ran: its tokens' K/V are now in the pool, and the
+        blocks they filled join the prefix cache."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request)
+
+    def next_adapters(self, n: int) -> list[str]:
+        """Adapters of the first ``n`` waiting requests in policy order that are not resident
+        (what a prefetcher should bring closer), without duplicates."""
+        keys: list[str] = []
+        for r in self.policy.order(self.waiting, self._view(self.clock(), set()))[:n]:
+            key = r.adapter_key
+            if key is not None and key not in keys and self.adapters.pages_needed(key):
+                keys.append(key)
+        return keys
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _admit(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
+    def _view(self, now: float, step_keys: set) -> BatchView:
+        running = {r.adapter_key for r in self.running} | step_keys
+        return BatchView(now=now, running_keys=frozenset(running),
+                         is_resident=lambda k: not self.adapters.pages_needed(k))
+
+    def _schedule(self, request: Request, n: int, out: SchedulerOutput) -> None:
+        out.scheduled.append(ScheduledRequest(request, n))
+        if request.adapter_key is not None:
+            out.adapter_keys.add(request.adapter_key)
+        prefill = max(0, min(n, len(request.prompt_token_ids) - request.num_computed_tokens))
+        self.policy.charge(request, prefill, n - prefill)
+
+    def _abort_late(self, now: float, out: SchedulerOutput) -> None:
+        for request in [r for r in self.waiting if r.deadline is not None]:
+            if request.first_token_time is not None:
+                continue  # its first token came in time; a preempted request is not aborted
+            steps = -(-(request.num_tokens - request.num_computed_tokens)
+                      // self.config.max_num_batched_tokens)
+            if now + steps * (self.step_seconds or 0.0) > request.deadline:
+                self.finish(request, "abort")
+                request.error = (f"request {request.request_id} could not get its first token "
+                                 f"before its deadline")
+                out.aborted.append(request)
+
+    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
+        for request in self.policy.order(self.waiting, self._view(now, out.adapter_keys)):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                return
             key = request.adapter_key
-            new_adapter = key is not None and key not in out.adapter_keys
-            if new_adapter and len(out.adapter_keys) >= self.max_loras:
-                break
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            kv_need = self._kv_pages_for(request.num_computed_tokens + n) - (
-                len(request.blocks) * self.pages_per_block)
+            if key is not None and key not in out.adapter_keys \
+                    and len(out.adapter_keys) >= self.config.max_loras:
+                continue  # another adapter would exceed max_loras; later ones may share one
+            hits = self.kv.match_prefix(request)
+            cached = len(hits) * self.block_size
+            n = min(request.num_tokens - cached, budget)
+            kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
             adapter_need = self.adapters.pages_needed(key) if key is not None else 0
-            available = self.allocator.num_free + self.adapters.evictable_pages()
-            if kv_need + adapter_need > available:
-                break
-            try:
-                if key is not None and not self.adapters.acquire(key):
-                    break
-            except AdapterUnavailableError as e:  # this request fails, the others go on
-                request.fail(f"request {request.request_id}: {e}")
-                out.failed.append(self.waiting.popleft())
-                continue
-            if not self._allocate_blocks(request, request.num_computed_tokens + n):
-                if key is not None:
-                    self.adapters.release(key)
-                break
-            self.waiting.popleft()
+            reserve = self.watermark_pages if self.running else 0
+            available = (self.allocator.num_free + self.kv.evictable_pages
+                         - self.kv.evictable_pages_among(hits)
+                         + self.adapters.evictable_pages())
+            if kv_need + adapter_need + reserve > available:
+                return
+            self.kv.take_prefix(request, hits)
+            if key is not None:
+                self.kv.make_free(adapter_need)
+                try:
+                    acquired = self.adapters.acquire(key)
+                except AdapterUnavailableError as e:  # this request fails, the others go on
+                    self.kv.free(request)
+                    request.num_computed_tokens = 0
+                    request.fail(f"request {request.request_id}: {e}")
+                    self.waiting.remove(request)
+                    out.failed.append(request)
+                    continue
+                if not acquired:
+                    self.kv.free(request)
+                    request.num_computed_tokens = 0
+                    return
+            if not self._allocate(request, cached + n):
+                self._release(request)
+                request.num_computed_tokens = 0
+                return
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+                request.num_cached_tokens = cached
+                self.kv.queried_tokens += len(request.prompt_token_ids)
+                self.kv.hit_tokens += cached
+            self.waiting.remove(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.perf_counter()
-            out.scheduled.append(ScheduledRequest(request, n))
-            if key is not None:
-                out.adapter_keys.add(key)
+            self._schedule(request, n, out)
             budget -= n
 
     def _grow_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
-        """Gives ``request`` pages for ``n`` more tokens, preempting the newest requests as
-        needed; False when ``request`` itself had to go."""
+        """Gives ``request`` pages for ``n`` more tokens, preempting by policy as needed;
+        False when ``request`` itself had to go."""
         target = request.num_computed_tokens + n
-        while not self._allocate_blocks(request, target):
-            victim = self.running[-1]
-            if victim is request and len(self.running) == 1:
+        while not self._allocate(request, target):
+            if len(self.running) == 1:
                 request.fail(f"request {request.request_id} cannot get KV pages for "
-                                    f"{target} tokens even alone in the pool")
+                             f"{target} tokens even alone in the pool")
                 self.running.remove(request)
                 self._release(request)
                 out.failed.append(request)
                 return False
+            # A request already given tokens in this step is not a candidate: its step's
+            # work would then write into pages it no longer holds.
+            scheduled = {id(s.request) for s in out.scheduled}
+            victim = self.policy.victim([r for r in self.running if id(r) not in scheduled])
             self._preempt(victim)
             out.preempted.append(victim)
             if victim is request:
                 return False
         return True
 
-    def _allocate_blocks(self, request: Request, num_tokens: int) -> bool:
-        """Extends ``request.blocks`` to hold ``num_tokens`` tokens, evicting unpinned adapters
-        if the free list is short; False (and nothing taken) when that is not enough."""
-        num_blocks = -(-num_tokens // self.block_size) - len(request.blocks)
-        if num_blocks <= 0:
-            return True
-        need = num_blocks * self.pages_per_block
-        short = need - self.allocator.num_free
+    def _allocate(self, request: Request, num_tokens: int) -> bool:
+        """KV pages for ``num_tokens`` tokens of ``request``: cached blocks nobody holds are
+        evicted first, then unpinned adapters."""
+        short = (self.kv.pages_for(num_tokens) - len(request.blocks) * self.pages_per_block
+                 - self.allocator.num_free - self.kv.evictable_pages)
         if short > 0:
             self.adapters.evict_unpinned(short)
-        if not self.allocator.can_allocate(need):
-            return False
-        pages = self.allocator.allocate(need, KV)
-        ppb = self.pages_per_block
-        request.blocks.extend(pages[i:i + ppb] for i in range(0, need, ppb))
-        return True
+        return self.kv.allocate(request, num_tokens)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -231,14 +314,10 @@ class Scheduler:
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.append(request)
 
     def _release(self, request: Request) -> None:
-        """Frees the KV pages of ``request`` and unpins its adapter."""
-        self.allocator.free([p for block in request.blocks for p in block])
-        request.blocks = []
+        """Frees the KV blocks of ``request`` and unpins its adapter."""
+        self.kv.free(request)
         if request.adapter_key is not None:
             self.adapters.release(request.adapter_key)
-
-    def _kv_pages_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size) * self.pages_per_block

@@ -187,6 +187,13 @@ def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_to
         step += 1
     for r in result.requests.values():
         assert len(r.output_token_ids) == max_tokens
-        engine._sampling.pop(r.request_id)
-    assert engine.stats()["pages_kv"] == 0  # every KV page went back to the pool
+        engine._tracked.pop(r.request_id)
+    assert_kv_released(engine)
     return result
+
+
+def assert_kv_released(engine: Engine) -> None:
+    """Every KV page is free or an unheld prefix-cache block, and the block tables agree."""
+    engine.scheduler.kv.check_invariants(engine.scheduler.running)
+    stats = engine.stats()
+    assert stats["pages_kv"] == stats["pages_kv_cached"], stats

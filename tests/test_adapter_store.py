@@ -16,7 +16,7 @@ import threading
 
 import pytest
 import torch
-from support import peft_greedy, random_prompt, write_random_lora
+from support import assert_kv_released, peft_greedy, random_prompt, write_random_lora
 from transformers import AutoModelForCausalLM
 
 from pagedlora import AdapterError, Engine, SamplingParams
@@ -48,10 +48,12 @@ def tokens(engine, name, prompt=PROMPT) -> list[int]:
 
 
 def assert_no_leaks(engine):
-    """Nothing runs, no KV page is held, and after evicting every adapter all pages are free."""
+    """Nothing runs, no KV page is held, and after dropping the prefix cache and evicting every
+    adapter all pages are free."""
+    assert_kv_released(engine)
     stats = engine.stats()
-    assert stats["requests_running"] == stats["requests_waiting"] == stats["pages_kv"] == 0
-    engine.pool.allocator.check_invariants()
+    assert stats["requests_running"] == stats["requests_waiting"] == 0 and engine._tracked == {}
+    engine.scheduler.kv.reset()
     engine.adapters.evict_unpinned(engine.pool.num_pages)
     assert engine.pool.allocator.num_free == engine.pool.num_pages
 
@@ -93,7 +95,6 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
         assert step < 1000
     for _, _, r in requests:
         assert r.finish_reason == "length", r.error
-        engine._sampling.pop(r.request_id)
     for name, prompt, r in rng.sample(requests, 30):
         assert r.output_token_ids == peft_greedy(hf_base, dirs[name], prompt, MAX_TOKENS), name
     stats = engine.stats()["adapters"]
@@ -160,8 +161,6 @@ def test_remove_is_refused_while_requests_use_it(tiny_llama_dir, tmp_path):
         engine.remove_adapter("a")
     while engine.scheduler.has_unfinished():
         engine.step()
-    for r in requests:
-        engine._sampling.pop(r.request_id)
     engine.remove_adapter("a")
     assert engine.adapters.names == []
     assert_no_leaks(engine)
@@ -351,13 +350,11 @@ def test_removed_while_waiting_fails_that_request_alone(tiny_llama_dir, tmp_path
     for r in reqs:
         engine.scheduler.add(r)
     engine.adapters.remove("a")  # behind the engine's back
-    finished = engine.step()
-    assert finished == [reqs[0]] and "no longer registered" in reqs[0].error
+    finished = [d.request_id for d in engine.step() if d.finished]
+    assert finished == [reqs[0].request_id] and "no longer registered" in reqs[0].error
     while engine.scheduler.has_unfinished():
         engine.step()
     assert reqs[1].output_token_ids == want["b"]
-    for r in reqs:
-        engine._sampling.pop(r.request_id)
     with caplog.at_level(logging.WARNING, logger="pagedlora"):
         key_b = engine.adapters.key_of("b")
         engine.adapters.evict_unpinned(engine.pool.num_pages)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import write_peft_dir
+from support import assert_kv_released, write_peft_dir
 
 from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
 
@@ -32,9 +32,8 @@ def write_adapter(path, tensors=None, **config):
 
 
 def assert_pool_clean(engine):
-    stats = engine.stats()
-    assert stats["pages_kv"] == 0 and stats["requests_running"] == 0
-    engine.pool.allocator.check_invariants()
+    assert_kv_released(engine)
+    assert engine.stats()["requests_running"] == 0
 
 
 def test_unknown_adapter_raises_before_any_work(engine):
@@ -241,7 +240,7 @@ def test_an_exception_inside_generate_leaves_nothing_behind(engine, monkeypatch)
     with pytest.raises(RuntimeError, match="injected"):
         engine.generate(["a", "b"], sampling_params=GREEDY, progress=False)
     monkeypatch.undo()
-    assert calls and engine.stats()["requests_waiting"] == 0 and engine._sampling == {}
+    assert calls and engine.stats()["requests_waiting"] == 0 and engine._tracked == {}
     assert_pool_clean(engine)
     assert engine.generate("a", sampling_params=GREEDY, progress=False)[0].finish_reason \
         == "length"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import TINY, drive, random_prompt
+from support import TINY, assert_kv_released, drive, random_prompt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedlora import Engine, SamplingParams
@@ -113,7 +113,7 @@ def test_tiny_generate_matches_hf_generate(tiny_llama_dir, hf_tiny):
         assert out.prompt_token_ids == prompt
         assert out.finish_reason == "length"
         assert out.token_ids == hf_greedy(hf_tiny, prompt, 16)
-    assert engine.stats()["pages_kv"] == 0
+    assert_kv_released(engine)
 
 
 def drive_bf16(model_dir, hf_fp32, arrivals: dict, max_tokens: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedlora.config import EngineConfig
 from pagedlora.scheduler import ADAPTER, PageAllocator, Request, RequestStatus, Scheduler
 
 
@@ -16,6 +17,9 @@ class FakeAdapters:
 
     def pages_needed(self, key):
         return 0 if key in self.resident else self.sizes[key]
+
+    def adapter_pages(self, key):
+        return self.sizes[key]
 
     def evictable_pages(self):
         return sum(len(p) for k, p in self.resident.items() if not self.pins.get(k))
@@ -45,12 +49,14 @@ class FakeAdapters:
 
 
 def make(num_pages=40, block_size=4, layers=2, max_num_seqs=8, budget=64, max_loras=2,
-         sizes=None):
+         sizes=None, clock=None, **options):
     alloc = PageAllocator(num_pages)
     adapters = FakeAdapters(alloc, sizes or {})
-    sched = Scheduler(block_size=block_size, pages_per_block=layers, max_num_seqs=max_num_seqs,
-                      max_num_batched_tokens=budget, max_loras=max_loras, allocator=alloc,
-                      adapters=adapters)
+    options = {"watermark": 0.0, "enable_prefix_caching": False, **options}
+    config = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs,
+                          max_num_batched_tokens=budget, max_loras=max_loras, **options)
+    sched = Scheduler(config, pages_per_block=layers, allocator=alloc, adapters=adapters,
+                      clock=clock or (lambda: 0.0))
     return sched, alloc, adapters
 
 
@@ -99,14 +105,21 @@ def test_chunked_prefill_splits_long_prompt_within_budget():
     assert long.output_token_ids == [7]  # sampled only once its whole prompt was computed
 
 
-def test_max_loras_bounds_distinct_adapters_per_step():
+def test_max_loras_passes_over_a_new_adapter_and_admits_it_later():
     sched, _, _ = make(max_loras=1, sizes={"x": 2, "y": 2})
-    for rid, key in enumerate(["x", "y", "x", None]):
-        sched.add(req(rid, 2, key))
+    reqs = [req(rid, 2, key, max_tokens=1) for rid, key in enumerate(["x", "y", "x", None])]
+    for r in reqs:
+        sched.add(r)
     out = sched.schedule()
-    # FCFS stops at the first request whose adapter would exceed max_loras
-    assert [s.request.request_id for s in out.scheduled] == [0]
+    # "y" would be a second adapter in the step: it waits, the requests behind it do not
+    assert [s.request.request_id for s in out.scheduled] == [0, 2, 3]
     assert out.adapter_keys == {"x"}
+    run_step(sched, out)
+    for r in (reqs[0], reqs[2]):
+        sched.finish(r, "length")
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == [3, 1]
+    assert out.adapter_keys == {"y"}
 
 
 def test_admission_needs_adapter_and_kv_pages_together():

@@ -1,0 +1,177 @@
+"""The engine with the scheduler's features on the tiny random Llama: preemption, prefix
+caching, policies, early abort, cancellation and streaming."""
+
+from __future__ import annotations
+
+import pytest
+from support import assert_kv_released
+from test_engine import GREEDY, prompts, tokens
+
+from pagedlora import Engine, SamplingParams
+
+PAGE_BYTES = 2 * 8 * 2 * 16 * 4  # K and V x block 8 x 2 kv heads x head_dim 16 x fp32
+
+
+def small_engine(model_dir, num_pages, **options):
+    return Engine(model_dir, pool_gb=num_pages * PAGE_BYTES / 2**30, block_size=8, **options)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=128, block_size=8)
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_preemption_gives_the_same_greedy_tokens(tiny_llama_dir, caching):
+    ps = prompts(8, seed=10, lo=20, hi=40)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    want = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, enable_prefix_caching=False
+                  ).generate(ps, sampling_params=sp, progress=False)
+    small = small_engine(tiny_llama_dir, 40, enable_prefix_caching=caching)
+    got = small.generate(ps, sampling_params=sp, progress=False)
+    assert sum(o.num_preemptions for o in got) > 0
+    assert tokens(got) == tokens(want)
+    assert_kv_released(small)
+
+
+def test_prefix_caching_reuses_blocks_and_keeps_tokens(tiny_llama_dir):
+    shared = prompts(1, seed=20, lo=40, hi=40)[0]  # 5 blocks of 8
+    tails = prompts(6, seed=21, lo=1, hi=12)
+    ps = [shared + t for t in tails]
+    off = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, enable_prefix_caching=False)
+    on = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    want = off.generate(ps, sampling_params=GREEDY, progress=False)
+    first = on.generate(ps[:1], sampling_params=GREEDY, progress=False)
+    rest = on.generate(ps[1:], sampling_params=GREEDY, progress=False)
+    assert tokens(first + rest) == tokens(want)
+    assert first[0].num_cached_tokens == 0
+    assert [o.num_cached_tokens for o in rest] == [40] * 5
+    assert all(o.num_cached_tokens == 0 for o in want)
+    stats = on.stats()["prefix_cache"]
+    assert stats["hit_tokens"] == 200
+    assert stats["queried_tokens"] == sum(len(p) for p in ps)
+    assert_kv_released(on)
+
+
+def test_adapters_with_the_same_prompt_never_share_kv(tiny_llama_dir, make_adapter):
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    paths = {name: make_adapter(tiny_llama_dir, name, r=4, seed=i,
+                                target_modules=["q_proj", "v_proj"])
+             for i, name in enumerate(["x", "y"])}
+    for name, path in paths.items():
+        engine.add_adapter(name, path)
+    p = prompts(1, seed=22, lo=30, hi=30)[0]
+    outs = [engine.generate([p], adapters=a, sampling_params=GREEDY, progress=False)[0]
+            for a in ["x", "y", None, "x"]]
+    assert [o.num_cached_tokens for o in outs] == [0, 0, 0, 24]
+    fresh = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, enable_prefix_caching=False)
+    for name, path in paths.items():
+        fresh.add_adapter(name, path)
+    want = [fresh.generate([p], adapters=a, sampling_params=GREEDY, progress=False)[0]
+            for a in ["x", "y", None]]
+    assert tokens(outs[:3]) == tokens(want) and outs[3].token_ids == outs[0].token_ids
+    assert len({tuple(o.token_ids) for o in outs[:3]}) == 3  # the adapters do change tokens
+
+
+def test_a_name_re_added_with_new_weights_gets_fresh_kv(tiny_llama_dir, make_adapter):
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    old = make_adapter(tiny_llama_dir, "old", r=4, seed=1, target_modules=["k_proj", "v_proj"])
+    new = make_adapter(tiny_llama_dir, "new", r=8, seed=2, target_modules=["v_proj"])
+    p = prompts(1, seed=23, lo=30, hi=30)[0]
+    engine.add_adapter("a", old)
+    engine.generate([p], adapters="a", sampling_params=GREEDY, progress=False)
+    engine.add_adapter("a", new)
+    got = engine.generate([p], adapters="a", sampling_params=GREEDY, progress=False)[0]
+    assert got.num_cached_tokens == 0
+    fresh = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, enable_prefix_caching=False)
+    fresh.add_adapter("a", new)
+    want = fresh.generate([p], adapters="a", sampling_params=GREEDY, progress=False)[0]
+    assert got.token_ids == want.token_ids
+
+
+@pytest.mark.parametrize("policy", ["cluster", "fair"])
+def test_policies_do_not_change_greedy_tokens(tiny_llama_dir, make_adapter, policy):
+    ps = prompts(12, seed=24)
+    names = [None, "x", "y", "x"] * 3
+    outs = {}
+    for pol in ["fcfs", policy]:
+        engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, policy=pol, max_num_seqs=3,
+                        max_loras=1)
+        for i, name in enumerate(["x", "y"]):
+            engine.add_adapter(name, make_adapter(tiny_llama_dir, f"{pol}-{name}", r=4, seed=i,
+                                                  target_modules=["q_proj", "o_proj"]))
+        outs[pol] = engine.generate(ps, adapters=names, sampling_params=GREEDY, progress=False)
+        steps = engine.stats()["steps"]
+        assert max(s["num_adapters"] for s in steps) == 1  # max_loras
+        assert max(s["batch_size"] for s in steps) <= 3
+    assert tokens(outs[policy]) == tokens(outs["fcfs"])
+
+
+def test_a_request_that_cannot_meet_its_deadline_is_aborted(engine):
+    ps = prompts(3, seed=25)
+    sp = [GREEDY, SamplingParams(max_tokens=4, temperature=0, deadline_s=1e-9),
+          SamplingParams(max_tokens=4, temperature=0, deadline_s=3600.0)]
+    outs = engine.generate(ps, sampling_params=sp, progress=False)
+    assert [o.finish_reason for o in outs] == ["length", "abort", "length"]
+    assert outs[1].token_ids == [] and "deadline" in outs[1].error
+    assert_kv_released(engine)
+
+
+def test_stream_yields_tokens_and_text_as_they_come(engine):
+    ps = prompts(3, seed=26)
+    want = engine.generate(ps, sampling_params=GREEDY, progress=False)
+    pieces = {i: ([], "") for i in range(3)}
+    finished = []
+    for d in engine.stream(ps, sampling_params=GREEDY):
+        ids, text = pieces[d.index]
+        pieces[d.index] = (ids + d.new_token_ids, text + d.new_text)
+        if d.finished:
+            finished.append(d.index)
+            assert d.output.token_ids == pieces[d.index][0]
+            assert d.output.text == pieces[d.index][1]
+        else:
+            assert len(d.new_token_ids) == 1 and d.output is None
+    assert sorted(finished) == [0, 1, 2]
+    assert [pieces[i][0] for i in range(3)] == tokens(want)
+    assert [pieces[i][1] for i in range(3)] == [o.text for o in want]
+    assert_kv_released(engine)
+
+
+def test_stream_holds_back_a_possible_stop_string(engine):
+    p = prompts(1, seed=27)[0]
+    text = engine.generate([p], sampling_params=GREEDY, progress=False)[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, stop=[stop])
+    want = engine.generate([p], sampling_params=sp, progress=False)[0]
+    streamed = "".join(d.new_text for d in engine.stream([p], sampling_params=sp))
+    assert want.finish_reason == "stop" and stop not in want.text
+    assert streamed == want.text == text[:text.find(stop)]
+
+
+def test_closing_a_stream_aborts_its_requests(engine):
+    it = engine.stream(prompts(4, seed=28), sampling_params=GREEDY)
+    first = next(it)
+    assert not first.finished
+    assert engine.stats()["requests_running"] == 4
+    it.close()
+    assert engine.stats()["requests_running"] == engine.stats()["requests_waiting"] == 0
+    assert engine._tracked == {}
+    assert_kv_released(engine)
+
+
+def test_abort_finishes_one_request_and_the_others_go_on(engine):
+    ps = prompts(3, seed=29)
+    want = engine.generate(ps, sampling_params=GREEDY, progress=False)
+    outs = {}
+    for d in engine.stream(ps, sampling_params=GREEDY):
+        if d.index == 1 and not d.finished and len(d.new_token_ids) and not outs:
+            assert engine.abort(d.request_id)
+            outs["aborted_at"] = d.request_id
+        if d.finished:
+            outs[d.index] = d.output
+    assert outs[1].finish_reason == "abort" and len(outs[1].token_ids) < 12
+    assert outs[1].token_ids == want[1].token_ids[:len(outs[1].token_ids)]
+    assert tokens([outs[0], outs[2]]) == tokens([want[0], want[2]])
+    assert not engine.abort(outs[1].request_id)  # finished: nothing to abort
+    assert not engine.abort(10**9)
+    assert_kv_released(engine)
