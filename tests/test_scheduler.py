@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pagedlora.config import EngineConfig
+from pagedlora.errors import AdapterUnavailableError
 from pagedlora.scheduler import ADAPTER, PageAllocator, Request, RequestStatus, Scheduler
 
 
@@ -135,6 +136,26 @@ def test_admission_needs_adapter_and_kv_pages_together():
     out = sched.schedule()
     assert [s.request.request_id for s in out.scheduled] == [1]  # 1 page left: 2 waits
     assert alloc.num_used("adapter") == 7 and alloc.num_used("kv") == 4
+
+
+def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone():
+    sched, alloc, adapters = make(sizes={"gone": 2, "x": 2}, enable_prefix_caching=True)
+
+    def acquire(key, ok=adapters.acquire):
+        if key == "gone":
+            raise AdapterUnavailableError("adapter 'gone' cannot be loaded: source missing")
+        return ok(key)
+
+    adapters.acquire = acquire
+    a, b, c = req(0, 5, "gone"), req(1, 3, "x"), req(2, 4)
+    for r in (a, b, c):
+        sched.add(r)
+    out = sched.schedule()
+    assert out.failed == [a] and a.finish_reason == "error"
+    assert a.error == "request 0: adapter 'gone' cannot be loaded: source missing"
+    assert [s.request for s in out.scheduled] == [b, c] and sched.waiting == []
+    assert a.blocks == [] and alloc.num_used("kv") == 2 + 2  # one block (2 layers) for b, c
+    sched.kv.check_invariants(sched.running)
 
 
 def test_preemption_frees_newest_and_recomputes_it():
