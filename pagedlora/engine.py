@@ -18,12 +18,14 @@ from pagedlora.adapter_dirs import adapter_dirs
 from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
 from pagedlora.detokenizer import Detokenizer
+from pagedlora.errors import AdapterUnavailableError
 from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.model import LlamaModel
 from pagedlora.model_files import load_weights, resolve_model
 from pagedlora.model_runner import ModelRunner
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.pool import UnifiedPool
+from pagedlora.prefetcher import Prefetcher
 from pagedlora.sampler import sample
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.scheduler import ADAPTER, KV, Request, Scheduler
@@ -100,6 +102,7 @@ class Engine:
         self.scheduler = Scheduler(config, pages_per_block=m.num_layers,
                                    allocator=self.pool.allocator, adapters=self.adapters)
         self.runner = ModelRunner(m, self.pool, self.adapters)
+        self.prefetcher = Prefetcher(self.adapters.prefetch)
         eos = hf_config.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -287,8 +290,11 @@ class Engine:
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
             return [self._stream_output(r) for r in changed]
         self.adapters.record_use(out.scheduled)
+        upcoming = self.scheduler.next_adapters(self.config.max_loras)
+        self.prefetcher.ask(k for k in upcoming if self.adapters.tier(k) in ("disk", "source"))
         sampled, logits = self.runner.run(out)
         self.scheduler.update(out)
+        self._warm_pool(upcoming)
         if sampled:
             states = [self._tracked[r.request_id] for r in sampled]
             tokens = sample(logits, [t.params for t in states], [t.generator for t in states])
@@ -310,6 +316,19 @@ class Engine:
             "pages_free": self.pool.allocator.num_free,
             "seconds": time.perf_counter() - started})
         return [self._stream_output(r) for r in changed]
+
+    def _warm_pool(self, keys: list[str]) -> None:
+        """Copies prefetched adapters (already in host memory) into free pool pages, unpinned,
+        so their first requests need not wait for the copy; only pages that are free beyond the
+        scheduler's watermark are used, and nothing is evicted for it."""
+        for key in keys:
+            spare = self.pool.allocator.num_free - self.scheduler.watermark_pages
+            if self.adapters.tier(key) == "host" and self.adapters.pages_needed(key) <= spare:
+                try:
+                    if self.adapters.acquire(key):
+                        self.adapters.release(key)
+                except AdapterUnavailableError:
+                    pass  # its request fails with the reason when admitted
 
     def _submit(self, prompts, adapters, sampling_params) -> list[_Tracked]:
         """Tokenizes and queues the prompts (see :meth:`generate` for the arguments)."""

@@ -175,3 +175,27 @@ def test_abort_finishes_one_request_and_the_others_go_on(engine):
     assert not engine.abort(outs[1].request_id)  # finished: nothing to abort
     assert not engine.abort(10**9)
     assert_kv_released(engine)
+
+
+def test_adapters_of_waiting_requests_are_prefetched_while_others_run(tiny_llama_dir,
+                                                                      make_adapter):
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, max_num_seqs=1)
+    path = make_adapter(tiny_llama_dir, "x", r=8, seed=3, target_modules=["q_proj", "down_proj"])
+    engine.add_adapter("x", path)
+    key = engine.adapters.key_of("x")
+    ps = prompts(2, seed=30)
+    assert engine.adapters.tier(key) in ("disk", "source")
+    it = engine.stream(ps, adapters=[None, "x"], sampling_params=GREEDY)
+    next(it)  # the base request's first step; "x" waits (one sequence at a time)
+    assert engine.prefetcher.wait_idle() and engine.prefetcher.num_fetched == 1
+    if engine.adapters.tier(key) == "host":  # read on the prefetch thread after the step
+        next(it)  # the step after: free pages take it into the pool, unpinned
+    assert engine.adapters.tier(key) == "pool"
+    assert engine.stats()["requests_waiting"] == 1  # ... before its request is admitted
+    outs = {d.index: d.output for d in it if d.finished}
+    fresh = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    fresh.add_adapter("x", path)
+    want = fresh.generate(ps, adapters=[None, "x"], sampling_params=GREEDY, progress=False)
+    assert [outs[0].token_ids, outs[1].token_ids] == tokens(want)
+    stats = engine.stats()["adapters"]["x"]
+    assert stats["loads_from_source"] + stats["loads_from_disk"] == 1
