@@ -252,19 +252,16 @@ class Scheduler:
                 try:
                     acquired = self.adapters.acquire(key)
                 except AdapterUnavailableError as e:  # this request fails, the others go on
-                    self.kv.free(request)
-                    request.num_computed_tokens = 0
+                    self._release(request, pinned=False)
                     request.fail(f"request {request.request_id}: {e}")
                     self.waiting.remove(request)
                     out.failed.append(request)
                     continue
                 if not acquired:
-                    self.kv.free(request)
-                    request.num_computed_tokens = 0
+                    self._release(request, pinned=False)
                     return
             if not self._allocate(request, cached + n):
                 self._release(request)
-                request.num_computed_tokens = 0
                 return
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -311,13 +308,14 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self._release(request)
-        request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.append(request)
 
-    def _release(self, request: Request) -> None:
-        """Frees the KV blocks of ``request`` and unpins its adapter."""
+    def _release(self, request: Request, pinned: bool = True) -> None:
+        """Drops the KV blocks of ``request`` (nothing computed remains) and, if ``pinned``,
+        unpins its adapter."""
         self.kv.free(request)
-        if request.adapter_key is not None:
+        request.num_computed_tokens = 0
+        if pinned and request.adapter_key is not None:
             self.adapters.release(request.adapter_key)
