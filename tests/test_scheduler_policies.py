@@ -118,6 +118,25 @@ def test_fair_policy_keeps_a_light_adapter_served_under_a_flood():
     assert fcfs < 0.15, fcfs
 
 
+def test_fair_policy_orders_by_virtual_counters():
+    sched, _, _ = make(policy="fair", sizes={"a": 1, "b": 1})
+    for rid, key in enumerate(["a", "a", "b", "b", None, "b"]):
+        sched.add(req(rid, 3, key))  # each prompt costs 3 when admitted
+    sched.policy.counters.update({"a": 10.0, "b": 0.0, None: 4.0})
+    order = [r.request_id for r in sched.policy.order(sched.waiting, sched._view(0.0, set()))]
+    # counters: b 0 -> 3 -> 6, base 4 -> 7, b 6 -> 9, a 10 -> 13
+    assert order == [2, 3, 4, 5, 0, 1]
+
+
+def test_fair_policy_lifts_a_returning_client_to_the_active_minimum():
+    sched, _, _ = make(policy="fair", sizes={"a": 1, "b": 1})
+    sched.policy.counters.update({"a": 50.0, "b": 2.0})
+    sched.add(req(0, 3, "a"))  # "a" is the only active client: nothing to lift it to
+    assert sched.policy.counters["a"] == 50.0
+    sched.add(req(1, 3, "b"))  # "b" idled with a low counter: lifted to 50, no saved credit
+    assert sched.policy.counters["b"] == 50.0
+
+
 def test_fair_policy_preempts_the_most_served_adapter():
     # 8 pages = 4 blocks; "heavy" got more service, so its request goes although "light" is
     # the most recently admitted (which FCFS preempts)
