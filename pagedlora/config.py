@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 _DTYPES = ("float32", "bfloat16", "float16")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,10 @@ class EngineConfig:
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
+        kernel_backend: "auto", "torch" or "triton": the KV write, paged attention and LoRA
+            kernels. "auto" runs Triton on CUDA and the torch references on the CPU; "triton"
+            on the CPU runs the Triton kernels through triton's interpreter (slow, for tests),
+            which needs ``TRITON_INTERPRET=1`` in the environment before triton is imported.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -43,6 +48,7 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     seed: int = 0
+    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -64,6 +70,9 @@ class EngineConfig:
                              f"got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
+                             f"got {self.kernel_backend!r}")
 
     @classmethod
     def from_options(cls, pool_gb: float, **options) -> EngineConfig:

@@ -41,7 +41,8 @@ class Engine:
             once and cached under ``$PAGEDLORA_CACHE``), or None for the embedded default.
         pool_gb: size of the unified pool in GiB.
         **options: the other fields of :class:`EngineConfig` (dtype, device, block_size,
-            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed).
+            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed,
+            kernel_backend).
 
     Raises:
         TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
@@ -59,7 +60,8 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         device = torch.device(config.device)
         self.model = LlamaModel(hf_config, load_weights(self.model_dir), dtype=dtype,
-                                device=device, max_model_len=self.max_model_len)
+                                device=device, max_model_len=self.max_model_len,
+                                kernel_backend=config.kernel_backend)
         m = self.model
         geometry = dict(block_size=config.block_size, num_kv_heads=m.num_kv_heads,
                         head_dim=m.head_dim)
