@@ -92,5 +92,5 @@ def check_tensor(name: str, t: torch.Tensor, *, ndim: int, dtype: torch.dtype,
         raise ValueError(f"{name} is on {t.device}, the other tensors on {device}")
     if contiguous and not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
-    if t.numel() and t.stride(-1) != 1:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:  # a size-1 dimension may have any stride
         raise ValueError(f"{name} needs a unit stride in its last dimension, got {t.stride()}")
