@@ -19,15 +19,15 @@ from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_
 
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_ptr,
-                   in_features, stride_xt, stride_page, stride_slot, stride_tmp,
+                   in_features, split_k, stride_xt, stride_page, stride_slot, stride_tmp,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, DOT: tl.constexpr):
+                   DOT: tl.constexpr):
     # Program (segment, token tile, rank tile x k split): tmp[tokens, ranks] (+)= scale *
     # x[tokens, k range] @ A[ranks, k range]^T, A's rows gathered from their pages.
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_r = tl.program_id(2) // SPLIT_K
-    pid_k = tl.program_id(2) % SPLIT_K
+    pid_r = tl.program_id(2) // split_k
+    pid_k = tl.program_id(2) % split_k
     start = tl.load(seg_ptr + 4 * seg)
     end = tl.load(seg_ptr + 4 * seg + 1)
     col = tl.load(seg_ptr + 4 * seg + 2)
@@ -41,7 +41,7 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
     rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
             + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)   # [BLOCK_R]
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for k0 in range(pid_k * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+    for k0 in range(pid_k * BLOCK_K, in_features, BLOCK_K * split_k):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < in_features
         x = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :],
@@ -51,7 +51,7 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
         acc += tl.dot(x.to(DOT), a.to(DOT), input_precision="ieee")
     acc *= tl.load(scale_ptr + seg)
     out = tmp_ptr + tok[:, None] * stride_tmp + r[None, :]
-    if SPLIT_K == 1:
+    if split_k == 1:  # (triton specializes an int argument equal to 1: no runtime branch)
         tl.store(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
     else:
         tl.atomic_add(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
@@ -156,9 +156,9 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     grid = (len(batch.segments), triton.cdiv(max_len, block_m),
             triton.cdiv(max_rank, block_r) * split_k)
     _shrink_kernel[grid](
-        x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features,
+        x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features, split_k,
         x.stride(0), a_view.stride(0), a_view.stride(1), tmp.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, SPLIT_K=split_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
         DOT=dot_dtype(x.dtype, _shrink_kernel))
     return tmp
 
