@@ -61,8 +61,8 @@ def dot_dtype(dtype: torch.dtype, kernel) -> tl.dtype:
     interpreted.
 
     The interpreter of triton 3.9 multiplies bfloat16 ``tl.dot`` operands as their raw 16-bit
-    integers (numpy has no bfloat16), and numpy's float16 matmul has no BLAS path; float32
-    operands hold both exactly.
+    integers (numpy has no bfloat16; triton-lang/triton issue 11584), and numpy's float16
+    matmul has no BLAS path; float32 operands hold both exactly.
     """
     if interpreted(kernel):
         return tl.float32
