@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/backend.py implements them
+
 _DTYPES = ("float32", "bfloat16", "float16")
-KERNEL_BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,10 @@ class EngineConfig:
         dtype: "float32", "bfloat16" or "float16"; weights, activations and the pool use it.
             None (the default) picks float32 on the CPU and bfloat16 on CUDA.
         device: torch device string ("cpu", "cuda", "cuda:1").
+        kernel_backend: "auto", "torch" or "triton": the KV write, paged attention and LoRA
+            kernels. "auto" runs Triton on CUDA and the torch references on the CPU; "triton"
+            on the CPU runs the Triton kernels through triton's interpreter (slow, for tests),
+            which needs ``TRITON_INTERPRET=1`` in the environment before triton is imported.
         block_size: tokens per KV block; one page holds one block of one layer
             (``2 * block_size * num_kv_heads * head_dim`` elements).
         max_num_seqs: most sequences in one step.
@@ -29,10 +34,6 @@ class EngineConfig:
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
-        kernel_backend: "auto", "torch" or "triton": the KV write, paged attention and LoRA
-            kernels. "auto" runs Triton on CUDA and the torch references on the CPU; "triton"
-            on the CPU runs the Triton kernels through triton's interpreter (slow, for tests),
-            which needs ``TRITON_INTERPRET=1`` in the environment before triton is imported.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -41,6 +42,7 @@ class EngineConfig:
     pool_gb: float = 1.0
     dtype: str | None = None
     device: str = "cpu"
+    kernel_backend: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -48,7 +50,6 @@ class EngineConfig:
     max_loras: int = 8
     max_lora_rank: int = 64
     seed: int = 0
-    kernel_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -58,6 +59,9 @@ class EngineConfig:
             object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
+                             f"got {self.kernel_backend!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras",
                      "max_lora_rank"):
             value = getattr(self, name)
@@ -70,9 +74,6 @@ class EngineConfig:
                              f"got {self.max_model_len!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.kernel_backend not in KERNEL_BACKENDS:
-            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
-                             f"got {self.kernel_backend!r}")
 
     @classmethod
     def from_options(cls, pool_gb: float, **options) -> EngineConfig:
