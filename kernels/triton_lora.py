@@ -93,7 +93,7 @@ def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
     tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _segment_table(batch: LoraBatch, num_tokens: int, device: torch.device
+def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([S, 4] int64 (start, end, col_start, col_end), [S] float32 scale)`` of the segments.
 
@@ -121,13 +121,15 @@ def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int) -
             raise ValueError(f"batch.{name}.{part} has {t.shape[0]} rows, batch.a {num_rows}")
 
 
-def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
+                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Shrink: ``tmp[t, j] = scale_s * x[t] @ A_s[j]`` for token t of segment s, ``j < r_s``.
 
     Args:
         x: ``[T, in_features]`` input of the projection, the pool's dtype, unit last stride.
         batch: the step's rows and segments for this module (token_scale is not read).
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+        segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
     Returns:
         ``[T, max_rank]`` float32 (max_rank: the largest segment rank); row t's first r_s
         columns are set for tokens in segments, the rest is undefined.
@@ -141,7 +143,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     if a_view.shape[2] != in_features:
         raise ValueError(f"x has {in_features} features, a_view rows {a_view.shape[2]}")
     check_launchable(_shrink_kernel, device)
-    table, scales = _segment_table(batch, num_tokens, device)
+    table, scales = segment_table or segment_tensors(batch, num_tokens, device)
     max_rank = max(s.col_end - s.col_start for s in batch.segments)
     max_len = max(s.end - s.start for s in batch.segments)
     block_m, block_r, block_k = min(64, pow2(max_len)), min(64, pow2(max_rank)), 128
@@ -163,8 +165,8 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     return tmp
 
 
-def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch,
-                b_view: torch.Tensor) -> None:
+def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: torch.Tensor,
+                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Expand, in place: ``y[t] += tmp[t, :r_s] @ B_s^T`` for token t of segment s (tmp rounded
     to y's dtype first when compiled, as an unfused shrink then expand would).
 
@@ -173,6 +175,7 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch,
         tmp: ``[T, max_rank]`` float32 from :func:`lora_shrink`.
         batch: the step's rows and segments for this module.
         b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+        segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
     Raises:
         ValueError: a shape, dtype, device or stride the kernel cannot take (named).
     """
@@ -185,7 +188,7 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch,
         raise ValueError(f"y is {tuple(y.shape)}, tmp {tuple(tmp.shape)}, b_view rows "
                          f"{b_view.shape[2]} wide")
     check_launchable(_expand_kernel, device)
-    table, _ = _segment_table(batch, num_tokens, device)
+    table, _ = segment_table or segment_tensors(batch, num_tokens, device)
     max_len = max(s.end - s.start for s in batch.segments)
     block_m, block_n = min(64, pow2(max_len)), min(128, pow2(out_features))
     grid = (len(batch.segments), triton.cdiv(max_len, block_m), triton.cdiv(out_features,
@@ -220,4 +223,5 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
                          f"{batch.token_scale.shape[0]}")
     if not batch.segments or x.shape[0] == 0:
         return
-    lora_expand(y, lora_shrink(x, batch, a_view), batch, b_view)
+    table = segment_tensors(batch, x.shape[0], y.device)  # to the device once, not per kernel
+    lora_expand(y, lora_shrink(x, batch, a_view, table), batch, b_view, table)
