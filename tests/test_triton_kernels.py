@@ -1,6 +1,7 @@
 """The Triton kernels against their torch references, and the engine on them.
 
-The cases live in ``triton_cases.py``. On the CPU they run through the Triton interpreter,
+The cases live in ``triton_cases.py``; ``triton_compile_check.py`` compiles the kernels for a
+GPU. On the CPU they run through the Triton interpreter,
 which triton (3.9) enables only when ``TRITON_INTERPRET=1`` is set before it is first imported
 (other test files import it through transformers and peft), so they run here in a fresh Python
 process with that environment; with CUDA the same process runs them compiled. Nothing leaks into
@@ -35,6 +36,12 @@ def test_triton_cases_pass_compiled_on_cuda_or_interpreted_on_the_cpu():
                     str(TESTS / "triton_cases.py")], interpret=not torch.cuda.is_available())
     assert r.returncode == 0, r.stdout[-8000:] + r.stderr[-4000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-2000:]
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one():
+    r = run_python([str(TESTS / "triton_compile_check.py")], interpret=False)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert r.stdout.count("compiled ") == 12, r.stdout
 
 
 def test_cpu_backends_without_the_interpreter():
