@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from pagedlora.kernels.paged_attention import AttentionMetadata
-from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, pow2
+from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, pow2, tile
 
 
 @triton.jit
@@ -170,7 +170,7 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
     out = torch.empty(meta.flat_index.shape[0], num_heads, head_dim, dtype=q.dtype,
                       device=device)
     rows = meta.token_index.shape[1] * group  # the longest sequence's (token, head) rows
-    block_m = min(64, pow2(rows))
+    block_m = tile(rows)
     grid = (num_seqs, num_kv_heads, triton.cdiv(rows, block_m))
     _paged_attention_kernel[grid](
         q, kv_pages, block_tables, meta.q_start, meta.q_lens, meta.ctx_lens, meta.out_start,

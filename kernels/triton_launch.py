@@ -70,6 +70,12 @@ def dot_dtype(dtype: torch.dtype, kernel) -> tl.dtype:
             torch.bfloat16: tl.bfloat16}[dtype]
 
 
+def tile(n: int) -> int:
+    """The block size for a dimension of ``n`` (tokens, rank rows): 16, the least ``tl.dot``
+    takes on GPUs, up to 16, else 64; two sizes keep the compiled variants per kernel few."""
+    return 16 if n <= 16 else 64
+
+
 def pow2(n: int, least: int = 16) -> int:
     """The smallest power of two >= ``max(n, least)``: a block size covering ``n`` elements
     (``tl.dot`` needs 16 at least on GPUs)."""

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from pagedlora.kernels.lora import LoraBatch, PagedRows
-from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, pow2
+from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, tile
 
 
 @triton.jit
@@ -146,8 +146,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     table, scales = segment_table or segment_tensors(batch, num_tokens, device)
     max_rank = max(s.col_end - s.col_start for s in batch.segments)
     max_len = max(s.end - s.start for s in batch.segments)
-    block_m, block_r, block_k = min(64, pow2(max_len)), min(64, pow2(max_rank)), 128
-    block_k = min(block_k, pow2(in_features))
+    block_m, block_r, block_k = tile(max_len), tile(max_rank), 128
     programs = len(batch.segments) * triton.cdiv(max_len, block_m) * triton.cdiv(max_rank,
                                                                                   block_r)
     # Few programs over a long reduction (decode, small ranks) leave most of a GPU idle:
@@ -190,13 +189,13 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
     check_launchable(_expand_kernel, device)
     table, _ = segment_table or segment_tensors(batch, num_tokens, device)
     max_len = max(s.end - s.start for s in batch.segments)
-    block_m, block_n = min(64, pow2(max_len)), min(128, pow2(out_features))
+    block_m, block_n = tile(max_len), 128
     grid = (len(batch.segments), triton.cdiv(max_len, block_m), triton.cdiv(out_features,
                                                                              block_n))
     _expand_kernel[grid](
         tmp, b_view, batch.b.pages, batch.b.slots, table, y, out_features,
         tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=min(64, pow2(tmp.shape[1])),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]),
         DOT=dot_dtype(y.dtype, _expand_kernel))
 
 
