@@ -154,16 +154,18 @@ def main() -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     time_us = timer(device)
     result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                  dtype=str(cfg["dtype"]), lora=bench_lora(cfg, device, time_us),
-                  decode_attention=bench_decode(cfg, device, time_us))
+                  dtype=str(cfg["dtype"]), decode_attention=[], lora=[])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_micro.json").write_text(json.dumps(result, indent=1))
+    # written after each part, so a run stopped by a timeout keeps what it measured
+    for part, bench in (("decode_attention", bench_decode), ("lora", bench_lora)):
+        result[part] = bench(cfg, device, time_us)
+        (args.out / "gpu_micro.json").write_text(json.dumps(result, indent=1))
     (args.out / "gpu_micro.md").write_text(
         f"# Kernel micro-benchmarks on {result['device']} ({result['dtype']}), microseconds\n\n"
-        f"## LoRA shrink+expand, {cfg['hidden']}x{cfg['hidden']} projection\n\n"
-        f"{table(result['lora'])}\n\n"
         f"## Paged decode attention, {cfg['heads']} heads x {cfg['head_dim']}\n\n"
-        f"{table(result['decode_attention'])}\n")
+        f"{table(result['decode_attention'])}\n\n"
+        f"## LoRA shrink+expand, {cfg['hidden']}x{cfg['hidden']} projection\n\n"
+        f"{table(result['lora'])}\n")
     print((args.out / "gpu_micro.md").read_text())
 
 
