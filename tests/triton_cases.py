@@ -141,28 +141,35 @@ def assign_tokens(num_tokens: int, num_adapters: int, popularity: str, g) -> lis
     weights = 1.0 / torch.arange(1, num_adapters + 1, dtype=torch.float) ** 1.5  # zipf
     picks = torch.multinomial(weights, num_tokens, replacement=True, generator=g).tolist()
     if popularity == "with_base":  # a third of the tokens on the base model, interleaved
-        picks = [None if i % 3 == 1 else p for i, p in enumerate(picks)]
-        return picks
+        return [None if i % 3 == 1 else p for i, p in enumerate(picks)]
     return sorted(picks)
 
 
 def lora_case(num_tokens, in_f, out_f, ranks, popularity, dtype, seed):
-    """Random adapters of ``ranks`` scattered over pool pages, tokens assigned by popularity;
-    returns ``(y, x, batch, a_view, b_view)`` on DEVICE (float32 token_scale)."""
+    """Random adapters of ``ranks`` scattered over pool pages, tokens assigned by popularity.
+
+    Returns:
+        ``(y, x, batch, a_view, b_view, owner)`` on DEVICE (float32 token_scale), ``owner``
+        from :func:`assign_tokens`.
+    """
     g = gen(seed)
     page_numel = 3 * max(in_f, out_f)  # pages of 3 rows or more, as UnifiedPool.rows views
     rows_a, rows_b = page_numel // in_f, page_numel // out_f
     total = sum(ranks)
-    num_pages = math.ceil(total / rows_a) + math.ceil(total / rows_b) + 4
+    pages_a, pages_b = math.ceil(total / rows_a), math.ceil(total / rows_b)
+    num_pages = pages_a + pages_b + 4
+
+    def views(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (pool[:, : rows_a * in_f].view(num_pages, rows_a, in_f),
+                pool[:, : rows_b * out_f].view(num_pages, rows_b, out_f))
+
     pool = torch.zeros(num_pages, page_numel, dtype=dtype)
-    a_view = pool[:, : rows_a * in_f].view(num_pages, rows_a, in_f)
-    b_view = pool[:, : rows_b * out_f].view(num_pages, rows_b, out_f)
+    a_view, b_view = views(pool)
     places = torch.randperm(num_pages, generator=g)
-    a_pages, b_pages = places[: math.ceil(total / rows_a)], places[math.ceil(total / rows_a):]
-    a_flat = torch.randperm(len(a_pages) * rows_a, generator=g)[:total]
-    b_flat = torch.randperm(len(b_pages) * rows_b, generator=g)[:total]
-    a_rows = PagedRows(a_pages[a_flat // rows_a], a_flat % rows_a)
-    b_rows = PagedRows(b_pages[b_flat // rows_b], b_flat % rows_b)
+    a_flat = torch.randperm(pages_a * rows_a, generator=g)[:total]
+    b_flat = torch.randperm(pages_b * rows_b, generator=g)[:total]
+    a_rows = PagedRows(places[a_flat // rows_a], a_flat % rows_a)
+    b_rows = PagedRows(places[pages_a:][b_flat // rows_b], b_flat % rows_b)
     a_view[a_rows.pages, a_rows.slots] = (torch.randn(total, in_f, generator=g)
                                           / in_f ** 0.5).to(dtype)
     b_view[b_rows.pages, b_rows.slots] = torch.randn(total, out_f, generator=g).to(dtype)
@@ -180,14 +187,11 @@ def lora_case(num_tokens, in_f, out_f, ranks, popularity, dtype, seed):
     token_scale = torch.zeros(num_tokens, total, device=DEVICE)
     for s in segments:
         token_scale[s.start:s.end, s.col_start:s.col_end] = s.scale
-    on = lambda r: PagedRows(r.pages.to(DEVICE), r.slots.to(DEVICE))  # noqa: E731
-    batch = LoraBatch(on(a_rows), on(b_rows), tuple(segments), token_scale)
-    pool = pool.to(DEVICE)
-    a_view = pool[:, : rows_a * in_f].view(num_pages, rows_a, in_f)
-    b_view = pool[:, : rows_b * out_f].view(num_pages, rows_b, out_f)
+    batch = LoraBatch(*(PagedRows(r.pages.to(DEVICE), r.slots.to(DEVICE))
+                        for r in (a_rows, b_rows)), tuple(segments), token_scale)
     x = torch.randn(num_tokens, in_f, generator=g).to(dtype).to(DEVICE)
     y = torch.randn(num_tokens, out_f, generator=g).to(dtype).to(DEVICE)
-    return y, x, batch, a_view, b_view, owner
+    return (y, x, batch, *views(pool.to(DEVICE)), owner)
 
 
 LORA_CASES = [  # (tokens, in_features, out_features, ranks, popularity)
