@@ -72,17 +72,21 @@ def write_kv(kv_pages: torch.Tensor, slot_pages: torch.Tensor, slot_offsets: tor
 @triton.jit
 def _paged_attention_kernel(
         q_ptr, kv_ptr, tables_ptr, q_start_ptr, q_lens_ptr, ctx_lens_ptr, out_start_ptr, out_ptr,
-        scale, group, block_size, head_dim,
+        lse_ptr, scale, group, block_size, head_dim, kv_splits, split_len, split_rows,
         stride_qt, stride_qh, stride_page, stride_kv, stride_slot, stride_kvh, stride_table,
-        stride_ot, stride_oh,
+        stride_ot, stride_oh, stride_lt,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT: tl.constexpr):
-    # Program (b, kvh, tile): rows tile*BLOCK_M.. of sequence b's (new token, query head of
-    # kv head kvh) pairs, token-major, so a decode's GQA heads share one K/V read. Online
-    # softmax over key tiles of BLOCK_N positions, each key's page read from the block table.
+    # Program (b, kvh, tile x split): rows tile*BLOCK_M.. of sequence b's (new token, query
+    # head of kv head kvh) pairs, token-major, so a decode's GQA heads share one K/V read.
+    # Online softmax over key tiles of BLOCK_N positions, each key's page read from the block
+    # table. With kv_splits > 1 (decodes only) the program covers keys [split * split_len,
+    # + split_len) and writes its normalized output to rows split * split_rows.. of out, and
+    # its log-sum-exp to lse, for the wrapper to combine.
     b = tl.program_id(0)
     kvh = tl.program_id(1)
-    tile = tl.program_id(2)
+    tile = tl.program_id(2) // kv_splits
+    split = tl.program_id(2) % kv_splits
     q_len = tl.load(q_lens_ptr + b)
     if tile * BLOCK_M >= q_len * group:
         return
@@ -98,11 +102,11 @@ def _paged_attention_kernel(
     q = tl.load(q_rows[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     # keys 0 .. the last valid token's position of this tile
     last_tok = tl.minimum(q_len - 1, (tile * BLOCK_M + BLOCK_M - 1) // group)
-    kv_len = ctx_len - q_len + last_tok + 1
+    kv_len = tl.minimum(ctx_len - q_len + last_tok + 1, (split + 1) * split_len)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, kv_len, BLOCK_N):
+    for start in range(split * split_len, kv_len, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_ok = n < kv_len
         page = tl.load(tables_ptr + b * stride_table + n // block_size, mask=n_ok, other=0)
@@ -113,15 +117,36 @@ def _paged_attention_kernel(
                     other=0.0)
         s = tl.dot(q.to(DOT), tl.trans(k.to(DOT)), input_precision="ieee") * scale
         s = tl.where((n[None, :] <= q_pos[:, None]) & n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                 # finite: key 0 is always visible
+        # finite: every row sees the split's first key (key 0 without splits; a decode sees
+        # every key of its context)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision="ieee")
         m_i = m_new
-    out_rows = out_ptr + (tl.load(out_start_ptr + b) + tok) * stride_ot + head * stride_oh
-    tl.store(out_rows[:, None] + d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+    row = split * split_rows + tl.load(out_start_ptr + b) + tok
+    has_keys = l_i > 0  # false only in a split past the sequence's context: acc is 0 there
+    l_i = tl.where(has_keys, l_i, 1.0)
+    tl.store(out_ptr + (row * stride_ot + head * stride_oh)[:, None] + d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+    if kv_splits > 1:
+        tl.store(lse_ptr + row * stride_lt + head,
+                 tl.where(has_keys, m_i + tl.log(l_i), float("-inf")), mask=row_ok)
+
+
+_BLOCK_N = 64  # keys per tile
+
+
+def _kv_splits(num_programs: int, max_keys: int, device: torch.device) -> int:
+    """How many key ranges a decode group's programs split into (flash-decoding, Dao et al.
+    2023): enough programs to occupy every SM, each range at least 4 key tiles long."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter has no SMs; 8 sends long-context tests down the GPU's path
+        sms = 8
+    return max(1, min(sms // num_programs, triton.cdiv(max_keys, 4 * _BLOCK_N)))
 
 
 def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
@@ -133,6 +158,8 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
 
     Flash-attention style online softmax (Dao et al. 2022) over key tiles gathered from pages
     (PagedAttention, Kwon et al. 2023); the query heads of one KV head are rows of one tile.
+    A decode group with too few programs for the GPU also splits the keys into ranges whose
+    partial outputs are combined by their log-sum-exp (flash-decoding).
 
     Args:
         q: ``[T, num_heads, head_dim]`` queries of the whole flattened batch, the pool's dtype;
@@ -167,16 +194,31 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
                              f"{num_seqs} sequences in block_tables")
     check_launchable(_paged_attention_kernel, device)
     group = num_heads // num_kv_heads
-    out = torch.empty(meta.flat_index.shape[0], num_heads, head_dim, dtype=q.dtype,
-                      device=device)
+    num_out = meta.flat_index.shape[0]
     rows = meta.token_index.shape[1] * group  # the longest sequence's (token, head) rows
     block_m = tile(rows)
-    grid = (num_seqs, num_kv_heads, triton.cdiv(rows, block_m))
-    _paged_attention_kernel[grid](
+    tiles = triton.cdiv(rows, block_m)
+    max_keys = block_tables.shape[1] * block_size
+    # Only decodes split: a prefill row may see no key of a later range.
+    splits = 1 if meta.token_index.shape[1] > 1 else _kv_splits(
+        num_seqs * num_kv_heads * tiles, max_keys, device)
+    if splits == 1:
+        out = torch.empty(num_out, num_heads, head_dim, dtype=q.dtype, device=device)
+        lse = out  # not written
+    else:
+        out = torch.empty(splits * num_out, num_heads, head_dim, dtype=torch.float32,
+                          device=device)
+        lse = torch.empty(splits * num_out, num_heads, dtype=torch.float32, device=device)
+    _paged_attention_kernel[(num_seqs, num_kv_heads, tiles * splits)](
         q, kv_pages, block_tables, meta.q_start, meta.q_lens, meta.ctx_lens, meta.out_start,
-        out, scale, group, block_size, head_dim,
+        out, lse, scale, group, block_size, head_dim, splits,
+        _BLOCK_N * triton.cdiv(max_keys, _BLOCK_N * splits), num_out,
         q.stride(0), q.stride(1), kv_pages.stride(0), kv_pages.stride(1), kv_pages.stride(2),
         kv_pages.stride(3), block_tables.stride(0), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=pow2(head_dim),
+        lse.stride(0), BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_D=pow2(head_dim),
         DOT=dot_dtype(q.dtype, _paged_attention_kernel))
-    return out
+    if splits == 1:
+        return out
+    weights = lse.view(splits, num_out, num_heads).softmax(0)  # an empty range weighs 0
+    return (out.view(splits, num_out, num_heads, head_dim) * weights[..., None]).sum(0).to(
+        q.dtype)

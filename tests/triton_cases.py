@@ -107,12 +107,13 @@ def check_attention(q, kv_pages, block_tables, meta):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_seqs, heads, kv_heads, head_dim, block_size", [
-    (1, 4, 4, 16, 16), (7, 8, 2, 64, 16), (33, 6, 2, 24, 4)])
+@pytest.mark.parametrize("num_seqs, heads, kv_heads, head_dim, block_size, max_ctx", [
+    (1, 4, 4, 16, 16, 90), (7, 8, 2, 64, 16, 90), (33, 6, 2, 24, 4, 90),
+    (2, 8, 1, 64, 16, 700)])  # few programs over long contexts: the keys split in ranges
 def test_decode_attention_matches_reference(num_seqs, heads, kv_heads, head_dim, block_size,
-                                            dtype):
+                                            max_ctx, dtype):
     g = gen(num_seqs)
-    shapes = [(int(c), 1) for c in torch.randint(0, 90, (num_seqs,), generator=g)]
+    shapes = [(int(c), 1) for c in torch.randint(0, max_ctx, (num_seqs,), generator=g)]
     check_attention(*attention_case(shapes, heads, kv_heads, head_dim, block_size, dtype,
                                     seed=num_seqs))
 
