@@ -38,15 +38,15 @@ def main() -> None:
             **ints("stride_kt", "stride_vt", "stride_page", "stride_kv", "stride_slot",
                    "width")), dict(BLOCK=1024))
         attention = dict(
-            q_ptr=p, kv_ptr=p, out_ptr=p, tables_ptr=INDEX, q_start_ptr=INDEX,
-            q_lens_ptr=INDEX, ctx_lens_ptr=INDEX, out_start_ptr=INDEX, scale="fp32",
-            **ints("group", "block_size", "head_dim", "stride_qt", "stride_qh", "stride_page",
-                   "stride_kv", "stride_slot", "stride_kvh", "stride_table", "stride_ot",
-                   "stride_oh"))
-        for block_m, group in ((16, 1), (64, None)):  # MHA decode; GQA prefill
-            compile_kernel(triton_attention._paged_attention_kernel, attention, dict(
-                BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=128, DOT=dot,
-                **({} if group is None else {"group": group})))
+            q_ptr=p, kv_ptr=p, tables_ptr=INDEX, q_start_ptr=INDEX, q_lens_ptr=INDEX,
+            ctx_lens_ptr=INDEX, out_start_ptr=INDEX, lse_ptr="*fp32", scale="fp32",
+            **ints("group", "block_size", "head_dim", "kv_splits", "split_len", "split_rows",
+                   "stride_qt", "stride_qh", "stride_page", "stride_kv", "stride_slot",
+                   "stride_kvh", "stride_table", "stride_ot", "stride_oh", "stride_lt"))
+        # MHA decode split in key ranges (fp32 partial outputs); GQA prefill
+        for block_m, out, one in ((16, "*fp32", {"group": 1}), (64, p, {"kv_splits": 1})):
+            compile_kernel(triton_attention._paged_attention_kernel, {**attention, "out_ptr": out},
+                           dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=128, DOT=dot, **one))
         shrink = dict(x_ptr=p, a_ptr=p, pages_ptr=INDEX, slots_ptr=INDEX, seg_ptr=INDEX,
                       scale_ptr="*fp32", tmp_ptr="*fp32",
                       **ints("in_features", "split_k", "stride_xt", "stride_page",
