@@ -41,8 +41,7 @@ class Engine:
             once and cached under ``$PAGEDLORA_CACHE``), or None for the embedded default.
         pool_gb: size of the unified pool in GiB.
         **options: the other fields of :class:`EngineConfig` (dtype, device, block_size,
-            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed,
-            kernel_backend).
+            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed).
 
     Raises:
         TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
