@@ -34,12 +34,18 @@ class AttentionMetadata:
         mask: ``[B, 1, Q, S]`` bool, key position s visible to query (b, i): causal, and only
             the sequence's own context (S = max_blocks * block_size).
         flat_index: ``[N]`` int64, ``token_index[valid]``: where the outputs go.
+        q_start, q_lens, ctx_lens: ``[B]`` int64, as given to :func:`attention_metadata`.
+        out_start: ``[B]`` int64 row of sequence b's first new token among the N outputs.
     """
 
     token_index: torch.Tensor
     valid: torch.Tensor
     mask: torch.Tensor
     flat_index: torch.Tensor
+    q_start: torch.Tensor
+    q_lens: torch.Tensor
+    ctx_lens: torch.Tensor
+    out_start: torch.Tensor
 
 
 def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
@@ -63,7 +69,8 @@ def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: to
     key_pos = torch.arange(num_keys, device=q_lens.device)
     mask = key_pos[None, None, :] <= q_pos[:, :, None]                   # [B, Q, S]
     return AttentionMetadata(token_index=token_index, valid=valid, mask=mask[:, None],
-                             flat_index=token_index[valid])
+                             flat_index=token_index[valid], q_start=q_start, q_lens=q_lens,
+                             ctx_lens=ctx_lens, out_start=q_lens.cumsum(0) - q_lens)
 
 
 def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,

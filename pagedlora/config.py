@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/backend.py implements them
+
 _DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
 
@@ -20,6 +22,10 @@ class EngineConfig:
         dtype: "float32", "bfloat16" or "float16"; weights, activations and the pool use it.
             None (the default) picks float32 on the CPU and bfloat16 on CUDA.
         device: torch device string ("cpu", "cuda", "cuda:1").
+        kernel_backend: "auto", "torch" or "triton": the KV write, paged attention and LoRA
+            kernels. "auto" runs Triton on CUDA and the torch references on the CPU; "triton"
+            on the CPU runs the Triton kernels through triton's interpreter (slow, for tests),
+            which needs ``TRITON_INTERPRET=1`` in the environment before triton is imported.
         block_size: tokens per KV block; one page holds one block of one layer
             (``2 * block_size * num_kv_heads * head_dim`` elements).
         max_num_seqs: most sequences in one step.
@@ -65,6 +71,7 @@ class EngineConfig:
     pool_gb: float = 1.0
     dtype: str | None = None
     device: str = "cpu"
+    kernel_backend: str = "auto"
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -89,6 +96,9 @@ class EngineConfig:
             object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
+                             f"got {self.kernel_backend!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras",
                      "max_lora_rank"):
             value = getattr(self, name)

@@ -82,7 +82,8 @@ class Engine:
         dtype = getattr(torch, config.dtype)
         device = torch.device(config.device)
         self.model = LlamaModel(hf_config, load_weights(self.model_dir), dtype=dtype,
-                                device=device, max_model_len=self.max_model_len)
+                                device=device, max_model_len=self.max_model_len,
+                                kernel_backend=config.kernel_backend)
         m = self.model
         geometry = dict(block_size=config.block_size, num_kv_heads=m.num_kv_heads,
                         head_dim=m.head_dim)

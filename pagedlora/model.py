@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from pagedlora.kernels.lora import LoraBatch, lora_shrink_expand
-from pagedlora.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv
+from pagedlora.kernels.backend import select_kernels
+from pagedlora.kernels.lora import LoraBatch
+from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -75,13 +76,17 @@ class LlamaModel:
         weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...).
         dtype, device: of the weights and activations.
         max_model_len: longest sequence; sizes the RoPE table.
+        kernel_backend: "auto", "torch" or "triton" (see :class:`pagedlora.EngineConfig`).
 
     Raises:
-        ValueError: an unsupported model type, rope type, or a missing weight (named).
+        ValueError: an unsupported model type, rope type, or a missing weight (named); a
+            kernel backend that cannot run on ``device`` (see
+            :func:`pagedlora.kernels.backend.select_kernels`).
     """
 
     def __init__(self, config, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int) -> None:
+                 device: torch.device, max_model_len: int, kernel_backend: str = "auto"
+                 ) -> None:
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type {config.model_type!r} is not supported; "
                              f"supported: {SUPPORTED_MODEL_TYPES}")
@@ -89,6 +94,7 @@ class LlamaModel:
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
         self.config = config
         self.dtype, self.device = dtype, device
+        self.kernels = select_kernels(kernel_backend, device)
         self.num_layers = config.num_hidden_layers
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
@@ -161,13 +167,14 @@ class LlamaModel:
         h = self.embed[batch.input_ids]                                    # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
+        ops = self.kernels
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
                 work = batch.lora.get((n, module))
                 if work is not None:
                     in_f, out_f = self.module_shapes[module]
-                    lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
+                    ops.lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
@@ -181,11 +188,11 @@ class LlamaModel:
             qk = qk * cos + _rotate_half(qk) * sin
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(t, self.num_kv_heads, d)
-            write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
+            ops.write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
             attn = torch.empty_like(q)
             for g in batch.groups:
-                attn[g.meta.flat_index] = paged_attention(q, kv_pages, g.block_tables[n],
-                                                          g.meta, d ** -0.5)
+                attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
+                                                              g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
             o = F.linear(attn, w["o"])
             lora("o_proj", o, attn)

@@ -1,0 +1,53 @@
+"""Kernels: the ops a model runs (KV write, paged attention, LoRA), chosen once per model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pagedlora.config import KERNEL_BACKENDS
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of each op, all with the torch references' signatures.
+
+    Attributes:
+        backend: "torch" or "triton".
+        write_kv: as :func:`pagedlora.kernels.paged_attention.write_kv`.
+        paged_attention: as :func:`pagedlora.kernels.paged_attention.paged_attention`.
+        lora_shrink_expand: as :func:`pagedlora.kernels.lora.lora_shrink_expand`.
+    """
+
+    backend: str
+    write_kv: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+    lora_shrink_expand: Callable[..., None]
+
+
+def select_kernels(backend: str, device: torch.device) -> Kernels:
+    """The kernels for ``backend`` on ``device``.
+
+    "auto" is Triton on CUDA and torch elsewhere; "triton" on the CPU runs the Triton kernels
+    through the interpreter (slow; for tests). Triton is imported only for "triton".
+
+    Raises:
+        ValueError: an unknown backend, or "triton" on the CPU without the interpreter enabled
+            (``TRITON_INTERPRET=1`` before triton is imported; the message says so).
+    """
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    if backend == "torch":
+        from pagedlora.kernels import lora, paged_attention
+        return Kernels("torch", paged_attention.write_kv, paged_attention.paged_attention,
+                       lora.lora_shrink_expand)
+    from pagedlora.kernels import triton_attention, triton_lora
+    from pagedlora.kernels.triton_launch import check_device
+
+    check_device(device)  # fail at construction, not in the first step
+    return Kernels("triton", triton_attention.write_kv, triton_attention.paged_attention,
+                   triton_lora.lora_shrink_expand)

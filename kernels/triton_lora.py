@@ -1,0 +1,226 @@
+"""Multi-adapter LoRA shrink and expand over adapter rows in pool pages, as Triton kernels.
+
+Segmented gather matrix-vector products (SGMV, Punica, Chen et al. 2023, section 4) over the
+heterogeneous-rank rows of S-LoRA's unified pool (Sheng et al. 2023, section 5.1): each
+segment of consecutive tokens shares one adapter, whose rank rows are read in place through
+its page table. Same semantics as :func:`pagedlora.kernels.lora.lora_shrink_expand`; on CPU
+tensors the kernels need the Triton interpreter (see :mod:`.triton_launch`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedlora.kernels.lora import LoraBatch, PagedRows
+from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, tile
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_ptr,
+                   in_features, split_k, stride_xt, stride_page, stride_slot, stride_tmp,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DOT: tl.constexpr):
+    # Program (segment, token tile, rank tile x k split): tmp[tokens, ranks] (+)= scale *
+    # x[tokens, k range] @ A[ranks, k range]^T, A's rows gathered from their pages.
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_r = tl.program_id(2) // split_k
+    pid_k = tl.program_id(2) % split_k
+    start = tl.load(seg_ptr + 4 * seg)
+    end = tl.load(seg_ptr + 4 * seg + 1)
+    col = tl.load(seg_ptr + 4 * seg + 2)
+    rank = tl.load(seg_ptr + 4 * seg + 3) - col
+    if start + pid_m * BLOCK_M >= end or pid_r * BLOCK_R >= rank:
+        return
+    tok = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_ok = tok < end
+    r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rank
+    rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
+            + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)   # [BLOCK_R]
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for k0 in range(pid_k * BLOCK_K, in_features, BLOCK_K * split_k):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < in_features
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :],
+                    mask=tok_ok[:, None] & k_ok[None, :], other=0.0)          # [M, K]
+        a = tl.load(a_ptr + rows[None, :] + k[:, None],
+                    mask=r_ok[None, :] & k_ok[:, None], other=0.0)            # [K, R]
+        acc += tl.dot(x.to(DOT), a.to(DOT), input_precision="ieee")
+    acc *= tl.load(scale_ptr + seg)
+    out = tmp_ptr + tok[:, None] * stride_tmp + r[None, :]
+    if split_k == 1:  # (triton specializes an int argument equal to 1: no runtime branch)
+        tl.store(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
+    else:
+        tl.atomic_add(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
+                   out_features, stride_tmp, stride_page, stride_slot, stride_yt,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                   DOT: tl.constexpr):
+    # Program (segment, token tile, column tile): y[tokens, cols] += tmp[tokens, :rank] @
+    # B^T[:rank, cols], B^T's rows gathered from their pages; one rounding to y's dtype.
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    start = tl.load(seg_ptr + 4 * seg)
+    end = tl.load(seg_ptr + 4 * seg + 1)
+    col = tl.load(seg_ptr + 4 * seg + 2)
+    rank = tl.load(seg_ptr + 4 * seg + 3) - col
+    if start + pid_m * BLOCK_M >= end:
+        return
+    tok = start + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok_ok = tok < end
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < out_features
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < rank
+        t = tl.load(tmp_ptr + tok[:, None] * stride_tmp + r[None, :],
+                    mask=tok_ok[:, None] & r_ok[None, :], other=0.0)          # [M, R]
+        rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
+                + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)
+        b = tl.load(b_ptr + rows[:, None] + n[None, :],
+                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)            # [R, N]
+        acc += tl.dot(t.to(DOT), b.to(DOT), input_precision="ieee")
+    out = y_ptr + tok[:, None] * stride_yt + n[None, :]
+    mask = tok_ok[:, None] & n_ok[None, :]
+    y = tl.load(out, mask=mask, other=0.0)
+    tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([S, 4] int64 (start, end, col_start, col_end), [S] float32 scale)`` of the segments.
+
+    Raises:
+        ValueError: a segment outside the batch's tokens or rows (named by index).
+    """
+    num_rows = batch.a.pages.shape[0]
+    for i, s in enumerate(batch.segments):
+        if not (0 <= s.start <= s.end <= num_tokens and 0 <= s.col_start <= s.col_end
+                <= num_rows):
+            raise ValueError(f"segment {i} {s} exceeds the {num_tokens} tokens or the "
+                             f"{num_rows} rows of the batch")
+    table = torch.tensor([(s.start, s.end, s.col_start, s.col_end) for s in batch.segments],
+                         dtype=torch.int64, device=device)
+    scales = torch.tensor([s.scale for s in batch.segments], dtype=torch.float32, device=device)
+    return table, scales
+
+
+def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int) -> None:
+    check_tensor(f"{name}_view", view, ndim=3, dtype=view.dtype, device=view.device)
+    for part in ("pages", "slots"):
+        t = getattr(rows, part)
+        check_tensor(f"batch.{name}.{part}", t, ndim=1, dtype=torch.int64, device=view.device)
+        if t.shape[0] != num_rows:
+            raise ValueError(f"batch.{name}.{part} has {t.shape[0]} rows, batch.a {num_rows}")
+
+
+def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
+                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Shrink: ``tmp[t, j] = scale_s * x[t] @ A_s[j]`` for token t of segment s, ``j < r_s``.
+
+    Args:
+        x: ``[T, in_features]`` input of the projection, the pool's dtype, unit last stride.
+        batch: the step's rows and segments for this module (token_scale is not read).
+        a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+        segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
+    Returns:
+        ``[T, max_rank]`` float32 (max_rank: the largest segment rank); row t's first r_s
+        columns are set for tokens in segments, the rest is undefined.
+    Raises:
+        ValueError: a shape, dtype, device or stride the kernel cannot take (named).
+    """
+    device = a_view.device
+    check_tensor("x", x, ndim=2, dtype=a_view.dtype, device=device)
+    _check_rows("a", batch.a, a_view, batch.a.pages.shape[0])
+    num_tokens, in_features = x.shape
+    if a_view.shape[2] != in_features:
+        raise ValueError(f"x has {in_features} features, a_view rows {a_view.shape[2]}")
+    check_launchable(_shrink_kernel, device)
+    table, scales = segment_table or segment_tensors(batch, num_tokens, device)
+    max_rank = max(s.col_end - s.col_start for s in batch.segments)
+    max_len = max(s.end - s.start for s in batch.segments)
+    block_m, block_r, block_k = tile(max_len), tile(max_rank), 128
+    programs = len(batch.segments) * triton.cdiv(max_len, block_m) * triton.cdiv(max_rank,
+                                                                                  block_r)
+    # Few programs over a long reduction (decode, small ranks) leave most of a GPU idle:
+    # split the reduction over in_features and add the partial sums atomically.
+    split_k = max(1, min(triton.cdiv(in_features, block_k) // 2, 64 // programs))
+    tmp = (torch.zeros if split_k > 1 else torch.empty)(num_tokens, max_rank,
+                                                         dtype=torch.float32, device=device)
+    grid = (len(batch.segments), triton.cdiv(max_len, block_m),
+            triton.cdiv(max_rank, block_r) * split_k)
+    _shrink_kernel[grid](
+        x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features, split_k,
+        x.stride(0), a_view.stride(0), a_view.stride(1), tmp.stride(0),
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        DOT=dot_dtype(x.dtype, _shrink_kernel))
+    return tmp
+
+
+def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: torch.Tensor,
+                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    """Expand, in place: ``y[t] += tmp[t, :r_s] @ B_s^T`` for token t of segment s (tmp rounded
+    to y's dtype first when compiled, as an unfused shrink then expand would).
+
+    Args:
+        y: ``[T, out_features]`` output of the base projection, the pool's dtype, updated.
+        tmp: ``[T, max_rank]`` float32 from :func:`lora_shrink`.
+        batch: the step's rows and segments for this module.
+        b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+        segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
+    Raises:
+        ValueError: a shape, dtype, device or stride the kernel cannot take (named).
+    """
+    device = b_view.device
+    check_tensor("y", y, ndim=2, dtype=b_view.dtype, device=device)
+    check_tensor("tmp", tmp, ndim=2, dtype=torch.float32, device=device)
+    _check_rows("b", batch.b, b_view, batch.a.pages.shape[0])
+    num_tokens, out_features = y.shape
+    if b_view.shape[2] != out_features or tmp.shape[0] != num_tokens:
+        raise ValueError(f"y is {tuple(y.shape)}, tmp {tuple(tmp.shape)}, b_view rows "
+                         f"{b_view.shape[2]} wide")
+    check_launchable(_expand_kernel, device)
+    table, _ = segment_table or segment_tensors(batch, num_tokens, device)
+    max_len = max(s.end - s.start for s in batch.segments)
+    block_m, block_n = tile(max_len), 128
+    grid = (len(batch.segments), triton.cdiv(max_len, block_m), triton.cdiv(out_features,
+                                                                             block_n))
+    _expand_kernel[grid](
+        tmp, b_view, batch.b.pages, batch.b.slots, table, y, out_features,
+        tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]),
+        DOT=dot_dtype(y.dtype, _expand_kernel))
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
+                       a_view: torch.Tensor, b_view: torch.Tensor) -> None:
+    """Multi-adapter LoRA, in place: ``y[t] += scale_t * (x[t] @ A_t^T) @ B_t^T`` for every
+    token t, with ``A_t, B_t, scale_t`` the adapter of t's segment (none for base tokens).
+
+    :func:`lora_shrink` then :func:`lora_expand` (SGMV, Punica section 4; rank-heterogeneous
+    rows from the unified pool, S-LoRA section 5.1); rows are read in place from their pages.
+
+    Args:
+        y: ``[T, out_features]`` output of the base projection, updated in place.
+        x: ``[T, in_features]`` input of the projection, same dtype as ``y``.
+        batch: the step's rows and segments for this module.
+        a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+        b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+    Raises:
+        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens;
+            a shape, dtype, device or stride the kernels cannot take (named).
+    """
+    if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
+                         f"{batch.token_scale.shape[0]}")
+    if not batch.segments or x.shape[0] == 0:
+        return
+    table = segment_tensors(batch, x.shape[0], y.device)  # to the device once, not per kernel
+    lora_expand(y, lora_shrink(x, batch, a_view, table), batch, b_view, table)

@@ -1,0 +1,251 @@
+"""The Triton kernels against their torch references, and the engine on them.
+
+Runs on CUDA when there is one (compiled), else on the CPU through the Triton interpreter,
+which triton enables only with ``TRITON_INTERPRET=1`` set before it is imported: so this file
+is not collected by a plain ``pytest`` run (no ``test_`` prefix); ``test_triton_kernels.py``
+runs it in a subprocess with the right environment, and ``benchmarks/gpu_check.sh`` on a GPU.
+
+References get the kernels' own (rounded) inputs, computed in float32, and are compared with
+a tolerance per dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import random_prompt
+
+from pagedlora import Engine, SamplingParams
+from pagedlora.kernels import lora as ref_lora
+from pagedlora.kernels import paged_attention as ref_attn
+from pagedlora.kernels import triton_attention, triton_lora
+from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+# (atol, rtol): bfloat16 keeps 8 significant bits, float16 11; the kernels round once at the
+# end, or (on GPUs) also attention probabilities and the shrink output before the second product.
+TOL = {torch.float32: (2e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (4e-3, 3e-3)}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    atol, rtol = TOL[got.dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# -- KV write --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, kv_heads, head_dim", [(1, 2, 16), (7, 3, 24), (33, 2, 64)])
+def test_write_kv_scatters_exactly_like_the_reference(num_tokens, kv_heads, head_dim, dtype):
+    g = gen(num_tokens)
+    pages = torch.zeros(40, 2, 4, kv_heads, head_dim, dtype=dtype)
+    slots = torch.randperm(40 * 4, generator=g)[:num_tokens]
+    # k and v as the model passes them: head-contiguous slices of a wider qkv row
+    qkv = torch.randn(num_tokens, 3 * kv_heads * head_dim + 5, generator=g).to(dtype)
+    k = qkv[:, : kv_heads * head_dim].view(num_tokens, kv_heads, head_dim)
+    v = qkv[:, 5 + kv_heads * head_dim: 5 + 2 * kv_heads * head_dim].view(
+        num_tokens, kv_heads, head_dim)
+    want = pages.clone()
+    ref_attn.write_kv(want, slots // 4, slots % 4, k, v)
+    got = pages.to(DEVICE)
+    triton_attention.write_kv(got, (slots // 4).to(DEVICE), (slots % 4).to(DEVICE),
+                              k.to(DEVICE), v.to(DEVICE))
+    assert torch.equal(got.cpu(), want)
+
+
+def test_wrappers_name_what_they_cannot_take():
+    pages = torch.zeros(4, 2, 4, 2, 16, device=DEVICE)
+    k = torch.zeros(3, 2, 16, device=DEVICE)
+    idx = torch.zeros(3, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="k must be torch.float32, got torch.float16"):
+        triton_attention.write_kv(pages, idx, idx, k.half(), k)
+    with pytest.raises(ValueError, match="slot_offsets has 2 entries for 3 tokens"):
+        triton_attention.write_kv(pages, idx, idx[:2], k, k)
+    q = torch.zeros(3, 3, 16, device=DEVICE)
+    meta = ref_attn.attention_metadata(*(torch.ones(1, dtype=torch.long, device=DEVICE),) * 3,
+                                       4)
+    with pytest.raises(ValueError, match="num_heads a multiple of num_kv_heads=2"):
+        triton_attention.paged_attention(q, pages, idx[:1, None], meta, 1.0)
+
+
+# -- paged attention -------------------------------------------------------------------------------
+
+
+def attention_case(shapes, heads, kv_heads, head_dim, block_size, dtype, seed):
+    """K/V of sequences ``(context already in pages, new tokens)`` written into random pages;
+    returns ``(q, kv_pages, block_tables, meta)`` on DEVICE."""
+    g = gen(seed)
+    blocks_per_seq = [math.ceil((c + n) / block_size) for c, n in shapes]
+    free = torch.randperm(sum(blocks_per_seq) + 3, generator=g).tolist()
+    kv_pages = torch.randn(len(free), 2, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    tables = [[free.pop() for _ in range(b)] for b in blocks_per_seq]
+    width = max(blocks_per_seq)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q_lens = torch.tensor([n for _, n in shapes])
+    q = torch.randn(int(q_lens.sum()), heads, head_dim, generator=g).to(dtype)
+    meta = ref_attn.attention_metadata((q_lens.cumsum(0) - q_lens).to(DEVICE), q_lens.to(DEVICE),
+                                       torch.tensor([c + n for c, n in shapes], device=DEVICE),
+                                       width * block_size)
+    return q.to(DEVICE), kv_pages.to(DEVICE), block_tables.to(DEVICE), meta
+
+
+def check_attention(q, kv_pages, block_tables, meta):
+    scale = q.shape[-1] ** -0.5
+    got = triton_attention.paged_attention(q, kv_pages, block_tables, meta, scale)
+    want = ref_attn.paged_attention(q.float(), kv_pages.float(), block_tables, meta, scale)
+    assert got.shape == want.shape and got.dtype == q.dtype
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_seqs, heads, kv_heads, head_dim, block_size, max_ctx", [
+    (1, 4, 4, 16, 16, 90), (7, 8, 2, 64, 16, 90), (33, 6, 2, 24, 4, 90),
+    (2, 8, 1, 64, 16, 700)])  # few programs over long contexts: the keys split in ranges
+def test_decode_attention_matches_reference(num_seqs, heads, kv_heads, head_dim, block_size,
+                                            max_ctx, dtype):
+    g = gen(num_seqs)
+    shapes = [(int(c), 1) for c in torch.randint(0, max_ctx, (num_seqs,), generator=g)]
+    check_attention(*attention_case(shapes, heads, kv_heads, head_dim, block_size, dtype,
+                                    seed=num_seqs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, head_dim, block_size", [(6, 2, 24, 4),
+                                                                   (8, 1, 64, 16)])
+def test_prefill_attention_over_earlier_context_matches_reference(heads, kv_heads, head_dim,
+                                                                  block_size, dtype):
+    # fresh prompts, chunks after earlier chunks (context in pages), a cached prefix, decodes
+    shapes = [(0, 7), (5, 6), (12, 1), (0, 1), (64, 40), (33, 70), (0, 19)]
+    check_attention(*attention_case(shapes, heads, kv_heads, head_dim, block_size, dtype,
+                                    seed=heads))
+
+
+# -- LoRA shrink/expand ----------------------------------------------------------------------------
+
+
+def assign_tokens(num_tokens: int, num_adapters: int, popularity: str, g) -> list[int | None]:
+    """Adapter index (None: base model) of each token, contiguous runs as the runner builds."""
+    if popularity == "identical":
+        return [0] * num_tokens
+    if popularity == "distinct":  # every adapter used, runs as even as the tokens allow
+        return [i * num_adapters // num_tokens for i in range(num_tokens)] if \
+            num_tokens >= num_adapters else list(range(num_tokens))
+    weights = 1.0 / torch.arange(1, num_adapters + 1, dtype=torch.float) ** 1.5  # zipf
+    picks = torch.multinomial(weights, num_tokens, replacement=True, generator=g).tolist()
+    if popularity == "with_base":  # a third of the tokens on the base model, interleaved
+        return [None if i % 3 == 1 else p for i, p in enumerate(picks)]
+    return sorted(picks)
+
+
+def lora_case(num_tokens, in_f, out_f, ranks, popularity, dtype, seed):
+    """Random adapters of ``ranks`` scattered over pool pages, tokens assigned by popularity.
+
+    Returns:
+        ``(y, x, batch, a_view, b_view, owner)`` on DEVICE (float32 token_scale), ``owner``
+        from :func:`assign_tokens`.
+    """
+    g = gen(seed)
+    page_numel = 3 * max(in_f, out_f)  # pages of 3 rows or more, as UnifiedPool.rows views
+    rows_a, rows_b = page_numel // in_f, page_numel // out_f
+    total = sum(ranks)
+    pages_a, pages_b = math.ceil(total / rows_a), math.ceil(total / rows_b)
+    num_pages = pages_a + pages_b + 4
+
+    def views(pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (pool[:, : rows_a * in_f].view(num_pages, rows_a, in_f),
+                pool[:, : rows_b * out_f].view(num_pages, rows_b, out_f))
+
+    pool = torch.zeros(num_pages, page_numel, dtype=dtype)
+    a_view, b_view = views(pool)
+    places = torch.randperm(num_pages, generator=g)
+    a_flat = torch.randperm(pages_a * rows_a, generator=g)[:total]
+    b_flat = torch.randperm(pages_b * rows_b, generator=g)[:total]
+    a_rows = PagedRows(places[a_flat // rows_a], a_flat % rows_a)
+    b_rows = PagedRows(places[pages_a:][b_flat // rows_b], b_flat % rows_b)
+    a_view[a_rows.pages, a_rows.slots] = (torch.randn(total, in_f, generator=g)
+                                          / in_f ** 0.5).to(dtype)
+    b_view[b_rows.pages, b_rows.slots] = torch.randn(total, out_f, generator=g).to(dtype)
+    cols = torch.tensor([0, *ranks]).cumsum(0).tolist()
+    owner = assign_tokens(num_tokens, len(ranks), popularity, g)
+    segments, t = [], 0
+    while t < num_tokens:
+        end = t
+        while end < num_tokens and owner[end] == owner[t]:
+            end += 1
+        if owner[t] is not None:
+            i = owner[t]
+            segments.append(LoraSegment(t, end, cols[i], cols[i + 1], 0.5 + i / ranks[i]))
+        t = end
+    token_scale = torch.zeros(num_tokens, total, device=DEVICE)
+    for s in segments:
+        token_scale[s.start:s.end, s.col_start:s.col_end] = s.scale
+    batch = LoraBatch(*(PagedRows(r.pages.to(DEVICE), r.slots.to(DEVICE))
+                        for r in (a_rows, b_rows)), tuple(segments), token_scale)
+    x = torch.randn(num_tokens, in_f, generator=g).to(dtype).to(DEVICE)
+    y = torch.randn(num_tokens, out_f, generator=g).to(dtype).to(DEVICE)
+    return (y, x, batch, *views(pool.to(DEVICE)), owner)
+
+
+LORA_CASES = [  # (tokens, in_features, out_features, ranks, popularity)
+    (1, 64, 96, [1], "identical"),
+    (7, 96, 64, [1, 3, 8, 16, 64, 128, 8], "distinct"),
+    (7, 64, 2049, [128, 3], "with_base"),
+    (33, 2049, 96, [3, 16, 64], "zipf"),
+    (33, 96, 64, [8, 16, 3, 1], "with_base"),
+    (33, 64, 96, [16], "identical"),
+    (1, 2049, 2049, [64], "identical"),
+    (33, 96, 96, [1, 3, 8, 16, 64, 128] * 5, "distinct"),
+    (33, 64, 64, [8, 8, 8, 8], "zipf"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, in_f, out_f, ranks, popularity", LORA_CASES)
+def test_lora_shrink_expand_matches_reference(num_tokens, in_f, out_f, ranks, popularity,
+                                              dtype):
+    y, x, batch, a_view, b_view, owner = lora_case(num_tokens, in_f, out_f, ranks, popularity,
+                                                   dtype, seed=num_tokens + in_f)
+    want = y.clone().float()  # the reference adds in place
+    ref_lora.lora_shrink_expand(want, x.float(), batch, a_view.float(), b_view.float())
+    got = y.clone()
+    triton_lora.lora_shrink_expand(got, x, batch, a_view, b_view)
+    assert_close(got, want)
+    base = torch.tensor([o is None for o in owner], device=DEVICE)
+    assert torch.equal(got[base], y[base])  # base-model tokens untouched
+
+
+# -- the engine ------------------------------------------------------------------------------------
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter):
+    dirs = {"r8": make_adapter(tiny_llama_dir, "r8", r=8, target_modules=ALL, seed=1),
+            "r3": make_adapter(tiny_llama_dir, "r3", r=3, seed=2,
+                               target_modules=["q_proj", "v_proj", "down_proj"])}
+    prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 9, 25, 3)]
+    adapters = ["r8", None, "r3", "r8", "r3", None]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    tokens = {}
+    for backend in ("torch", "triton"):
+        # 24 tokens a step: the 40- and 25-token prompts are prefilled in chunks next to decodes
+        engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, max_model_len=128,
+                        max_num_batched_tokens=24, device=DEVICE.type, dtype="float32",
+                        kernel_backend=backend)
+        assert engine.model.kernels.backend == backend
+        for name, path in dirs.items():
+            engine.add_adapter(name, path)
+        outs = engine.generate(prompts, adapters=adapters, sampling_params=greedy,
+                               progress=False)
+        tokens[backend] = [o.token_ids for o in outs]
+    assert tokens["triton"] == tokens["torch"]
+    assert tokens["torch"][0] != tokens["torch"][5]  # the adapter changes the tokens
