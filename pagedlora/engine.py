@@ -63,8 +63,9 @@ class Engine:
             once and cached under ``$PAGEDLORA_CACHE``), or None for the embedded default.
         pool_gb: size of the unified pool in GiB.
         **options: the other fields of :class:`EngineConfig` (dtype, device, block_size,
-            max_num_seqs, max_num_batched_tokens, max_model_len, max_loras, max_lora_rank, seed,
-            max_cpu_loras, host_cache_gb, spill_dir).
+            kernel_backend, max_num_seqs, max_num_batched_tokens, max_model_len, max_loras,
+            max_lora_rank, seed, policy, policy_max_wait_s, watermark, enable_prefix_caching,
+            ttft_deadline_s, max_cpu_loras, host_cache_gb, spill_dir).
 
     Raises:
         TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
