@@ -25,7 +25,7 @@ Run it from the repository root, e.g. with the adapters of ``examples/train_adap
     python examples/offline_batch.py requests.jsonl --adapters-dir adapters
     python examples/offline_batch.py - --adapter upper=adapters/upper < requests.jsonl > out.jsonl
     python examples/offline_batch.py requests.jsonl --model path/to/hf_dir --pool-gb 2 \\
-        --adapter json=adapters/json --output results.jsonl
+        --adapter upper=adapters/upper --output results.jsonl
 """
 
 from __future__ import annotations

@@ -82,6 +82,9 @@ class Engine:
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
         dtype = getattr(torch, config.dtype)
         device = torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r}, but this torch build "
+                             f"({torch.__version__}) sees no CUDA device; use device='cpu'")
         self.model = LlamaModel(hf_config, load_weights(self.model_dir), dtype=dtype,
                                 device=device, max_model_len=self.max_model_len,
                                 kernel_backend=config.kernel_backend)
@@ -341,7 +344,7 @@ class Engine:
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
         tracked = []
         for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params, strict=True)):
-            r = self._new_request(p, key, sp)
+            r = self._new_request(p, key, sp, index=i)
             t = self._tracked[r.request_id]
             t.index, t.prompt, t.adapter = i, p, name
             tracked.append(t)
@@ -439,6 +442,9 @@ class Engine:
     def _as_list(prompts) -> list:
         if isinstance(prompts, str):
             return [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a string, chat messages, token ids or a list of "
+                            f"those, got {type(prompts).__name__}")
         prompts = list(prompts)
         if prompts and isinstance(prompts[0], (dict, int)):
             return [prompts]  # one chat conversation or one token-id prompt
@@ -448,9 +454,18 @@ class Engine:
     def _per_prompt(value, n: int, what: str) -> list:
         if value is None or isinstance(value, (str, SamplingParams)):
             return [value] * n
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{what} must be one value for all prompts or a list of one per "
+                            f"prompt, got {type(value).__name__}")
         value = list(value)
         if len(value) != n:
             raise ValueError(f"{what} has {len(value)} entries for {n} prompts")
+        want, wanted = ((SamplingParams, "a SamplingParams") if what == "sampling_params"
+                        else ((str, type(None)), "a name or None"))
+        bad = [i for i, v in enumerate(value) if not isinstance(v, want)]
+        if bad:
+            got = type(value[bad[0]]).__name__
+            raise TypeError(f"{what}[{bad[0]}] has type {got}; expected {wanted}")
         return value
 
     def _tokenize(self, prompt: Prompt) -> list[int]:
@@ -465,15 +480,21 @@ class Engine:
         if isinstance(prompt, str):
             return self.tokenizer(prompt).input_ids
         if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+            for i, m in enumerate(prompt):
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise ValueError(f"chat message {i} needs a string 'role' and 'content', "
+                                     f"got keys {sorted(m)}")
             text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
                                                       tokenize=False)
             return self.tokenizer(text, add_special_tokens=False).input_ids
         raise ValueError(f"a prompt must be a string, chat messages or token ids, "
                          f"got {type(prompt).__name__}")
 
-    def _new_request(self, prompt: Prompt, key: str | None, sp: SamplingParams) -> Request:
-        """A Request for ``prompt`` (failed, with the reason, when the prompt is invalid),
-        tracked by the engine until its output is made; not queued."""
+    def _new_request(self, prompt: Prompt, key: str | None, sp: SamplingParams,
+                     index: int = 0) -> Request:
+        """A Request for ``prompt``, the ``index``-th of its call (failed, with the reason,
+        when the prompt is invalid), tracked by the engine until its output is made; not
+        queued."""
         rid, self._next_id = self._next_id, self._next_id + 1
         now = time.perf_counter()
         deadline_s = sp.deadline_s or self.config.ttft_deadline_s
@@ -493,7 +514,7 @@ class Engine:
                 raise ValueError(f"the prompt has {len(r.prompt_token_ids)} tokens; "
                                  f"max_model_len is {self.max_model_len}")
         except ValueError as e:
-            r.fail(f"request {rid}: {e}")
+            r.fail(f"prompt {index} (request {rid}): {e}")
         return r
 
     def _stop_reason(self, t: _Tracked) -> str | None:

@@ -178,6 +178,7 @@ def test_too_long_and_empty_prompts_fail_alone(engine):
     outs = engine.generate([long, "hello", []], sampling_params=GREEDY, progress=False)
     assert outs[0].finish_reason == "error" and "max_model_len is 64" in outs[0].error
     assert outs[2].finish_reason == "error" and "prompt is empty" in outs[2].error
+    assert outs[2].error.startswith("prompt 2 ")  # its position in the call
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 4
     assert outs[0].token_ids == [] and outs[1].error is None
     assert_pool_clean(engine)
@@ -187,6 +188,8 @@ def test_too_long_and_empty_prompts_fail_alone(engine):
     ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"temperature": -0.1}, "temperature"),
     ({"top_k": -2}, "top_k"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token"),
+    ({"stop": 5}, "stop must be a list"), ({"temperature": "0.5"}, "temperature must be a number"),
+    ({"deadline_s": 0}, "deadline_s"), ({"deadline_s": "soon"}, "deadline_s must be a number"),
 ])
 def test_invalid_sampling_params(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -207,6 +210,33 @@ def test_invalid_engine_options(tiny_llama_dir):
 def test_mismatched_list_lengths(engine):
     with pytest.raises(ValueError, match="adapters has 1 entries for 2 prompts"):
         engine.generate(["a", "b"], adapters=[None], progress=False)
+
+
+@pytest.mark.parametrize("call, match", [
+    ({"prompts": 5}, "prompts must be a string, chat messages, token ids or a list"),
+    ({"sampling_params": {"max_tokens": 2}}, "sampling_params must be one value"),
+    ({"sampling_params": [SamplingParams(), {"max_tokens": 2}]},
+     r"sampling_params\[1\] has type dict"),
+    ({"adapters": [None, 3]}, r"adapters\[1\] has type int; expected a name or None"),
+])
+def test_wrong_argument_types_name_the_argument(engine, call, match):
+    kwargs = {"prompts": ["a", "b"], **call}
+    with pytest.raises(TypeError, match=match):
+        engine.generate(progress=False, **kwargs)
+    assert engine._tracked == {}
+
+
+def test_chat_message_without_content_fails_alone(engine):
+    outs = engine.generate([[{"role": "user"}], "fine"], sampling_params=GREEDY, progress=False)
+    assert outs[0].finish_reason == "error"
+    assert "chat message 0 needs a string 'role' and 'content'" in outs[0].error
+    assert outs[1].finish_reason == "length"
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(tiny_llama_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='cuda'.*sees no CUDA device"):
+        Engine(tiny_llama_dir, pool_gb=0.01, device="cuda")
 
 
 def test_missing_default_model_names_the_install_command(monkeypatch):
