@@ -280,8 +280,12 @@ class Scheduler:
         target = request.num_computed_tokens + n
         while not self._allocate(request, target):
             if len(self.running) == 1:
-                request.fail(f"request {request.request_id} cannot get KV pages for "
-                             f"{target} tokens even alone in the pool")
+                key = request.adapter_key
+                adapter = "" if key is None else (
+                    f" next to its adapter's {self.adapters.adapter_pages(key)} pages")
+                request.fail(f"request {request.request_id} cannot get the "
+                             f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
+                             f" even alone in the pool of {self.allocator.num_pages} pages")
                 self.running.remove(request)
                 self._release(request)
                 out.failed.append(request)

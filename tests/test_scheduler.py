@@ -198,3 +198,21 @@ def test_request_that_can_never_fit_fails_at_once():
     sched.add(r)
     assert r.finish_reason == "error" and "needs 6 pages" in r.error
     assert not sched.has_unfinished()
+
+
+def test_request_that_outgrows_the_pool_next_to_its_adapter_fails_alone():
+    sched, alloc, adapters = make(num_pages=10, block_size=4, sizes={"x": 6})
+    r = req(0, 3, "x")  # 4 tokens + 6 adapter pages fit; from 9 tokens on (6 KV pages) not
+    sched.add(r)
+    for _ in range(6):
+        out = sched.schedule()
+        run_step(sched, out)
+    assert r.num_tokens == 9 and r.num_computed_tokens == 8 and not r.is_finished
+    out = sched.schedule()
+    assert out.failed == [r] and r.finish_reason == "error"
+    assert r.error == ("request 0 cannot get the 6 KV pages of 9 tokens next to its adapter's "
+                       "6 pages even alone in the pool of 10 pages")
+    assert alloc.num_used("kv") == 0 and not adapters.pins["x"]
+    other = req(1, 5)
+    sched.add(other)
+    assert [s.request.request_id for s in sched.schedule().scheduled] == [1]
