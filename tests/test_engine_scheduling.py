@@ -3,6 +3,9 @@ caching, policies, early abort, cancellation and streaming."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 from support import assert_kv_released
 from test_engine import GREEDY, prompts, tokens
@@ -199,3 +202,27 @@ def test_adapters_of_waiting_requests_are_prefetched_while_others_run(tiny_llama
     assert [outs[0].token_ids, outs[1].token_ids] == tokens(want)
     stats = engine.stats()["adapters"]["x"]
     assert stats["loads_from_source"] + stats["loads_from_disk"] == 1
+
+
+def test_abort_from_another_thread_while_generate_runs(engine):
+    sp = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+    first = engine._next_id
+    target = first + 1  # the second prompt's request id
+
+    def abort_when_started():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            t = engine._tracked.get(target)
+            if t is not None and len(t.request.output_token_ids) >= 2:
+                assert engine.abort(target)
+                return
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=abort_when_started)
+    thread.start()
+    outs = engine.generate(prompts(3, seed=31), sampling_params=sp, progress=False)
+    thread.join()
+    assert [o.request_id for o in outs] == [first, first + 1, first + 2]
+    assert [o.finish_reason for o in outs] == ["length", "abort", "length"]
+    assert 2 <= len(outs[1].token_ids) < 60
+    assert_kv_released(engine)
