@@ -288,7 +288,7 @@ class Engine:
                 self.scheduler.finish(t.request, "abort")
         started = time.perf_counter()
         out = self.scheduler.schedule()
-        changed = [r for r in (*out.failed, *out.aborted)]
+        changed = [*out.failed, *out.aborted]
         changed += [t.request for rid in aborts if (t := self._tracked.get(rid)) is not None]
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
@@ -392,7 +392,8 @@ class Engine:
             ``requests_waiting``, ``prefix_cache`` (``hit_tokens`` and ``queried_tokens``: prompt
             tokens served from the cache and looked up, since the engine started), ``steps``
             (the last 1,024 steps, oldest first: ``batch_size``, ``num_tokens``,
-            ``num_adapters``, ``num_preempted``, ``pages_free`` after scheduling, ``seconds``),
+            ``num_adapters``, ``num_preempted``, ``pages_free`` at the end of the step,
+            ``seconds``),
             ``peak``: the pool numbers at the step of the last ``generate`` call that held
             the most pages, and ``adapters``: per adapter name, ``tier`` ("pool", "host",
             "disk" or "source", the fastest holding it), ``requests``, ``tokens``,
