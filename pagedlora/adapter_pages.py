@@ -74,6 +74,14 @@ class AdapterPacker:
         """
         groups = list(self._groups(adapter))
         pages = self.pool.allocator.allocate(sum(g[-1] for g in groups), ADAPTER)
+        try:
+            return self._copy_in(adapter, weights, groups, pages)
+        except BaseException:  # a failed copy (device OOM, Ctrl-C) must not keep the pages
+            self.pool.allocator.free(pages)
+            raise
+
+    def _copy_in(self, adapter: LoraAdapter, weights: AdapterWeights, groups: list,
+                 pages: list[int]) -> ResidentAdapter:
         device = self.pool.tensor.device
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
         used, next_page = 0, 0

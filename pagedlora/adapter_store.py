@@ -107,6 +107,9 @@ class AdapterStore:
         # Pool placements, least recently used first.
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self._pins: Counter[str] = Counter()
+        # Requests queued or running per content key (hold/unhold): content with holders is
+        # kept even when no name points at it any more, so a queued request keeps its weights.
+        self._holds: Counter[str] = Counter()
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -154,15 +157,37 @@ class AdapterStore:
 
     def remove(self, name: str) -> None:
         """Forgets ``name``; its content's pages, host copy and spill file are freed once no
-        request pins it and no other name shares it.
+        request holds it and no other name shares it.
 
         Raises:
-            ValueError: no adapter of that name.
+            ValueError: no adapter of that name, or requests for it are waiting or running and
+                no other name has the same content (checked and removed under one lock).
         """
         with self._lock:
             key = self.key_of(name)
+            users = self._holds[key]
+            if users and self.names_of(key) == [name]:
+                raise ValueError(f"adapter {name!r} is in use by {users} waiting or running "
+                                 f"request(s); remove it once they finish")
             del self._names[name]
             self._drop_if_unused(key)
+
+    def hold(self, key: str) -> None:
+        """Notes one more queued or running request for content ``key`` (from
+        ``Scheduler.add``); while any is held, the content outlives its names."""
+        with self._lock:
+            if key in self._contents:
+                self._holds[key] += 1
+
+    def unhold(self, key: str) -> None:
+        """Drops one :meth:`hold` (the request finished); content no name refers to any more
+        is freed once nothing holds or pins it."""
+        with self._lock:
+            if self._holds[key] > 0:
+                self._holds[key] -= 1
+            if not self._holds[key]:
+                self._holds.pop(key, None)
+                self._drop_if_unused(key)
 
     def key_of(self, name: str) -> str:
         """The content key of adapter ``name``.
@@ -352,8 +377,13 @@ class AdapterStore:
             max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype)
 
     def _sources(self, key: str) -> list[tuple[str, Path]]:
-        """``(name, path)`` of every name registered with content ``key``."""
-        return [(n, p) for n, (k, p) in sorted(self._names.items()) if k == key]
+        """``(name, path)`` of every name registered with content ``key``, else the source it
+        was first registered from (content kept for queued requests after its name moved)."""
+        sources = [(n, p) for n, (k, p) in sorted(self._names.items()) if k == key]
+        if not sources and key in self._contents:
+            first = self._contents[key].adapter
+            sources = [(first.name, first.path)]
+        return sources
 
     def _read_tiers(self, adapter: LoraAdapter, sources: list[tuple[str, Path]]
                     ) -> tuple[AdapterWeights, bool]:
@@ -409,9 +439,9 @@ class AdapterStore:
         return len(resident.pages)
 
     def _drop_if_unused(self, key: str) -> None:
-        """Forgets content no name refers to, once no request pins it: its pages, host copy,
-        spill file and counters."""
-        if self._pins[key] or any(k == key for k, _ in self._names.values()):
+        """Forgets content no name refers to, once no request holds or pins it: its pages,
+        host copy, spill file and counters."""
+        if self._pins[key] or self._holds[key] or any(k == key for k, _ in self._names.values()):
             return
         if key in self._resident:
             self._evict(key)

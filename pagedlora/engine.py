@@ -46,6 +46,9 @@ class _Tracked:
     generator: torch.Generator
     detokenizer: Detokenizer
     num_streamed: int = 0  # output tokens already handed out as StreamOutputs
+    # StreamOutputs for the call that submitted it (shared by that call's requests), None for
+    # requests driven by step() directly
+    inbox: deque[StreamOutput] | None = None
 
 
 class Engine:
@@ -168,14 +171,6 @@ class Engine:
             ValueError: no adapter of that name, or requests for it are waiting or running
                 (and no other name shares its content).
         """
-        key = self.adapters.key_of(name)
-        if self.adapters.names_of(key) == [name]:
-            # Copied in one C-level call each: safe while generate runs in another thread.
-            queued = [*self.scheduler.waiting, *self.scheduler.running]
-            users = sum(r.adapter_key == key for r in queued)
-            if users:
-                raise ValueError(f"adapter {name!r} is in use by {users} waiting or running "
-                                 f"request(s); remove it once they finish")
         self.adapters.remove(name)
 
     # -- generation ----------------------------------------------------------------------------
@@ -209,18 +204,13 @@ class Engine:
         self._peak = {}
         self._record_peak()
         try:
-            for t in tracked:
-                if t.request.is_finished:
-                    outputs[t.request.request_id] = self._finish(t).output
-            bar.update(len(outputs))
-            while len(outputs) < len(tracked):
-                done = [d.output for d in self.step() if d.finished]
-                outputs.update((o.request_id, o) for o in done)
-                self._record_peak()
-                bar.update(len(done))
-                tokens = self._num_generated - generated_before
-                bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
-                                refresh=False)
+            for d in self._drive(tracked):
+                if d.finished:
+                    outputs[d.request_id] = d.output
+                    bar.update(1)
+                    tokens = self._num_generated - generated_before
+                    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
+                                    refresh=False)
         except BaseException:
             # Leave nothing behind: a later call must not inherit this call's requests or pages.
             self._abort_now(tracked)
@@ -236,25 +226,33 @@ class Engine:
         """Like :meth:`generate`, but yields each request's new tokens and text as the steps
         produce them; a request's last StreamOutput has ``finished=True`` and its complete
         RequestOutput. Closing the iterator early (``close()``, ``break``, garbage collection)
-        aborts the requests still running and frees their pages.
+        aborts the requests still running and frees their pages. Several streams (and
+        ``generate`` calls) may be consumed interleaved in one thread: whichever steps the
+        engine, each gets exactly its own requests' outputs.
 
         Args and errors: as for :meth:`generate` (no progress bar).
         """
         tracked = self._submit(prompts, adapters, sampling_params)
-        mine = {t.request.request_id for t in tracked}
         try:
-            for t in tracked:
-                if t.request.is_finished:
-                    mine.discard(t.request.request_id)
-                    yield self._finish(t)
-            while mine:
-                for d in self.step():
-                    if d.request_id in mine:
-                        if d.finished:
-                            mine.discard(d.request_id)
-                        yield d
+            yield from self._drive(tracked)
         finally:
             self._abort_now(tracked)
+
+    def _drive(self, tracked: list[_Tracked]) -> Iterator[StreamOutput]:
+        """Yields the StreamOutputs of ``tracked`` (one call's requests, sharing one inbox)
+        until all have finished, stepping the engine whenever the inbox is empty; steps also
+        fill other calls' inboxes."""
+        if not tracked:
+            return
+        inbox = tracked[0].inbox
+        remaining = len(tracked)
+        while remaining:
+            if not inbox:
+                self.step()
+                continue
+            d = inbox.popleft()
+            remaining -= d.finished
+            yield d
 
     def abort(self, request_id: int) -> bool:
         """Asks for a request to finish with "abort"; its pages are freed at the next step.
@@ -320,6 +318,7 @@ class Engine:
             "num_adapters": len(out.adapter_keys), "num_preempted": len(out.preempted),
             "pages_free": self.pool.allocator.num_free,
             "seconds": time.perf_counter() - started})
+        self._record_peak()
         return [self._stream_output(r) for r in changed]
 
     def _warm_pool(self, keys: list[str]) -> None:
@@ -342,15 +341,19 @@ class Engine:
         params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
                                   "sampling_params")
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
-        tracked = []
+        tracked, inbox = [], deque()
         for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params, strict=True)):
             r = self._new_request(p, key, sp, index=i)
             t = self._tracked[r.request_id]
-            t.index, t.prompt, t.adapter = i, p, name
+            t.index, t.prompt, t.adapter, t.inbox = i, p, name, inbox
             tracked.append(t)
         for t in tracked:
-            if not t.request.is_finished:
+            if t.request.is_finished:
+                self._finish(t)  # an invalid prompt: its output is ready now
+            else:
                 self.scheduler.add(t.request)
+                if t.request.is_finished:  # it can never fit the pool
+                    self._finish(t)
         return tracked
 
     def _abort_now(self, tracked: list[_Tracked]) -> None:
@@ -365,8 +368,9 @@ class Engine:
             return self._finish(t)
         new = r.output_token_ids[t.num_streamed:]
         t.num_streamed = len(r.output_token_ids)
-        return StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
-                            new_text=t.detokenizer.new_text(finished=False), finished=False)
+        return self._deliver(t, StreamOutput(
+            request_id=r.request_id, index=t.index, new_token_ids=new,
+            new_text=t.detokenizer.new_text(finished=False), finished=False))
 
     def _finish(self, t: _Tracked) -> StreamOutput:
         """The last StreamOutput of a finished request; the engine forgets the request."""
@@ -374,9 +378,16 @@ class Engine:
         self._tracked.pop(r.request_id, None)
         new = r.output_token_ids[t.num_streamed:]
         t.num_streamed = len(r.output_token_ids)
-        return StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
-                            new_text=t.detokenizer.new_text(finished=True), finished=True,
-                            output=self._output(t))
+        return self._deliver(t, StreamOutput(
+            request_id=r.request_id, index=t.index, new_token_ids=new,
+            new_text=t.detokenizer.new_text(finished=True), finished=True,
+            output=self._output(t)))
+
+    @staticmethod
+    def _deliver(t: _Tracked, d: StreamOutput) -> StreamOutput:
+        if t.inbox is not None:
+            t.inbox.append(d)
+        return d
 
     # -- stats ---------------------------------------------------------------------------------
 
@@ -514,8 +525,9 @@ class Engine:
             if len(r.prompt_token_ids) >= self.max_model_len:
                 raise ValueError(f"the prompt has {len(r.prompt_token_ids)} tokens; "
                                  f"max_model_len is {self.max_model_len}")
-        except ValueError as e:
-            r.fail(f"prompt {index} (request {rid}): {e}")
+        except Exception as e:  # noqa: BLE001 - a bad prompt (a template error...) fails alone
+            reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            r.fail(f"prompt {index} (request {rid}): {reason}")
         return r
 
     def _stop_reason(self, t: _Tracked) -> str | None:

@@ -87,8 +87,9 @@ class FairPolicy(FcfsPolicy):
     service it received, ``input_weight * prefill tokens + output_weight * decode tokens``.
     Admission repeatedly takes the oldest request of the backlogged client with the smallest
     counter, so a flood of requests for one adapter cannot starve the others. A client that
-    becomes backlogged again is lifted to the smallest counter of the active clients, so idling
-    earns no credit. The running request of the most-served client is preempted first.
+    becomes backlogged again is lifted to the smallest counter of the active clients (to the
+    highest counter when none is active), so idling earns no credit. The running request of
+    the most-served client is preempted first.
 
     Args:
         input_weight, output_weight: cost of a prefill and of a decode token (the paper uses
@@ -138,8 +139,11 @@ class FairPolicy(FcfsPolicy):
         if key in active_keys:
             return
         active = [self.counters.get(k, 0.0) for k in active_keys]
-        if active:
-            self.counters[key] = max(self.counters.get(key, 0.0), min(active))
+        # Nobody active: lift to the highest counter, the service level the system was at
+        # (the paper lifts to the counter of the last client to leave), so a newcomer cannot
+        # bank the gap against a client that was served while alone.
+        floor = min(active) if active else max(self.counters.values(), default=0.0)
+        self.counters[key] = max(self.counters.get(key, 0.0), floor)
 
 
 def make_policy(name: str, *, max_wait_s: float) -> FcfsPolicy:

@@ -31,6 +31,13 @@ class AdapterResidency(Protocol):
     def release(self, key: str) -> None:
         """Drops one pin taken by :meth:`acquire`."""
 
+    def hold(self, key: str) -> None:
+        """Notes a queued request for ``key``: its content must outlive a removed or re-added
+        name until :meth:`unhold`."""
+
+    def unhold(self, key: str) -> None:
+        """Drops one :meth:`hold` (the request finished)."""
+
     def evict_unpinned(self, num_pages: int) -> int:
         """Evicts unpinned resident adapters (LRU first) until ``num_pages`` pages are freed or
         none is left; returns the pages freed."""
@@ -137,6 +144,8 @@ class Scheduler:
             return
         active = {r.adapter_key for r in self.waiting} | {r.adapter_key for r in self.running}
         self.policy.on_arrival(request, active)
+        if request.adapter_key is not None:
+            self.adapters.hold(request.adapter_key)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -153,9 +162,11 @@ class Scheduler:
             self._release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+            self.kv.free(request)  # nothing, unless an admission was interrupted midway
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         request.finished_time = self.clock()
+        self._unhold(request)
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -254,9 +265,13 @@ class Scheduler:
                 except AdapterUnavailableError as e:  # this request fails, the others go on
                     self._release(request, pinned=False)
                     request.fail(f"request {request.request_id}: {e}")
+                    self._unhold(request)
                     self.waiting.remove(request)
                     out.failed.append(request)
                     continue
+                except BaseException:  # e.g. Ctrl-C during the read: give the prefix back
+                    self._release(request, pinned=False)
+                    raise
                 if not acquired:
                     self._release(request, pinned=False)
                     return
@@ -288,6 +303,7 @@ class Scheduler:
                              f" even alone in the pool of {self.allocator.num_pages} pages")
                 self.running.remove(request)
                 self._release(request)
+                self._unhold(request)
                 out.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
@@ -315,6 +331,10 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.append(request)
+
+    def _unhold(self, request: Request) -> None:
+        if request.adapter_key is not None:
+            self.adapters.unhold(request.adapter_key)
 
     def _release(self, request: Request, pinned: bool = True) -> None:
         """Drops the KV blocks of ``request`` (nothing computed remains) and, if ``pinned``,

@@ -341,15 +341,15 @@ def test_source_changed_since_registration_is_an_error(tiny_llama_dir, tmp_path,
 def test_removed_while_waiting_fails_that_request_alone(tiny_llama_dir, tmp_path, two_adapters,
                                                        caplog):
     """The race remove_adapter cannot see: a request resolved its adapter's key, the adapter
-    is removed before admission. The scheduler fails it with the store's error."""
+    is removed before the request is queued. The scheduler fails it with the store's error."""
     dirs, want = two_adapters
     engine = engine_with(tiny_llama_dir, 200)
     for name, path in dirs.items():
         engine.add_adapter(name, path)
     reqs = [engine._new_request(PROMPT, engine.adapters.key_of(n), GREEDY) for n in "ab"]
+    engine.adapters.remove("a")  # from another thread, between key lookup and queueing
     for r in reqs:
         engine.scheduler.add(r)
-    engine.adapters.remove("a")  # behind the engine's back
     finished = [d.request_id for d in engine.step() if d.finished]
     assert finished == [reqs[0].request_id] and "no longer registered" in reqs[0].error
     while engine.scheduler.has_unfinished():

@@ -274,3 +274,18 @@ def test_an_exception_inside_generate_leaves_nothing_behind(engine, monkeypatch)
     assert_pool_clean(engine)
     assert engine.generate("a", sampling_params=GREEDY, progress=False)[0].finish_reason \
         == "length"
+
+
+def test_a_chat_template_error_fails_that_prompt_alone(engine, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("template exploded")
+
+    monkeypatch.setattr(engine.tokenizer, "apply_chat_template", broken)
+    outs = engine.generate(["fine", [{"role": "user", "content": "hi"}]], sampling_params=GREEDY,
+                           progress=False)
+    assert outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error"
+    rid = outs[1].request_id
+    assert outs[1].error == f"prompt 1 (request {rid}): RuntimeError: template exploded"
+    assert engine._tracked == {}
+    assert_pool_clean(engine)

@@ -226,3 +226,79 @@ def test_abort_from_another_thread_while_generate_runs(engine):
     assert [o.finish_reason for o in outs] == ["length", "abort", "length"]
     assert 2 <= len(outs[1].token_ids) < 60
     assert_kv_released(engine)
+
+
+def test_re_adding_a_name_keeps_the_old_weights_for_requests_already_queued(tiny_llama_dir,
+                                                                          make_adapter):
+    old = make_adapter(tiny_llama_dir, "old", r=4, seed=5, target_modules=["q_proj", "v_proj"])
+    new = make_adapter(tiny_llama_dir, "new", r=8, seed=6, target_modules=["o_proj"])
+    ps = prompts(2, seed=32)
+    want = {}
+    for label, path in [("old", old), ("new", new)]:
+        ref = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+        ref.add_adapter("x", path)
+        want[label] = ref.generate(ps[1], adapters="x", sampling_params=GREEDY,
+                                   progress=False)[0].token_ids
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, max_num_seqs=1,
+                    max_cpu_loras=0)  # no host copy: the old weights come from their source
+    engine.add_adapter("x", old)
+    it = engine.stream(ps, adapters=[None, "x"], sampling_params=GREEDY)
+    next(it)  # the base request runs; the "x" request waits with the old content's key
+    engine.add_adapter("x", new)
+    outs = {d.index: d.output for d in it if d.finished}
+    assert outs[1].finish_reason == "length", outs[1].error
+    assert outs[1].token_ids == want["old"]
+    now = engine.generate(ps[1], adapters="x", sampling_params=GREEDY, progress=False)[0]
+    assert now.token_ids == want["new"] and want["new"] != want["old"]
+    assert len(engine.adapters._contents) == 1  # the old content went with its last request
+
+
+def test_an_interrupt_while_loading_an_adapter_leaves_no_page_behind(tiny_llama_dir,
+                                                                     make_adapter, monkeypatch):
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, max_cpu_loras=0)
+    engine.add_adapter("x", make_adapter(tiny_llama_dir, "x", r=4, seed=7,
+                                         target_modules=["q_proj"]))
+    p = prompts(1, seed=33, lo=30, hi=30)[0]
+    engine.generate([p], adapters="x", sampling_params=GREEDY, progress=False)  # caches KV
+    engine.adapters.evict_unpinned(engine.pool.num_pages)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.adapters, "_read_tiers", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate([p], adapters="x", sampling_params=GREEDY, progress=False)
+    assert_kv_released(engine)
+    assert engine.stats()["requests_waiting"] == 0 and engine._tracked == {}
+    monkeypatch.undo()
+    again = engine.generate([p], adapters="x", sampling_params=GREEDY, progress=False)[0]
+    assert again.finish_reason == "length" and again.num_cached_tokens == 24
+
+
+def collect(items):
+    """``index -> (token ids, text, final output)`` from StreamOutputs."""
+    got = {}
+    for d in items:
+        ids, text, _ = got.get(d.index, ([], "", None))
+        got[d.index] = (ids + d.new_token_ids, text + d.new_text, d.output)
+    return got
+
+
+def test_interleaved_streams_and_generate_each_get_their_own_outputs(engine):
+    ps = prompts(5, seed=34)
+    want = engine.generate(ps, sampling_params=GREEDY, progress=False)
+    s1 = engine.stream(ps[:2], sampling_params=GREEDY)
+    s2 = engine.stream(ps[2:4], sampling_params=GREEDY)
+    seen1, seen2 = [next(s1)], [next(s2)]
+    seen1.append(next(s1))
+    middle = engine.generate(ps[4:], sampling_params=GREEDY, progress=False)  # steps s1, s2
+    seen2 += list(s2)  # finishes s2's requests, and s1's along the way
+    seen1 += list(s1)  # s1 finds its outputs waiting: no hang, nothing lost
+    for seen, first in [(seen1, 0), (seen2, 2)]:
+        got = collect(seen)
+        for i, (ids, text, out) in got.items():
+            assert ids == out.token_ids == want[first + i].token_ids
+            assert text == out.text
+        assert sorted(got) == [0, 1]
+    assert middle[0].token_ids == want[4].token_ids
+    assert_kv_released(engine)

@@ -15,6 +15,7 @@ class FakeAdapters:
         self.resident: dict[str, list[int]] = {}
         self.pins: dict[str, int] = {}
         self.evicted: list[str] = []
+        self.holds: dict[str, int] = {}
 
     def pages_needed(self, key):
         return 0 if key in self.resident else self.sizes[key]
@@ -36,6 +37,12 @@ class FakeAdapters:
 
     def release(self, key):
         self.pins[key] -= 1
+
+    def hold(self, key):
+        self.holds[key] = self.holds.get(key, 0) + 1
+
+    def unhold(self, key):
+        self.holds[key] -= 1
 
     def evict_unpinned(self, num_pages):
         freed = 0

@@ -137,6 +137,23 @@ def test_fair_policy_lifts_a_returning_client_to_the_active_minimum():
     assert sched.policy.counters["b"] == 50.0
 
 
+def test_fair_policy_gives_no_credit_to_a_newcomer_into_an_idle_system():
+    sched, _, _ = make(policy="fair", max_num_seqs=1, sizes={"a": 1, "b": 1})
+    alone = req(0, 3, "a", max_tokens=1)
+    sched.add(alone)
+    out = sched.schedule()
+    run_step(sched, out)
+    sched.finish(alone, "length")
+    sched.policy.charge(alone, 600, 0)  # "a" was served a lot while alone; now all is idle
+    flood = [req(1 + i, 3, "b") for i in range(20)]
+    for r in flood:
+        sched.add(r)
+    late = req(21, 3, "a")
+    sched.add(late)
+    order = [r.request_id for r in sched.policy.order(sched.waiting, sched._view(0.0, set()))]
+    assert order.index(21) <= 1, order  # not behind the whole flood
+
+
 def test_fair_policy_preempts_the_most_served_adapter():
     # 8 pages = 4 blocks; "heavy" got more service, so its request goes although "light" is
     # the most recently admitted (which FCFS preempts)

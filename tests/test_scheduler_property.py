@@ -42,6 +42,11 @@ def test_pages_stay_accounted_for(events, policy, num_pages, budget):
             if r.adapter_key is not None:
                 want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
         assert pins == want, (pins, want)
+        holds = {k: n for k, n in adapters.holds.items() if n}
+        for r in sched.waiting:
+            if r.adapter_key is not None:
+                want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
+        assert holds == want, (holds, want)
         for r in sched.waiting:
             assert r.blocks == [] and r.num_computed_tokens == 0
 
@@ -79,5 +84,5 @@ def test_pages_stay_accounted_for(events, policy, num_pages, budget):
     assert alloc.num_used("kv") == sched.kv.evictable_pages
     sched.kv.reset()
     assert alloc.num_used("kv") == 0
-    assert not any(adapters.pins.values())
+    assert not any(adapters.pins.values()) and not any(adapters.holds.values())
     alloc.check_invariants()
