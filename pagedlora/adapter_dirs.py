@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 from pagedlora.errors import AdapterError
@@ -56,7 +57,8 @@ def _extracted(archive: Path) -> Path:
         except OSError:  # another process finished first
             if not target.is_dir():
                 raise
-    except tarfile.TarError as e:  # FilterError (unsafe member) is a TarError
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        # FilterError (an unsafe member) is a TarError; a truncated gzip stream is an EOFError
         raise AdapterError(f"adapters archive {archive}: {type(e).__name__}: {e}") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -172,12 +172,19 @@ class AdapterStore:
             del self._names[name]
             self._drop_if_unused(key)
 
-    def hold(self, key: str) -> None:
+    def hold(self, key: str) -> bool:
         """Notes one more queued or running request for content ``key`` (from
-        ``Scheduler.add``); while any is held, the content outlives its names."""
+        ``Scheduler.add``); while any is held, the content outlives its names.
+
+        Returns:
+            False, noting nothing, when ``key`` is no longer registered (removed after the
+            request looked it up): its request then fails at admission, alone.
+        """
         with self._lock:
-            if key in self._contents:
-                self._holds[key] += 1
+            if key not in self._contents:
+                return False
+            self._holds[key] += 1
+            return True
 
     def unhold(self, key: str) -> None:
         """Drops one :meth:`hold` (the request finished); content no name refers to any more
@@ -400,8 +407,9 @@ class AdapterStore:
         for name, path in sources:
             try:
                 found, weights = self._read_source(name, path)
-            except (AdapterError, NotImplementedError) as e:
-                reasons.append(str(e))
+            except Exception as e:  # noqa: BLE001 - whatever the source holds, it fails alone
+                reasons.append(str(e) if isinstance(e, AdapterError)
+                               else f"adapter {name!r}: {type(e).__name__}: {e}")
                 continue
             if found.key == adapter.key:
                 return weights, False

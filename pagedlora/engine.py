@@ -342,11 +342,17 @@ class Engine:
                                   "sampling_params")
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
         tracked, inbox = [], deque()
-        for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params, strict=True)):
-            r = self._new_request(p, key, sp, index=i)
-            t = self._tracked[r.request_id]
-            t.index, t.prompt, t.adapter, t.inbox = i, p, name, inbox
-            tracked.append(t)
+        try:
+            for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params,
+                                                       strict=True)):
+                r = self._new_request(p, key, sp, index=i)
+                t = self._tracked[r.request_id]
+                t.index, t.prompt, t.adapter, t.inbox = i, p, name, inbox
+                tracked.append(t)
+        except BaseException:  # nothing of this call stays tracked
+            for t in tracked:
+                self._tracked.pop(t.request.request_id, None)
+            raise
         for t in tracked:
             if t.request.is_finished:
                 self._finish(t)  # an invalid prompt: its output is ready now

@@ -23,6 +23,14 @@ _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(
                   r"\.lora_([AB])\.weight$")
 _UNSUPPORTED_TARGETS = ("embed_tokens", "lm_head")
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# LoraConfig fields (PEFT 0.21) whose truthy values change the forward pass (aLoRA, QA-LoRA,
+# layer replication, BD-LoRA, Arrow, KaSA, VeLoRA, MonteCLoRA, trainable tokens, LoRA on
+# parameters): served as plain LoRA they would be silently wrong, so they are refused.
+_FORWARD_CHANGING_OPTIONS = (
+    "alora_invocation_tokens", "use_qalora", "layer_replication", "use_bdlora", "arrow_config",
+    "kasa_config", "velora_config", "monteclora_config", "trainable_token_indices",
+    "target_parameters")
+_PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha, used when a config omits lora_alpha
 
 __all__ = ["TARGET_MODULES", "AdapterError", "AdapterWeights", "LoraAdapter", "ModuleSpec",
            "ModuleWeights", "UnsupportedAdapterError", "content_key", "read_lora_adapter"]
@@ -116,7 +124,9 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
             other than float16/bfloat16/float32/float64, NaN/Inf weights (also after conversion
             to ``dtype``), no LoRA module at all.
         UnsupportedAdapterError: use_dora, bias other than "none", modules_to_save,
-            embed_tokens/lm_head targets, fan_in_fan_out, lora_bias.
+            embed_tokens/lm_head targets, fan_in_fan_out, lora_bias, and the options that
+            change the forward pass (aLoRA, QA-LoRA, layer_replication, BD-LoRA, Arrow, KaSA,
+            VeLoRA, MonteCLoRA, trainable_token_indices, target_parameters).
     """
     path = Path(path)
     config = _read_config(name, path)
@@ -177,16 +187,37 @@ def _read_config(name: str, path: Path) -> dict:
         unsupported.append("fan_in_fan_out=True")
     if config.get("lora_bias"):
         unsupported.append("lora_bias=True")
+    # LoraConfig options that change the forward pass away from plain LoRA (PEFT 0.21)
+    for option in _FORWARD_CHANGING_OPTIONS:
+        if config.get(option):
+            unsupported.append(f"{option}={config[option]!r}")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise AdapterError(f"adapter {name!r}: {config_path} has target_modules="
+                           f"{config.get('target_modules')!r}, expected a string or strings")
     bad_targets = [t for t in targets if any(u in t for u in _UNSUPPORTED_TARGETS)]
     if bad_targets:
         unsupported.append(f"target_modules {bad_targets} (LoRA on embeddings or lm_head)")
     for option in ("r", "lora_alpha"):
         value = config.get(option, 1)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        if not _positive_number(value):
             raise AdapterError(f"adapter {name!r}: {config_path} has {option}={value!r}, "
                                f"expected a positive number")
+    for option in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(option) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterError(f"adapter {name!r}: {config_path} has {option}={patterns!r}, "
+                               f"expected an object of pattern: number")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise AdapterError(f"adapter {name!r}: {option} key {pattern!r} is not a "
+                                   f"regular expression: {e}") from e
+            if not _positive_number(value):
+                raise AdapterError(f"adapter {name!r}: {option}[{pattern!r}]={value!r}, "
+                                   f"expected a positive number")
     if unsupported:
         raise UnsupportedAdapterError(
             f"adapter {name!r} uses features pagedlora does not support: "
@@ -194,17 +225,29 @@ def _read_config(name: str, path: Path) -> dict:
     return config
 
 
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value > 0
+
+
 def _read_weights(name: str, path: Path) -> dict[str, torch.Tensor]:
     st, bin_ = path / "adapter_model.safetensors", path / "adapter_model.bin"
     try:
         if st.exists():
-            return load_file(st)
-        if bin_.exists():
-            return torch.load(bin_, map_location="cpu", weights_only=True)
+            tensors = load_file(st)
+        elif bin_.exists():
+            tensors = torch.load(bin_, map_location="cpu", weights_only=True)
+        else:
+            raise AdapterError(f"adapter {name!r}: neither adapter_model.safetensors nor "
+                               f"adapter_model.bin in {path}")
+    except AdapterError:
+        raise
     except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
         raise AdapterError(f"adapter {name!r}: cannot read weights in {path}: {e}") from e
-    raise AdapterError(f"adapter {name!r}: neither adapter_model.safetensors nor "
-                       f"adapter_model.bin in {path}")
+    if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise AdapterError(f"adapter {name!r}: the weights file in {path} is not a mapping of "
+                           f"names to tensors (got {type(tensors).__name__})")
+    return tensors
 
 
 def _pattern_value(patterns: dict, module_path: str, default):
@@ -241,7 +284,7 @@ def _module_weights(name: str, config: dict, layer: int, module: str,
         raise AdapterError(f"{where}: config says rank {r_config} but the weights have rank {r}")
     a, b_t = a.to(dtype).contiguous(), b.t().to(dtype).contiguous()
     alpha = _pattern_value(config.get("alpha_pattern") or {}, module_path,
-                           config.get("lora_alpha", r))
+                           config.get("lora_alpha", _PEFT_DEFAULT_ALPHA))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     return ModuleSpec(rank=r, scale=float(scale)), ModuleWeights(a=a, b_t=b_t)
 

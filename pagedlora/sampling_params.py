@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_GREEDY_BELOW = 1e-5  # temperatures below this sample greedily
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -11,7 +13,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most output tokens (>= 1).
-        temperature: 0 is greedy; otherwise logits are divided by it (> 0).
+        temperature: 0 (or below 1e-5) is greedy; otherwise logits are divided by it.
         top_p: nucleus sampling mass in (0, 1].
         top_k: keep the k most likely tokens; 0 or -1 keeps all.
         seed: per-request seed for reproducible sampling; None derives one from the engine seed.
@@ -57,8 +59,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
             raise ValueError(f"top_k must be -1, 0 (all) or a positive int, got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
@@ -69,5 +72,6 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Whether tokens are chosen by argmax (temperature 0)."""
-        return self.temperature == 0
+        """Whether tokens are chosen by argmax: temperature below 1e-5 (as vLLM), where
+        ``logits / temperature`` would overflow to Inf and the softmax to NaN."""
+        return self.temperature < _GREEDY_BELOW

@@ -36,6 +36,8 @@ class Request:
         num_cached_tokens: prompt tokens whose K/V came from the prefix cache.
         block_keys: prefix-cache keys of the full blocks of known tokens (KVBlockManager).
         num_cached_blocks: leading blocks already registered in the prefix cache.
+        holds_adapter: whether the adapter store counted this request as a holder of its
+            adapter's content (so that exactly the holds taken are dropped).
     """
 
     request_id: int
@@ -57,6 +59,7 @@ class Request:
     num_cached_tokens: int = 0
     block_keys: list[int] = field(default_factory=list)
     num_cached_blocks: int = 0
+    holds_adapter: bool = False
 
     @property
     def num_tokens(self) -> int:

@@ -31,9 +31,10 @@ class AdapterResidency(Protocol):
     def release(self, key: str) -> None:
         """Drops one pin taken by :meth:`acquire`."""
 
-    def hold(self, key: str) -> None:
+    def hold(self, key: str) -> bool:
         """Notes a queued request for ``key``: its content must outlive a removed or re-added
-        name until :meth:`unhold`."""
+        name until :meth:`unhold`. False (nothing noted) when ``key`` is no longer
+        registered."""
 
     def unhold(self, key: str) -> None:
         """Drops one :meth:`hold` (the request finished)."""
@@ -145,7 +146,7 @@ class Scheduler:
         active = {r.adapter_key for r in self.waiting} | {r.adapter_key for r in self.running}
         self.policy.on_arrival(request, active)
         if request.adapter_key is not None:
-            self.adapters.hold(request.adapter_key)
+            request.holds_adapter = self.adapters.hold(request.adapter_key)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -333,7 +334,8 @@ class Scheduler:
         self.waiting.append(request)
 
     def _unhold(self, request: Request) -> None:
-        if request.adapter_key is not None:
+        if request.holds_adapter:
+            request.holds_adapter = False
             self.adapters.unhold(request.adapter_key)
 
     def _release(self, request: Request, pinned: bool = True) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from support import assert_kv_released, write_peft_dir
 
 from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
@@ -157,6 +162,11 @@ def test_missing_half_of_a_pair(engine, tmp_path):
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
+    ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
+    ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
+    ({"use_qalora": True}, "use_qalora"), ({"use_bdlora": {"a": 1}}, "use_bdlora"),
+    ({"arrow_config": {"top_k": 2}}, "arrow_config"),
+    ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
 ])
 def test_unsupported_features_are_named(engine, tmp_path, config, feature):
     path = write_adapter(tmp_path / "x", **config)
@@ -289,3 +299,73 @@ def test_a_chat_template_error_fails_that_prompt_alone(engine, monkeypatch):
     assert outs[1].error == f"prompt 1 (request {rid}): RuntimeError: template exploded"
     assert engine._tracked == {}
     assert_pool_clean(engine)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"rank_pattern": ["q_proj"]}, "rank_pattern=.*expected an object"),
+    ({"alpha_pattern": {"q_proj": "four"}}, r"alpha_pattern\['q_proj'\]='four'"),
+    ({"rank_pattern": {"(q_proj": 2}}, "not a regular expression"),
+    ({"target_modules": 5}, "target_modules=5"),
+])
+def test_malformed_config_fields_are_named(engine, tmp_path, config, match):
+    with pytest.raises(AdapterError, match=match):
+        engine.add_adapter("x", write_adapter(tmp_path / "x", **config))
+
+
+@pytest.mark.parametrize("payload", [[1, 2], {3: torch.zeros(1)}, {"k": "not a tensor"}])
+def test_a_bin_file_that_is_not_named_tensors(engine, tmp_path, payload):
+    path = write_adapter(tmp_path / "x")
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(payload, path / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="not a mapping of names to tensors"):
+        engine.add_adapter("x", path)
+
+
+def test_a_source_that_turns_to_garbage_fails_only_its_requests(tiny_llama_dir, tmp_path):
+    engine = Engine(tiny_llama_dir, pool_gb=0.01, max_cpu_loras=0)
+    path = write_adapter(tmp_path / "x")
+    tensors = load_file(path / "adapter_model.safetensors")
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(tensors, path / "adapter_model.bin")
+    engine.add_adapter("x", path)
+    torch.save([1, 2], path / "adapter_model.bin")  # the source changes behind our back
+    outs = engine.generate(["hello", "hello"], adapters=[None, "x"], sampling_params=GREEDY,
+                           progress=False)
+    assert outs[0].finish_reason == "length"
+    assert outs[1].finish_reason == "error"
+    assert "not a mapping of names to tensors" in outs[1].error
+    assert_pool_clean(engine)
+
+
+def test_missing_lora_alpha_takes_peft_default(engine, tmp_path):
+    path = write_adapter(tmp_path / "x")
+    config = json.loads((path / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    adapter = engine.add_adapter("no-alpha", path)
+    assert {spec.scale for spec in adapter.modules.values()} == {8 / 2}  # LoraConfig: alpha 8
+
+
+def test_tiny_temperature_is_greedy_not_nan(engine):
+    greedy = engine.generate(["hello"], sampling_params=GREEDY, progress=False)[0]
+    tiny = SamplingParams(max_tokens=4, temperature=1e-40, ignore_eos=True)
+    outs = engine.generate(["hello", "hello"], sampling_params=[GREEDY, tiny], progress=False)
+    assert [o.token_ids for o in outs] == [greedy.token_ids] * 2
+
+
+@pytest.mark.parametrize("seed", [2**64, -2**63 - 1, True, 1.5])
+def test_seed_out_of_range(seed):
+    with pytest.raises(ValueError, match="seed must be an int"):
+        SamplingParams(seed=seed)
+
+
+def test_truncated_adapters_archive(engine, tmp_path):
+    buf = io.BytesIO()
+    path = write_adapter(tmp_path / "adapters" / "x")
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(path.parent, arcname="adapters")
+    data = buf.getvalue()
+    archive = tmp_path / "cut.tar.gz"
+    archive.write_bytes(data[:len(data) * 2 // 3])
+    with pytest.raises(AdapterError, match="adapters archive"):
+        engine.add_adapters_from_dir(archive)

@@ -302,3 +302,25 @@ def test_interleaved_streams_and_generate_each_get_their_own_outputs(engine):
         assert sorted(got) == [0, 1]
     assert middle[0].token_ids == want[4].token_ids
     assert_kv_released(engine)
+
+
+def test_holds_stay_balanced_when_a_name_is_removed_and_re_added_mid_submit(tiny_llama_dir,
+                                                                            make_adapter):
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8)
+    path = make_adapter(tiny_llama_dir, "a", r=4, seed=8, target_modules=["q_proj"])
+    engine.add_adapter("a", path)
+    key = engine.adapters.key_of("a")
+    first = engine._new_request(prompts(1, seed=35)[0], key, GREEDY)
+    engine.remove_adapter("a")  # another thread, after the key lookup, before queueing
+    engine.scheduler.add(first)
+    assert not first.holds_adapter
+    engine.add_adapter("a", path)  # the same content again
+    second = engine._new_request(prompts(1, seed=36)[0], key, GREEDY)
+    engine.scheduler.add(second)
+    engine.scheduler.finish(first, "abort")  # drops no hold it never took
+    with pytest.raises(ValueError, match="in use by 1 waiting or running request"):
+        engine.remove_adapter("a")
+    engine.scheduler.finish(second, "abort")
+    engine.remove_adapter("a")
+    for r in (first, second):
+        engine._tracked.pop(r.request_id)

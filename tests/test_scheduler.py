@@ -40,6 +40,7 @@ class FakeAdapters:
 
     def hold(self, key):
         self.holds[key] = self.holds.get(key, 0) + 1
+        return True
 
     def unhold(self, key):
         self.holds[key] -= 1
