@@ -130,6 +130,7 @@ class Scheduler:
         # Admission order; the policy picks preemption victims from it.
         self.running: list[Request] = []
         self.step_seconds: float | None = None  # moving average of the time between steps
+        self._admission_order: list[Request] | None = None  # the last step's, for prefetch
         self._last_step_at: float | None = None
 
     # -- queue -------------------------------------------------------------------------------
@@ -192,6 +193,7 @@ class Scheduler:
             self._schedule(request, n, out)
             budget -= n
         self._abort_late(now, out)
+        self._admission_order = None
         if not out.preempted:
             self._admit(out, budget, now)
         return out
@@ -207,7 +209,11 @@ class Scheduler:
         """Adapters of the first ``n`` waiting requests in policy order that are not resident
         (what a prefetcher should bring closer), without duplicates."""
         keys: list[str] = []
-        for r in self.policy.order(self.waiting, self._view(self.clock(), set()))[:n]:
+        order = self._admission_order  # this step's, when admission ran: no second sort
+        if order is None:
+            order = self.policy.order(self.waiting, self._view(self.clock(), set()))
+        waiting = [r for r in order if r.status is RequestStatus.WAITING]
+        for r in waiting[:n]:
             key = r.adapter_key
             if key is not None and key not in keys and self.adapters.pages_needed(key):
                 keys.append(key)
@@ -240,7 +246,9 @@ class Scheduler:
                 out.aborted.append(request)
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        for request in self.policy.order(self.waiting, self._view(now, out.adapter_keys)):
+        order = self.policy.order(self.waiting, self._view(now, out.adapter_keys))
+        self._admission_order = order
+        for request in order:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             key = request.adapter_key
