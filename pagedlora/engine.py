@@ -291,7 +291,7 @@ class Engine:
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
-            return [self._stream_output(r) for r in changed]
+            return [self._emit(self._tracked[r.request_id]) for r in changed]
         self.adapters.record_use(out.scheduled)
         upcoming = self.scheduler.next_adapters(self.config.max_loras)
         self.prefetcher.ask(k for k in upcoming if self.adapters.tier(k) in ("disk", "source"))
@@ -319,7 +319,7 @@ class Engine:
             "pages_free": self.pool.allocator.num_free,
             "seconds": time.perf_counter() - started})
         self._record_peak()
-        return [self._stream_output(r) for r in changed]
+        return [self._emit(self._tracked[r.request_id]) for r in changed]
 
     def _warm_pool(self, keys: list[str]) -> None:
         """Copies prefetched adapters (already in host memory) into free pool pages, unpinned,
@@ -345,21 +345,19 @@ class Engine:
         try:
             for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params,
                                                        strict=True)):
-                r = self._new_request(p, key, sp, index=i)
-                t = self._tracked[r.request_id]
-                t.index, t.prompt, t.adapter, t.inbox = i, p, name, inbox
-                tracked.append(t)
+                r = self._new_request(p, key, sp, index=i, adapter=name, inbox=inbox)
+                tracked.append(self._tracked[r.request_id])
         except BaseException:  # nothing of this call stays tracked
             for t in tracked:
                 self._tracked.pop(t.request.request_id, None)
             raise
         for t in tracked:
             if t.request.is_finished:
-                self._finish(t)  # an invalid prompt: its output is ready now
+                self._emit(t)  # an invalid prompt: its output is ready now
             else:
                 self.scheduler.add(t.request)
                 if t.request.is_finished:  # it can never fit the pool
-                    self._finish(t)
+                    self._emit(t)
         return tracked
 
     def _abort_now(self, tracked: list[_Tracked]) -> None:
@@ -368,29 +366,19 @@ class Engine:
             self.scheduler.finish(t.request, "abort")
             self._tracked.pop(t.request.request_id, None)
 
-    def _stream_output(self, r: Request) -> StreamOutput:
-        t = self._tracked[r.request_id]
-        if r.is_finished:
-            return self._finish(t)
-        new = r.output_token_ids[t.num_streamed:]
-        t.num_streamed = len(r.output_token_ids)
-        return self._deliver(t, StreamOutput(
-            request_id=r.request_id, index=t.index, new_token_ids=new,
-            new_text=t.detokenizer.new_text(finished=False), finished=False))
-
-    def _finish(self, t: _Tracked) -> StreamOutput:
-        """The last StreamOutput of a finished request; the engine forgets the request."""
+    def _emit(self, t: _Tracked) -> StreamOutput:
+        """What ``t``'s request gained since its last StreamOutput, also put in its call's
+        inbox; a finished request's last one carries its RequestOutput, and the engine forgets
+        the request."""
         r = t.request
-        self._tracked.pop(r.request_id, None)
+        finished = r.is_finished
+        if finished:
+            self._tracked.pop(r.request_id, None)
         new = r.output_token_ids[t.num_streamed:]
         t.num_streamed = len(r.output_token_ids)
-        return self._deliver(t, StreamOutput(
-            request_id=r.request_id, index=t.index, new_token_ids=new,
-            new_text=t.detokenizer.new_text(finished=True), finished=True,
-            output=self._output(t)))
-
-    @staticmethod
-    def _deliver(t: _Tracked, d: StreamOutput) -> StreamOutput:
+        d = StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
+                         new_text=t.detokenizer.new_text(finished=finished), finished=finished,
+                         output=self._output(t) if finished else None)
         if t.inbox is not None:
             t.inbox.append(d)
         return d
@@ -509,9 +497,11 @@ class Engine:
                          f"got {type(prompt).__name__}")
 
     def _new_request(self, prompt: Prompt, key: str | None, sp: SamplingParams,
-                     index: int = 0) -> Request:
-        """A Request for ``prompt``, the ``index``-th of its call (failed, with the reason,
-        when the prompt is invalid), tracked by the engine until its output is made; not
+                     index: int = 0, adapter: str | None = None,
+                     inbox: deque[StreamOutput] | None = None) -> Request:
+        """A Request for ``prompt``, the ``index``-th of its call, for adapter name
+        ``adapter`` (content ``key``), failed with the reason when the prompt is invalid;
+        tracked by the engine until its output is made (put in ``inbox`` if given); not
         queued."""
         rid, self._next_id = self._next_id, self._next_id + 1
         now = time.perf_counter()
@@ -521,9 +511,10 @@ class Engine:
                     deadline=None if deadline_s is None else now + deadline_s)
         generator = torch.Generator(self.pool.tensor.device).manual_seed(
             sp.seed if sp.seed is not None else self.config.seed * 1_000_003 + rid)
-        self._tracked[rid] = _Tracked(request=r, index=0, prompt=prompt, adapter=None, params=sp,
-                                      generator=generator,
-                                      detokenizer=Detokenizer(self.tokenizer, sp.stop))
+        self._tracked[rid] = _Tracked(request=r, index=index, prompt=prompt, adapter=adapter,
+                                      params=sp, generator=generator,
+                                      detokenizer=Detokenizer(self.tokenizer, sp.stop),
+                                      inbox=inbox)
         try:
             r.prompt_token_ids = self._tokenize(prompt)
             if not r.prompt_token_ids:
