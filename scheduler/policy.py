@@ -47,8 +47,10 @@ class FcfsPolicy:
     def charge(self, request: Request, num_prefill: int, num_decode: int) -> None:
         """Records service given to ``request`` in a step (FCFS keeps no account)."""
 
-    def on_arrival(self, request: Request, active_keys: set) -> None:
-        """Notes a newly queued request (FCFS needs nothing)."""
+    def on_arrival(self, request: Request, active_keys: Callable[[], set]) -> None:
+        """Notes a newly queued request; ``active_keys()`` gives the adapter keys of the
+        requests waiting or running before it (computed only by a policy that asks: FCFS
+        needs nothing)."""
 
 
 class ClusterPolicy(FcfsPolicy):
@@ -134,11 +136,12 @@ class FairPolicy(FcfsPolicy):
         self.counters[key] = self.counters.get(key, 0.0) + (
             self.input_weight * num_prefill + self.output_weight * num_decode)
 
-    def on_arrival(self, request: Request, active_keys: set) -> None:
+    def on_arrival(self, request: Request, active_keys: Callable[[], set]) -> None:
         key = request.adapter_key
-        if key in active_keys:
+        keys = active_keys()
+        if key in keys:
             return
-        active = [self.counters.get(k, 0.0) for k in active_keys]
+        active = [self.counters.get(k, 0.0) for k in keys]
         # Nobody active: lift to the highest counter, the service level the system was at
         # (the paper lifts to the counter of the last client to leave), so a newcomer cannot
         # bank the gap against a client that was served while alone.

@@ -144,8 +144,9 @@ class Scheduler:
             request.fail(f"request {request.request_id} needs {need} pages for its "
                          f"prompt and adapter, the pool has {self.allocator.num_pages}")
             return
-        active = {r.adapter_key for r in self.waiting} | {r.adapter_key for r in self.running}
-        self.policy.on_arrival(request, active)
+        # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
+        self.policy.on_arrival(request, lambda: {r.adapter_key
+                                                 for r in (*self.waiting, *self.running)})
         if request.adapter_key is not None:
             request.holds_adapter = self.adapters.hold(request.adapter_key)
         self.waiting.append(request)
@@ -273,8 +274,7 @@ class Scheduler:
                     acquired = self.adapters.acquire(key)
                 except AdapterUnavailableError as e:  # this request fails, the others go on
                     self._release(request, pinned=False)
-                    request.fail(f"request {request.request_id}: {e}")
-                    self._unhold(request)
+                    self._fail(request, f"request {request.request_id}: {e}")
                     self.waiting.remove(request)
                     out.failed.append(request)
                     continue
@@ -307,12 +307,11 @@ class Scheduler:
                 key = request.adapter_key
                 adapter = "" if key is None else (
                     f" next to its adapter's {self.adapters.adapter_pages(key)} pages")
-                request.fail(f"request {request.request_id} cannot get the "
-                             f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
-                             f" even alone in the pool of {self.allocator.num_pages} pages")
+                self._fail(request, f"request {request.request_id} cannot get the "
+                           f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
+                           f" even alone in the pool of {self.allocator.num_pages} pages")
                 self.running.remove(request)
                 self._release(request)
-                self._unhold(request)
                 out.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
@@ -340,6 +339,12 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.append(request)
+
+    def _fail(self, request: Request, message: str) -> None:
+        """Finishes a queued request with "error" and drops its adapter hold (the caller frees
+        its pages and takes it out of its queue)."""
+        request.fail(message)
+        self._unhold(request)
 
     def _unhold(self, request: Request) -> None:
         if request.holds_adapter:
