@@ -30,8 +30,10 @@ def test_preemption_gives_the_same_greedy_tokens(tiny_llama_dir, caching):
     sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     want = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, enable_prefix_caching=False
                   ).generate(ps, sampling_params=sp, progress=False)
+    # 2 layers x 8 tokens per block: 40 pages = 20 blocks, far less than 8 x 64 tokens need
     small = small_engine(tiny_llama_dir, 40, enable_prefix_caching=caching)
     got = small.generate(ps, sampling_params=sp, progress=False)
+    assert small.stats()["pages_total"] == 40
     assert sum(o.num_preemptions for o in got) > 0
     assert tokens(got) == tokens(want)
     assert_kv_released(small)
