@@ -43,12 +43,16 @@ class LoraBatch:
         segments: disjoint token ranges and the rows each one uses.
         token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where token
             t's adapter owns row r, else 0 (tokens of the base model have an all-zero row).
+        gathered: ``(a [R, in_features], b [R, out_features])``, the rows already read out of
+            the pool (the CPU path keeps them while the step's adapters repeat), or None: read
+            them through the page tables.
     """
 
     a: PagedRows
     b: PagedRows
     segments: tuple[LoraSegment, ...]
     token_scale: torch.Tensor
+    gathered: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -77,7 +81,8 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
 
     Shrink to rank r, scale, expand to out_features, for a batch whose tokens use different
     adapters of different ranks (Punica, Chen et al. 2023, section 4, SGMV/BGMV; S-LoRA
-    section 5.1). The rows are read from pool pages once per call. Decode-sized batches run as
+    section 5.1). The rows are read from pool pages once per call (unless ``batch.gathered``
+    already holds them). Decode-sized batches run as
     one dense shrink against every adapter's rows with a per-token column scale (``x @ A^T *
     token_scale``: few large ops instead of many small ones, which is what a CPU rewards);
     larger ones loop over the segments so no token multiplies another adapter's rows.
@@ -94,8 +99,10 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
                          f"{batch.token_scale.shape[0]}")
-    a = gather_rows(a_view, batch.a)  # [R, in]
-    b = gather_rows(b_view, batch.b)  # [R, out]
+    if batch.gathered is not None:
+        a, b = batch.gathered  # [R, in], [R, out]
+    else:
+        a, b = gather_rows(a_view, batch.a), gather_rows(b_view, batch.b)
     if x.shape[0] <= _DENSE_MAX_TOKENS or len(batch.segments) == 1:
         lo, hi = batch.segments[0].start, batch.segments[-1].end
         if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU

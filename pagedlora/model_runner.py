@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagedlora.adapter_store import AdapterStore, ResidentAdapter
-from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
+from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows, gather_rows
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
@@ -26,6 +26,10 @@ class ModelRunner:
         self.adapters = adapters
         # (placements, rows) of the last step's adapters; see _concatenated_rows
         self._rows_cache: tuple[tuple[ResidentAdapter, ...], dict] = ((), {})
+        # The torch (CPU) kernels take rows already gathered out of the pages: id(placement)
+        # -> (placement, {(layer, module): (a, b)}) for the adapters of the last step only.
+        self._gather = model.kernels.backend == "torch"
+        self._gathered: dict[int, tuple[ResidentAdapter, dict]] = {}
 
     def run(self, out: SchedulerOutput) -> tuple[list[Request], torch.Tensor]:
         """Runs one step.
@@ -98,7 +102,7 @@ class ModelRunner:
         device = self.pool.tensor.device
         scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
         lora = {}
-        for layer_module, (a, b, cols) in rows.items():
+        for layer_module, (a, b, cols, rows_gathered) in rows.items():
             layout = tuple(cols)
             token_scale = scales.get(layout)
             if token_scale is None:
@@ -108,15 +112,23 @@ class ModelRunner:
                     token_scale[segments[i][0]:segments[i][1], c0:c1] = scale
                 scales[layout] = token_scale
             lora[layer_module] = LoraBatch(
-                a=a, b=b, token_scale=token_scale,
+                a=a, b=b, token_scale=token_scale, gathered=rows_gathered,
                 segments=tuple(LoraSegment(segments[i][0], segments[i][1], c0, c1, scale)
                                for i, c0, c1, scale in cols))
         return lora
 
     def _concatenated_rows(self, residents: tuple[ResidentAdapter, ...]) -> dict:
-        """``(layer, module) -> (a rows, b rows, [(segment, col_start, col_end, scale)])`` for
-        the step's adapters in segment order. Kept while the same placements repeat (decode
-        steps): a pinned adapter's pages do not move, and a reload is a new placement object."""
+        """``(layer, module) -> (a rows, b rows, [(segment, col_start, col_end, scale)],
+        gathered)`` for the step's adapters in segment order; ``gathered`` is the ``(a, b)``
+        rows read out of the pool for the torch kernels (None for Triton, which reads pages in
+        place). Kept while the same placements repeat (decode steps): a pinned adapter's pages
+        do not move, and a reload is a new placement object.
+
+        On the CPU, reading rows through page tables costs an indexing op per module per
+        layer, more than the LoRA GEMMs themselves at decode sizes; so each adapter's rows
+        are read once while it stays in the batch, and only concatenated when the set of
+        adapters changes. The copies (the batch's adapters' weights, bounded by max_loras
+        adapters) are dropped as soon as an adapter leaves the batch."""
         cached_for, cached = self._rows_cache
         if len(cached_for) == len(residents) and all(
                 x is y for x, y in zip(cached_for, residents, strict=True)):
@@ -125,6 +137,8 @@ class ModelRunner:
         for i, resident in enumerate(residents):
             for layer_module, m in resident.modules.items():
                 parts.setdefault(layer_module, []).append((i, m))
+        if self._gather:
+            self._gathered = {id(r): self._gathered.get(id(r), (r, {})) for r in residents}
         rows = {}
         for layer_module, ms in parts.items():
             cols, start = [], 0
@@ -136,6 +150,23 @@ class ModelRunner:
                           torch.cat([m.a.slots for _, m in ms]))
             b = PagedRows(torch.cat([m.b.pages for _, m in ms]),
                           torch.cat([m.b.slots for _, m in ms]))
-            rows[layer_module] = (a, b, cols)
+            gathered = None
+            if self._gather:
+                pieces = [self._adapter_rows(residents[i], layer_module, m) for i, m in ms]
+                gathered = pieces[0] if len(pieces) == 1 else (
+                    torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+            rows[layer_module] = (a, b, cols, gathered)
         self._rows_cache = (residents, rows)
         return rows
+
+    def _adapter_rows(self, resident: ResidentAdapter, layer_module: tuple[int, str],
+                      m) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a [r, in], b [r, out])`` of one adapter's module, read out of the pool once while
+        its placement lasts (see :meth:`_concatenated_rows`)."""
+        per_module = self._gathered[id(resident)][1]
+        got = per_module.get(layer_module)
+        if got is None:
+            in_f, out_f = self.model.module_shapes[layer_module[1]]
+            got = (gather_rows(self.pool.rows(in_f), m.a), gather_rows(self.pool.rows(out_f), m.b))
+            per_module[layer_module] = got
+        return got

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -22,8 +23,9 @@ def scatter_rows(view: torch.Tensor, rows: torch.Tensor, free: list[int]) -> Pag
     return PagedRows(pages, slots)
 
 
+@pytest.mark.parametrize("gathered", [False, True])  # rows read through pages, or given
 @pytest.mark.parametrize("num_tokens", [7, 33, 133])  # both the dense and the segmented form
-def test_lora_shrink_expand_matches_per_token_math(num_tokens):
+def test_lora_shrink_expand_matches_per_token_math(num_tokens, gathered):
     g = torch.Generator().manual_seed(num_tokens)
     in_f, out_f, ranks = 97, 45, [1, 3, 16, 8]
     pool = torch.zeros(64, 4 * in_f)  # pages of 4 rows of width in_f
@@ -54,6 +56,10 @@ def test_lora_shrink_expand_matches_per_token_math(num_tokens):
                       b=PagedRows(torch.cat([r.pages for r in b_rows]),
                                   torch.cat([r.slots for r in b_rows])),
                       segments=tuple(segs), token_scale=token_scale)
+    if gathered:  # what the model runner hands the CPU kernels; the pages are then not read
+        batch = dataclasses.replace(batch, gathered=(
+            torch.cat([a for a, _, _ in weights]), torch.cat([b for _, b, _ in weights])))
+        a_view, b_view = torch.full_like(a_view, math.nan), torch.full_like(b_view, math.nan)
     x = torch.randn(num_tokens, in_f, generator=g)
     y0 = torch.randn(num_tokens, out_f, generator=g)
     y = y0.clone()

