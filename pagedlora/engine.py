@@ -118,6 +118,7 @@ class Engine:
         self._next_id = 0
         self._tracked: dict[int, _Tracked] = {}  # request id -> state, until it finishes
         self._aborts: set[int] = set()  # request ids to abort at the next step (any thread)
+        self._ready: list[StreamOutput] = []  # add_request outputs made before any step
         self._abort_lock = threading.Lock()
         self._peak: dict = {}  # stats() at the fullest step of the last generate call
         self._num_generated = 0  # output tokens sampled by this engine, for tokens/s
@@ -254,6 +255,24 @@ class Engine:
             remaining -= d.finished
             yield d
 
+    def add_request(self, prompt: Prompt, adapter: str | None = None,
+                    sampling_params: SamplingParams | None = None) -> int:
+        """Queues one request and returns at once, without stepping (vLLM's
+        ``LLMEngine.add_request``): for callers that drive :meth:`step` themselves, e.g. an
+        online benchmark adding requests as they arrive. The request's StreamOutputs are
+        returned by the following ``step()`` calls (an invalid prompt's, with finish_reason
+        "error", by the next one). Its arrival time, for TTFT, is now.
+
+        Args: as for :meth:`generate`, for one prompt.
+        Returns:
+            the request id (for :meth:`abort`, and in its StreamOutputs).
+        Raises:
+            ValueError: an adapter name never added.
+        """
+        (t,) = self._submit([prompt], [adapter], [sampling_params or SamplingParams()],
+                            inbox=False)
+        return t.request.request_id
+
     def abort(self, request_id: int) -> bool:
         """Asks for a request to finish with "abort"; its pages are freed at the next step.
         Safe to call from any thread.
@@ -273,11 +292,13 @@ class Engine:
 
         Returns:
             one StreamOutput per request that got a token or finished in this step (stop,
-            length, abort or error).
+            length, abort or error), after those of requests that :meth:`add_request` failed
+            since the last step.
         Raises:
             RuntimeError: requests wait but none could be scheduled (a bug: ``Scheduler.add``
                 fails requests that can never fit).
         """
+        ready, self._ready = self._ready, []
         with self._abort_lock:
             aborts, self._aborts = self._aborts, set()
         for rid in aborts:
@@ -291,7 +312,7 @@ class Engine:
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
-            return [self._emit(self._tracked[r.request_id]) for r in changed]
+            return ready + [self._emit(self._tracked[r.request_id]) for r in changed]
         self.adapters.record_use(out.scheduled)
         upcoming = self.scheduler.next_adapters(self.config.max_loras)
         self.prefetcher.ask(k for k in upcoming if self.adapters.tier(k) in ("disk", "source"))
@@ -319,7 +340,7 @@ class Engine:
             "pages_free": self.pool.allocator.num_free,
             "seconds": time.perf_counter() - started})
         self._record_peak()
-        return [self._emit(self._tracked[r.request_id]) for r in changed]
+        return ready + [self._emit(self._tracked[r.request_id]) for r in changed]
 
     def _warm_pool(self, keys: list[str]) -> None:
         """Copies prefetched adapters (already in host memory) into free pool pages, unpinned,
@@ -334,30 +355,32 @@ class Engine:
                 except AdapterUnavailableError:
                     pass  # its request fails with the reason when admitted
 
-    def _submit(self, prompts, adapters, sampling_params) -> list[_Tracked]:
-        """Tokenizes and queues the prompts (see :meth:`generate` for the arguments)."""
+    def _submit(self, prompts, adapters, sampling_params, inbox: bool = True
+                ) -> list[_Tracked]:
+        """Tokenizes and queues the prompts (see :meth:`generate` for the arguments); their
+        StreamOutputs go to one shared inbox, or (``inbox=False``) only to step()'s return."""
         prompts = self._as_list(prompts)
         names = self._per_prompt(adapters, len(prompts), "adapters")
         params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
                                   "sampling_params")
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
-        tracked, inbox = [], deque()
+        tracked, box = [], deque() if inbox else None
         try:
             for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params,
                                                        strict=True)):
-                r = self._new_request(p, key, sp, index=i, adapter=name, inbox=inbox)
+                r = self._new_request(p, key, sp, index=i, adapter=name, inbox=box)
                 tracked.append(self._tracked[r.request_id])
         except BaseException:  # nothing of this call stays tracked
             for t in tracked:
                 self._tracked.pop(t.request.request_id, None)
             raise
         for t in tracked:
-            if t.request.is_finished:
-                self._emit(t)  # an invalid prompt: its output is ready now
-            else:
+            if not t.request.is_finished:
                 self.scheduler.add(t.request)
-                if t.request.is_finished:  # it can never fit the pool
-                    self._emit(t)
+            if t.request.is_finished:  # an invalid prompt, or one that can never fit the pool
+                d = self._emit(t)
+                if box is None:
+                    self._ready.append(d)  # handed out by the next step()
         return tracked
 
     def _abort_now(self, tracked: list[_Tracked]) -> None:

@@ -148,3 +148,29 @@ def test_peak_stats_of_the_last_generate(engine):
     held = peak["pages_kv"] - peak["pages_kv_cached"]
     assert 2 * 4 * 4 <= held <= 2 * 4 * 6 and peak["requests_running"] == 4
     assert_kv_released(engine)
+
+
+def test_add_request_then_step_matches_generate(engine, make_adapter, tiny_llama_dir):
+    engine.add_adapter("req-a", make_adapter(tiny_llama_dir, "req-a", r=4,
+                                             target_modules=["q_proj", "v_proj"], seed=5))
+    ps = prompts(4, seed=9)
+    names = ["req-a", None, "req-a", None]
+    want = engine.generate(ps, names, GREEDY, progress=False)
+    ids = [engine.add_request(p, n, GREEDY) for p, n in zip(ps, names, strict=True)]
+    bad = engine.add_request([], None, GREEDY)  # an empty prompt fails alone, at the next step
+    got, finished = {i: [] for i in ids}, {}
+    for _ in range(100):
+        for d in engine.step():
+            if d.request_id in got:
+                got[d.request_id] += d.new_token_ids
+            if d.finished:
+                finished[d.request_id] = d.output
+        if len(finished) == 5:
+            break
+    assert [got[i] for i in ids] == tokens(want)
+    assert [finished[i].token_ids for i in ids] == tokens(want)
+    assert finished[bad].finish_reason == "error" and "empty" in finished[bad].error
+    with pytest.raises(ValueError, match="nope"):
+        engine.add_request(ps[0], "nope")
+    assert_kv_released(engine)
+    engine.remove_adapter("req-a")
