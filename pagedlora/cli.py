@@ -71,23 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pagedlora.server.app import build_app, run
-    from pagedlora.server.config import ServerConfig
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    options = {f.name: getattr(args, f.name) for f in _engine_fields()
-               if getattr(args, f.name) is not None}
     try:
-        models = dict(_split(m, "=", "--model", "NAME=PATH") for m in args.model)
-        if len(models) < len(args.model):
-            raise ValueError("--model: the same NAME is given twice")
-        config = ServerConfig(
-            models={name: Path(path) for name, path in models.items()},
-            adapters=tuple(_adapter(a) for a in args.adapter)
-            + tuple(_adapters_dir(d) for d in args.adapters_dir),
-            host=args.host, port=args.port, pool_gb=args.pool_gb, max_queue=args.max_queue,
-            max_body_bytes=int(args.max_body_mb * 2**20),
-            shutdown_timeout_s=args.shutdown_timeout, engine_options=options)
+        config = server_config(args)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
     try:
@@ -99,26 +87,41 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def _split(text: str, sep: str, option: str, form: str) -> tuple[str, str]:
-    left, found, right = text.partition(sep)
+def server_config(args: argparse.Namespace):
+    """The :class:`~pagedlora.server.config.ServerConfig` of parsed ``serve`` arguments.
+
+    Raises:
+        ValueError: a malformed ``NAME=PATH``, a name given twice, or as ServerConfig.
+        TypeError: as ServerConfig.
+    """
+    from pagedlora.server.config import AdapterSource, ServerConfig
+
+    models = dict(_split(m, "--model", "NAME=PATH") for m in args.model)
+    if len(models) < len(args.model):
+        raise ValueError("--model: the same NAME is given twice")
+    adapters = []
+    for text in args.adapter:
+        left, path = _split(text, "--adapter", "[MODEL:]NAME=PATH")
+        model, _, name = left.rpartition(":")
+        adapters.append(AdapterSource(model or None, Path(path), name))
+    for text in args.adapters_dir:
+        model, _, path = text.partition("=") if "=" in text else ("", "", text)
+        adapters.append(AdapterSource(model or None, Path(path)))
+    options = {f.name: getattr(args, f.name) for f in _engine_fields()
+               if getattr(args, f.name) is not None}
+    return ServerConfig(models={name: Path(path) for name, path in models.items()},
+                        adapters=tuple(adapters), host=args.host, port=args.port,
+                        pool_gb=args.pool_gb, max_queue=args.max_queue,
+                        max_body_bytes=int(args.max_body_mb * 2**20),
+                        shutdown_timeout_s=args.shutdown_timeout, engine_options=options)
+
+
+def _split(text: str, option: str, form: str) -> tuple[str, str]:
+    """``"LEFT=RIGHT"`` -> ``(LEFT, RIGHT)`` at the first ``=`` (names hold none)."""
+    left, found, right = text.partition("=")
     if not found or not left or not right:
         raise ValueError(f"{option} {text!r}: expected {form}")
     return left, right
-
-
-def _adapter(text: str):
-    from pagedlora.server.config import AdapterSource
-
-    left, path = _split(text, "=", "--adapter", "[MODEL:]NAME=PATH")
-    model, _, name = left.rpartition(":")
-    return AdapterSource(model or None, Path(path), name)
-
-
-def _adapters_dir(text: str):
-    from pagedlora.server.config import AdapterSource
-
-    model, _, path = text.partition("=") if "=" in text else ("", "", text)
-    return AdapterSource(model or None, Path(path))
 
 
 def _engine_fields():

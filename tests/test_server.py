@@ -67,7 +67,7 @@ class ServerProcess:
                              timeout=60)
 
     def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", timeout=60, **kwargs)
+        return httpx.post(f"{self.url}{path}", **{"timeout": 60, **kwargs})
 
     def metrics(self) -> str:
         return httpx.get(f"{self.url}/metrics", timeout=60).text
@@ -337,21 +337,30 @@ def test_full_queue_gets_503_with_retry_after(server):
     assert len(result["r"].json()["choices"]) == MAX_QUEUE
 
 
-def test_a_client_that_disconnects_has_its_request_aborted(server):
-    before = metric(server.metrics(), "pagedlora_requests_total", model="tiny", adapter="a3",
-                    finish_reason="abort")
-    body = {"model": "a3", "prompt": "Talk for a long time", "max_tokens": 100,
-            "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_a_client_that_disconnects_has_its_requests_aborted(server, stream):
+    def aborted(text):
+        return metric(text, "pagedlora_requests_total", model="tiny", adapter="a3",
+                      finish_reason="abort")
+
+    before = aborted(server.metrics())
+    # 40 prompts of 120 tokens, 8 at a time: hundreds of steps, far beyond the client's wait
+    body = {"model": "a3", "prompt": [f"Talk {i}" for i in range(MAX_QUEUE)],
+            "max_tokens": 120, "ignore_eos": True, "stream": stream}
+    if stream:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            assert next(r.iter_lines()).startswith("data: ")
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            server.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
     deadline = time.monotonic() + 30
     while True:
         text = server.metrics()
-        if metric(text, "pagedlora_requests_total", model="tiny", adapter="a3",
-                  finish_reason="abort") > before:
+        idle = all(metric(text, name, model="tiny") == 0 for name in
+                   ("pagedlora_requests_running", "pagedlora_queue_length"))
+        if aborted(text) > before and idle:
             break
-        assert time.monotonic() < deadline, "the stream's request was never aborted"
+        assert time.monotonic() < deadline, "the requests were never aborted"
         time.sleep(0.05)
     assert metric(text, "pagedlora_pool_pages", model="tiny", kind="kv") == 0  # pages freed
 
