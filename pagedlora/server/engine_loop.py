@@ -149,8 +149,8 @@ class EngineLoop:
         """
         n = len(prompts)
         if n > self.max_queue:
-            raise PromptRejected(f"{n} prompts in one request; model {self.name!r} queues at most "
-                             f"{self.max_queue} (--max-queue)")
+            raise PromptRejected(f"{n} prompts in one request; model {self.name!r} queues at "
+                                 f"most {self.max_queue} (--max-queue)")
         with self._lock:
             if self._closed:
                 raise LoopStopped(self._stopped_reason())
@@ -322,6 +322,7 @@ class EngineLoop:
         self._aborted_at_stop = self._abort_live()
         while self.engine.scheduler.has_unfinished():
             self.engine.step()
+        self._reject_queued(LoopStopped(self._stopped_reason()))
         log.info("engine loop %r stopped; %d unfinished request(s) aborted", self.name,
                  self._aborted_at_stop)
 
@@ -330,6 +331,11 @@ class EngineLoop:
         for sub in {id(s): s for s in self._live.values()}.values():
             self._deliver(sub, error)
         self._live.clear()
+        self._reject_queued(error)
+
+    def _reject_queued(self, error: LoopStopped) -> None:
+        """Answers the commands still queued (posted while the loop was closing) with
+        ``error``."""
         for cmd in self._next_commands(block=False):
             if cmd is not _STOP and cmd[0] == "start":
                 self._deliver(cmd[1], error)
