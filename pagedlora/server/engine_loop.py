@@ -17,7 +17,8 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 from pagedlora.engine import Engine, Prompt
 from pagedlora.outputs import RequestOutput, StreamOutput
@@ -59,7 +60,8 @@ class _Submission:
     params: list[SamplingParams]
     # called in the loop thread with _ACCEPTED, each StreamOutput, or an exception
     deliver: Callable[[object], None]
-    request_ids: list[int] = field(default_factory=list)
+    request_ids: list[int] = field(default_factory=list)  # in prompt order
+    starting: bool = False  # the loop thread is adding its requests to the engine
     cancelled: bool = False  # set by any thread; read by the loop thread
 
 
@@ -267,36 +269,43 @@ class EngineLoop:
         if sub.cancelled:
             self._release(n)
             return
-        early: list[StreamOutput] = []  # outputs made within Engine.submit: failed prompts
+        early: list[StreamOutput] = []  # outputs made within add_request: failed prompts
+        error = None
+        sub.starting = True
         try:
-            ids = self.engine.submit(sub.prompts, sub.adapters, sub.params,
-                                     on_output=lambda d: self._route(sub, d, early))
+            for i, (prompt, adapter, params) in enumerate(zip(sub.prompts, sub.adapters,
+                                                              sub.params, strict=True)):
+                sub.request_ids.append(self.engine.add_request(
+                    prompt, adapter, params, on_output=partial(self._route, sub, i, early)))
         except (ValueError, TypeError) as e:  # an unknown adapter (removed meanwhile)
-            self._release(n)
-            self._deliver(sub, e)
-            return
-        sub.request_ids = ids
+            error = e
+        finally:
+            sub.starting = False
+        ids = sub.request_ids
+        self._release(n - len(ids))  # prompts never added
         self._unstarted.update(ids)
         self._live.update(dict.fromkeys(ids, sub))
         for d in early:
             self._account(d)
-        if early:  # the whole HTTP request fails; the rest of it is aborted
-            for rid in ids:
-                self.engine.abort(rid)
-            sub.cancelled = True
-            self._deliver(sub, PromptRejected(early[0].output.error))
-        else:
+        if error is None and not early:
             self._deliver(sub, _ACCEPTED)
+            return
+        for rid in ids:  # the whole HTTP request fails: the rest of it is aborted
+            self.engine.abort(rid)
+        sub.cancelled = True
+        self._deliver(sub, error or PromptRejected(early[0].output.error))
 
-    def _route(self, sub: _Submission, d: StreamOutput, early: list[StreamOutput]) -> None:
-        """The engine's callback: accounts for ``d`` and hands it to the handler, or keeps it
-        in ``early`` while ``Engine.submit`` runs (the request ids are not known yet)."""
-        if not sub.request_ids:
+    def _route(self, sub: _Submission, index: int, early: list[StreamOutput],
+               d: StreamOutput) -> None:
+        """The engine's callback for the ``index``-th prompt of ``sub``: accounts for ``d``
+        and hands it to the handler with that index, or keeps it in ``early`` while
+        ``add_request`` runs (its request id is not known yet)."""
+        if sub.starting:
             early.append(d)
             return
         self._account(d)
         if not sub.cancelled:
-            self._deliver(sub, d)
+            self._deliver(sub, replace(d, index=index))
 
     def _account(self, d: StreamOutput) -> None:
         if d.request_id in self._unstarted:
