@@ -6,7 +6,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +46,9 @@ class _Tracked:
     generator: torch.Generator
     detokenizer: Detokenizer
     num_streamed: int = 0  # output tokens already handed out as StreamOutputs
-    # StreamOutputs for the call that submitted it (shared by that call's requests), None for
-    # requests driven by step() directly
-    inbox: deque[StreamOutput] | None = None
+    # receives the request's StreamOutputs: the inbox of the generate/stream call that
+    # submitted it (shared by that call's requests), add_request's on_output, or None
+    sink: Callable[[StreamOutput], None] | None = None
 
 
 class Engine:
@@ -198,14 +198,15 @@ class Engine:
             ValueError: an adapter name never added (before any work starts), or lists whose
                 lengths differ from the prompts'.
         """
-        tracked = self._submit(prompts, adapters, sampling_params)
+        inbox: deque[StreamOutput] = deque()
+        tracked = self._submit(prompts, adapters, sampling_params, inbox.append)
         outputs: dict[int, RequestOutput] = {}
         bar = tqdm(total=len(tracked), disable=not progress, unit="req", desc="generate")
         start, generated_before = time.perf_counter(), self._num_generated
         self._peak = {}
         self._record_peak()
         try:
-            for d in self._drive(tracked):
+            for d in self._drive(tracked, inbox):
                 if d.finished:
                     outputs[d.request_id] = d.output
                     bar.update(1)
@@ -233,19 +234,18 @@ class Engine:
 
         Args and errors: as for :meth:`generate` (no progress bar).
         """
-        tracked = self._submit(prompts, adapters, sampling_params)
+        inbox: deque[StreamOutput] = deque()
+        tracked = self._submit(prompts, adapters, sampling_params, inbox.append)
         try:
-            yield from self._drive(tracked)
+            yield from self._drive(tracked, inbox)
         finally:
             self._abort_now(tracked)
 
-    def _drive(self, tracked: list[_Tracked]) -> Iterator[StreamOutput]:
-        """Yields the StreamOutputs of ``tracked`` (one call's requests, sharing one inbox)
+    def _drive(self, tracked: list[_Tracked], inbox: deque[StreamOutput]
+               ) -> Iterator[StreamOutput]:
+        """Yields the StreamOutputs of ``tracked`` (one call's requests, sharing ``inbox``)
         until all have finished, stepping the engine whenever the inbox is empty; steps also
         fill other calls' inboxes."""
-        if not tracked:
-            return
-        inbox = tracked[0].inbox
         remaining = len(tracked)
         while remaining:
             if not inbox:
@@ -256,21 +256,29 @@ class Engine:
             yield d
 
     def add_request(self, prompt: Prompt, adapter: str | None = None,
-                    sampling_params: SamplingParams | None = None) -> int:
+                    sampling_params: SamplingParams | None = None,
+                    on_output: Callable[[StreamOutput], None] | None = None) -> int:
         """Queues one request and returns at once, without stepping (vLLM's
         ``LLMEngine.add_request``): for callers that drive :meth:`step` themselves, e.g. an
-        online benchmark adding requests as they arrive. The request's StreamOutputs are
-        returned by the following ``step()`` calls (an invalid prompt's, with finish_reason
-        "error", by the next one). Its arrival time, for TTFT, is now.
+        online benchmark adding requests as they arrive, or the HTTP server's engine loop. The
+        request's StreamOutputs are returned by the following ``step()`` calls (an invalid
+        prompt's, with finish_reason "error", by the next one). Its arrival time, for TTFT, is
+        now. ``add_request`` and ``step`` belong to one thread (``abort``, ``add_adapter`` and
+        ``remove_adapter`` may come from any).
 
-        Args: as for :meth:`generate`, for one prompt.
+        Args: as for :meth:`generate`, for one prompt, and
+            on_output: if given, also called with each of the request's StreamOutputs as it
+                is made, in the thread that calls ``step()``; a prompt that fails at once
+                (empty, too long, token ids outside the vocabulary, too large for the pool)
+                has its "error" output handed to it within this call instead of by the next
+                ``step()``. It must not raise.
         Returns:
             the request id (for :meth:`abort`, and in its StreamOutputs).
         Raises:
             ValueError: an adapter name never added.
         """
         (t,) = self._submit([prompt], [adapter], [sampling_params or SamplingParams()],
-                            inbox=False)
+                            on_output)
         return t.request.request_id
 
     def abort(self, request_id: int) -> bool:
@@ -355,20 +363,21 @@ class Engine:
                 except AdapterUnavailableError:
                     pass  # its request fails with the reason when admitted
 
-    def _submit(self, prompts, adapters, sampling_params, inbox: bool = True
-                ) -> list[_Tracked]:
+    def _submit(self, prompts, adapters, sampling_params,
+                sink: Callable[[StreamOutput], None] | None) -> list[_Tracked]:
         """Tokenizes and queues the prompts (see :meth:`generate` for the arguments); their
-        StreamOutputs go to one shared inbox, or (``inbox=False``) only to step()'s return."""
+        StreamOutputs go to ``sink`` (as well as to step()'s return); without one, those made
+        here (prompts that fail at once) are returned by the next step()."""
         prompts = self._as_list(prompts)
         names = self._per_prompt(adapters, len(prompts), "adapters")
         params = self._per_prompt(sampling_params or SamplingParams(), len(prompts),
                                   "sampling_params")
         keys = [None if n is None else self.adapters.key_of(n) for n in names]
-        tracked, box = [], deque() if inbox else None
+        tracked = []
         try:
             for i, (p, name, key, sp) in enumerate(zip(prompts, names, keys, params,
                                                        strict=True)):
-                r = self._new_request(p, key, sp, index=i, adapter=name, inbox=box)
+                r = self._new_request(p, key, sp, index=i, adapter=name, sink=sink)
                 tracked.append(self._tracked[r.request_id])
         except BaseException:  # nothing of this call stays tracked
             for t in tracked:
@@ -379,7 +388,7 @@ class Engine:
                 self.scheduler.add(t.request)
             if t.request.is_finished:  # an invalid prompt, or one that can never fit the pool
                 d = self._emit(t)
-                if box is None:
+                if sink is None:
                     self._ready.append(d)  # handed out by the next step()
         return tracked
 
@@ -390,8 +399,8 @@ class Engine:
             self._tracked.pop(t.request.request_id, None)
 
     def _emit(self, t: _Tracked) -> StreamOutput:
-        """What ``t``'s request gained since its last StreamOutput, also put in its call's
-        inbox; a finished request's last one carries its RequestOutput, and the engine forgets
+        """What ``t``'s request gained since its last StreamOutput, also handed to its
+        sink; a finished request's last one carries its RequestOutput, and the engine forgets
         the request."""
         r = t.request
         finished = r.is_finished
@@ -402,8 +411,8 @@ class Engine:
         d = StreamOutput(request_id=r.request_id, index=t.index, new_token_ids=new,
                          new_text=t.detokenizer.new_text(finished=finished), finished=finished,
                          output=self._output(t) if finished else None)
-        if t.inbox is not None:
-            t.inbox.append(d)
+        if t.sink is not None:
+            t.sink(d)
         return d
 
     # -- stats ---------------------------------------------------------------------------------
@@ -521,10 +530,10 @@ class Engine:
 
     def _new_request(self, prompt: Prompt, key: str | None, sp: SamplingParams,
                      index: int = 0, adapter: str | None = None,
-                     inbox: deque[StreamOutput] | None = None) -> Request:
+                     sink: Callable[[StreamOutput], None] | None = None) -> Request:
         """A Request for ``prompt``, the ``index``-th of its call, for adapter name
         ``adapter`` (content ``key``), failed with the reason when the prompt is invalid;
-        tracked by the engine until its output is made (put in ``inbox`` if given); not
+        tracked by the engine until its output is made (handed to ``sink`` if given); not
         queued."""
         rid, self._next_id = self._next_id, self._next_id + 1
         now = time.perf_counter()
@@ -537,7 +546,7 @@ class Engine:
         self._tracked[rid] = _Tracked(request=r, index=index, prompt=prompt, adapter=adapter,
                                       params=sp, generator=generator,
                                       detokenizer=Detokenizer(self.tokenizer, sp.stop),
-                                      inbox=inbox)
+                                      sink=sink)
         try:
             r.prompt_token_ids = self._tokenize(prompt)
             if not r.prompt_token_ids:

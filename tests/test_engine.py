@@ -174,3 +174,28 @@ def test_add_request_then_step_matches_generate(engine, make_adapter, tiny_llama
         engine.add_request(ps[0], "nope")
     assert_kv_released(engine)
     engine.remove_adapter("req-a")
+
+
+def test_add_request_on_output_gets_every_output_and_failures_at_once(engine):
+    ps = prompts(3, seed=13)
+    want = tokens(engine.generate(ps, sampling_params=GREEDY, progress=False))
+    got: dict[int, list] = {}
+
+    def add(p):
+        return engine.add_request(p, None, GREEDY,
+                                  on_output=lambda d: got.setdefault(d.request_id, []).append(d))
+
+    ids = [add(ps[0]), add([]), add(ps[1]), add(ps[2])]
+    # the empty prompt failed within add_request; the others wait for step()
+    assert [(d.finished, d.output.finish_reason) for d in got[ids[1]]] == [(True, "error")]
+    assert set(got) == {ids[1]}
+    assert engine.abort(ids[2])
+    stepped = []
+    while engine.scheduler.has_unfinished():
+        stepped += engine.step()
+    assert ids[1] not in {d.request_id for d in stepped}  # handed out once, not again
+    assert [sum((d.new_token_ids for d in got[ids[i]]), []) for i in (0, 3)] == \
+        [want[0], want[2]]
+    assert [got[ids[i]][-1].output.token_ids for i in (0, 3)] == [want[0], want[2]]
+    assert got[ids[2]][-1].output.finish_reason == "abort"
+    assert_kv_released(engine)

@@ -1,0 +1,279 @@
+"""Request bodies of the HTTP API (OpenAI and SageMaker LMI), their validation, and errors.
+
+Bodies are validated strictly (no string-to-number coercion) and unknown fields are refused
+with a 400 naming them, so a client never gets a silent default for an option it asked for.
+Fields that OpenAI defines but pagedlora does not implement are accepted only at their
+neutral value (``n=1``, penalties 0, no logprobs...).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pagedlora.sampling_params import SamplingParams
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error",
+                409: "conflict_error", 413: "request_too_large", 503: "overloaded_error",
+                500: "internal_error"}
+
+
+class ApiError(Exception):
+    """An HTTP error, answered as OpenAI's error object
+    ``{"error": {"message", "type", "param", "code"}}`` (which the ``openai`` client raises as
+    ``BadRequestError``, ``NotFoundError``...).
+
+    Args:
+        status: HTTP status code.
+        message: what went wrong, naming the offending model, adapter or field.
+        param: the offending request field, if one.
+        headers: extra response headers (``Retry-After`` for 503).
+    """
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        """The JSON error object."""
+        return {"error": {"message": self.message,
+                          "type": _ERROR_TYPES.get(self.status, "error"),
+                          "param": self.param, "code": self.status}}
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
+
+
+def _where(loc: tuple) -> str:
+    """A field path without pydantic's union-member tags: ("stop", "list[str]", 0) -> stop.0"""
+    return ".".join(str(p) for p in loc
+                    if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
+
+
+def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+    """Validates a JSON request body as ``model``.
+
+    Raises:
+        ApiError: 400 for malformed JSON (with the position), a body that is not a JSON object,
+            or fields that fail validation (each named with its reason).
+    """
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems, first = [], None
+        for err in e.errors():
+            where = _where(err["loc"])
+            first = first or where or None
+            msg = ("unsupported field" if err["type"] == "extra_forbidden"
+                   else err["msg"].removeprefix("Value error, "))
+            problem = f"{where}: {msg}" if where else msg
+            if problem not in problems:
+                problems.append(problem)
+        raise ApiError(400, "invalid request: " + "; ".join(problems), param=first) from None
+
+
+def sampling_params(**kwargs) -> SamplingParams:
+    """``SamplingParams(**kwargs)``, with its validation error as a 400."""
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise ApiError(400, f"invalid sampling parameters: {e}") from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions (names as OpenAI's)."""
+
+    # OpenAI's fields that pagedlora does not implement: accepted only at these values
+    NEUTRAL: ClassVar[dict[str, object]] = {"n": 1, "presence_penalty": 0,
+                                            "frequency_penalty": 0, "logit_bias": None}
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # end-user id, for the caller's records
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # vLLM's extensions
+    top_k: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _only_neutral(self):
+        for name, neutral in self.NEUTRAL.items():
+            value = getattr(self, name)
+            if value != neutral:
+                raise ValueError(f"{name}={value!r} is not supported (only {neutral!r})")
+        return self
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """The request's SamplingParams; ``max_tokens`` defaults to ``default_max_tokens``.
+
+        Raises:
+            ApiError: 400 naming the invalid value (e.g. ``max_tokens`` 0, ``top_p`` 2).
+        """
+        max_tokens = self.max_tokens
+        if max_tokens is None:
+            max_tokens = getattr(self, "max_completion_tokens", None) or default_max_tokens
+        return sampling_params(max_tokens=max_tokens, temperature=self.temperature,
+                               top_p=self.top_p, top_k=self.top_k, seed=self.seed,
+                               stop=[] if self.stop is None else self.stop,
+                               stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a chunk holding ``usage``."""
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or a list
+    of token-id lists (one choice per prompt)."""
+
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "echo": False,
+                                            "suffix": None, "best_of": None, "logprobs": None}
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per choice.
+
+        Raises:
+            ApiError: 400 for an empty list.
+        """
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise ApiError(400, "prompt is an empty list", param="prompt")
+        return list(p)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[TextPart]
+
+    def as_dict(self) -> dict[str, str]:
+        """``{"role", "content"}`` with text parts joined, as the chat template wants."""
+        content = self.content
+        if not isinstance(content, str):
+            content = "".join(part.text for part in content)
+        return {"role": self.role, "content": content}
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template.
+    ``max_tokens`` (or ``max_completion_tokens``) defaults to the room left in
+    ``max_model_len``."""
+
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "tools": None,
+                                            "logprobs": False, "top_logprobs": None}
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+
+
+class LoadAdapterRequest(_Strict):
+    """``POST /v1/load_lora_adapter`` (vLLM's body); ``model`` names the base model, needed
+    when several are served."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    model: str | None = None
+
+
+class UnloadAdapterRequest(_Strict):
+    """``POST /v1/unload_lora_adapter``."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's clients send it; names are what count here
+
+
+class InvocationParameters(_Strict):
+    """SageMaker LMI's ``parameters``. Like HF ``generate``, decoding is greedy unless
+    ``do_sample`` is true; ``temperature``, ``top_p`` and ``top_k`` apply only when sampling."""
+
+    max_new_tokens: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+
+    def to_sampling_params(self) -> SamplingParams:
+        """Raises: ApiError: 400 naming the invalid value."""
+        sample = self.do_sample
+        return sampling_params(max_tokens=self.max_new_tokens,
+                               temperature=self.temperature if sample else 0.0,
+                               top_p=self.top_p if sample else 1.0,
+                               top_k=self.top_k if sample else 0, seed=self.seed,
+                               stop=[] if self.stop is None else self.stop)
+
+
+class InvocationRequest(_Strict):
+    """``POST /invocations`` (SageMaker LMI): ``inputs`` one string or a list; ``adapters``
+    one name for all inputs or one per input (absent or null: the base model); ``model``
+    picks the base model when several are served and no
+    ``X-Amzn-SageMaker-Inference-Component`` header does."""
+
+    inputs: str | list[str]
+    adapters: str | list[str | None] | None = None
+    parameters: InvocationParameters = Field(default_factory=InvocationParameters)
+    model: str | None = None
+
+    def prompts_and_adapters(self) -> tuple[list[str], list[str | None]]:
+        """One adapter name (or None) per input.
+
+        Raises:
+            ApiError: 400 for no inputs or a count of adapters that differs from the inputs'.
+        """
+        inputs = [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
+        if not inputs:
+            raise ApiError(400, "inputs is an empty list", param="inputs")
+        adapters = self.adapters
+        if adapters is None or isinstance(adapters, str):
+            return inputs, [adapters] * len(inputs)
+        if len(adapters) != len(inputs):
+            raise ApiError(400, f"adapters has {len(adapters)} entries for {len(inputs)} "
+                           f"inputs; give one name for all or one per input", param="adapters")
+        return inputs, list(adapters)

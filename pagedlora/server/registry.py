@@ -1,0 +1,136 @@
+"""ModelRegistry: the names a client may put in ``model`` (base models and adapters)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+from pagedlora.errors import AdapterError, UnsupportedAdapterError
+from pagedlora.server.engine_loop import EngineLoop
+from pagedlora.server.protocol import ApiError
+
+
+class ModelRegistry:
+    """Base models, each driven by its :class:`EngineLoop`, and the adapters of each.
+
+    An adapter name is unique across base models, so a request's ``model`` (a base model's
+    name or an adapter's) selects exactly one engine. Names are only changed in the event loop
+    (``load``/``unload``) or before serving (``register``).
+
+    Args:
+        loops: base model name -> its engine loop.
+    """
+
+    def __init__(self, loops: dict[str, EngineLoop]) -> None:
+        self.loops = loops
+        self.adapters: dict[str, tuple[str, Path]] = {}  # adapter name -> (base model, path)
+        self._lock = asyncio.Lock()  # one load or unload at a time
+        self.created = int(time.time())  # OpenAI's model ``created`` (unix seconds)
+
+    def register(self, base: str, name: str, path: str | os.PathLike) -> None:
+        """Records an adapter already added to ``base``'s engine (at startup).
+
+        Raises:
+            ValueError: the name is a base model's or another base model's adapter's.
+        """
+        self._check_free(name, base, ValueError)
+        self.adapters[name] = (base, Path(path))
+
+    def resolve(self, model: str) -> tuple[EngineLoop, str | None]:
+        """The engine loop and adapter name (None: the base model) that ``model`` names.
+
+        Raises:
+            ApiError: 404 naming ``model`` and what is served.
+        """
+        if model in self.loops:
+            return self.loops[model], None
+        if model in self.adapters:
+            return self.loops[self.adapters[model][0]], model
+        raise ApiError(404, f"model {model!r} does not exist; served: base models "
+                       f"{sorted(self.loops)}, adapters {sorted(self.adapters)}", param="model")
+
+    def base(self, name: str | None, how: str = "'model'") -> str:
+        """The base model named ``name``; None picks the only one served.
+
+        Raises:
+            ApiError: 404 for an unknown base model (naming an adapter's base if ``name`` is
+                an adapter); 400 when ``name`` is None and several are served (``how`` says
+                how to name one).
+        """
+        if name is None:
+            if len(self.loops) > 1:
+                raise ApiError(400, f"several base models are served ({sorted(self.loops)}); "
+                               f"name one with {how}")
+            return next(iter(self.loops))
+        if name not in self.loops:
+            hint = (f" ({name!r} is an adapter of {self.adapters[name][0]!r})"
+                    if name in self.adapters else "")
+            raise ApiError(404, f"base model {name!r} does not exist{hint}; served: "
+                           f"{sorted(self.loops)}", param="model")
+        return name
+
+    def models(self) -> list[dict]:
+        """``/v1/models`` entries: base models, then adapters with ``parent`` = their base."""
+        common = {"object": "model", "created": self.created, "owned_by": "pagedlora"}
+        bases = [{"id": name, **common, "root": name, "parent": None,
+                  "max_model_len": loop.engine.max_model_len}
+                 for name, loop in self.loops.items()]
+        return bases + [{"id": name, **common, "root": str(path), "parent": base}
+                        for name, (base, path) in sorted(self.adapters.items())]
+
+    async def load(self, name: str, path: str, base: str | None) -> str:
+        """Adds the PEFT adapter at ``path`` to base model ``base`` (None: the only one) as
+        ``name``. Loading a name again on the same base replaces its weights for later
+        requests (requests already queued keep the old ones). The adapter is read and
+        validated in a worker thread; the engine keeps stepping meanwhile.
+
+        Returns:
+            the base model's name.
+        Raises:
+            ApiError: 400 with the engine's validation message (missing path, bad config,
+                shapes that do not fit, rank too high, unsupported PEFT features), or for a
+                name taken by a base model or another base's adapter; 404 for an unknown base.
+        """
+        base = self.base(base, "'model' (the base model to add the adapter to)")
+        async with self._lock:
+            self._check_free(name, base, ApiError)
+            engine = self.loops[base].engine
+            try:
+                await asyncio.to_thread(engine.add_adapter, name, path)
+            except (AdapterError, UnsupportedAdapterError, OSError) as e:
+                raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}",
+                               param="lora_path") from None
+            self.adapters[name] = (base, Path(path))
+        return base
+
+    async def unload(self, name: str) -> None:
+        """Removes adapter ``name`` from its base model's engine.
+
+        Raises:
+            ApiError: 404 for an unknown adapter; 409 while requests for it wait or run.
+        """
+        async with self._lock:
+            if name not in self.adapters:
+                raise ApiError(404, f"adapter {name!r} is not loaded; loaded: "
+                               f"{sorted(self.adapters)}", param="lora_name")
+            base = self.adapters[name][0]
+            try:
+                await asyncio.to_thread(self.loops[base].engine.remove_adapter, name)
+            except ValueError as e:
+                raise ApiError(409, str(e), param="lora_name") from None
+            del self.adapters[name]
+
+    def _check_free(self, name: str, base: str, error: type[Exception]) -> None:
+        if name in self.loops:
+            raise _error(error, f"{name!r} is the name of a base model; adapters need "
+                         f"another name")
+        owner = self.adapters.get(name, (base,))[0]
+        if owner != base:
+            raise _error(error, f"adapter {name!r} is already served by base model "
+                         f"{owner!r}; adapter names are unique across base models")
+
+
+def _error(kind: type[Exception], message: str) -> Exception:
+    return ApiError(400, message, param="lora_name") if kind is ApiError else kind(message)

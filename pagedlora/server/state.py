@@ -1,0 +1,191 @@
+"""ServerState: what every route needs (names, metrics, limits) and the steps they share:
+reading a bounded body, opening a generation with HTTP errors, watching for a client that
+goes away, and server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+
+from pagedlora.engine import Prompt
+from pagedlora.outputs import RequestOutput, StreamOutput
+from pagedlora.sampling_params import SamplingParams
+from pagedlora.server.config import ServerConfig
+from pagedlora.server.engine_loop import (
+    EngineLoop,
+    Generation,
+    LoopStopped,
+    PromptRejected,
+    QueueFull,
+)
+from pagedlora.server.metrics import ServerMetrics
+from pagedlora.server.protocol import ApiError, parse_body
+from pagedlora.server.registry import ModelRegistry
+
+RETRY_AFTER_S = 1  # told to clients refused for a full queue
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection (nobody reads it)
+
+
+@dataclass
+class ServerState:
+    """The app's shared state (``app.state.server``)."""
+
+    registry: ModelRegistry
+    metrics: ServerMetrics
+    config: ServerConfig
+
+    @staticmethod
+    def of(request: Request) -> ServerState:
+        return request.app.state.server
+
+    def health(self) -> Response:
+        """``{"status": "healthy"}`` (200) while every engine loop runs, else 503 with the
+        stopped or failed ones and why."""
+        down = {name: "stopped" if loop.error is None else f"failed: {loop.error!r}"
+                for name, loop in self.registry.loops.items() if not loop.alive}
+        if down:
+            return JSONResponse({"status": "unhealthy", "models": down}, status_code=503)
+        return JSONResponse({"status": "healthy"})
+
+    async def body(self, request: Request, model: type[BaseModel]):
+        """The request body, at most ``max_body_bytes``, validated as ``model``.
+
+        Raises:
+            ApiError: 413 for a larger body; 400 as :func:`~pagedlora.server.protocol.parse_body`.
+        """
+        limit = self.config.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit} "
+                           f"bytes (--max-body-mb)")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes "
+                               f"(--max-body-mb)")
+        return parse_body(model, bytes(raw))
+
+    async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
+                   adapters: Sequence[str | None], params: SamplingParams) -> Generation:
+        """Queues the prompts on ``loop`` (one SamplingParams for all) and waits until the
+        engine has them.
+
+        Raises:
+            ApiError: 503 with Retry-After for a full queue or a stopping loop; 400 for a
+                prompt the engine refuses (empty, too long, more prompts than the queue
+                holds...); 404 for an adapter removed meanwhile.
+        """
+        try:
+            return await loop.open(prompts, adapters, [params] * len(prompts))
+        except QueueFull as e:
+            raise ApiError(503, str(e), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except LoopStopped as e:
+            raise ApiError(503, str(e)) from None
+        except PromptRejected as e:
+            raise ApiError(400, str(e), param="prompt") from None
+        except ValueError as e:  # the engine's unknown adapter: unloaded since resolve()
+            raise ApiError(404, str(e), param="model") from None
+
+    async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:
+        """Every request's RequestOutput, in prompt order; None if the client went away first
+        (then its requests are aborted and their pages freed).
+
+        Raises:
+            ApiError: 500 naming the reason when a request failed in the engine (its adapter's
+                weights became unreadable...), 503 when the engine loop stopped.
+        """
+        work = asyncio.ensure_future(gen.outputs())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+            gen.cancel()
+        try:
+            outs = work.result()
+        except asyncio.CancelledError:
+            return None
+        except LoopStopped as e:
+            raise ApiError(503, str(e)) from None
+        for o in outs:
+            if o.finish_reason == "error":
+                raise ApiError(500, f"request failed: {o.error}")
+        return outs
+
+    def stream(self, gen: Generation, chunk: Callable[[StreamOutput], dict | None],
+               first: dict | None = None, last: Callable[[Usage], dict] | None = None
+               ) -> StreamingResponse:
+        """Server-sent events: ``first``, then ``chunk(d)`` for each StreamOutput (skipped
+        when None), then ``last(usage)`` if given, then ``data: [DONE]``. A request that
+        fails in the engine sends ``data: {"error": ...}`` instead. Closing the connection
+        aborts the requests still running."""
+
+        async def events():
+            usage = Usage()
+            try:
+                if first is not None:
+                    yield _event(first)
+                async for d in gen:
+                    if d.finished and d.output.finish_reason == "error":
+                        yield _event(ApiError(500, f"request failed: {d.output.error}").body())
+                        break
+                    if d.finished:
+                        usage.add(d.output)
+                    body = chunk(d)
+                    if body is not None:
+                        yield _event(body)
+                else:
+                    if last is not None:
+                        yield _event(last(usage))
+            except LoopStopped as e:
+                yield _event(ApiError(503, str(e)).body())
+            finally:
+                gen.cancel()  # the client went away, or a request failed: abort the rest
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+class Usage:
+    """Token counts of finished requests, OpenAI's ``usage``."""
+
+    def __init__(self, outputs: Sequence[RequestOutput] = ()) -> None:
+        self.prompt_tokens = self.completion_tokens = 0
+        for o in outputs:
+            self.add(o)
+
+    def add(self, out: RequestOutput) -> None:
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.completion_tokens += len(out.token_ids)
+
+    def body(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def client_gone() -> Response:
+    """The response to a request whose client has gone (nobody reads it)."""
+    return Response(status_code=CLIENT_GONE)
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
