@@ -156,7 +156,8 @@ def environment(plan: Plan) -> dict:
     """Versions and the device, printed and recorded.
 
     Raises:
-        SystemExit: the plan needs CUDA and torch sees none.
+        SystemExit: the plan needs CUDA and torch sees none, or too little free device memory
+            for the pool and the model.
     """
     def version(dist: str) -> str:
         try:
@@ -177,6 +178,11 @@ def environment(plan: Plan) -> dict:
                              f"sees no CUDA device; on a CPU use --dry-run")
         props = torch.cuda.get_device_properties(plan.device)
         env["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+        free = torch.cuda.mem_get_info(plan.device)[0] / 2**30
+        if free < plan.pool_gb + 16:  # + the 7B model's 12.6 GiB and activations
+            raise SystemExit(f"gpu_bench: {free:.0f} GiB free on {props.name}; the pool "
+                             f"({plan.pool_gb} GiB) and the model need {plan.pool_gb + 16:.0f}: "
+                             f"pass a smaller --pool-gb")
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     return env
 
@@ -559,10 +565,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, help="online arrivals, requests/s")
     parser.add_argument("--num-adapters", type=int, nargs="+", help="the n values")
     parser.add_argument("--budget-s", type=float, help="seconds for the whole invocation")
+    parser.add_argument("--pool-gb", type=float, help="the unified pool, GiB")
     args = parser.parse_args(argv)
     plan = DRY_RUN if args.dry_run else H200
     overrides = {k: v for k, v in (("num_requests", args.num_requests), ("rate", args.rate),
-                                   ("budget_s", args.budget_s)) if v is not None}
+                                   ("budget_s", args.budget_s), ("pool_gb", args.pool_gb))
+                 if v is not None}
     if args.num_adapters:
         overrides["num_adapters"] = tuple(args.num_adapters)
     plan = replace(plan, **overrides)

@@ -7,7 +7,7 @@
 #   OUT=/some/folder benchmarks/gpu_bench.sh    # -> $OUT/gpu_bench.{json,md,txt}
 # $OUT defaults to ./gpu_bench_out. The model (13.5 GB) and the adapter files (about 1.1 GB) go
 # to --work-dir (default $TMPDIR/pagedlora-gpu-bench, else /tmp/...) and are reused by later
-# invocations. Other options pass through to the driver (--num-requests, --rate,
+# invocations. Other options pass through to the driver (--num-requests, --rate, --pool-gb,
 # --num-adapters, --budget-s).
 # `gpu_bench.sh --dry-run` runs the same flow on the CPU (a tiny Llama, 8 requests per run,
 # torch kernels) in about 15 s, to check the script itself.
