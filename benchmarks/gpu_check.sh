@@ -22,16 +22,7 @@ else
   "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'" || exit 1
 fi
 
-# This checkout's pagedlora without installing it: a package folder of links, with kernels/
-# and scheduler/ where pyproject.toml's package-dir puts them, first on the path; and not the
-# current folder, whose pagedlora/ lacks them (PYTHONSAFEPATH: Python >= 3.11).
-export PYTHONSAFEPATH=1
-shim=$(mktemp -d)
-mkdir "$shim/pagedlora"
-ln -s "$PWD"/pagedlora/*.py "$shim/pagedlora/"
-ln -s "$PWD/kernels" "$shim/pagedlora/kernels"
-ln -s "$PWD/scheduler" "$shim/pagedlora/scheduler"
-export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/checkout_path.sh  # this checkout's pagedlora, not installed
 "$PY" -c "import pagedlora.kernels.triton_lora" || exit 1
 
 status=0

@@ -1,0 +1,46 @@
+"""The GPU benchmark's driver, end to end through its CPU dry run (tiny Llama, torch kernels):
+every (setting, n, mode) row is there with sane numbers, and the adapters made by hard links
+are distinct adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
+
+
+def test_dry_run_rows(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_bench.json").read_text())
+    plan = result["plan"]
+    rows = {(r["setting"], r["n"], r["mode"]): r for r in result["rows"]}
+    assert set(rows) == {(s, n, m) for s in ("S1", "S2") for n in (5, 100, 1000)
+                         for m in ("offline", "online")}
+    for key, r in rows.items():
+        assert "skipped" not in r, key
+        assert r["requests"] == plan["num_requests"]
+        assert r["finished"] == r["requests"] and not r["capped"], key
+        assert r["output_tokens"] > 0 and r["output_tok_s"] > 0 and r["req_s"] > 0, key
+        assert 0.0 <= r["slo_attainment"] <= 1.0, key
+        assert 0 < r["ttft_p50"] <= r["ttft_p90"] and 0 < r["tpot_p50"] <= r["tpot_p90"], key
+        assert 1 <= r["adapters_used"] <= min(r["n"], r["requests"]), key
+        # each run starts with no adapter in the pool: every adapter it uses is loaded once
+        assert r["adapter_loads"] == r["adapters_used"], key
+        assert 0 < r["peak_pool_used"] <= 1 and r["mean_batch"] >= 1, key
+    # the n=1000 folders: 1000 adapters from few weight files, each its own lora_alpha
+    s2 = tmp_path / "work" / "adapters-dry-run-S2"
+    assert len(list(s2.glob("a*"))) == 1000
+    assert len(list((s2 / "weights").iterdir())) == 4 * plan["distinct_weights"]
+    alphas = {json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
+              for d in s2.glob("a*")}
+    assert len(alphas) == 1000
+    assert "| S2 | 1000 | online |" in (out / "gpu_bench.md").read_text()
