@@ -46,6 +46,13 @@ class LoraBatch:
         gathered: ``(a [R, in_features], b [R, out_features])``, the rows already read out of
             the pool (the CPU path keeps them while the step's adapters repeat), or None: read
             them through the page tables.
+        stacked: the BGMV form, for decode batches over many adapters (CPU path):
+            ``(a [S + 1, r_max, in_features], b [S + 1, r_max, out_features], token_segment)``
+            with adapter k's rows in ``a[k, :r_k]``, its scaled lora_B^T rows in
+            ``b[k, :r_k]``, zeros elsewhere and in the last entry (for tokens whose adapter
+            does not target this module); ``token_segment`` is the ``[hi - lo]`` int64 entry of
+            each token from the first segment's start to the last one's end, or None when token
+            ``lo + k`` uses entry k (one token per adapter, the common decode case).
     """
 
     a: PagedRows
@@ -53,6 +60,7 @@ class LoraBatch:
     segments: tuple[LoraSegment, ...]
     token_scale: torch.Tensor
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+    stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -71,7 +79,12 @@ def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
 # rows); larger ones loop over segments, where the rows of other adapters would cost real work.
 # Measured on this project's 2-core CPU, 4 adapters of ranks 4..32 on a 576x576 projection:
 # dense 34 us vs 363 us for segments at 8 tokens, even around 32-128, segments 2x faster at 512.
-_DENSE_MAX_TOKENS = 64
+DENSE_MAX_TOKENS = 64
+# From this many adapters in such a batch, the model runner hands the kernel the BGMV form
+# (``LoraBatch.stacked``): the dense shrink's work grows with the number of adapters. Measured
+# on this project's CPU, 64 decode tokens of 64 adapters of ranks 4..16 on a 576x576
+# projection: dense 1.2 ms, BGMV 0.54 ms.
+BGMV_MIN_ADAPTERS = 8
 
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
@@ -82,10 +95,12 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     Shrink to rank r, scale, expand to out_features, for a batch whose tokens use different
     adapters of different ranks (Punica, Chen et al. 2023, section 4, SGMV/BGMV; S-LoRA
     section 5.1). The rows are read from pool pages once per call (unless ``batch.gathered``
-    already holds them). Decode-sized batches run as
-    one dense shrink against every adapter's rows with a per-token column scale (``x @ A^T *
-    token_scale``: few large ops instead of many small ones, which is what a CPU rewards);
-    larger ones loop over the segments so no token multiplies another adapter's rows.
+    already holds them). Decode-sized batches over few adapters run as one dense shrink
+    against every adapter's rows with a per-token column scale (``x @ A^T * token_scale``: few
+    large ops instead of many small ones, which is what a CPU rewards); over many adapters
+    (``batch.stacked``) as two batched matmuls, each token against its own adapter's rows
+    (BGMV), since the dense form's work grows with the number of adapters; larger batches
+    loop over the segments so no token multiplies another adapter's rows.
 
     Args:
         y: ``[T, out_features]`` output of the base projection, updated in place.
@@ -99,11 +114,14 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
                          f"{batch.token_scale.shape[0]}")
+    if batch.stacked is not None:
+        _bgmv(y, x, batch)
+        return
     if batch.gathered is not None:
         a, b = batch.gathered  # [R, in], [R, out]
     else:
         a, b = gather_rows(a_view, batch.a), gather_rows(b_view, batch.b)
-    if x.shape[0] <= _DENSE_MAX_TOKENS or len(batch.segments) == 1:
+    if x.shape[0] <= DENSE_MAX_TOKENS or len(batch.segments) == 1:
         lo, hi = batch.segments[0].start, batch.segments[-1].end
         if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU
             y.addmm_(F.linear(x, a).mul_(batch.token_scale), b)
@@ -114,3 +132,19 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         y[s.start:s.end].addmm_(
             F.linear(x[s.start:s.end], a[s.col_start:s.col_end]).mul_(s.scale),
             b[s.col_start:s.col_end])
+
+
+def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
+    """``y[t] += (x[t] @ a[e_t]^T) @ b[e_t]`` for the tokens of ``batch.segments``' span, with
+    ``e_t`` the token's entry of ``batch.stacked`` (the scale is already in ``b``)."""
+    a, b, token_segment = batch.stacked
+    lo, hi = batch.segments[0].start, batch.segments[-1].end
+    if token_segment is not None:
+        a, b = a.index_select(0, token_segment), b.index_select(0, token_segment)
+    elif a.shape[0] - 1 != hi - lo:
+        raise ValueError(f"stacked rows for {a.shape[0] - 1} adapters, but tokens {lo}..{hi} "
+                         f"and no token_segment")
+    else:
+        a, b = a[:-1], b[:-1]
+    shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))       # [n, 1, r_max]
+    y[lo:hi].unsqueeze(1).baddbmm_(shrunk, b)

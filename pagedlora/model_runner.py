@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from pagedlora.adapter_store import AdapterStore, ResidentAdapter
-from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows, gather_rows
+from pagedlora.kernels.lora import (
+    BGMV_MIN_ADAPTERS,
+    DENSE_MAX_TOKENS,
+    LoraBatch,
+    LoraSegment,
+    PagedRows,
+    gather_rows,
+)
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
@@ -100,9 +107,13 @@ class ModelRunner:
         residents = tuple(self.adapters.resident(key) for *_, key in segments)
         rows = self._concatenated_rows(residents)
         device = self.pool.tensor.device
+        bgmv = (self._gather and num_tokens <= DENSE_MAX_TOKENS
+                and len(segments) >= BGMV_MIN_ADAPTERS)
         scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
+        entries: dict[tuple, torch.Tensor | None] = {}  # segments of a module -> token entries
         lora = {}
-        for layer_module, (a, b, cols, rows_gathered) in rows.items():
+        for layer_module, r in rows.items():
+            cols = r["cols"]
             layout = tuple(cols)
             token_scale = scales.get(layout)
             if token_scale is None:
@@ -111,24 +122,46 @@ class ModelRunner:
                 for i, c0, c1, scale in cols:
                     token_scale[segments[i][0]:segments[i][1], c0:c1] = scale
                 scales[layout] = token_scale
+            gathered = stacked = None
+            if bgmv:
+                which = tuple(i for i, *_ in cols)
+                if which not in entries:
+                    entries[which] = self._token_entries(segments, which, device)
+                stacked = (*self._form(r, "stacked"), entries[which])
+            elif self._gather:
+                gathered = self._form(r, "concatenated")
             lora[layer_module] = LoraBatch(
-                a=a, b=b, token_scale=token_scale, gathered=rows_gathered,
+                a=r["a"], b=r["b"], token_scale=token_scale, gathered=gathered, stacked=stacked,
                 segments=tuple(LoraSegment(segments[i][0], segments[i][1], c0, c1, scale)
                                for i, c0, c1, scale in cols))
         return lora
 
+    @staticmethod
+    def _token_entries(segments: list[tuple[int, int, str]], which: tuple[int, ...],
+                       device: torch.device) -> torch.Tensor | None:
+        """The stacked entry of each token from segment ``which[0]``'s start to
+        ``which[-1]``'s end: k for the tokens of segment ``which[k]``, ``len(which)`` (the zero
+        entry) for tokens whose adapter lacks the module; None when that is token k -> entry k."""
+        lo, hi = segments[which[0]][0], segments[which[-1]][1]
+        if hi - lo == len(which) and all(segments[i][1] - segments[i][0] == 1 for i in which):
+            return None
+        entry = torch.full((hi - lo,), len(which), dtype=torch.long)
+        for k, i in enumerate(which):
+            entry[segments[i][0] - lo:segments[i][1] - lo] = k
+        return entry.to(device)
+
     def _concatenated_rows(self, residents: tuple[ResidentAdapter, ...]) -> dict:
-        """``(layer, module) -> (a rows, b rows, [(segment, col_start, col_end, scale)],
-        gathered)`` for the step's adapters in segment order; ``gathered`` is the ``(a, b)``
-        rows read out of the pool for the torch kernels (None for Triton, which reads pages in
-        place). Kept while the same placements repeat (decode steps): a pinned adapter's pages
-        do not move, and a reload is a new placement object.
+        """``(layer, module) -> {"a", "b": PagedRows, "cols": [(segment, col_start, col_end,
+        scale)], "pieces": per adapter (a, b) rows}`` for the step's adapters in segment order
+        ("pieces" only for the torch kernels; Triton reads pages in place). Kept while the same
+        placements repeat (decode steps): a pinned adapter's pages do not move, and a reload is
+        a new placement object.
 
         On the CPU, reading rows through page tables costs an indexing op per module per
         layer, more than the LoRA GEMMs themselves at decode sizes; so each adapter's rows
-        are read once while it stays in the batch, and only concatenated when the set of
-        adapters changes. The copies (the batch's adapters' weights, bounded by max_loras
-        adapters) are dropped as soon as an adapter leaves the batch."""
+        are read once while it stays in the batch, and :meth:`_form` lays them out for the
+        kernels once per set of adapters. The copies (the batch's adapters' weights, at most
+        twice: the pieces and one layout) are dropped as soon as an adapter leaves the batch."""
         cached_for, cached = self._rows_cache
         if len(cached_for) == len(residents) and all(
                 x is y for x, y in zip(cached_for, residents, strict=True)):
@@ -146,17 +179,39 @@ class ModelRunner:
                 r = m.a.pages.shape[0]
                 cols.append((i, start, start + r, m.scale))
                 start += r
-            a = PagedRows(torch.cat([m.a.pages for _, m in ms]),
-                          torch.cat([m.a.slots for _, m in ms]))
-            b = PagedRows(torch.cat([m.b.pages for _, m in ms]),
-                          torch.cat([m.b.slots for _, m in ms]))
-            gathered = None
-            if self._gather:
-                pieces = [self._adapter_rows(residents[i], layer_module, m) for i, m in ms]
-                gathered = pieces[0] if len(pieces) == 1 else (
-                    torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
-            rows[layer_module] = (a, b, cols, gathered)
+            rows[layer_module] = {
+                "a": PagedRows(torch.cat([m.a.pages for _, m in ms]),
+                               torch.cat([m.a.slots for _, m in ms])),
+                "b": PagedRows(torch.cat([m.b.pages for _, m in ms]),
+                               torch.cat([m.b.slots for _, m in ms])),
+                "cols": cols,
+                "pieces": [self._adapter_rows(residents[i], layer_module, m) for i, m in ms]
+                if self._gather else None}
         self._rows_cache = (residents, rows)
+        return rows
+
+    @staticmethod
+    def _form(r: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module's rows laid out for the torch kernels, kept in ``r`` (one layout at a
+        time): "concatenated", ``(a [R, in], b [R, out])`` in column order; or "stacked",
+        ``(a [S + 1, r_max, in], b [S + 1, r_max, out])`` per adapter, zero-padded to the
+        largest rank, the scale folded into b, and a zero last entry (see LoraBatch)."""
+        if r.get("form") == kind:
+            return r["rows"]
+        pieces, cols = r["pieces"], r["cols"]
+        if kind == "concatenated":
+            rows = pieces[0] if len(pieces) == 1 else (
+                torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces]))
+        else:
+            a0, b0 = pieces[0]
+            r_max = max(c1 - c0 for _, c0, c1, _ in cols)
+            a = a0.new_zeros(len(pieces) + 1, r_max, a0.shape[1])
+            b = b0.new_zeros(len(pieces) + 1, r_max, b0.shape[1])
+            for k, ((pa, pb), (_, c0, c1, scale)) in enumerate(zip(pieces, cols, strict=True)):
+                a[k, : c1 - c0] = pa
+                torch.mul(pb, scale, out=b[k, : c1 - c0])
+            rows = (a, b)
+        r["form"], r["rows"] = kind, rows
         return rows
 
     def _adapter_rows(self, resident: ResidentAdapter, layer_module: tuple[int, str],
