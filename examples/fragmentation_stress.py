@@ -357,22 +357,22 @@ def write_report(runs: list[Run], cfg: StressConfig, out: Path) -> tuple[Path, P
     axes = fig.subplots(len(runs) + 1, 1, sharex=True,
                         height_ratios=[3] * len(runs) + [2])
     colors = ("tab:blue", "tab:cyan", "tab:orange", "0.9")
+    most_running = max(max(r.series["running"], default=0) for r in runs) * 1.05 or 1
     for ax, r in zip(axes, runs, strict=False):
         steps = range(len(r.series["running"]))
-        ax.stackplot(steps, *(r.series[k] for k in KINDS), labels=KINDS, colors=colors)
+        areas = ax.stackplot(steps, *(r.series[k] for k in KINDS), colors=colors)
         ax.set_ylim(0, cfg.pool_pages)
         ax.set_ylabel("pages")
         summary = r.summary()
         ax.set_title(f"{r.layout}: mean running {summary['mean_running']:.1f}, mean resident "
                      f"adapters {summary['mean_resident_adapters']:.1f}, refused admissions "
-                     f"{summary['admissions_refused']}")
-        twin = ax.twinx()
-        twin.plot(steps, r.series["running"], color="black", linewidth=0.8,
-                  label="running requests")
+                     f"{summary['admissions_refused']}", fontsize="medium")
+        twin = ax.twinx()  # one scale for both layouts, so the lines compare
+        (line,) = twin.plot(steps, r.series["running"], color="black", linewidth=0.7)
+        twin.set_ylim(0, most_running)
         twin.set_ylabel("running requests")
-        twin.set_ylim(bottom=0)
-        ax.legend(loc="upper left", fontsize="small", ncols=4)
-        twin.legend(loc="upper right", fontsize="small")
+    fig.legend([*areas, line], [*(f"{k} pages" for k in KINDS), "running requests"],
+               loc="outside lower center", ncols=5, fontsize="small")
     frag = axes[-1]
     for r in runs:
         frag.plot(r.series["internal_fragmentation"], label=r.layout, linewidth=0.8)
