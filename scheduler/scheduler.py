@@ -154,7 +154,7 @@ class Scheduler:
                         else self.adapters.adapter_pages(request.adapter_key))
         if not self.allocator.could_ever_fit(kv_need, adapter_need):
             request.fail(f"request {request.request_id} needs {kv_need + adapter_need} pages "
-                         f"for its prompt and adapter, {self._pool_words()}")
+                         f"for its prompt and adapter, more than {self._pool_words()} can hold")
             return
         # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
         self.policy.on_arrival(request, lambda: {r.adapter_key
