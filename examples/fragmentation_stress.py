@@ -272,13 +272,11 @@ def run(engine: Engine, trace: list[TraceRequest], num_steps: int, *, drain: boo
     result = Run(engine.config.memory_layout)
     pending = iter(trace)
     upcoming = next(pending, None)
-    greedy = {}  # max_tokens -> SamplingParams (they are frozen; share them)
     start = time.perf_counter()
     step = 0
     while step < num_steps or (drain and engine.scheduler.has_unfinished()):
         while upcoming is not None and upcoming.step <= step:
-            sp = greedy.setdefault(upcoming.max_tokens, SamplingParams(
-                max_tokens=upcoming.max_tokens, temperature=0, ignore_eos=True))
+            sp = SamplingParams(max_tokens=upcoming.max_tokens, temperature=0, ignore_eos=True)
             engine.add_request(upcoming.prompt, upcoming.adapter, sp)
             upcoming = next(pending, None)
         for d in engine.step():
@@ -358,7 +356,7 @@ def write_report(runs: list[Run], cfg: StressConfig, out: Path) -> tuple[Path, P
                         height_ratios=[3] * len(runs) + [2])
     colors = ("tab:blue", "tab:cyan", "tab:orange", "0.9")
     most_running = max(max(r.series["running"], default=0) for r in runs) * 1.05 or 1
-    for ax, r in zip(axes, runs, strict=False):
+    for ax, r in zip(axes[:-1], runs, strict=True):
         steps = range(len(r.series["running"]))
         areas = ax.stackplot(steps, *(r.series[k] for k in KINDS), colors=colors)
         ax.set_ylim(0, cfg.pool_pages)
