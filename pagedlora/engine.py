@@ -151,10 +151,10 @@ class Engine:
         if num_pages - config.max_loras * slot < m.num_layers:
             raise ValueError(
                 f"memory_layout='static' reserves max_loras={config.max_loras} adapter slots of "
-                f"{slot} pages (max_lora_rank={config.max_lora_rank} on every projection); "
-                f"pool_gb={config.pool_gb} holds {num_pages} pages, leaving "
-                f"{num_pages - config.max_loras * slot} for KV, and one KV block takes "
-                f"{m.num_layers}")
+                f"{slot} pages (max_lora_rank={config.max_lora_rank} on every projection), "
+                f"{config.max_loras * slot} pages; pool_gb={config.pool_gb} holds {num_pages}, "
+                f"too few to add one KV block ({m.num_layers} pages): raise pool_gb or lower "
+                f"max_loras or max_lora_rank")
         return StaticSplitAllocator(num_pages, slot_pages=slot, num_slots=config.max_loras)
 
     @staticmethod

@@ -159,7 +159,8 @@ def test_static_layout_keeps_at_most_max_loras_adapters_and_matches_unified_toke
 def test_static_slots_that_leave_no_kv_block_are_refused_naming_the_options(small):
     model, _ = small
     with pytest.raises(ValueError, match=r"memory_layout='static' reserves max_loras=8 adapter "
-                                         r"slots of 22 pages \(max_lora_rank=8 .* leaving -76 "
-                                         r"for KV, and one KV block takes 2"):
+                                         r"slots of 22 pages \(max_lora_rank=8 on every "
+                                         r"projection\), 176 pages; pool_gb=.* holds 100, too few "
+                                         r"to add one KV block \(2 pages\)"):
         Engine(model, pool_gb=100 * 4096 / 2**30, memory_layout="static", max_loras=8,
                max_lora_rank=8)
