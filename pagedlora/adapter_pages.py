@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 
 from pagedlora.kernels.lora import PagedRows
 from pagedlora.lora_adapter import TARGET_MODULES, AdapterWeights, LoraAdapter
-from pagedlora.pool import UnifiedPool
+from pagedlora.pool import UnifiedPool, rows_per_page
 from pagedlora.scheduler.page_allocator import ADAPTER
 
 
@@ -29,7 +29,8 @@ class ResidentAdapter:
     Attributes:
         pages: every page it holds.
         used_elements: elements of those pages holding weights (the rest is internal
-            fragmentation: the tail of each (layer, row width) group's last page).
+            fragmentation: the tail of each (layer, row width) group's last page, and in the
+            static layout the rest of its max-rank slot).
         modules: ``(layer, module) -> ResidentModule``.
     """
 
@@ -44,27 +45,27 @@ class AdapterPacker:
     For each layer, the rank rows of every target module are grouped by row width
     (``in_features`` for lora_A, ``out_features`` for lora_B^T) and packed into pages of that
     width, so an adapter of rank r takes pages in proportion to r, with no padding to
-    max_lora_rank, and a row never straddles two pages (kernels read rows in place).
+    max_lora_rank, and a row never straddles two pages (kernels read rows in place). The
+    allocator may charge more (``adapter_footprint``: a whole max-rank slot in the static
+    layout); the rows then fill the first pages it hands out.
 
     Args:
         pool: the unified pool.
-        num_layers: decoder layers of the model.
         module_shapes: ``module -> (in_features, out_features)``.
     Raises:
         ValueError: a row width exceeds a page (raise block_size).
     """
 
-    def __init__(self, pool: UnifiedPool, *, num_layers: int,
-                 module_shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]]) -> None:
         self.pool = pool
-        self.num_layers = num_layers
         self.module_shapes = module_shapes
         for width in {w for shape in module_shapes.values() for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
 
     def num_pages(self, adapter: LoraAdapter) -> int:
-        """Pages ``adapter`` takes in the pool."""
-        return sum(n for *_, n in self._groups(adapter))
+        """Pages ``adapter`` takes in the pool (its packed rows, as the allocator charges
+        them)."""
+        return self.pool.allocator.adapter_footprint(sum(n for *_, n in self._groups(adapter)))
 
     def load(self, adapter: LoraAdapter, weights: AdapterWeights) -> ResidentAdapter:
         """Allocates pages and copies the adapter's rows into them (host -> pool).
@@ -73,7 +74,7 @@ class AdapterPacker:
             OutOfPagesError: fewer than :meth:`num_pages` pages are free (nothing is taken).
         """
         groups = list(self._groups(adapter))
-        pages = self.pool.allocator.allocate(sum(g[-1] for g in groups), ADAPTER)
+        pages = self.pool.allocator.allocate(self.num_pages(adapter), ADAPTER)
         try:
             return self._copy_in(adapter, weights, groups, pages)
         except BaseException:  # a failed copy (device OOM, Ctrl-C) must not keep the pages
@@ -107,18 +108,35 @@ class AdapterPacker:
         return ResidentAdapter(pages=pages, used_elements=used, modules=modules)
 
     def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
-        """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
-        fixed order (by module, then A before B^T)."""
-        for layer in range(self.num_layers):
-            by_width: dict[int, list] = {}
-            for module in TARGET_MODULES:
-                spec = adapter.modules.get((layer, module))
-                if spec is None:
-                    continue
-                in_f, out_f = self.module_shapes[module]
-                by_width.setdefault(in_f, []).append((module, "a", spec.rank))
-                by_width.setdefault(out_f, []).append((module, "b", spec.rank))
-            for width, rows in sorted(by_width.items()):
-                num_rows = sum(r for *_, r in rows)
-                rpp = self.pool.rows_per_page(width)
-                yield layer, width, rows, -(-num_rows // rpp)
+        ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
+        return _groups(ranks, self.module_shapes, self.pool.page_numel)
+
+
+def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
+                 page_numel: int) -> int:
+    """Pages that LoRA rows of ``ranks`` (``(layer, module) -> rank``) take when packed as
+    :class:`AdapterPacker` packs them, before any padding the allocator adds; e.g. max_lora_rank
+    on every module of every layer sizes a static layout's adapter slot.
+
+    Raises:
+        ValueError: a row width exceeds ``page_numel`` elements.
+    """
+    return sum(n for *_, n in _groups(ranks, module_shapes, page_numel))
+
+
+def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
+            page_numel: int) -> Iterator[tuple[int, int, list, int]]:
+    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
+    fixed order (by module, then A before B^T)."""
+    for layer in sorted({layer for layer, _ in ranks}):
+        by_width: dict[int, list] = {}
+        for module in TARGET_MODULES:
+            rank = ranks.get((layer, module))
+            if rank is None:
+                continue
+            in_f, out_f = module_shapes[module]
+            by_width.setdefault(in_f, []).append((module, "a", rank))
+            by_width.setdefault(out_f, []).append((module, "b", rank))
+        for width, rows in sorted(by_width.items()):
+            num_rows = sum(r for *_, r in rows)
+            yield layer, width, rows, -(-num_rows // rows_per_page(page_numel, width))

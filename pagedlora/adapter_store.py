@@ -29,7 +29,7 @@ from pagedlora.errors import AdapterError, AdapterUnavailableError
 from pagedlora.host_cache import HostCache
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, read_lora_adapter
 from pagedlora.pool import UnifiedPool
-from pagedlora.scheduler import ScheduledRequest
+from pagedlora.scheduler import ADAPTER, ScheduledRequest
 from pagedlora.spill import SpillDir
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ class _Content:
 class AdapterStore:
     """Owns the adapters: name -> content key, the three tiers, pins, LRU orders and counters.
 
-    Pages are packed by :class:`AdapterPacker` (rank-proportional, S-LoRA section 4.1).
+    Pages are packed by :class:`AdapterPacker` (rank-proportional, S-LoRA section 4.1; in the
+    static layout each adapter takes one max-rank slot).
 
     Thread safety: one re-entrant lock guards the registry and every tier, so ``add``/``remove``
     (and ``prefetch``) may run in other threads while the engine steps. Reading and hashing a
@@ -96,7 +97,7 @@ class AdapterStore:
         self.pool = pool
         self.num_layers = num_layers
         self.module_shapes = module_shapes
-        self.packer = AdapterPacker(pool, num_layers=num_layers, module_shapes=module_shapes)
+        self.packer = AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
         self.spill = spill or SpillDir(None)
         self._host = HostCache(self.spill, max_adapters=max_cpu_loras,
@@ -256,10 +257,11 @@ class AdapterStore:
                     raise AdapterUnavailableError(
                         f"adapter with content key {key} is no longer registered (removed or "
                         f"re-added with other weights while the request waited)")
-                if content.num_pages > self.pool.allocator.num_free + self.evictable_pages():
+                free = self.pool.allocator.num_free_for(ADAPTER)
+                if content.num_pages > free + self.evictable_pages():
                     return False
                 weights = self._host_weights(key)
-                self.evict_unpinned(content.num_pages - self.pool.allocator.num_free)
+                self.evict_unpinned(content.num_pages - free)
                 self._resident[key] = self.packer.load(content.adapter, weights)
                 content.stats.loads_from_host += 1
             self._resident.move_to_end(key)

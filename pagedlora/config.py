@@ -10,6 +10,7 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/backend.py implements t
 
 _DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
+MEMORY_LAYOUTS = ("unified", "static")  # scheduler/page_allocator.py, static_allocator.py
 
 
 @dataclass(frozen=True)
@@ -33,8 +34,16 @@ class EngineConfig:
             prefilled in chunks.
         max_model_len: most tokens (prompt + output) per request; None takes the model's
             ``max_position_embeddings``.
-        max_loras: most distinct adapters in one step (the base model does not count).
+        max_loras: most distinct adapters in one step (the base model does not count); with
+            ``memory_layout="static"`` also the number of adapter slots.
         max_lora_rank: largest adapter rank accepted by ``add_adapter``.
+        memory_layout: how the pool's pages are shared. "unified" (the default): one free list
+            for KV blocks and adapter rows, an adapter taking pages in proportion to its rank
+            (S-LoRA, Sheng et al. 2023, section 4.1). "static": vLLM's way of sizing LoRA
+            buffers, for comparison: ``max_loras`` slots, each the pages of an adapter of
+            ``max_lora_rank`` on all seven projections of every layer, are reserved up front;
+            every adapter takes one whole slot whatever its rank, and KV blocks get only the
+            rest of the pool.
         seed: engine seed; a request without its own seed samples from a generator seeded with
             ``seed`` and the request's index.
         policy: admission order of waiting requests: "fcfs" (arrival), "cluster" (requests
@@ -78,6 +87,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_loras: int = 8
     max_lora_rank: int = 64
+    memory_layout: str = "unified"
     seed: int = 0
     policy: str = "fcfs"
     policy_max_wait_s: float = 5.0
@@ -109,6 +119,9 @@ class EngineConfig:
         ):
             raise ValueError(f"max_model_len must be a positive int or None, "
                              f"got {self.max_model_len!r}")
+        if self.memory_layout not in MEMORY_LAYOUTS:
+            raise ValueError(f"memory_layout must be one of {MEMORY_LAYOUTS}, "
+                             f"got {self.memory_layout!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
         if self.policy not in POLICIES:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
 from pagedlora.adapter_dirs import adapter_dirs
+from pagedlora.adapter_pages import packed_pages
 from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
 from pagedlora.detokenizer import Detokenizer
@@ -28,7 +29,14 @@ from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
 from pagedlora.sampler import sample
 from pagedlora.sampling_params import SamplingParams
-from pagedlora.scheduler import ADAPTER, KV, Request, Scheduler
+from pagedlora.scheduler import (
+    ADAPTER,
+    KV,
+    PageAllocator,
+    Request,
+    Scheduler,
+    StaticSplitAllocator,
+)
 from pagedlora.spill import SpillDir
 
 Prompt = str | list[dict] | list[int]
@@ -67,13 +75,13 @@ class Engine:
         pool_gb: size of the unified pool in GiB.
         **options: the other fields of :class:`EngineConfig` (dtype, device, block_size,
             kernel_backend, max_num_seqs, max_num_batched_tokens, max_model_len, max_loras,
-            max_lora_rank, seed, policy, policy_max_wait_s, watermark, enable_prefix_caching,
-            ttft_deadline_s, max_cpu_loras, host_cache_gb, spill_dir).
+            max_lora_rank, memory_layout, seed, policy, policy_max_wait_s, watermark,
+            enable_prefix_caching, ttft_deadline_s, max_cpu_loras, host_cache_gb, spill_dir).
 
     Raises:
         TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
-        for one KV block. FileNotFoundError: a missing model (the message says how to install the
-        default one).
+        for one KV block (next to the adapter slots, with ``memory_layout="static"``).
+        FileNotFoundError: a missing model (the message says how to install the default one).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, pool_gb: float = 1.0,
@@ -98,7 +106,9 @@ class Engine:
         if num_pages < m.num_layers:
             raise ValueError(f"pool_gb={pool_gb} holds {num_pages} pages; one KV block takes "
                              f"{m.num_layers} (one per layer)")
-        self.pool = UnifiedPool(num_pages, dtype=dtype, device=device, **geometry)
+        allocator = self._allocator(num_pages, UnifiedPool.page_numel_for(**geometry))
+        self.pool = UnifiedPool(num_pages, dtype=dtype, device=device, allocator=allocator,
+                                **geometry)
         self.pool.tensor.zero_()  # padding slots are read (and masked); keep them finite
         self.adapters = AdapterStore(self.pool, num_layers=m.num_layers,
                                      module_shapes=m.module_shapes,
@@ -123,6 +133,29 @@ class Engine:
         self._peak: dict = {}  # stats() at the fullest step of the last generate call
         self._num_generated = 0  # output tokens sampled by this engine, for tokens/s
         self._steps: deque[dict] = deque(maxlen=1024)  # per-step metrics, newest last
+
+    def _allocator(self, num_pages: int, page_numel: int) -> PageAllocator:
+        """The pool's page allocator for ``config.memory_layout``: one free list ("unified"),
+        or max_loras slots sized for max_lora_rank on every projection of every layer, with
+        the rest for KV blocks ("static", vLLM's LoRA buffers).
+
+        Raises:
+            ValueError: "static" slots leave no room for one KV block.
+        """
+        config, m = self.config, self.model
+        if config.memory_layout == "unified":
+            return PageAllocator(num_pages)
+        every_module = {(layer, module): config.max_lora_rank
+                        for layer in range(m.num_layers) for module in m.module_shapes}
+        slot = packed_pages(every_module, m.module_shapes, page_numel)
+        if num_pages - config.max_loras * slot < m.num_layers:
+            raise ValueError(
+                f"memory_layout='static' reserves max_loras={config.max_loras} adapter slots of "
+                f"{slot} pages (max_lora_rank={config.max_lora_rank} on every projection), "
+                f"{config.max_loras * slot} pages; pool_gb={config.pool_gb} holds {num_pages}, "
+                f"too few to add one KV block ({m.num_layers} pages): raise pool_gb or lower "
+                f"max_loras or max_lora_rank")
+        return StaticSplitAllocator(num_pages, slot_pages=slot, num_slots=config.max_loras)
 
     @staticmethod
     def _load_tokenizer(model_dir: Path):
@@ -355,8 +388,9 @@ class Engine:
         so their first requests need not wait for the copy; only pages that are free beyond the
         scheduler's watermark are used, and nothing is evicted for it."""
         for key in keys:
-            spare = self.pool.allocator.num_free - self.scheduler.watermark_pages
-            if self.adapters.tier(key) == "host" and self.adapters.pages_needed(key) <= spare:
+            fits = self.pool.allocator.fits(self.scheduler.watermark_pages,
+                                            self.adapters.pages_needed(key))
+            if self.adapters.tier(key) == "host" and fits:
                 try:
                     if self.adapters.acquire(key):
                         self.adapters.release(key)
@@ -426,8 +460,11 @@ class Engine:
             pages run short), ``pages_adapter``, ``pages_free``, ``page_bytes``,
             ``internal_fragmentation`` (fraction of the elements in used pages that hold
             nothing), ``adapters_resident`` (names), ``requests_running``,
-            ``requests_waiting``, ``prefix_cache`` (``hit_tokens`` and ``queried_tokens``: prompt
-            tokens served from the cache and looked up, since the engine started), ``steps``
+            ``requests_waiting``, ``admissions_refused`` (steps whose admission stopped for
+            lack of pages, since the engine started), ``preemptions`` (requests preempted for
+            lack of pages, since the engine started), ``prefix_cache`` (``hit_tokens`` and
+            ``queried_tokens``: prompt tokens served from the cache and looked up, since the
+            engine started), ``steps``
             (the last 1,024 steps, oldest first: ``batch_size``, ``num_tokens``,
             ``num_adapters``, ``num_preempted``, ``pages_free`` at the end of the step,
             ``seconds``),
@@ -461,6 +498,8 @@ class Engine:
                                         for n in self.adapters.names_of(k)),
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
+            "admissions_refused": self.scheduler.num_refused_admissions,
+            "preemptions": self.scheduler.num_preemptions,
             "prefix_cache": {"hit_tokens": kv.hit_tokens, "queried_tokens": kv.queried_tokens},
             "steps": list(self._steps),
             "peak": dict(self._peak),

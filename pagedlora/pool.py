@@ -7,6 +7,18 @@ import torch
 from pagedlora.scheduler.page_allocator import PageAllocator
 
 
+def rows_per_page(page_numel: int, width: int) -> int:
+    """Rank rows of ``width`` elements that a page of ``page_numel`` elements holds.
+
+    Raises:
+        ValueError: ``width`` exceeds a page (raise block_size).
+    """
+    if width > page_numel:
+        raise ValueError(f"an adapter row of {width} elements does not fit a page of "
+                         f"{page_numel}; use a larger block_size")
+    return page_numel // width
+
+
 class UnifiedPool:
     """The engine's device memory for KV cache and adapter weights (S-LoRA, section 4.1).
 
@@ -20,23 +32,37 @@ class UnifiedPool:
         num_pages: pages in the pool.
         block_size, num_kv_heads, head_dim: the KV block shape; they fix ``page_numel``.
         dtype, device: of the pool tensor.
+        allocator: hands out the page ids; None: a :class:`PageAllocator` (unified paging)
+            over ``num_pages`` pages. The engine passes a ``StaticSplitAllocator`` for
+            ``memory_layout="static"``.
+    Raises:
+        ValueError: ``allocator`` has another number of pages.
     """
 
     def __init__(self, num_pages: int, *, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 allocator: PageAllocator | None = None) -> None:
         self.block_size = block_size
-        self.page_numel = 2 * block_size * num_kv_heads * head_dim
-        self.allocator = PageAllocator(num_pages)
+        self.page_numel = self.page_numel_for(block_size, num_kv_heads, head_dim)
+        self.allocator = allocator or PageAllocator(num_pages)
+        if self.allocator.num_pages != num_pages:
+            raise ValueError(f"the allocator has {self.allocator.num_pages} pages, the pool "
+                             f"{num_pages}")
         self.tensor = torch.empty(num_pages, self.page_numel, dtype=dtype, device=device)
         self._kv = self.tensor.view(num_pages, 2, block_size, num_kv_heads, head_dim)
         self._rows: dict[int, torch.Tensor] = {}
 
     @staticmethod
+    def page_numel_for(block_size: int, num_kv_heads: int, head_dim: int) -> int:
+        """Elements of one page: one KV block of one layer, K and V."""
+        return 2 * block_size * num_kv_heads * head_dim
+
+    @staticmethod
     def pages_for_bytes(num_bytes: float, *, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
         """How many pages fit in ``num_bytes`` bytes."""
-        page_bytes = 2 * block_size * num_kv_heads * head_dim * dtype.itemsize
-        return int(num_bytes // page_bytes)
+        page_numel = UnifiedPool.page_numel_for(block_size, num_kv_heads, head_dim)
+        return int(num_bytes // (page_numel * dtype.itemsize))
 
     @property
     def num_pages(self) -> int:
@@ -50,15 +76,8 @@ class UnifiedPool:
         return self._kv
 
     def rows_per_page(self, width: int) -> int:
-        """Rank rows of ``width`` elements one page holds.
-
-        Raises:
-            ValueError: ``width`` exceeds a page (raise block_size).
-        """
-        if width > self.page_numel:
-            raise ValueError(f"an adapter row of {width} elements does not fit a page of "
-                             f"{self.page_numel}; use a larger block_size")
-        return self.page_numel // width
+        """Rank rows of ``width`` elements one page holds (see :func:`rows_per_page`)."""
+        return rows_per_page(self.page_numel, width)
 
     def rows(self, width: int) -> torch.Tensor:
         """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``."""

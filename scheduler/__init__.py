@@ -10,9 +10,10 @@ from pagedlora.scheduler.scheduler import (
     Scheduler,
     SchedulerOutput,
 )
+from pagedlora.scheduler.static_allocator import StaticSplitAllocator
 
 __all__ = [
     "ADAPTER", "KV", "POLICIES", "AdapterResidency", "ClusterPolicy", "FairPolicy",
     "FcfsPolicy", "KVBlockManager", "OutOfPagesError", "PageAllocator", "Request",
-    "RequestStatus", "ScheduledRequest", "Scheduler", "SchedulerOutput",
+    "RequestStatus", "ScheduledRequest", "Scheduler", "SchedulerOutput", "StaticSplitAllocator",
 ]

@@ -131,7 +131,7 @@ class KVBlockManager:
         if need <= 0:
             return True
         self.make_free(need)
-        if not self.allocator.can_allocate(need):
+        if not self.allocator.can_allocate(need, KV):
             return False
         pages = self.allocator.allocate(need, KV)
         ppb = self.pages_per_block
@@ -144,7 +144,7 @@ class KVBlockManager:
     def make_free(self, num_pages: int) -> None:
         """Evicts cached blocks nobody holds until ``num_pages`` pages are free (or none is
         left to evict)."""
-        short = num_pages - self.allocator.num_free
+        short = num_pages - self.allocator.num_free_for(KV)
         if short > 0:
             self._evict(short)
 

@@ -10,7 +10,7 @@ from typing import Protocol
 from pagedlora.config import EngineConfig
 from pagedlora.errors import AdapterUnavailableError
 from pagedlora.scheduler.kv_blocks import KVBlockManager
-from pagedlora.scheduler.page_allocator import PageAllocator
+from pagedlora.scheduler.page_allocator import KV, PageAllocator
 from pagedlora.scheduler.policy import BatchView, make_policy
 from pagedlora.scheduler.request import Request, RequestStatus
 
@@ -102,6 +102,10 @@ class Scheduler:
     to its first token (its remaining prefill steps times the recent step time) would pass the
     deadline (S-LoRA, Sheng et al. 2023, section 5.2, early abort).
 
+    The page arithmetic asks the allocator, so the same scheduler runs on the unified pool
+    (:class:`PageAllocator`) and on a static split (:class:`StaticSplitAllocator`: KV blocks and
+    adapter slots in separate regions, so evicting one kind frees nothing for the other).
+
     Args:
         config: the engine options (block_size, max_num_seqs, max_num_batched_tokens,
             max_loras, policy, policy_max_wait_s, watermark, enable_prefix_caching).
@@ -109,6 +113,12 @@ class Scheduler:
         allocator: the pool's page allocator (shared with the adapter store).
         adapters: the adapter store's residency interface.
         clock: seconds, monotonic (``time.perf_counter``; tests pass a fake).
+
+    Attributes:
+        num_refused_admissions: steps whose admission stopped because the next request's KV
+            pages (plus the watermark) or its adapter's pages could not be had (at most one per
+            step: admission stops there).
+        num_preemptions: running requests preempted for lack of pages.
     """
 
     def __init__(self, config: EngineConfig, *, pages_per_block: int, allocator: PageAllocator,
@@ -124,7 +134,7 @@ class Scheduler:
                                  pages_per_block=pages_per_block,
                                  enable_caching=config.enable_prefix_caching)
         self.policy = make_policy(config.policy, max_wait_s=config.policy_max_wait_s)
-        blocks = int(config.watermark * allocator.num_pages) // pages_per_block
+        blocks = int(config.watermark * allocator.capacity(KV)) // pages_per_block
         self.watermark_pages = blocks * pages_per_block
         self.waiting: list[Request] = []
         # Admission order; the policy picks preemption victims from it.
@@ -132,17 +142,19 @@ class Scheduler:
         self.step_seconds: float | None = None  # moving average of the time between steps
         self._admission_order: list[Request] | None = None  # the last step's, for prefetch
         self._last_step_at: float | None = None
+        self.num_refused_admissions = 0
+        self.num_preemptions = 0
 
     # -- queue -------------------------------------------------------------------------------
 
     def add(self, request: Request) -> None:
         """Queues ``request``; it fails at once (finish_reason "error") if it can never fit."""
-        need = self.kv.pages_for(len(request.prompt_token_ids) + 1)
-        if request.adapter_key is not None:
-            need += self.adapters.adapter_pages(request.adapter_key)
-        if need > self.allocator.num_pages:
-            request.fail(f"request {request.request_id} needs {need} pages for its "
-                         f"prompt and adapter, the pool has {self.allocator.num_pages}")
+        kv_need = self.kv.pages_for(len(request.prompt_token_ids) + 1)
+        adapter_need = (0 if request.adapter_key is None
+                        else self.adapters.adapter_pages(request.adapter_key))
+        if not self.allocator.could_ever_fit(kv_need, adapter_need):
+            request.fail(f"request {request.request_id} needs {kv_need + adapter_need} pages "
+                         f"for its prompt and adapter, more than {self._pool_words()} can hold")
             return
         # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
         self.policy.on_arrival(request, lambda: {r.adapter_key
@@ -262,14 +274,16 @@ class Scheduler:
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
             adapter_need = self.adapters.pages_needed(key) if key is not None else 0
             reserve = self.watermark_pages if self.running else 0
-            available = (self.allocator.num_free + self.kv.evictable_pages
-                         - self.kv.evictable_pages_among(hits)
-                         + self.adapters.evictable_pages())
-            if kv_need + adapter_need + reserve > available:
+            if not self.allocator.fits(
+                    kv_need + reserve, adapter_need,
+                    kv_spare=self.kv.evictable_pages - self.kv.evictable_pages_among(hits),
+                    adapter_spare=self.adapters.evictable_pages()):
+                self.num_refused_admissions += 1
                 return
             self.kv.take_prefix(request, hits)
             if key is not None:
-                self.kv.make_free(adapter_need)
+                if self.allocator.kinds_share_pages:  # an adapter may take cached blocks' pages
+                    self.kv.make_free(adapter_need)
                 try:
                     acquired = self.adapters.acquire(key)
                 except AdapterUnavailableError as e:  # this request fails, the others go on
@@ -283,9 +297,11 @@ class Scheduler:
                     raise
                 if not acquired:
                     self._release(request, pinned=False)
+                    self.num_refused_admissions += 1
                     return
             if not self._allocate(request, cached + n):
                 self._release(request)
+                self.num_refused_admissions += 1
                 return
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = now
@@ -309,7 +325,7 @@ class Scheduler:
                     f" next to its adapter's {self.adapters.adapter_pages(key)} pages")
                 self._fail(request, f"request {request.request_id} cannot get the "
                            f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
-                           f" even alone in the pool of {self.allocator.num_pages} pages")
+                           f" even alone in {self._pool_words()}")
                 self.running.remove(request)
                 self._release(request)
                 out.failed.append(request)
@@ -326,14 +342,20 @@ class Scheduler:
 
     def _allocate(self, request: Request, num_tokens: int) -> bool:
         """KV pages for ``num_tokens`` tokens of ``request``: cached blocks nobody holds are
-        evicted first, then unpinned adapters."""
+        evicted first, then unpinned adapters (where their pages can serve KV)."""
         short = (self.kv.pages_for(num_tokens) - len(request.blocks) * self.pages_per_block
-                 - self.allocator.num_free - self.kv.evictable_pages)
-        if short > 0:
+                 - self.allocator.num_free_for(KV) - self.kv.evictable_pages)
+        if short > 0 and self.allocator.kinds_share_pages:
             self.adapters.evict_unpinned(short)
         return self.kv.allocate(request, num_tokens)
 
+    def _pool_words(self) -> str:
+        """"the pool of N pages", saying how many KV blocks may use when that is fewer."""
+        total, kv = self.allocator.num_pages, self.allocator.capacity(KV)
+        return f"the pool of {total} pages" + (f" ({kv} for KV blocks)" if kv < total else "")
+
     def _preempt(self, request: Request) -> None:
+        self.num_preemptions += 1
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.WAITING

@@ -18,6 +18,7 @@ def test_dtype_defaults_by_device():
     ({"max_cpu_loras": -1}, "max_cpu_loras"), ({"max_cpu_loras": True}, "max_cpu_loras"),
     ({"host_cache_gb": "1"}, "host_cache_gb"), ({"host_cache_gb": -0.5}, "host_cache_gb"),
     ({"spill_dir": 5}, "spill_dir"), ({"spill_dir": ""}, "spill_dir"),
+    ({"memory_layout": "paged"}, "memory_layout"),
 ])
 def test_invalid_values_name_the_option(options, match):
     with pytest.raises(ValueError, match=match):

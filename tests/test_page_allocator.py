@@ -2,7 +2,13 @@
 
 import pytest
 
-from pagedlora.scheduler.page_allocator import ADAPTER, KV, OutOfPagesError, PageAllocator
+from pagedlora.scheduler import (
+    ADAPTER,
+    KV,
+    OutOfPagesError,
+    PageAllocator,
+    StaticSplitAllocator,
+)
 
 
 def test_allocates_ascending_then_oldest_freed_first():
@@ -21,7 +27,7 @@ def test_out_of_pages_takes_nothing():
     a.allocate(2, KV)
     with pytest.raises(OutOfPagesError, match="asked for 2 adapter pages, 1 free of 3"):
         a.allocate(2, ADAPTER)
-    assert a.num_free == 1 and a.can_allocate(1) and not a.can_allocate(2)
+    assert a.num_free == 1 and a.can_allocate(1, KV) and not a.can_allocate(2, KV)
     a.check_invariants()
 
 
@@ -47,3 +53,51 @@ def test_unknown_kind_and_bad_sizes():
         a.allocate(1, "weights")
     with pytest.raises(ValueError, match="cannot allocate -1"):
         a.allocate(-1, KV)
+
+
+# -- the static split (vLLM-style LoRA slots next to a fixed KV region) -------------------------
+
+
+def test_static_split_keeps_kinds_in_their_regions_and_adapters_in_whole_slots():
+    a = StaticSplitAllocator(10, slot_pages=3, num_slots=2)  # KV 0-3, slots 4-6 and 7-9
+    assert (a.kv_pages, a.capacity(KV), a.capacity(ADAPTER)) == (4, 4, 6)
+    assert a.adapter_footprint(1) == 3 and not a.kinds_share_pages
+    assert a.allocate(2, KV) == [0, 1]
+    assert a.allocate(3, ADAPTER) == [4, 5, 6]
+    assert (a.num_free, a.num_free_for(KV), a.num_free_for(ADAPTER)) == (5, 2, 3)
+    with pytest.raises(OutOfPagesError, match="asked for 3 kv pages, 2 free of 4"):
+        a.allocate(3, KV)  # 5 pages are free, but only 2 of them may hold KV
+    assert a.allocate(3, ADAPTER) == [7, 8, 9]
+    with pytest.raises(OutOfPagesError, match="asked for 3 adapter pages, 0 free of 6"):
+        a.allocate(3, ADAPTER)  # a third adapter: no slot left although KV pages are free
+    assert a.fits(2, 0) and not a.fits(2, 3) and a.fits(2, 3, adapter_spare=3)
+    assert not a.fits(3, 0, adapter_spare=3)  # evicting an adapter frees nothing for KV
+    assert a.could_ever_fit(4, 6) and not a.could_ever_fit(5, 0)
+    a.free([4, 5, 6])
+    assert a.allocate(2, KV) == [2, 3] and a.allocate(3, ADAPTER) == [4, 5, 6]
+    assert [a.kind_of(p) for p in range(10)] == [KV] * 4 + [ADAPTER] * 6
+    a.check_invariants()
+
+
+def test_static_split_refuses_partial_slots_and_pools_without_kv_room():
+    a = StaticSplitAllocator(8, slot_pages=3, num_slots=2)
+    with pytest.raises(ValueError, match="one whole slot of 3 pages, asked for 2"):
+        a.allocate(2, ADAPTER)
+    with pytest.raises(ValueError, match="an adapter of 4 pages does not fit"):
+        a.adapter_footprint(4)
+    slot = a.allocate(3, ADAPTER)
+    with pytest.raises(ValueError, match=r"slot\(s\) \[0\] freed in part"):
+        a.free(slot[:2])
+    assert a.num_used(ADAPTER) == 3  # nothing was freed
+    a.check_invariants()
+    with pytest.raises(ValueError, match="leaving none for KV"):
+        StaticSplitAllocator(6, slot_pages=3, num_slots=2)
+
+
+def test_unified_allocator_answers_the_layout_questions_for_one_free_list():
+    a = PageAllocator(6)
+    a.allocate(4, ADAPTER)
+    assert a.num_free_for(KV) == a.num_free_for(ADAPTER) == 2 and a.kinds_share_pages
+    assert a.adapter_footprint(5) == 5 and a.capacity(KV) == 6
+    assert a.fits(1, 1) and not a.fits(2, 1) and a.fits(2, 1, adapter_spare=4)
+    assert a.could_ever_fit(3, 3) and not a.could_ever_fit(4, 3)
