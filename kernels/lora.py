@@ -34,6 +34,23 @@ class LoraSegment:
 
 
 @dataclass(frozen=True)
+class StackedTokens:
+    """Where the tokens of a BGMV batch sit in its adapter-major layout.
+
+    Attributes:
+        index: ``[N]`` int64 tokens of the batch that use one of the adapters.
+        entry: ``[N]`` int64 their adapter (segment) among the stacked ones.
+        position: ``[N]`` int64 their place among that adapter's tokens.
+        width: the most tokens any one adapter has.
+    """
+
+    index: torch.Tensor
+    entry: torch.Tensor
+    position: torch.Tensor
+    width: int
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """The LoRA work of one module of one layer in one step.
 
@@ -47,12 +64,11 @@ class LoraBatch:
             the pool (the CPU path keeps them while the step's adapters repeat), or None: read
             them through the page tables.
         stacked: the BGMV form, for decode batches over many adapters (CPU path):
-            ``(a [S + 1, r_max, in_features], b [S + 1, r_max, out_features], token_segment)``
-            with adapter k's rows in ``a[k, :r_k]``, its scaled lora_B^T rows in
-            ``b[k, :r_k]``, zeros elsewhere and in the last entry (for tokens whose adapter
-            does not target this module); ``token_segment`` is the ``[hi - lo]`` int64 entry of
-            each token from the first segment's start to the last one's end, or None when token
-            ``lo + k`` uses entry k (one token per adapter, the common decode case).
+            ``(a [S, r_max, in_features], b [S, r_max, out_features], tokens)`` with adapter
+            k's rows in ``a[k, :r_k]`` and its scaled lora_B^T rows in ``b[k, :r_k]``, zeros
+            elsewhere, for the S adapters of ``segments`` in order. ``tokens`` is None when
+            the batch's tokens ``segments[0].start + k`` are exactly one per adapter k (the
+            common decode case); else :class:`StackedTokens`.
     """
 
     a: PagedRows
@@ -60,7 +76,7 @@ class LoraBatch:
     segments: tuple[LoraSegment, ...]
     token_scale: torch.Tensor
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
-    stacked: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+    stacked: tuple[torch.Tensor, torch.Tensor, StackedTokens | None] | None = None
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -135,16 +151,18 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
 
 
 def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
-    """``y[t] += (x[t] @ a[e_t]^T) @ b[e_t]`` for the tokens of ``batch.segments``' span, with
-    ``e_t`` the token's entry of ``batch.stacked`` (the scale is already in ``b``)."""
-    a, b, token_segment = batch.stacked
-    lo, hi = batch.segments[0].start, batch.segments[-1].end
-    if token_segment is not None:
-        a, b = a.index_select(0, token_segment), b.index_select(0, token_segment)
-    elif a.shape[0] - 1 != hi - lo:
-        raise ValueError(f"stacked rows for {a.shape[0] - 1} adapters, but tokens {lo}..{hi} "
-                         f"and no token_segment")
-    else:
-        a, b = a[:-1], b[:-1]
-    shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))       # [n, 1, r_max]
-    y[lo:hi].unsqueeze(1).baddbmm_(shrunk, b)
+    """``y[t] += (x[t] @ a[e_t]^T) @ b[e_t]`` for every token t of an adapter, ``e_t`` its
+    adapter's entry of ``batch.stacked`` (the scale is already in ``b``). Tokens are laid out
+    adapter-major (``[S, width, in]``, zero-padded) rather than copying weights per token: an
+    activation row is ``in`` elements, an adapter's rows ``r_max * in``."""
+    a, b, tokens = batch.stacked
+    if tokens is None:
+        lo = batch.segments[0].start
+        hi = lo + a.shape[0]
+        shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))   # [S, 1, r_max]
+        y[lo:hi] += torch.bmm(shrunk, b).squeeze(1)
+        return
+    laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
+    laid[tokens.entry, tokens.position] = x[tokens.index]
+    out = torch.bmm(torch.bmm(laid, a.transpose(1, 2)), b)              # [S, width, out]
+    y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)

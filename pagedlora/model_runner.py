@@ -11,6 +11,7 @@ from pagedlora.kernels.lora import (
     LoraBatch,
     LoraSegment,
     PagedRows,
+    StackedTokens,
     gather_rows,
 )
 from pagedlora.kernels.paged_attention import attention_metadata
@@ -110,7 +111,7 @@ class ModelRunner:
         bgmv = (self._gather and num_tokens <= DENSE_MAX_TOKENS
                 and len(segments) >= BGMV_MIN_ADAPTERS)
         scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
-        entries: dict[tuple, torch.Tensor | None] = {}  # segments of a module -> token entries
+        entries: dict[tuple, StackedTokens | None] = {}  # segments of a module -> token layout
         lora = {}
         for layer_module, r in rows.items():
             cols = r["cols"]
@@ -138,17 +139,24 @@ class ModelRunner:
 
     @staticmethod
     def _token_entries(segments: list[tuple[int, int, str]], which: tuple[int, ...],
-                       device: torch.device) -> torch.Tensor | None:
-        """The stacked entry of each token from segment ``which[0]``'s start to
-        ``which[-1]``'s end: k for the tokens of segment ``which[k]``, ``len(which)`` (the zero
-        entry) for tokens whose adapter lacks the module; None when that is token k -> entry k."""
-        lo, hi = segments[which[0]][0], segments[which[-1]][1]
-        if hi - lo == len(which) and all(segments[i][1] - segments[i][0] == 1 for i in which):
+                       device: torch.device) -> StackedTokens | None:
+        """Where the tokens of segments ``which`` (the adapters that target one module, in
+        stacked order) go in the BGMV layout; None when segment ``which[k]`` is exactly token
+        ``segments[which[0]].start + k``."""
+        lo = segments[which[0]][0]
+        if all(segments[i][:2] == (lo + k, lo + k + 1) for k, i in enumerate(which)):
             return None
-        entry = torch.full((hi - lo,), len(which), dtype=torch.long)
+        index, entry, position = [], [], []
         for k, i in enumerate(which):
-            entry[segments[i][0] - lo:segments[i][1] - lo] = k
-        return entry.to(device)
+            n = segments[i][1] - segments[i][0]
+            index.extend(range(segments[i][0], segments[i][1]))
+            entry.extend([k] * n)
+            position.extend(range(n))
+        width = max(segments[i][1] - segments[i][0] for i in which)
+
+        def t(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.long, device=device)
+        return StackedTokens(t(index), t(entry), t(position), width)
 
     def _concatenated_rows(self, residents: tuple[ResidentAdapter, ...]) -> dict:
         """``(layer, module) -> {"a", "b": PagedRows, "cols": [(segment, col_start, col_end,
@@ -194,8 +202,8 @@ class ModelRunner:
     def _form(r: dict, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The module's rows laid out for the torch kernels, kept in ``r`` (one layout at a
         time): "concatenated", ``(a [R, in], b [R, out])`` in column order; or "stacked",
-        ``(a [S + 1, r_max, in], b [S + 1, r_max, out])`` per adapter, zero-padded to the
-        largest rank, the scale folded into b, and a zero last entry (see LoraBatch)."""
+        ``(a [S, r_max, in], b [S, r_max, out])`` per adapter, zero-padded to the largest
+        rank, the scale folded into b (see LoraBatch)."""
         if r.get("form") == kind:
             return r["rows"]
         pieces, cols = r["pieces"], r["cols"]
@@ -205,8 +213,8 @@ class ModelRunner:
         else:
             a0, b0 = pieces[0]
             r_max = max(c1 - c0 for _, c0, c1, _ in cols)
-            a = a0.new_zeros(len(pieces) + 1, r_max, a0.shape[1])
-            b = b0.new_zeros(len(pieces) + 1, r_max, b0.shape[1])
+            a = a0.new_zeros(len(pieces), r_max, a0.shape[1])
+            b = b0.new_zeros(len(pieces), r_max, b0.shape[1])
             for k, ((pa, pb), (_, c0, c1, scale)) in enumerate(zip(pieces, cols, strict=True)):
                 a[k, : c1 - c0] = pa
                 torch.mul(pb, scale, out=b[k, : c1 - c0])

@@ -117,3 +117,54 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
         probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
         want = torch.einsum("hqk,khd->qhd", probs, vv)
         torch.testing.assert_close(got[start:start + new].float(), want, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize("skip", [None, 4])
+@pytest.mark.parametrize("tokens_per_adapter", [[1] * 9, [1, 3, 1, 1, 2, 1, 1, 4, 1]])
+def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
+    """The stacked (BGMV) form that the model runner builds for decode batches over many
+    adapters: one token each (no scatter), and several tokens for some adapters, with base
+    tokens before them, and (``skip``) one adapter's tokens left out (it lacks the module)."""
+    from pagedlora.model_runner import ModelRunner
+
+    g = torch.Generator().manual_seed(len(tokens_per_adapter) + sum(tokens_per_adapter))
+    in_f, out_f = 37, 29
+    ranks = [1 + (5 * i) % 16 for i in range(len(tokens_per_adapter))]
+    scales = [0.25 * (i + 1) for i in range(len(ranks))]
+    base = 3  # base-model tokens first, as the runner orders them
+    segments, start = [], base
+    for i, n in enumerate(tokens_per_adapter):
+        segments.append((start, start + n, f"k{i}"))
+        start += n
+    num_tokens = start
+    which = tuple(i for i in range(len(ranks)) if i != skip)
+    a_rows = [torch.randn(ranks[i], in_f, generator=g) for i in which]
+    b_rows = [torch.randn(ranks[i], out_f, generator=g) for i in which]
+    cols, c = [], 0
+    for i in which:
+        cols.append((i, c, c + ranks[i], scales[i]))
+        c += ranks[i]
+    r = {"pieces": list(zip(a_rows, b_rows, strict=True)), "cols": cols}
+    a, b = ModelRunner._form(r, "stacked")
+    tokens = ModelRunner._token_entries(segments, which, torch.device("cpu"))
+    zero = torch.zeros(1, dtype=torch.long)
+    batch = LoraBatch(a=PagedRows(zero, zero), b=PagedRows(zero, zero),
+                      segments=tuple(LoraSegment(segments[i][0], segments[i][1], c0, c1, s)
+                                     for i, c0, c1, s in cols),
+                      token_scale=torch.zeros(num_tokens, c), stacked=(a, b, tokens))
+    assert (tokens is None) == (skip is None and max(tokens_per_adapter) == 1)
+    x = torch.randn(num_tokens, in_f, generator=g)
+    y0 = torch.randn(num_tokens, out_f, generator=g)
+    qkv = torch.zeros(num_tokens, 2 * out_f)
+    y = qkv[:, :out_f]  # strided rows, like q in the fused q/k/v output
+    y.copy_(y0)
+    lora_shrink_expand(y, x, batch, None, None)
+    want = y0.clone()
+    for k, i in enumerate(which):
+        for t in range(segments[i][0], segments[i][1]):
+            want[t] += scales[i] * (x[t] @ a_rows[k].t()) @ b_rows[k]
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y[:base], y0[:base])
+    if skip is not None:
+        lo, hi = segments[skip][:2]
+        assert torch.equal(y[lo:hi], y0[lo:hi])
