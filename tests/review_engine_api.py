@@ -33,3 +33,33 @@ def test_failed_add_request_output_survives_a_generate_call(tiny_llama_dir):
     engine.generate([random_prompt(4, 2)], sampling_params=SP, progress=False)
     seen = [d for _ in range(2) for d in engine.step()]
     assert any(d.request_id == rid and d.output.finish_reason == "error" for d in seen)
+
+
+def test_throughput_online_driver_returns_when_a_request_fails_at_add(tiny_llama_dir):
+    """benchmarks/throughput.py's online driver steps only while the scheduler has requests;
+    a request failed at add time (here: longer than max_model_len) sits in the engine's
+    ready list that only step() hands out, so the driver spins forever once nothing else
+    runs (the offline path raises "requests failed" for the same job)."""
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from throughput import _drive_online
+
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=32)
+
+    class Job:
+        prompts = [random_prompt(40, 2)]  # longer than max_model_len
+        arrivals = [0.0]
+
+    outs = []
+
+    def run():
+        outs.extend(_drive_online(engine, Job, [None], [SP], time.perf_counter())[0])
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the online driver never returns"
+    assert [o.finish_reason for o in outs] == ["error"]
