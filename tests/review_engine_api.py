@@ -63,3 +63,13 @@ def test_throughput_online_driver_returns_when_a_request_fails_at_add(tiny_llama
     worker.join(20)
     assert not worker.is_alive(), "the online driver never returns"
     assert [o.finish_reason for o in outs] == ["error"]
+
+
+def test_large_engine_seed_does_not_break_every_request(tiny_llama_dir):
+    """EngineConfig accepts any int seed, but a request's generator is seeded with
+    seed * 1_000_003 + request_id, which overflows torch's 64-bit seed from seed ~1.8e13 on:
+    every generate raises "Overflow when unpacking long long" (the HTTP loop reports that
+    ValueError as an unknown adapter, 404)."""
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, seed=2 * 10**13)
+    out = engine.generate([[5, 6, 7]], sampling_params=SP, progress=False)[0]
+    assert out.finish_reason == "length"
