@@ -596,8 +596,12 @@ class Engine:
         r = Request(request_id=rid, prompt_token_ids=[], max_tokens=sp.max_tokens,
                     adapter_key=key, arrival_time=now,
                     deadline=None if deadline_s is None else now + deadline_s)
-        generator = torch.Generator(self.pool.tensor.device).manual_seed(
-            sp.seed if sp.seed is not None else self.config.seed * 1_000_003 + rid)
+        seed = sp.seed
+        if seed is None:
+            seed = self.config.seed * 1_000_003 + rid
+            if not -2**63 <= seed < 2**64:  # torch takes 64 bits; in range, unchanged
+                seed %= 2**64
+        generator = torch.Generator(self.pool.tensor.device).manual_seed(seed)
         self._tracked[rid] = _Tracked(request=r, index=index, prompt=prompt, adapter=adapter,
                                       params=sp, generator=generator,
                                       detokenizer=Detokenizer(self.tokenizer, sp.stop),
