@@ -182,14 +182,15 @@ def _drive_online(engine, job: Job, names, params, start: float) -> tuple[list, 
             index_of[engine.add_request(job.prompts[i], names[i], params[i])] = i
             lag[i] = time.perf_counter() - start - job.arrivals[i]
             nxt += 1
-        if engine.scheduler.has_unfinished():
-            for d in engine.step():
+        if len(index_of) > len(outs):  # added, not finished: step() reports them, also
+            for d in engine.step():      # a request add_request failed (no scheduler work)
                 if d.finished:
                     outs[index_of[d.request_id]] = d.output
         elif nxt < len(order):
             time.sleep(max(0.0, job.arrivals[order[nxt]] - (time.perf_counter() - start)))
     ordered = [outs[i] for i in range(len(order))]
-    return ordered, [o.ttft + lag[i] for i, o in enumerate(ordered)]
+    return ordered, [None if o.ttft is None else o.ttft + lag[i]
+                     for i, o in enumerate(ordered)]
 
 
 def run_peft(job: Job) -> Result:

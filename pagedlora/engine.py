@@ -128,7 +128,10 @@ class Engine:
         self._next_id = 0
         self._tracked: dict[int, _Tracked] = {}  # request id -> state, until it finishes
         self._aborts: set[int] = set()  # request ids to abort at the next step (any thread)
-        self._ready: list[StreamOutput] = []  # add_request outputs made before any step
+        # Outputs of requests added without a sink (add_request, no on_output) that no
+        # step() has returned yet: made at add time, or by the steps generate/stream run.
+        self._ready: list[StreamOutput] = []
+        self._unclaimed: list[StreamOutput] = []  # the current step's sinkless outputs
         self._abort_lock = threading.Lock()
         self._peak: dict = {}  # stats() at the fullest step of the last generate call
         self._num_generated = 0  # output tokens sampled by this engine, for tokens/s
@@ -282,7 +285,11 @@ class Engine:
         remaining = len(tracked)
         while remaining:
             if not inbox:
-                self.step()
+                # Outputs of add_request's sinkless requests are kept for the caller's next
+                # step(), not dropped with this step's return value.
+                self._step()
+                self._ready.extend(self._unclaimed)
+                self._unclaimed = []
                 continue
             d = inbox.popleft()
             remaining -= d.finished
@@ -333,13 +340,20 @@ class Engine:
 
         Returns:
             one StreamOutput per request that got a token or finished in this step (stop,
-            length, abort or error), after those of requests that :meth:`add_request` failed
-            since the last step.
+            length, abort or error), after those of requests queued by :meth:`add_request`
+            without ``on_output`` that no step() has returned yet (prompts it failed, and
+            outputs made while a ``generate`` or ``stream`` call stepped the engine).
         Raises:
             RuntimeError: requests wait but none could be scheduled (a bug: ``Scheduler.add``
                 fails requests that can never fit).
         """
         ready, self._ready = self._ready, []
+        return ready + self._step()
+
+    def _step(self) -> list[StreamOutput]:
+        """One step (see :meth:`step`); returns this step's StreamOutputs only. Those of
+        requests without a sink are also in ``_unclaimed``."""
+        self._unclaimed = []
         with self._abort_lock:
             aborts, self._aborts = self._aborts, set()
         for rid in aborts:
@@ -353,7 +367,7 @@ class Engine:
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")
-            return ready + [self._emit(self._tracked[r.request_id]) for r in changed]
+            return [self._emit(self._tracked[r.request_id]) for r in changed]
         self.adapters.record_use(out.scheduled)
         upcoming = self.scheduler.next_adapters(self.config.max_loras)
         self.prefetcher.ask(k for k in upcoming if self.adapters.tier(k) in ("disk", "source"))
@@ -381,7 +395,7 @@ class Engine:
             "pages_free": self.pool.allocator.num_free,
             "seconds": time.perf_counter() - started})
         self._record_peak()
-        return ready + [self._emit(self._tracked[r.request_id]) for r in changed]
+        return [self._emit(self._tracked[r.request_id]) for r in changed]
 
     def _warm_pool(self, keys: list[str]) -> None:
         """Copies prefetched adapters (already in host memory) into free pool pages, unpinned,
@@ -447,6 +461,8 @@ class Engine:
                          output=self._output(t) if finished else None)
         if t.sink is not None:
             t.sink(d)
+        else:
+            self._unclaimed.append(d)
         return d
 
     # -- stats ---------------------------------------------------------------------------------
@@ -580,8 +596,12 @@ class Engine:
         r = Request(request_id=rid, prompt_token_ids=[], max_tokens=sp.max_tokens,
                     adapter_key=key, arrival_time=now,
                     deadline=None if deadline_s is None else now + deadline_s)
-        generator = torch.Generator(self.pool.tensor.device).manual_seed(
-            sp.seed if sp.seed is not None else self.config.seed * 1_000_003 + rid)
+        seed = sp.seed
+        if seed is None:
+            seed = self.config.seed * 1_000_003 + rid
+            if not -2**63 <= seed < 2**64:  # torch takes 64 bits; in range, unchanged
+                seed %= 2**64
+        generator = torch.Generator(self.pool.tensor.device).manual_seed(seed)
         self._tracked[rid] = _Tracked(request=r, index=index, prompt=prompt, adapter=adapter,
                                       params=sp, generator=generator,
                                       detokenizer=Detokenizer(self.tokenizer, sp.stop),

@@ -120,10 +120,12 @@ class EngineLoop:
         Returns:
             how many requests were aborted.
         """
-        with self._lock:
+        with self._lock:  # posted under the lock: nothing submitted after _STOP
             self._closed = True
-        if self._thread.is_alive():
-            self._commands.put(_STOP)
+            alive = self._thread.is_alive()
+            if alive:
+                self._commands.put(_STOP)
+        if alive:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.error("engine loop %r did not stop within %.0f s", self.name, timeout_s)
@@ -160,8 +162,9 @@ class EngineLoop:
                 raise QueueFull(f"model {self.name!r} has {self._waiting} requests waiting "
                                 f"(at most {self.max_queue}); retry later")
             self._waiting += n
-        sub = _Submission(list(prompts), list(adapters), list(params), deliver)
-        self._commands.put(("start", sub))
+            sub = _Submission(list(prompts), list(adapters), list(params), deliver)
+            # under the lock, so that it is queued before stop()'s _STOP or refused
+            self._commands.put(("start", sub))
         return sub
 
     def cancel(self, sub: _Submission) -> None:
@@ -177,10 +180,11 @@ class EngineLoop:
         Raises:
             LoopStopped: the loop is stopping or has failed.
         """
-        if self._closed:
-            raise LoopStopped(self._stopped_reason())
         fut: Future = Future()
-        self._commands.put(("call", fn, fut))
+        with self._lock:  # as submit: queued before _STOP, or refused
+            if self._closed:
+                raise LoopStopped(self._stopped_reason())
+            self._commands.put(("call", fn, fut))
         return fut
 
     async def open(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
@@ -222,9 +226,10 @@ class EngineLoop:
         try:
             while True:
                 busy = self.engine.scheduler.has_unfinished()
-                for cmd in self._next_commands(block=not busy):
+                cmds = self._next_commands(block=not busy)
+                for i, cmd in enumerate(cmds):
                     if cmd is _STOP:
-                        self._finish()
+                        self._finish(cmds[i + 1:])
                         return
                     self._execute(cmd)
                 if self.engine.scheduler.has_unfinished():
@@ -326,12 +331,13 @@ class EngineLoop:
             self.engine.abort(rid)
         return len(self._live)
 
-    def _finish(self) -> None:
-        """At stop: aborts every unfinished request and steps until the engine frees them."""
+    def _finish(self, behind: list) -> None:
+        """At stop: aborts every unfinished request and steps until the engine frees them;
+        the commands fetched ``behind`` _STOP, and any still queued, get LoopStopped."""
         self._aborted_at_stop = self._abort_live()
         while self.engine.scheduler.has_unfinished():
             self.engine.step()
-        self._reject_queued(LoopStopped(self._stopped_reason()))
+        self._reject_queued(LoopStopped(self._stopped_reason()), behind)
         log.info("engine loop %r stopped; %d unfinished request(s) aborted", self.name,
                  self._aborted_at_stop)
 
@@ -342,10 +348,10 @@ class EngineLoop:
         self._live.clear()
         self._reject_queued(error)
 
-    def _reject_queued(self, error: LoopStopped) -> None:
-        """Answers the commands still queued (posted while the loop was closing) with
-        ``error``."""
-        for cmd in self._next_commands(block=False):
+    def _reject_queued(self, error: LoopStopped, fetched: list = ()) -> None:
+        """Answers ``fetched`` commands and those still queued (posted while the loop was
+        closing) with ``error``."""
+        for cmd in [*fetched, *self._next_commands(block=False)]:
             if cmd is not _STOP and cmd[0] == "start":
                 self._deliver(cmd[1], error)
             elif cmd is not _STOP and cmd[0] == "call":

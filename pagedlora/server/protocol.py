@@ -141,7 +141,9 @@ class _OpenAIRequest(_Strict):
         """
         max_tokens = self.max_tokens
         if max_tokens is None:
-            max_tokens = getattr(self, "max_completion_tokens", None) or default_max_tokens
+            max_tokens = getattr(self, "max_completion_tokens", None)
+        if max_tokens is None:  # not "or": an explicit 0 is refused, not replaced
+            max_tokens = default_max_tokens
         return sampling_params(max_tokens=max_tokens, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                stop=[] if self.stop is None else self.stop,

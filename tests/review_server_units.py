@@ -1,0 +1,60 @@
+"""Review: HTTP server units that need no model (engine loop shutdown, body validation)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from pagedlora import SamplingParams
+from pagedlora.server.engine_loop import _STOP, EngineLoop, LoopStopped
+from pagedlora.server.protocol import ApiError, ChatCompletionRequest, parse_body
+
+
+class _IdleEngine:
+    """Just enough engine for a loop with nothing to run."""
+
+    class scheduler:  # noqa: N801
+        @staticmethod
+        def has_unfinished() -> bool:
+            return False
+
+
+def test_submission_behind_stop_in_the_same_batch_is_answered():
+    """A submission that passed the closed check while stop() ran lands behind _STOP in the
+    command queue; when the loop thread picks both up in one batch (it was busy stepping),
+    _run returns at _STOP and the submission is dropped: its handler's open() never gets an
+    answer and waits forever. Simulated: _STOP queued (stop's put), then submit (its put)."""
+    loop = EngineLoop("m", _IdleEngine(), max_queue=4, on_finished=lambda out: None)
+    got = []
+    answered = threading.Event()
+
+    def deliver(item):
+        got.append(item)
+        answered.set()
+
+    loop._commands.put(_STOP)  # stop() got in between submit's check and its put
+    loop.submit(["hi"], [None], [SamplingParams()], deliver)
+    fut = loop.call(lambda engine: 1)  # a /metrics call racing the same way
+    loop._thread.start()
+    loop._thread.join(5)
+    assert not loop._thread.is_alive()
+    assert answered.wait(1), "the submission was never answered (its client hangs)"
+    assert isinstance(got[0], LoopStopped)
+    with pytest.raises(LoopStopped):
+        fut.result(timeout=1)
+
+
+def test_max_completion_tokens_zero_is_refused_not_replaced():
+    """max_tokens=0 is a 400; max_completion_tokens=0 silently becomes the default (the whole
+    room left in max_model_len), against the module's promise of no silent defaults."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+    with pytest.raises(ApiError):
+        parse_body(ChatCompletionRequest, json.dumps({**body, "max_tokens": 0}).encode()
+                   ).to_sampling_params(100)
+    req = parse_body(ChatCompletionRequest,
+                     json.dumps({**body, "max_completion_tokens": 0}).encode())
+    with pytest.raises(ApiError):
+        sp = req.to_sampling_params(100)
+        raise AssertionError(f"accepted as max_tokens={sp.max_tokens}")
