@@ -1,4 +1,4 @@
-"""Review: Engine.add_request / step() / generate / stream interplay."""
+"""Engine.add_request / step() / generate / stream interplay."""
 
 from __future__ import annotations
 

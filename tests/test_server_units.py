@@ -1,4 +1,4 @@
-"""Review: HTTP server units that need no model (engine loop shutdown, body validation)."""
+"""HTTP server units that need no model (engine loop shutdown, body validation)."""
 
 from __future__ import annotations
 

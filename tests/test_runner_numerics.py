@@ -1,4 +1,4 @@
-"""Review: CPU LoRA paths (dense, BGMV, segment loop) against PEFT, with >= 8 adapters of
+"""CPU LoRA paths (dense, BGMV, segment loop) against PEFT, with >= 8 adapters of
 different modules and per-layer ranks, base tokens mixed in, prefill+decode mixes, and
 adapters evicted/reloaded or re-added between steps."""
 
