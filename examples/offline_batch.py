@@ -18,13 +18,14 @@ Progress goes to stderr.
 
 Run it from the repository root, e.g. with the adapters of ``examples/train_adapters.py``::
 
-    cat > requests.jsonl <<'EOF'
+    cat > /tmp/requests.jsonl <<'EOF'
     {"messages": [{"role": "user", "content": "Name a fruit."}], "adapter": "upper"}
     {"prompt": "The sky is", "adapter": null, "max_tokens": 8, "temperature": 0}
     EOF
-    python examples/offline_batch.py requests.jsonl --adapters-dir adapters
-    python examples/offline_batch.py - --adapter upper=adapters/upper < requests.jsonl > out.jsonl
-    python examples/offline_batch.py requests.jsonl --model path/to/hf_dir --pool-gb 2 \\
+    python examples/offline_batch.py /tmp/requests.jsonl --adapters-dir adapters
+    python examples/offline_batch.py - --adapter upper=adapters/upper < /tmp/requests.jsonl \\
+        > /tmp/out.jsonl
+    python examples/offline_batch.py /tmp/requests.jsonl --model path/to/hf_dir --pool-gb 2 \\
         --adapter upper=adapters/upper --output results.jsonl
 """
 

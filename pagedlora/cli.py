@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a folder (or .tar.gz) of PEFT directories, each served under its "
                       "folder's name")
     http = serve.add_argument_group("HTTP")
-    http.add_argument("--host", default="127.0.0.1")
-    http.add_argument("--port", type=int, default=8000)
+    http.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1: this machine only)")
+    http.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     http.add_argument("--max-queue", type=int, default=256, metavar="N",
                       help="most requests per base model waiting for their first token; more "
                       "get 503 with Retry-After (default: %(default)s)")
