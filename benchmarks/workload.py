@@ -198,9 +198,9 @@ def write_adapters(out: Path, config, num: int, *, ranks: tuple[int, ...],
         modules = module_sets[i % len(module_sets)] if cycle else rng.choice(module_sets)
         path = out / f"a{i:04d}"
         cfg = path / "adapter_config.json"
-        if not (cfg.is_file() and (path / "adapter_model.safetensors").is_file()
-                and json.loads(cfg.read_text()).get("r") == rank
-                and json.loads(cfg.read_text()).get("target_modules") == list(modules)):
+        kept = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        if not ((path / "adapter_model.safetensors").is_file() and kept.get("r") == rank
+                and kept.get("target_modules") == list(modules)):
             write_adapter(path, config, rank=rank, target_modules=modules,
                           generator=torch.Generator().manual_seed(seed * 100_003 + i))
         paths.append(path)
