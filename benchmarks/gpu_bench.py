@@ -63,7 +63,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from workload import TraceRequest, WorkloadSpec, make_trace, write_adapter
+from workload import TraceRequest, WorkloadSpec, make_trace, percentile, write_adapter
 
 SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8)}  # ranks; S-LoRA Table 3, exp_suite.LORA_DIR
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -333,14 +333,6 @@ def register(engine, setting: str, paths: list[Path], used: list[int]) -> dict[i
         raise RuntimeError(f"{setting}: {len(added)} adapters have only "
                            f"{len({a.key for a in added})} distinct content keys")
     return names
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank ``q``-quantile of ``values``; None when empty."""
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def drive(engine, trace: list[TraceRequest], names: dict[int, str], *, online: bool,

@@ -47,7 +47,13 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from workload import ALL_MODULES, WorkloadSpec, make_trace, write_adapters  # noqa: E402
+from workload import (  # noqa: E402
+    ALL_MODULES,
+    WorkloadSpec,
+    make_trace,
+    percentile,
+    write_adapters,
+)
 
 QV = ("q_proj", "v_proj")
 
@@ -311,11 +317,10 @@ def worker(job_path: Path, result_path: Path) -> None:
 
 # -- orchestration ------------------------------------------------------------------------------
 
-def _pct(values: list[float], q: float) -> float:
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+def _pct(values: list[float | None], q: float) -> float:
+    """:func:`workload.percentile`, NaN instead of None (the table formats it as a number)."""
+    p = percentile(values, q)
+    return float("nan") if p is None else p
 
 
 def run_system(system: str, job: Job, workdir: Path, vllm_python: str | None) -> Result:

@@ -128,6 +128,16 @@ def make_trace(spec: WorkloadSpec, vocab_size: int, special_ids: set[int] = froz
     return trace
 
 
+def percentile(values: list[float | None], q: float) -> float | None:
+    """Nearest-rank ``q``-quantile (``q`` in [0, 1]) of the values that are not None (e.g. the
+    TTFTs of a trace's requests, None for one that never produced a token); None when there
+    are none."""
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
 def module_shapes(config) -> dict[str, tuple[int, int]]:
     """``module -> (in_features, out_features)`` of a Llama-family transformers config."""
     h, i = config.hidden_size, config.intermediate_size

@@ -146,13 +146,13 @@ class ModelRunner:
         lo = segments[which[0]][0]
         if all(segments[i][:2] == (lo + k, lo + k + 1) for k, i in enumerate(which)):
             return None
-        index, entry, position = [], [], []
+        index, entry, position, width = [], [], [], 0
         for k, i in enumerate(which):
             n = segments[i][1] - segments[i][0]
             index.extend(range(segments[i][0], segments[i][1]))
             entry.extend([k] * n)
             position.extend(range(n))
-        width = max(segments[i][1] - segments[i][0] for i in which)
+            width = max(width, n)
 
         def t(v: list[int]) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.long, device=device)
