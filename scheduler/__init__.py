@@ -1,7 +1,19 @@
-"""Iteration-level scheduling and page accounting, free of torch (``pagedlora.scheduler``)."""
+"""Iteration-level scheduling and page accounting, free of torch (``pagedlora.scheduler``).
 
-from pagedlora.scheduler.kv_blocks import KVBlockManager
-from pagedlora.scheduler.page_allocator import ADAPTER, KV, OutOfPagesError, PageAllocator
+Nothing here imports the rest of pagedlora: the engine hands the scheduler a
+:class:`SchedulerConfig` and an adapter store that satisfies :class:`AdapterResidency`.
+"""
+
+from pagedlora.scheduler.config import SchedulerConfig
+from pagedlora.scheduler.kv_blocks import KVBlockManager, KVStats
+from pagedlora.scheduler.outputs import RunnerOutput
+from pagedlora.scheduler.page_allocator import (
+    ADAPTER,
+    KV,
+    OutOfPagesError,
+    PageAllocator,
+    PoolStats,
+)
 from pagedlora.scheduler.policy import POLICIES, ClusterPolicy, FairPolicy, FcfsPolicy
 from pagedlora.scheduler.request import Request, RequestStatus
 from pagedlora.scheduler.scheduler import (
@@ -9,11 +21,14 @@ from pagedlora.scheduler.scheduler import (
     ScheduledRequest,
     Scheduler,
     SchedulerOutput,
+    SchedulerStats,
 )
-from pagedlora.scheduler.static_allocator import StaticSplitAllocator
+from pagedlora.scheduler.static_allocator import MEMORY_LAYOUTS, StaticSplitAllocator
 
 __all__ = [
-    "ADAPTER", "KV", "POLICIES", "AdapterResidency", "ClusterPolicy", "FairPolicy",
-    "FcfsPolicy", "KVBlockManager", "OutOfPagesError", "PageAllocator", "Request",
-    "RequestStatus", "ScheduledRequest", "Scheduler", "SchedulerOutput", "StaticSplitAllocator",
+    "ADAPTER", "KV", "MEMORY_LAYOUTS", "POLICIES", "AdapterResidency", "ClusterPolicy",
+    "FairPolicy", "FcfsPolicy", "KVBlockManager", "KVStats", "OutOfPagesError",
+    "PageAllocator", "PoolStats", "Request", "RequestStatus", "RunnerOutput",
+    "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerStats",
+    "StaticSplitAllocator",
 ]

@@ -6,8 +6,9 @@ import heapq
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from pagedlora.config import POLICIES
 from pagedlora.scheduler.request import Request
+
+POLICIES = ("fcfs", "cluster", "fair")  # the names make_policy knows
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,8 @@
-"""Request: one prompt's tokens, its KV blocks and its progress (pure Python, no torch)."""
+"""Request: one prompt's tokens and its progress, as the scheduler sees it (pure Python)."""
 
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 
 
@@ -19,23 +18,30 @@ class RequestStatus(enum.Enum):
 class Request:
     """A request as the scheduler sees it.
 
+    The fields up to ``sampling`` are fixed when the request is made (by the engine's input
+    processor, or a test); every field after them is written by the :class:`Scheduler` alone
+    (its KV blocks live in the scheduler's ``KVBlockManager``, keyed by ``request_id``).
+
     Attributes:
         request_id: unique within an engine.
         prompt_token_ids: the prompt, in tokens.
         max_tokens: most output tokens.
         adapter_key: content hash of the adapter's weights, or None for the base model.
-        arrival_time: seconds (``time.perf_counter``) when the request was queued.
+        arrival_time: seconds on the scheduler's clock when the request was made.
+        deadline: seconds (same clock) by which the first token is due, or None; a waiting
+            request that can no longer make it is aborted (S-LoRA, section 5.2).
+        stop_token_ids: tokens that finish the request with "stop" when sampled (EOS, unless
+            ignored, and the request's own stop token ids).
+        sampling: what the model runner's sampler needs (opaque to the scheduler).
         output_token_ids: tokens generated so far.
         num_computed_tokens: tokens whose K/V are in the pool; the scheduler schedules
             ``num_tokens - num_computed_tokens`` more (the vLLM v1 view: no separate prefill and
             decode phases, every request catches up with its known tokens).
-        blocks: KV blocks in order; each block is one page id per layer (owned by the
-            scheduler's KVBlockManager; a block may be shared with other requests).
-        deadline: seconds (``time.perf_counter``) by which the first token is due, or None;
-            a waiting request that can no longer make it is aborted (S-LoRA, section 5.2).
-        num_cached_tokens: prompt tokens whose K/V came from the prefix cache.
-        block_keys: prefix-cache keys of the full blocks of known tokens (KVBlockManager).
-        num_cached_blocks: leading blocks already registered in the prefix cache.
+        status, finish_reason ("stop", "length", "abort" or "error"), error (the reason of an
+            "error" or a deadline "abort").
+        num_preemptions: times its KV pages were freed for recomputation.
+        first_scheduled_time, first_token_time, finished_time: seconds, scheduler's clock.
+        num_cached_tokens: prompt tokens whose K/V came from the prefix cache at admission.
         holds_adapter: whether the adapter store counted this request as a holder of its
             adapter's content (so that exactly the holds taken are dropped).
     """
@@ -45,9 +51,11 @@ class Request:
     max_tokens: int
     adapter_key: str | None
     arrival_time: float
+    deadline: float | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    sampling: object = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    blocks: list[list[int]] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     error: str | None = None
@@ -55,10 +63,7 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
-    deadline: float | None = None
     num_cached_tokens: int = 0
-    block_keys: list[int] = field(default_factory=list)
-    num_cached_blocks: int = 0
     holds_adapter: bool = False
 
     @property
@@ -75,10 +80,3 @@ class Request:
     def is_finished(self) -> bool:
         """Whether the request has a finish reason."""
         return self.status is RequestStatus.FINISHED
-
-    def fail(self, message: str) -> None:
-        """Finishes the request with finish_reason "error" and ``message``."""
-        self.status = RequestStatus.FINISHED
-        self.finish_reason = "error"
-        self.error = message
-        self.finished_time = time.perf_counter()

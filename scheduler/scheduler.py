@@ -1,35 +1,41 @@
-"""Scheduler: which requests run in the next step, and with how many tokens (pure Python)."""
+"""Scheduler: which requests run in the next step, with how many tokens, and what came of it
+(pure Python, no torch, no I/O)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from pagedlora.config import EngineConfig
-from pagedlora.errors import AdapterUnavailableError
-from pagedlora.scheduler.kv_blocks import KVBlockManager
+from pagedlora.scheduler.config import SchedulerConfig
+from pagedlora.scheduler.kv_blocks import Block, KVBlockManager
+from pagedlora.scheduler.outputs import RunnerOutput
 from pagedlora.scheduler.page_allocator import KV, PageAllocator
 from pagedlora.scheduler.policy import BatchView, make_policy
 from pagedlora.scheduler.request import Request, RequestStatus
 
 
 class AdapterResidency(Protocol):
-    """What the scheduler needs from the adapter store (a fake serves in tests)."""
+    """What the scheduler needs from the adapter store: page accounting only, no I/O (a fake
+    serves in tests)."""
 
-    def pages_needed(self, key: str) -> int:
-        """Pages that making ``key`` resident would take now (0 when resident)."""
+    def footprint(self, key: str) -> int:
+        """Pages ``key`` takes when resident, whether or not it is now (0 when unknown)."""
 
-    def adapter_pages(self, key: str) -> int:
-        """Pages ``key`` takes when resident (whether or not it is now)."""
+    def is_resident(self, key: str) -> bool:
+        """Whether ``key`` holds pool pages now (loaded, or reserved for this step's load)."""
 
-    def acquire(self, key: str) -> bool:
-        """Pins ``key`` in the pool, loading it if needed; False when its pages cannot be had.
-        Raises AdapterUnavailableError when its weights cannot be had (the request fails)."""
+    def unit_of(self, key: str) -> Hashable:
+        """``key``'s id among the allocator's reclaimable units (while resident and unpinned)."""
 
-    def release(self, key: str) -> None:
-        """Drops one pin taken by :meth:`acquire`."""
+    def pin(self, key: str) -> bool:
+        """Pins ``key``; if it is not resident, reserves its pages (the allocator reclaims
+        what it needs) for the store to fill before the step runs. False, with nothing
+        changed, when the pages cannot be had."""
+
+    def unpin(self, key: str) -> None:
+        """Drops one :meth:`pin`."""
 
     def hold(self, key: str) -> bool:
         """Notes a queued request for ``key``: its content must outlive a removed or re-added
@@ -39,41 +45,52 @@ class AdapterResidency(Protocol):
     def unhold(self, key: str) -> None:
         """Drops one :meth:`hold` (the request finished)."""
 
-    def evict_unpinned(self, num_pages: int) -> int:
-        """Evicts unpinned resident adapters (LRU first) until ``num_pages`` pages are freed or
-        none is left; returns the pages freed."""
-
-    def evictable_pages(self) -> int:
-        """Pages held by resident adapters that nobody pins."""
-
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """One request in a step and the number of its tokens computed in that step."""
+    """One request in a step.
+
+    Attributes:
+        request: the request (read-only for everyone but the scheduler).
+        num_new_tokens: its tokens computed in this step, from ``request.num_computed_tokens``.
+        block_table: its KV blocks for the step, one page id per layer each.
+        first_step: whether this is the request's first step (not a chunk after the first,
+            nor a recomputation after preemption).
+    """
 
     request: Request
     num_new_tokens: int
+    block_table: tuple[Block, ...] = ()
+    first_step: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class SchedulerOutput:
-    """The hand-off from the scheduler to the model runner for one step.
+    """The hand-off from the scheduler to the adapter store and the model runner for one step
+    (read-only once made: :meth:`Scheduler.drop_failed` makes a new one).
 
     Attributes:
         scheduled: requests in the step, running ones first, each with its new token count.
         preempted: requests whose KV pages were freed this step (they will be recomputed).
-        failed: requests finished with an error this step (they can never fit the pool, or
-            their adapter cannot be loaded).
-        aborted: waiting requests finished with "abort" this step (past their deadline).
-        adapter_keys: distinct adapters of the step (None, the base model, excluded); they are
-            pinned in the pool for as long as their requests run.
+        failed: requests finished with "error" since the last step (they can never fit the
+            pool, outgrew it, or their adapter was removed or could not be loaded).
+        aborted: requests finished with "abort" since the last step (asked for, or past their
+            deadline).
+        adapter_keys: distinct adapters of the step (None, the base model, excluded); pinned
+            (their pages reserved if they were not resident) for as long as their requests run.
+        upcoming_adapters: adapters of the next waiting requests in policy order that are not
+            resident (what to prefetch), without duplicates, at most ``max_loras``.
+        finished_request_ids: every request finished since the last step (the runner drops
+            what it keeps of them).
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
     failed: list[Request] = field(default_factory=list)
     aborted: list[Request] = field(default_factory=list)
-    adapter_keys: set[str] = field(default_factory=set)
+    adapter_keys: frozenset[str] = frozenset()
+    upcoming_adapters: tuple[str, ...] = ()
+    finished_request_ids: tuple[int, ...] = ()
 
     @property
     def num_batched_tokens(self) -> int:
@@ -81,49 +98,72 @@ class SchedulerOutput:
         return sum(s.num_new_tokens for s in self.scheduled)
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """The scheduler's counters (see :meth:`Scheduler.stats`).
+
+    Attributes:
+        requests_running: requests in the running batch now.
+        requests_waiting: requests queued (new or preempted) now.
+        admissions_refused: steps whose admission stopped because the next request's KV pages
+            (plus the watermark) or its adapter's pages could not be had, since the start (at
+            most one per step: admission stops there).
+        preemptions: running requests preempted for lack of pages, since the start.
+    """
+
+    requests_running: int
+    requests_waiting: int
+    admissions_refused: int
+    preemptions: int
+
+
 class Scheduler:
     """Iteration-level scheduler with page-aware admission, chunked prefill, preemption,
-    adapter-aware policies and automatic prefix caching.
+    adapter-aware policies and automatic prefix caching; the one writer of a request's
+    progress (tokens, times, status, finish reason).
 
     Each step has a budget of ``max_num_batched_tokens`` tokens and ``max_num_seqs`` sequences.
     Running requests are served first (a long prompt is prefilled in chunks within the budget,
     sharing steps with decodes); then waiting requests are admitted in the policy's order
     (fcfs, cluster or fair; see :mod:`pagedlora.scheduler.policy`), each only when its KV pages
     plus a watermark of free pages and, if its adapter is not resident, the adapter's pages can
-    all be had. A request whose adapter would exceed ``max_loras`` distinct adapters in the step
-    is passed over for this step (others behind it may go); one short of pages stops admission
-    (no overtaking by smaller requests). When a running request cannot get a page for its next
-    tokens, cached KV blocks nobody holds are evicted first, then unpinned adapters, then the
-    policy's victim (by default the most recently admitted request) is preempted: its pages are
-    freed and it is recomputed later (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5,
-    "recomputation"), usually from its own blocks still in the prefix cache.
+    all be had: one question to the allocator, whose answer counts reclaimable pages (cached KV
+    blocks nobody holds, unpinned adapters). A request whose adapter would exceed ``max_loras``
+    distinct adapters in the step is passed over for this step (others behind it may go); one
+    short of pages stops admission (no overtaking by smaller requests). When a running request
+    cannot get a page for its next tokens, the allocator reclaims (cached blocks first, then
+    unpinned adapters), and if that is not enough the policy's victim (by default the most
+    recently admitted request) is preempted: its pages are freed and it is recomputed later
+    (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5, "recomputation"), usually from
+    its own blocks still in the prefix cache.
+
+    Scheduling only reserves an adapter's pages; the adapter store fills them before the step
+    runs (:meth:`drop_failed` takes out the requests whose adapter could not be loaded), so
+    the scheduler does no I/O. After the step, :meth:`update` appends the sampled tokens,
+    checks the token-level stops (EOS and stop token ids, ``max_tokens``, ``max_model_len``),
+    stamps times with the one injected clock and frees the pages of finished requests.
 
     A waiting request with a deadline for its first token is aborted when the estimated time
     to its first token (its remaining prefill steps times the recent step time) would pass the
     deadline (S-LoRA, Sheng et al. 2023, section 5.2, early abort).
 
     The page arithmetic asks the allocator, so the same scheduler runs on the unified pool
-    (:class:`PageAllocator`) and on a static split (:class:`StaticSplitAllocator`: KV blocks and
-    adapter slots in separate regions, so evicting one kind frees nothing for the other).
+    (:class:`PageAllocator`) and on a static split (:class:`StaticSplitAllocator`).
+
+    Not thread-safe: one thread schedules, updates, adds and finishes (the engine core queues
+    other threads' requests and aborts for it).
 
     Args:
-        config: the engine options (block_size, max_num_seqs, max_num_batched_tokens,
-            max_loras, policy, policy_max_wait_s, watermark, enable_prefix_caching).
+        config: the scheduling options.
         pages_per_block: pages one KV block takes (one per layer).
         allocator: the pool's page allocator (shared with the adapter store).
         adapters: the adapter store's residency interface.
         clock: seconds, monotonic (``time.perf_counter``; tests pass a fake).
-
-    Attributes:
-        num_refused_admissions: steps whose admission stopped because the next request's KV
-            pages (plus the watermark) or its adapter's pages could not be had (at most one per
-            step: admission stops there).
-        num_preemptions: running requests preempted for lack of pages.
     """
 
-    def __init__(self, config: EngineConfig, *, pages_per_block: int, allocator: PageAllocator,
-                 adapters: AdapterResidency, clock: Callable[[], float] = time.perf_counter
-                 ) -> None:
+    def __init__(self, config: SchedulerConfig, *, pages_per_block: int,
+                 allocator: PageAllocator, adapters: AdapterResidency,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.config = config
         self.block_size = config.block_size
         self.pages_per_block = pages_per_block
@@ -134,42 +174,73 @@ class Scheduler:
                                  pages_per_block=pages_per_block,
                                  enable_caching=config.enable_prefix_caching)
         self.policy = make_policy(config.policy, max_wait_s=config.policy_max_wait_s)
-        blocks = int(config.watermark * allocator.capacity(KV)) // pages_per_block
-        self.watermark_pages = blocks * pages_per_block
+        self.watermark_pages = config.watermark_pages(allocator, pages_per_block)
         self.waiting: list[Request] = []
         # Admission order; the policy picks preemption victims from it.
         self.running: list[Request] = []
         self.step_seconds: float | None = None  # moving average of the time between steps
-        self._admission_order: list[Request] | None = None  # the last step's, for prefetch
         self._last_step_at: float | None = None
-        self.num_refused_admissions = 0
-        self.num_preemptions = 0
+        self._unfinished: dict[int, Request] = {}  # waiting or running, by id
+        # Finished outside a step (at add, or by abort), reported by the next schedule().
+        self._failed: list[Request] = []
+        self._aborted: list[Request] = []
+        self._finished_ids: list[int] = []  # every finish since the last schedule()
+        self._num_refused = 0
+        self._num_preemptions = 0
 
     # -- queue -------------------------------------------------------------------------------
 
+    def rejection(self, num_prompt_tokens: int, adapter_key: str | None) -> str | None:
+        """Why a request of ``num_prompt_tokens`` prompt tokens for ``adapter_key`` could never
+        run, or None when it could: its prompt, its first output token and its adapter must
+        fit the pool with every page free. Safe to call from any thread."""
+        kv_need = self.kv.pages_for(num_prompt_tokens + 1)
+        adapter_need = 0 if adapter_key is None else self.adapters.footprint(adapter_key)
+        if self.allocator.could_ever_fit(kv_need, adapter_need):
+            return None
+        return (f"needs {kv_need + adapter_need} pages for its prompt and adapter, more than "
+                f"{self._pool_words()} can hold")
+
     def add(self, request: Request) -> None:
-        """Queues ``request``; it fails at once (finish_reason "error") if it can never fit."""
-        kv_need = self.kv.pages_for(len(request.prompt_token_ids) + 1)
-        adapter_need = (0 if request.adapter_key is None
-                        else self.adapters.adapter_pages(request.adapter_key))
-        if not self.allocator.could_ever_fit(kv_need, adapter_need):
-            request.fail(f"request {request.request_id} needs {kv_need + adapter_need} pages "
-                         f"for its prompt and adapter, more than {self._pool_words()} can hold")
+        """Queues ``request``. One that can never fit the pool, or whose adapter is no longer
+        registered, is finished with "error" at once and reported by the next
+        :meth:`schedule` in ``failed``."""
+        self._unfinished[request.request_id] = request
+        rid, key = request.request_id, request.adapter_key
+        reason = self.rejection(len(request.prompt_token_ids), key)
+        error = None if reason is None else f"request {rid} {reason}"
+        if error is None and key is not None:
+            request.holds_adapter = self.adapters.hold(key)
+            if not request.holds_adapter:
+                error = (f"request {rid}: adapter with content key {key} is no longer "
+                         f"registered (removed or re-added with other weights while the "
+                         f"request waited)")
+        if error is not None:
+            self.finish(request, "error", error=error)
+            self._failed.append(request)
             return
         # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
         self.policy.on_arrival(request, lambda: {r.adapter_key
                                                  for r in (*self.waiting, *self.running)})
-        if request.adapter_key is not None:
-            request.holds_adapter = self.adapters.hold(request.adapter_key)
         self.waiting.append(request)
+
+    def abort(self, request_id: int) -> bool:
+        """Finishes the unfinished request ``request_id`` with "abort" (reported by the next
+        :meth:`schedule`); False when there is none."""
+        request = self._unfinished.get(request_id)
+        if request is None:
+            return False
+        self.finish(request, "abort")
+        self._aborted.append(request)
+        return True
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting or running."""
         return bool(self.waiting or self.running)
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Ends ``request`` (on a stop token, max_tokens, or an abort) and frees its pages.
-        Finishing a finished request does nothing."""
+    def finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        """Ends ``request`` ("stop", "length", "abort" or "error" with ``error``) and frees its
+        pages. Finishing a finished request does nothing."""
         if request.is_finished:
             return
         if request.status is RequestStatus.RUNNING:
@@ -177,23 +248,27 @@ class Scheduler:
             self._release(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-            self.kv.free(request)  # nothing, unless an admission was interrupted midway
+        self.kv.forget(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        request.error = error
         request.finished_time = self.clock()
         self._unhold(request)
+        self._unfinished.pop(request.request_id, None)
+        self._finished_ids.append(request.request_id)
 
     # -- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Chooses the requests of the next step and allocates their pages."""
+        """Chooses the requests of the next step and allocates their pages (KV blocks, and
+        the pages of adapters that are not resident)."""
         now = self.clock()
         if self._last_step_at is not None and self.running:
             dt = now - self._last_step_at
             self.step_seconds = dt if self.step_seconds is None else (
                 0.8 * self.step_seconds + 0.2 * dt)
         self._last_step_at = now
-        out = SchedulerOutput()
+        step = _Step()
         budget = self.config.max_num_batched_tokens
         for request in list(self.running):
             if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
@@ -201,120 +276,159 @@ class Scheduler:
             if budget == 0:
                 break
             n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._grow_or_preempt(request, n, out):
+            if not self._grow_or_preempt(request, n, step):
                 continue
-            self._schedule(request, n, out)
+            self._schedule(request, n, step, first=False)
             budget -= n
-        self._abort_late(now, out)
-        self._admission_order = None
-        if not out.preempted:
-            self._admit(out, budget, now)
+        self._abort_late(now)
+        order = None
+        if not step.preempted:
+            order = self._admit(step, budget, now)
+        out = SchedulerOutput(
+            scheduled=step.scheduled, preempted=step.preempted,
+            failed=[*self._failed, *step.failed], aborted=self._aborted,
+            adapter_keys=frozenset(step.adapter_keys),
+            upcoming_adapters=self._upcoming(order, now),
+            finished_request_ids=tuple(self._finished_ids))
+        self._failed, self._aborted, self._finished_ids = [], [], []
         return out
 
-    def update(self, out: SchedulerOutput) -> None:
-        """Records that the step of ``out`` ran: its tokens' K/V are now in the pool, and the
-        blocks they filled join the prefix cache."""
-        for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(s.request)
+    def drop_failed(self, out: SchedulerOutput, failed: Mapping[str, str]) -> SchedulerOutput:
+        """``out`` without the requests whose adapter could not be loaded (``failed``: adapter
+        key -> reason); they finish with "error" and the reason, their pages freed, and are
+        added to ``failed``. The other requests are untouched."""
+        if not failed:
+            return out
+        dropped = [s.request for s in out.scheduled if s.request.adapter_key in failed]
+        for r in dropped:
+            self.finish(r, "error", error=f"request {r.request_id}: {failed[r.adapter_key]}")
+        return replace(out, scheduled=[s for s in out.scheduled
+                                       if s.request.adapter_key not in failed],
+                       failed=[*out.failed, *dropped],
+                       adapter_keys=out.adapter_keys - set(failed),
+                       finished_request_ids=(*out.finished_request_ids,
+                                             *(r.request_id for r in dropped)))
 
-    def next_adapters(self, n: int) -> list[str]:
-        """Adapters of the first ``n`` waiting requests in policy order that are not resident
-        (what a prefetcher should bring closer), without duplicates."""
-        keys: list[str] = []
-        order = self._admission_order  # this step's, when admission ran: no second sort
-        if order is None:
-            order = self.policy.order(self.waiting, self._view(self.clock(), set()))
-        waiting = [r for r in order if r.status is RequestStatus.WAITING]
-        for r in waiting[:n]:
-            key = r.adapter_key
-            if key is not None and key not in keys and self.adapters.pages_needed(key):
-                keys.append(key)
-        return keys
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[Request]:
+        """Records that the step of ``out`` ran: its tokens' K/V are in the pool (the blocks
+        they filled join the prefix cache), the sampled tokens are appended, and a request
+        that sampled EOS or a stop token id, reached ``max_tokens`` or ``max_model_len``
+        finishes ("stop" or "length") and frees its pages.
+
+        Returns:
+            the requests that got a token, in step order.
+        """
+        sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        now = self.clock()
+        changed = []
+        for s in out.scheduled:
+            r = s.request
+            r.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(r)
+            token = sampled.get(r.request_id)
+            if token is None:
+                continue
+            r.output_token_ids.append(token)
+            if r.first_token_time is None:
+                r.first_token_time = now
+            if token in r.stop_token_ids:
+                self.finish(r, "stop")
+            elif len(r.output_token_ids) >= r.max_tokens \
+                    or r.num_tokens >= self.config.max_model_len:
+                self.finish(r, "length")
+            changed.append(r)
+        return changed
+
+    def stats(self) -> SchedulerStats:
+        """The counters now."""
+        return SchedulerStats(len(self.running), len(self.waiting), self._num_refused,
+                              self._num_preemptions)
 
     # -- internals ---------------------------------------------------------------------------
 
     def _view(self, now: float, step_keys: set) -> BatchView:
         running = {r.adapter_key for r in self.running} | step_keys
         return BatchView(now=now, running_keys=frozenset(running),
-                         is_resident=lambda k: not self.adapters.pages_needed(k))
+                         is_resident=self.adapters.is_resident)
 
-    def _schedule(self, request: Request, n: int, out: SchedulerOutput) -> None:
-        out.scheduled.append(ScheduledRequest(request, n))
+    def _schedule(self, request: Request, n: int, step: _Step, first: bool) -> None:
+        step.scheduled.append(ScheduledRequest(request, n, tuple(self.kv.blocks_of(request)),
+                                               first))
         if request.adapter_key is not None:
-            out.adapter_keys.add(request.adapter_key)
+            step.adapter_keys.add(request.adapter_key)
         prefill = max(0, min(n, len(request.prompt_token_ids) - request.num_computed_tokens))
         self.policy.charge(request, prefill, n - prefill)
 
-    def _abort_late(self, now: float, out: SchedulerOutput) -> None:
+    def _upcoming(self, order: list[Request] | None, now: float) -> tuple[str, ...]:
+        """Adapters of the first ``max_loras`` waiting requests in policy order that are not
+        resident (this step's admission order when admission ran: no second sort)."""
+        if order is None:
+            order = self.policy.order(self.waiting, self._view(now, set()))
+        keys: list[str] = []
+        waiting = [r for r in order if r.status is RequestStatus.WAITING]
+        for r in waiting[:self.config.max_loras]:
+            key = r.adapter_key
+            if key is not None and key not in keys and not self.adapters.is_resident(key):
+                keys.append(key)
+        return tuple(keys)
+
+    def _abort_late(self, now: float) -> None:
         for request in [r for r in self.waiting if r.deadline is not None]:
             if request.first_token_time is not None:
                 continue  # its first token came in time; a preempted request is not aborted
             steps = -(-(request.num_tokens - request.num_computed_tokens)
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
-                self.finish(request, "abort")
-                request.error = (f"request {request.request_id} could not get its first token "
-                                 f"before its deadline")
-                out.aborted.append(request)
+                self.finish(request, "abort", error=f"request {request.request_id} could not "
+                            f"get its first token before its deadline")
+                self._aborted.append(request)
 
-    def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
-        order = self.policy.order(self.waiting, self._view(now, out.adapter_keys))
-        self._admission_order = order
+    def _admit(self, step: _Step, budget: int, now: float) -> list[Request]:
+        """Admits waiting requests in policy order; returns that order."""
+        order = self.policy.order(self.waiting, self._view(now, step.adapter_keys))
         for request in order:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
-                return
+                break
             key = request.adapter_key
-            if key is not None and key not in out.adapter_keys \
-                    and len(out.adapter_keys) >= self.config.max_loras:
+            if key is not None and key not in step.adapter_keys \
+                    and len(step.adapter_keys) >= self.config.max_loras:
                 continue  # another adapter would exceed max_loras; later ones may share one
             hits = self.kv.match_prefix(request)
             cached = len(hits) * self.block_size
             n = min(request.num_tokens - cached, budget)
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
-            adapter_need = self.adapters.pages_needed(key) if key is not None else 0
-            reserve = self.watermark_pages if self.running else 0
-            if not self.allocator.fits(
-                    kv_need + reserve, adapter_need,
-                    kv_spare=self.kv.evictable_pages - self.kv.evictable_pages_among(hits),
-                    adapter_spare=self.adapters.evictable_pages()):
-                self.num_refused_admissions += 1
-                return
-            self.kv.take_prefix(request, hits)
+            resident = key is None or self.adapters.is_resident(key)
+            adapter_need = 0 if resident else self.adapters.footprint(key)
+            keeping = [self.kv.unit_of(b) for b in hits]
             if key is not None:
-                if self.allocator.kinds_share_pages:  # an adapter may take cached blocks' pages
-                    self.kv.make_free(adapter_need)
-                try:
-                    acquired = self.adapters.acquire(key)
-                except AdapterUnavailableError as e:  # this request fails, the others go on
-                    self._release(request, pinned=False)
-                    self._fail(request, f"request {request.request_id}: {e}")
-                    self.waiting.remove(request)
-                    out.failed.append(request)
-                    continue
-                except BaseException:  # e.g. Ctrl-C during the read: give the prefix back
-                    self._release(request, pinned=False)
-                    raise
-                if not acquired:
-                    self._release(request, pinned=False)
-                    self.num_refused_admissions += 1
-                    return
+                keeping.append(self.adapters.unit_of(key))
+            reserve = self.watermark_pages if self.running else 0
+            if not self.allocator.fits(kv_need + reserve, adapter_need, keeping=keeping):
+                self._num_refused += 1
+                break
+            self.kv.take_prefix(request, hits)
+            request.num_computed_tokens = cached
+            if key is not None and not self.adapters.pin(key):
+                self._release(request, pinned=False)
+                self._num_refused += 1
+                break
             if not self._allocate(request, cached + n):
                 self._release(request)
-                self.num_refused_admissions += 1
-                return
-            if request.first_scheduled_time is None:
+                self._num_refused += 1
+                break
+            first = request.first_scheduled_time is None
+            if first:
                 request.first_scheduled_time = now
                 request.num_cached_tokens = cached
-                self.kv.queried_tokens += len(request.prompt_token_ids)
-                self.kv.hit_tokens += cached
+                self.kv.count_lookup(len(request.prompt_token_ids), cached)
             self.waiting.remove(request)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
-            self._schedule(request, n, out)
+            self._schedule(request, n, step, first)
             budget -= n
+        return order
 
-    def _grow_or_preempt(self, request: Request, n: int, out: SchedulerOutput) -> bool:
+    def _grow_or_preempt(self, request: Request, n: int, step: _Step) -> bool:
         """Gives ``request`` pages for ``n`` more tokens, preempting by policy as needed;
         False when ``request`` itself had to go."""
         target = request.num_computed_tokens + n
@@ -322,31 +436,25 @@ class Scheduler:
             if len(self.running) == 1:
                 key = request.adapter_key
                 adapter = "" if key is None else (
-                    f" next to its adapter's {self.adapters.adapter_pages(key)} pages")
-                self._fail(request, f"request {request.request_id} cannot get the "
-                           f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
-                           f" even alone in {self._pool_words()}")
-                self.running.remove(request)
-                self._release(request)
-                out.failed.append(request)
+                    f" next to its adapter's {self.adapters.footprint(key)} pages")
+                self.finish(request, "error", error=(
+                    f"request {request.request_id} cannot get the {self.kv.pages_for(target)} "
+                    f"KV pages of {target} tokens{adapter} even alone in {self._pool_words()}"))
+                step.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
             # work would then write into pages it no longer holds.
-            scheduled = {id(s.request) for s in out.scheduled}
+            scheduled = {id(s.request) for s in step.scheduled}
             victim = self.policy.victim([r for r in self.running if id(r) not in scheduled])
             self._preempt(victim)
-            out.preempted.append(victim)
+            step.preempted.append(victim)
             if victim is request:
                 return False
         return True
 
     def _allocate(self, request: Request, num_tokens: int) -> bool:
-        """KV pages for ``num_tokens`` tokens of ``request``: cached blocks nobody holds are
-        evicted first, then unpinned adapters (where their pages can serve KV)."""
-        short = (self.kv.pages_for(num_tokens) - len(request.blocks) * self.pages_per_block
-                 - self.allocator.num_free_for(KV) - self.kv.evictable_pages)
-        if short > 0 and self.allocator.kinds_share_pages:
-            self.adapters.evict_unpinned(short)
+        """KV pages for ``num_tokens`` tokens of ``request`` (the allocator reclaims cached
+        blocks nobody holds, then unpinned adapters where their pages can serve KV)."""
         return self.kv.allocate(request, num_tokens)
 
     def _pool_words(self) -> str:
@@ -355,18 +463,12 @@ class Scheduler:
         return f"the pool of {total} pages" + (f" ({kv} for KV blocks)" if kv < total else "")
 
     def _preempt(self, request: Request) -> None:
-        self.num_preemptions += 1
+        self._num_preemptions += 1
         self.running.remove(request)
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.waiting.append(request)
-
-    def _fail(self, request: Request, message: str) -> None:
-        """Finishes a queued request with "error" and drops its adapter hold (the caller frees
-        its pages and takes it out of its queue)."""
-        request.fail(message)
-        self._unhold(request)
 
     def _unhold(self, request: Request) -> None:
         if request.holds_adapter:
@@ -379,4 +481,14 @@ class Scheduler:
         self.kv.free(request)
         request.num_computed_tokens = 0
         if pinned and request.adapter_key is not None:
-            self.adapters.release(request.adapter_key)
+            self.adapters.unpin(request.adapter_key)
+
+
+class _Step:
+    """What :meth:`Scheduler.schedule` collects for one step before freezing it."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[ScheduledRequest] = []
+        self.preempted: list[Request] = []
+        self.failed: list[Request] = []
+        self.adapter_keys: set[str] = set()

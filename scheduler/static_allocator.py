@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Hashable, Iterable
 
 from pagedlora.scheduler.page_allocator import ADAPTER, KV, PageAllocator
+
+# "unified": one PageAllocator free list; "static": StaticSplitAllocator
+MEMORY_LAYOUTS = ("unified", "static")
 
 
 class StaticSplitAllocator(PageAllocator):
@@ -60,11 +64,17 @@ class StaticSplitAllocator(PageAllocator):
         """Pages of ``kind``'s region."""
         return self.kv_pages if kind == KV else self.num_slots * self.slot_pages
 
-    def fits(self, kv: int, adapter: int, *, kv_spare: int = 0, adapter_spare: int = 0) -> bool:
-        """As :meth:`PageAllocator.fits`, but each kind must fit its own region: evicting
-        cached KV blocks frees nothing for adapters, nor evicting adapters for KV."""
-        return (kv <= self.num_free_for(KV) + kv_spare
-                and adapter <= self.num_free_for(ADAPTER) + adapter_spare)
+    def fits(self, kv: int, adapter: int, *, keeping: Iterable[Hashable] = ()) -> bool:
+        """As :meth:`PageAllocator.fits`, but each kind must fit its own region: reclaiming
+        cached KV blocks frees nothing for adapters, nor reclaiming adapters for KV."""
+        kept = self._kept(keeping)
+        return (kv <= self.num_free_for(KV) + self.num_reclaimable(KV) - kept[KV]
+                and adapter <= self.num_free_for(ADAPTER) + self.num_reclaimable(ADAPTER)
+                - kept[ADAPTER])
+
+    def could_ever_fit(self, kv: int, adapter: int) -> bool:
+        """Whether each kind fits its region with every page free."""
+        return kv <= self.capacity(KV) and adapter <= self.capacity(ADAPTER)
 
     def adapter_footprint(self, num_pages: int) -> int:
         """One whole slot, whatever the adapter packs into.
@@ -90,13 +100,14 @@ class StaticSplitAllocator(PageAllocator):
                              f"asked for {n}")
         return super().allocate(n, kind)
 
-    def free(self, pages: list[int]) -> None:
+    def free(self, pages: Iterable[int]) -> None:
         """As :meth:`PageAllocator.free`; slot pages go back a whole slot at a time.
 
         Raises:
             ValueError: part of a slot; the others of :meth:`PageAllocator.free`. Nothing is
                 freed then.
         """
+        pages = list(pages)
         per_slot = Counter(self._slot_of(p) for p in pages if self.kv_pages <= p < self.num_pages)
         partial = sorted(s for s, n in per_slot.items() if n != self.slot_pages)
         if partial:

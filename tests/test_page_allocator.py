@@ -70,9 +70,12 @@ def test_static_split_keeps_kinds_in_their_regions_and_adapters_in_whole_slots()
     assert a.allocate(3, ADAPTER) == [7, 8, 9]
     with pytest.raises(OutOfPagesError, match="asked for 3 adapter pages, 0 free of 6"):
         a.allocate(3, ADAPTER)  # a third adapter: no slot left although KV pages are free
-    assert a.fits(2, 0) and not a.fits(2, 3) and a.fits(2, 3, adapter_spare=3)
-    assert not a.fits(3, 0, adapter_spare=3)  # evicting an adapter frees nothing for KV
+    assert a.fits(2, 0) and not a.fits(2, 3)
+    a.offer("slot 0", [4, 5, 6], ADAPTER, on_reclaim=lambda: None)  # an unpinned adapter
+    assert a.fits(2, 3) and not a.fits(2, 3, keeping=["slot 0"])
+    assert not a.fits(3, 0)  # reclaiming an adapter frees nothing for KV
     assert a.could_ever_fit(4, 6) and not a.could_ever_fit(5, 0)
+    assert a.withdraw("slot 0")
     a.free([4, 5, 6])
     assert a.allocate(2, KV) == [2, 3] and a.allocate(3, ADAPTER) == [4, 5, 6]
     assert [a.kind_of(p) for p in range(10)] == [KV] * 4 + [ADAPTER] * 6
@@ -99,5 +102,53 @@ def test_unified_allocator_answers_the_layout_questions_for_one_free_list():
     a.allocate(4, ADAPTER)
     assert a.num_free_for(KV) == a.num_free_for(ADAPTER) == 2 and a.kinds_share_pages
     assert a.adapter_footprint(5) == 5 and a.capacity(KV) == 6
-    assert a.fits(1, 1) and not a.fits(2, 1) and a.fits(2, 1, adapter_spare=4)
+    assert a.fits(1, 1) and not a.fits(2, 1)
+    a.offer("adapter x", [0, 1, 2, 3], ADAPTER, on_reclaim=lambda: None)
+    assert a.fits(2, 1) and a.available(KV) == 6 and not a.fits(2, 1, keeping=["adapter x"])
     assert a.could_ever_fit(3, 3) and not a.could_ever_fit(4, 3)
+
+
+# -- reclaimable units: one notion of available = free + reclaimable ----------------------------
+
+
+def test_allocation_reclaims_offered_units_kv_first_then_adapters_lru():
+    a = PageAllocator(8)
+    kv_old, kv_new = a.allocate(2, KV), a.allocate(2, KV)
+    adapter = a.allocate(3, ADAPTER)
+    gone = []
+    a.offer("adapter", adapter, ADAPTER, on_reclaim=lambda: gone.append("adapter"))
+    a.offer("kv new", kv_new, KV, on_reclaim=lambda: gone.append("kv new"))
+    a.offer("kv old", kv_old, KV, on_reclaim=lambda: gone.append("kv old"))
+    assert (a.num_free, a.available(KV), a.available(ADAPTER)) == (1, 8, 8)
+    a.check_invariants()
+    # 1 free + the cached block offered first ("kv new"): enough for 3
+    assert a.allocate(3, ADAPTER) == [7, *kv_new] and gone == ["kv new"]
+    # then the other cached block, then the adapter (whole), for 4 more
+    assert sorted(a.allocate(4, KV)) == sorted([*kv_old, *adapter[:2]])
+    assert gone == ["kv new", "kv old", "adapter"] and a.num_free == 1
+    assert a.num_reclaimable(KV) == a.num_reclaimable(ADAPTER) == 0
+    a.check_invariants()
+
+
+def test_withdrawn_units_are_not_reclaimed_and_offered_pages_cannot_be_freed():
+    a = PageAllocator(4)
+    block = a.allocate(2, KV)
+    a.offer(("kv", block[0]), block, KV, on_reclaim=lambda: pytest.fail("reclaimed"))
+    with pytest.raises(ValueError, match="offered as reclaimable"):
+        a.free(block)
+    with pytest.raises(ValueError, match="offered already"):
+        a.offer(("kv", block[0]), block, KV, on_reclaim=lambda: None)
+    assert a.withdraw(("kv", block[0])) and not a.withdraw(("kv", block[0]))
+    with pytest.raises(OutOfPagesError):
+        a.allocate(3, ADAPTER)
+    a.free(block)
+    a.check_invariants()
+
+
+def test_reclaim_takes_only_the_asked_kind():
+    a = PageAllocator(6)
+    kv, adapter = a.allocate(2, KV), a.allocate(2, ADAPTER)
+    a.offer("kv", kv, KV, on_reclaim=lambda: None)
+    a.offer("adapter", adapter, ADAPTER, on_reclaim=lambda: None)
+    assert a.reclaim(1, ADAPTER) == 2 and a.is_offered("kv") and not a.is_offered("adapter")
+    assert a.stats().reclaimable_kv == 2 and a.stats().free == 4

@@ -1,85 +1,12 @@
-"""Scheduler with a fake adapter store: admission, chunked prefill, preemption (no torch)."""
+"""Scheduler with a fake adapter store: admission, chunked prefill, preemption (pure Python)."""
 
 from __future__ import annotations
 
-from pagedlora.config import EngineConfig
-from pagedlora.errors import AdapterUnavailableError
-from pagedlora.scheduler import ADAPTER, PageAllocator, Request, RequestStatus, Scheduler
+from support import make_request as req
+from support import make_scheduler as make
+from support import run_step
 
-
-class FakeAdapters:
-    """Adapter residency backed by the real allocator: each adapter takes a fixed page count."""
-
-    def __init__(self, allocator: PageAllocator, sizes: dict[str, int]) -> None:
-        self.allocator, self.sizes = allocator, sizes
-        self.resident: dict[str, list[int]] = {}
-        self.pins: dict[str, int] = {}
-        self.evicted: list[str] = []
-        self.holds: dict[str, int] = {}
-
-    def pages_needed(self, key):
-        return 0 if key in self.resident else self.sizes[key]
-
-    def adapter_pages(self, key):
-        return self.sizes[key]
-
-    def evictable_pages(self):
-        return sum(len(p) for k, p in self.resident.items() if not self.pins.get(k))
-
-    def acquire(self, key):
-        if key not in self.resident:
-            if self.sizes[key] > self.allocator.num_free + self.evictable_pages():
-                return False
-            self.evict_unpinned(self.sizes[key] - self.allocator.num_free)
-            self.resident[key] = self.allocator.allocate(self.sizes[key], ADAPTER)
-        self.pins[key] = self.pins.get(key, 0) + 1
-        return True
-
-    def release(self, key):
-        self.pins[key] -= 1
-
-    def hold(self, key):
-        self.holds[key] = self.holds.get(key, 0) + 1
-        return True
-
-    def unhold(self, key):
-        self.holds[key] -= 1
-
-    def evict_unpinned(self, num_pages):
-        freed = 0
-        for key in [k for k in self.resident if not self.pins.get(k)]:
-            if freed >= num_pages:
-                break
-            pages = self.resident.pop(key)
-            self.allocator.free(pages)
-            self.evicted.append(key)
-            freed += len(pages)
-        return freed
-
-
-def make(num_pages=40, block_size=4, layers=2, max_num_seqs=8, budget=64, max_loras=2,
-         sizes=None, clock=None, **options):
-    alloc = PageAllocator(num_pages)
-    adapters = FakeAdapters(alloc, sizes or {})
-    options = {"watermark": 0.0, "enable_prefix_caching": False, **options}
-    config = EngineConfig(block_size=block_size, max_num_seqs=max_num_seqs,
-                          max_num_batched_tokens=budget, max_loras=max_loras, **options)
-    sched = Scheduler(config, pages_per_block=layers, allocator=alloc, adapters=adapters,
-                      clock=clock or (lambda: 0.0))
-    return sched, alloc, adapters
-
-
-def req(rid, n_prompt, adapter=None, max_tokens=100):
-    return Request(request_id=rid, prompt_token_ids=list(range(n_prompt)), max_tokens=max_tokens,
-                   adapter_key=adapter, arrival_time=float(rid))
-
-
-def run_step(sched, out, new_token=7):
-    """Plays the model: every request whose known tokens are all computed gets one more."""
-    sched.update(out)
-    for s in out.scheduled:
-        if s.request.num_computed_tokens == s.request.num_tokens:
-            s.request.output_token_ids.append(new_token)
+from pagedlora.scheduler import RequestStatus
 
 
 def test_fcfs_admission_allocates_kv_pages_per_layer():
@@ -90,7 +17,7 @@ def test_fcfs_admission_allocates_kv_pages_per_layer():
     out = sched.schedule()
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [(0, 5), (1, 3)]
     # 5 tokens -> 2 blocks of 4, each block one page per layer (2 layers)
-    assert a.blocks == [[0, 1], [2, 3]] and b.blocks == [[4, 5]]
+    assert sched.kv.blocks_of(a) == [[0, 1], [2, 3]] and sched.kv.blocks_of(b) == [[4, 5]]
     run_step(sched, out)
     out = sched.schedule()  # decodes: a has 6 tokens (fits its 2 blocks), b has 4 (fits 1)
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [(0, 1), (1, 1)]
@@ -116,7 +43,8 @@ def test_chunked_prefill_splits_long_prompt_within_budget():
 
 def test_max_loras_passes_over_a_new_adapter_and_admits_it_later():
     sched, _, _ = make(max_loras=1, sizes={"x": 2, "y": 2})
-    reqs = [req(rid, 2, key, max_tokens=1) for rid, key in enumerate(["x", "y", "x", None])]
+    reqs = [req(rid, 2, key, max_tokens=1) for rid, key in enumerate(["x", "y", "x"])]
+    reqs.append(req(3, 2, None))  # still decoding in the second step
     for r in reqs:
         sched.add(r)
     out = sched.schedule()
@@ -147,22 +75,20 @@ def test_admission_needs_adapter_and_kv_pages_together():
 
 
 def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone():
+    """Scheduling reserves pages only; the store's load fails "gone" (its source is missing)
+    and ``drop_failed`` takes that request out of the step before anything runs."""
     sched, alloc, adapters = make(sizes={"gone": 2, "x": 2}, enable_prefix_caching=True)
-
-    def acquire(key, ok=adapters.acquire):
-        if key == "gone":
-            raise AdapterUnavailableError("adapter 'gone' cannot be loaded: source missing")
-        return ok(key)
-
-    adapters.acquire = acquire
     a, b, c = req(0, 5, "gone"), req(1, 3, "x"), req(2, 4)
     for r in (a, b, c):
         sched.add(r)
-    out = sched.schedule()
+    out = sched.drop_failed(sched.schedule(),
+                            {"gone": "adapter 'gone' cannot be loaded: source missing"})
     assert out.failed == [a] and a.finish_reason == "error"
     assert a.error == "request 0: adapter 'gone' cannot be loaded: source missing"
     assert [s.request for s in out.scheduled] == [b, c] and sched.waiting == []
-    assert a.blocks == [] and alloc.num_used("kv") == 2 + 2  # one block (2 layers) for b, c
+    assert sched.kv.blocks_of(a) == []
+    assert alloc.num_used("kv") == 2 + 2  # one block (2 layers) for b, c
+    assert out.adapter_keys == {"x"} and not adapters.pins["gone"]
     sched.kv.check_invariants(sched.running)
 
 
@@ -177,7 +103,8 @@ def test_preemption_frees_newest_and_recomputes_it():
     out = sched.schedule()
     assert out.preempted == [b]
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [(0, 1)]
-    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0 and b.blocks == []
+    assert b.status is RequestStatus.WAITING and b.num_computed_tokens == 0
+    assert sched.kv.blocks_of(b) == []
     assert b.num_preemptions == 1 and list(sched.waiting) == [b]
     run_step(sched, out)
     sched.finish(a, "stop")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from test_scheduler import make, req, run_step
+from support import make_request as req
+from support import make_scheduler as make
+from support import run_step
 
 
 class Clock:
@@ -207,8 +209,8 @@ def test_waiting_request_past_its_deadline_is_aborted():
     clock.now = 1.0
     out = sched.schedule()  # 1 s per step: 1 + 2 x 1 > 2.5
     assert out.aborted == [late] and late.finish_reason == "abort" and "deadline" in late.error
-    assert late.blocks == [] and sched.waiting == [patient]
-    assert alloc.num_used("kv") == len(long.blocks) * 2
+    assert sched.kv.blocks_of(late) == [] and sched.waiting == [patient]
+    assert alloc.num_used("kv") == len(sched.kv.blocks_of(long)) * 2
 
 
 # -- prefix caching -----------------------------------------------------------------------------
@@ -238,7 +240,8 @@ def test_prefix_blocks_are_shared_by_reference_count():
     out = sched.schedule()
     # both reuse the 2 cached blocks and compute only the rest
     assert [(s.request.request_id, s.num_new_tokens) for s in out.scheduled] == [(1, 2), (2, 1)]
-    assert b.blocks[:2] == c.blocks[:2] and b.num_cached_tokens == c.num_cached_tokens == 8
+    assert sched.kv.blocks_of(b)[:2] == sched.kv.blocks_of(c)[:2]
+    assert b.num_cached_tokens == c.num_cached_tokens == 8
     sched.kv.check_invariants(sched.running)
     assert sched.kv.evictable_pages == 0
     run_to_end(sched, [b, c])

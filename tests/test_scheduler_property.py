@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_scheduler import make, run_step
+from support import make_scheduler as make
+from support import run_step
 
 from pagedlora.scheduler import Request
 
@@ -48,7 +49,7 @@ def test_pages_stay_accounted_for(events, policy, num_pages, budget):
                 want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
         assert holds == want, (holds, want)
         for r in sched.waiting:
-            assert r.blocks == [] and r.num_computed_tokens == 0
+            assert sched.kv.blocks_of(r) == [] and r.num_computed_tokens == 0
 
     def step():
         out = sched.schedule()
