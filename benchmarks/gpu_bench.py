@@ -390,7 +390,7 @@ def drive(engine, trace: list[TraceRequest], names: dict[int, str], *, online: b
                 finished += 1
     seconds = time.perf_counter() - start
     capped = bool(waiting or live)
-    stats = engine.stats()
+    stats = engine.stats(history=True)
     recent = stats["steps"][-steps:] if steps else []  # the last 1,024 at most
     for rid in live:
         engine.abort(rid)

@@ -275,7 +275,7 @@ def run(engine: Engine, trace: list[TraceRequest], num_steps: int, *, drain: boo
     upcoming = next(pending, None)
     start = time.perf_counter()
     step = 0
-    while step < num_steps or (drain and engine.scheduler.has_unfinished()):
+    while step < num_steps or (drain and engine.has_unfinished()):
         while upcoming is not None and upcoming.step <= step:
             sp = SamplingParams(max_tokens=upcoming.max_tokens, temperature=0, ignore_eos=True)
             engine.add_request(upcoming.prompt, upcoming.adapter, sp)
@@ -315,10 +315,10 @@ def check_pool(engine: Engine) -> None:
     Raises:
         AssertionError: naming what broke.
     """
-    sched, store, alloc, config = (engine.scheduler, engine.adapters, engine.pool.allocator,
-                                   engine.config)
+    sched, store, alloc, config = (engine.core.scheduler, engine.adapters,
+                                   engine.pool.allocator, engine.config)
     sched.kv.check_invariants(sched.running)  # also the allocator's own
-    kv_pages = {p for r in sched.running for block in r.blocks for p in block}
+    kv_pages = {p for r in sched.running for block in sched.kv.blocks_of(r) for p in block}
     bad = [p for p in kv_pages if alloc.kind_of(p) != KV]
     assert not bad, f"block-table pages {bad[:5]} are not kv pages"
     adapter_pages = [p for k in store.resident_keys for p in store.resident(k).pages]

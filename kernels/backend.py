@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the kernels themselves, not by naming them
+    import torch
 
-from pagedlora.config import KERNEL_BACKENDS
+KERNEL_BACKENDS = ("auto", "torch", "triton")  # the names select_kernels knows
 
 
 @dataclass(frozen=True)
@@ -16,12 +18,17 @@ class Kernels:
 
     Attributes:
         backend: "torch" or "triton".
+        reads_gathered_rows: whether the LoRA kernel is best handed the adapter rows already
+            read out of the pool (``LoraBatch.gathered``/``stacked``; the torch kernels, where
+            an indexing op per module costs more than the GEMMs) rather than page tables only
+            (Triton reads rows in place).
         write_kv: as :func:`pagedlora.kernels.paged_attention.write_kv`.
         paged_attention: as :func:`pagedlora.kernels.paged_attention.paged_attention`.
         lora_shrink_expand: as :func:`pagedlora.kernels.lora.lora_shrink_expand`.
     """
 
     backend: str
+    reads_gathered_rows: bool
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     lora_shrink_expand: Callable[..., None]
@@ -43,11 +50,11 @@ def select_kernels(backend: str, device: torch.device) -> Kernels:
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
         from pagedlora.kernels import lora, paged_attention
-        return Kernels("torch", paged_attention.write_kv, paged_attention.paged_attention,
+        return Kernels("torch", True, paged_attention.write_kv, paged_attention.paged_attention,
                        lora.lora_shrink_expand)
     from pagedlora.kernels import triton_attention, triton_lora
     from pagedlora.kernels.triton_launch import check_device
 
     check_device(device)  # fail at construction, not in the first step
-    return Kernels("triton", triton_attention.write_kv, triton_attention.paged_attention,
+    return Kernels("triton", False, triton_attention.write_kv, triton_attention.paged_attention,
                    triton_lora.lora_shrink_expand)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,25 @@ class StackedTokens:
     position: torch.Tensor
     width: int
 
+    @classmethod
+    def of(cls, segments: Sequence[LoraSegment], device: torch.device) -> StackedTokens | None:
+        """The layout of ``segments`` (one per stacked adapter, in order); None when segment
+        k is exactly the token ``segments[0].start + k`` (one decode token per adapter)."""
+        lo = segments[0].start
+        if all((s.start, s.end) == (lo + k, lo + k + 1) for k, s in enumerate(segments)):
+            return None
+        index, entry, position, width = [], [], [], 0
+        for k, s in enumerate(segments):
+            n = s.end - s.start
+            index.extend(range(s.start, s.end))
+            entry.extend([k] * n)
+            position.extend(range(n))
+            width = max(width, n)
+
+        def t(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.long, device=device)
+        return cls(t(index), t(entry), t(position), width)
+
 
 @dataclass(frozen=True)
 class LoraBatch:
@@ -77,6 +97,39 @@ class LoraBatch:
     token_scale: torch.Tensor
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
     stacked: tuple[torch.Tensor, torch.Tensor, StackedTokens | None] | None = None
+
+    @classmethod
+    def build(cls, a: PagedRows, b: PagedRows, cols: Sequence[tuple[int, int, int, float]],
+              ranges: Sequence[tuple[int, int]], token_scale: torch.Tensor, *,
+              gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
+              stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraBatch:
+        """One module's batch from its parts.
+
+        Args:
+            a, b: the module's ``R`` rows of every adapter that targets it, concatenated.
+            cols: per such adapter, ``(i, col_start, col_end, scale)``: it is the step's
+                adapter ``i`` and owns rows ``[col_start, col_end)``.
+            ranges: per adapter of the step, its tokens ``(start, end)``.
+            token_scale: ``[T, R]`` as the attribute (see :meth:`token_scales`).
+            gathered, stacked: the rows already read out of the pool, as the attributes
+                (``stacked`` without its token layout, which is derived here).
+        """
+        segments = tuple(LoraSegment(ranges[i][0], ranges[i][1], c0, c1, scale)
+                         for i, c0, c1, scale in cols)
+        if stacked is not None:
+            stacked = (*stacked, StackedTokens.of(segments, token_scale.device))
+        return cls(a, b, segments, token_scale, gathered, stacked)
+
+    @staticmethod
+    def token_scales(cols: Sequence[tuple[int, int, int, float]],
+                     ranges: Sequence[tuple[int, int]], num_tokens: int, *,
+                     dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``[num_tokens, R]`` (``R = cols[-1][2]``): each adapter's scale over its tokens and
+        its rows, 0 elsewhere (``cols`` and ``ranges`` as for :meth:`build`)."""
+        scale = torch.zeros(num_tokens, cols[-1][2], dtype=dtype, device=device)
+        for i, c0, c1, value in cols:
+            scale[ranges[i][0]:ranges[i][1], c0:c1] = value
+        return scale
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:

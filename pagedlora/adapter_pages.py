@@ -10,7 +10,6 @@ import torch
 from pagedlora.kernels.lora import PagedRows
 from pagedlora.lora_adapter import TARGET_MODULES, AdapterWeights, LoraAdapter
 from pagedlora.pool import UnifiedPool, rows_per_page
-from pagedlora.scheduler.page_allocator import ADAPTER
 
 
 @dataclass(frozen=True)
@@ -24,9 +23,11 @@ class ResidentModule:
 
 @dataclass(frozen=True)
 class ResidentAdapter:
-    """An adapter's pages in the pool.
+    """An adapter's pages in the pool (one placement: a reload is a new placement).
 
     Attributes:
+        placement_id: unique per placement within an engine (what the model runner keys the
+            rows it has read out of the pages by).
         pages: every page it holds.
         used_elements: elements of those pages holding weights (the rest is internal
             fragmentation: the tail of each (layer, row width) group's last page, and in the
@@ -34,6 +35,7 @@ class ResidentAdapter:
         modules: ``(layer, module) -> ResidentModule``.
     """
 
+    placement_id: int
     pages: list[int]
     used_elements: int
     modules: dict[tuple[int, str], ResidentModule]
@@ -67,22 +69,21 @@ class AdapterPacker:
         them)."""
         return self.pool.allocator.adapter_footprint(sum(n for *_, n in self._groups(adapter)))
 
-    def load(self, adapter: LoraAdapter, weights: AdapterWeights) -> ResidentAdapter:
-        """Allocates pages and copies the adapter's rows into them (host -> pool).
+    def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> ResidentAdapter:
+        """Copies the adapter's rows into ``pages`` (allocated for it: :meth:`num_pages` of
+        them), host -> pool.
 
         Raises:
-            OutOfPagesError: fewer than :meth:`num_pages` pages are free (nothing is taken).
+            ValueError: ``pages`` has another length than :meth:`num_pages`.
         """
-        groups = list(self._groups(adapter))
-        pages = self.pool.allocator.allocate(self.num_pages(adapter), ADAPTER)
-        try:
-            return self._copy_in(adapter, weights, groups, pages)
-        except BaseException:  # a failed copy (device OOM, Ctrl-C) must not keep the pages
-            self.pool.allocator.free(pages)
-            raise
+        if len(pages) != self.num_pages(adapter):
+            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
+                             f"given {len(pages)}")
+        return self._copy_in(adapter, weights, list(self._groups(adapter)), pages, placement_id)
 
     def _copy_in(self, adapter: LoraAdapter, weights: AdapterWeights, groups: list,
-                 pages: list[int]) -> ResidentAdapter:
+                 pages: list[int], placement_id: int) -> ResidentAdapter:
         device = self.pool.tensor.device
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
         used, next_page = 0, 0
@@ -105,7 +106,8 @@ class AdapterPacker:
                 row += rank
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
                    for lm, p in placed.items()}
-        return ResidentAdapter(pages=pages, used_elements=used, modules=modules)
+        return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
+                               modules=modules)
 
     def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}

@@ -5,7 +5,8 @@ device pool when a batch needs them; vLLM's and SageMaker LMI's ``max_cpu_loras`
 host tier, the rest is "evicted to disk"):
 
 - pool: the adapter's rows in unified-pool pages. Pinned while a running or admitted request
-  uses it; otherwise evicted least recently used first when the scheduler needs pages.
+  uses it; otherwise offered to the page allocator as reclaimable, which frees the least
+  recently unpinned first when an allocation finds the free list short.
 - host: its weights in host memory, bounded by ``max_cpu_loras`` adapters and
   ``host_cache_bytes``; least recently used leave first. A pool-resident adapter need not stay
   on host (the budget counts only what host memory holds).
@@ -16,25 +17,28 @@ host tier, the rest is "evicted to disk"):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter, ResidentModule
-from pagedlora.errors import AdapterError, AdapterUnavailableError
+from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, read_lora_adapter
 from pagedlora.pool import UnifiedPool
-from pagedlora.scheduler import ADAPTER, ScheduledRequest
+from pagedlora.prefetcher import Prefetcher
+from pagedlora.scheduler import ADAPTER, SchedulerOutput
 from pagedlora.spill import SpillDir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AdapterStats", "AdapterStore", "ResidentAdapter", "ResidentModule"]
+__all__ = ["AdapterLoad", "AdapterStats", "AdapterStore", "AdapterStoreStats", "AdapterUsage",
+           "ResidentAdapter", "ResidentModule"]
 
 
 @dataclass
@@ -60,6 +64,53 @@ class AdapterStats:
     last_used: float | None = None
 
 
+@dataclass(frozen=True)
+class AdapterUsage:
+    """One adapter name's tier and counters at one moment (names sharing content share the
+    counters); the fields of :class:`AdapterStats`, and ``tier``: "pool", "host", "disk" or
+    "source", the fastest tier holding it."""
+
+    tier: str
+    requests: int
+    tokens: int
+    loads_from_disk: int
+    loads_from_source: int
+    loads_from_host: int
+    evictions: int
+    last_used: float | None
+
+
+@dataclass(frozen=True)
+class AdapterStoreStats:
+    """The store's accounting (see :meth:`AdapterStore.stats`).
+
+    Attributes:
+        adapters: per registered name, sorted by name.
+        resident: names of the adapters in the pool, sorted.
+        used_elements: pool elements holding adapter weights (the rest of the adapters' pages
+            is internal fragmentation: the tails of packed groups, or a static slot's padding).
+    """
+
+    adapters: dict[str, AdapterUsage]
+    resident: list[str]
+    used_elements: int
+
+
+@dataclass(frozen=True)
+class AdapterLoad:
+    """What :meth:`AdapterStore.load` made of one step's adapters.
+
+    Attributes:
+        placements: adapter key -> its rows in the pool, for every adapter of the step that
+            is resident now (the model runner reads them through these page tables).
+        failed: adapter key -> why its weights could not be had (its requests fail alone;
+            ``Scheduler.drop_failed``).
+    """
+
+    placements: dict[str, ResidentAdapter]
+    failed: dict[str, str]
+
+
 @dataclass
 class _Content:
     """A registered content key: its description (from the first name added with it), the
@@ -71,14 +122,18 @@ class _Content:
 
 
 class AdapterStore:
-    """Owns the adapters: name -> content key, the three tiers, pins, LRU orders and counters.
+    """Owns the adapters: name -> content key, the three tiers, pins, and counters.
 
     Pages are packed by :class:`AdapterPacker` (rank-proportional, S-LoRA section 4.1; in the
-    static layout each adapter takes one max-rank slot).
+    static layout each adapter takes one max-rank slot). Page accounting belongs to the
+    allocator: the scheduler's :meth:`pin` reserves a missing adapter's pages (no I/O), the
+    engine core's :meth:`load` then fills them before the step runs; an unpinned resident
+    adapter is offered to the allocator as reclaimable (unit ``("adapter", key)``).
 
     Thread safety: one re-entrant lock guards the registry and every tier, so ``add``/``remove``
     (and ``prefetch``) may run in other threads while the engine steps. Reading and hashing a
     source happens outside the lock; a name appears, with all its state, in one locked step.
+    The pool is written by the engine's thread only (:meth:`load`, :meth:`warm`).
 
     Args:
         pool: the unified pool (its allocator is shared with the scheduler).
@@ -88,29 +143,36 @@ class AdapterStore:
         max_cpu_loras: most adapters in host memory; None for no limit.
         host_cache_bytes: most bytes of adapter weights in host memory; None for no limit.
         spill: the disk tier.
+        keep_free_pages: pages :meth:`warm` leaves free (the scheduler's watermark), so warming
+            never takes what running requests may grow into.
     """
 
     def __init__(self, pool: UnifiedPool, *, num_layers: int,
                  module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
                  max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
-                 spill: SpillDir | None = None) -> None:
+                 spill: SpillDir | None = None, keep_free_pages: int = 0) -> None:
         self.pool = pool
+        self.allocator = pool.allocator
         self.num_layers = num_layers
         self.module_shapes = module_shapes
         self.packer = AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
+        self.keep_free_pages = keep_free_pages
         self.spill = spill or SpillDir(None)
         self._host = HostCache(self.spill, max_adapters=max_cpu_loras,
                                max_bytes=host_cache_bytes)
+        self._prefetcher = Prefetcher(self.prefetch)
         self._lock = threading.RLock()
         self._names: dict[str, tuple[str, Path]] = {}  # name -> (content key, source path)
         self._contents: dict[str, _Content] = {}
-        # Pool placements, least recently used first.
+        # Pool placements, least recently pinned first.
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
+        self._reserved: dict[str, list[int]] = {}  # pinned, pages allocated, not filled yet
         self._pins: Counter[str] = Counter()
         # Requests queued or running per content key (hold/unhold): content with holders is
         # kept even when no name points at it any more, so a queued request keeps its weights.
         self._holds: Counter[str] = Counter()
+        self._placement_ids = itertools.count()
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -161,8 +223,9 @@ class AdapterStore:
         request holds it and no other name shares it.
 
         Raises:
-            ValueError: no adapter of that name, or requests for it are waiting or running and
-                no other name has the same content (checked and removed under one lock).
+            UnknownAdapterError: no adapter of that name.
+            ValueError: requests for it are waiting or running and no other name has the same
+                content (checked and removed under one lock).
         """
         with self._lock:
             key = self.key_of(name)
@@ -179,7 +242,7 @@ class AdapterStore:
 
         Returns:
             False, noting nothing, when ``key`` is no longer registered (removed after the
-            request looked it up): its request then fails at admission, alone.
+            request looked it up): its request then fails, alone.
         """
         with self._lock:
             if key not in self._contents:
@@ -201,7 +264,7 @@ class AdapterStore:
         """The content key of adapter ``name``.
 
         Raises:
-            ValueError: no adapter of that name was added.
+            UnknownAdapterError: no adapter of that name was added.
         """
         with self._lock:
             try:
@@ -209,7 +272,8 @@ class AdapterStore:
             except KeyError:
                 known = sorted(self._names)
                 shown = known if len(known) <= 20 else [*known[:20], f"... {len(known)} in all"]
-                raise ValueError(f"unknown adapter {name!r}; added adapters: {shown}") from None
+                raise UnknownAdapterError(f"unknown adapter {name!r}; added adapters: "
+                                          f"{shown}") from None
 
     @property
     def names(self) -> list[str]:
@@ -222,89 +286,126 @@ class AdapterStore:
         with self._lock:
             return sorted(n for n, (k, _) in self._names.items() if k == key)
 
-    # -- residency (the scheduler's AdapterResidency interface) ------------------------------
+    # -- residency: the scheduler's AdapterResidency interface (accounting, no I/O) ----------
 
-    def pages_needed(self, key: str) -> int:
-        """Pages that making ``key`` resident takes now: 0 when resident, else its packed size
-        (0 also for a key no longer registered: :meth:`acquire` then reports it)."""
-        with self._lock:
-            content = self._contents.get(key)
-            return 0 if key in self._resident or content is None else content.num_pages
-
-    def adapter_pages(self, key: str) -> int:
+    def footprint(self, key: str) -> int:
         """Pages ``key`` takes in the pool when resident, whether or not it is now (0 for a
         key no longer registered)."""
         with self._lock:
             content = self._contents.get(key)
             return 0 if content is None else content.num_pages
 
-    def acquire(self, key: str) -> bool:
-        """Pins ``key`` in the pool, loading it first if needed: weights from host memory, else
-        from the spill file, else from the source (hash-checked); then, if pages are short,
-        unpinned adapters are evicted, least recently used first, and the rows copied in.
+    def is_resident(self, key: str) -> bool:
+        """Whether ``key`` holds pool pages: loaded, or reserved for this step's load."""
+        with self._lock:
+            return key in self._resident or key in self._reserved
+
+    @staticmethod
+    def unit_of(key: str) -> Hashable:
+        """``key``'s id among the allocator's reclaimable units."""
+        return (ADAPTER, key)
+
+    def pin(self, key: str) -> bool:
+        """Pins ``key`` in the pool. A resident one is taken back from the reclaimable units;
+        a missing one gets its pages reserved (the allocator reclaims cached KV blocks, then
+        unpinned adapters, as needed) for :meth:`load` to fill.
 
         Returns:
-            False, with nothing changed, when even evicting every unpinned adapter would not
-            free enough pages.
-        Raises:
-            AdapterUnavailableError: the weights cannot be had (removed, spill and source both
-                unreadable, or the source changed since registration); nothing changed.
+            False, with nothing changed, when the pages cannot be had.
         """
         with self._lock:
-            if key not in self._resident:
-                content = self._contents.get(key)
-                if content is None:
-                    raise AdapterUnavailableError(
-                        f"adapter with content key {key} is no longer registered (removed or "
-                        f"re-added with other weights while the request waited)")
-                free = self.pool.allocator.num_free_for(ADAPTER)
-                if content.num_pages > free + self.evictable_pages():
+            content = self._contents[key]  # held by the pinning request, so registered
+            if key in self._resident:
+                if not self._pins[key] and not self.allocator.withdraw(self.unit_of(key)):
+                    raise RuntimeError(f"adapter {key} was reclaimed while resident and "
+                                       f"unpinned, but the store still lists it")
+                self._resident.move_to_end(key)
+            elif key not in self._reserved:
+                if not self.allocator.can_allocate(content.num_pages, ADAPTER):
                     return False
-                weights = self._host_weights(key)
-                self.evict_unpinned(content.num_pages - free)
-                self._resident[key] = self.packer.load(content.adapter, weights)
-                content.stats.loads_from_host += 1
-            self._resident.move_to_end(key)
+                self._reserved[key] = self.allocator.allocate(content.num_pages, ADAPTER)
             self._pins[key] += 1
             return True
 
-    def release(self, key: str) -> None:
-        """Drops one pin; unpinned content that no name refers to any more is freed.
+    def unpin(self, key: str) -> None:
+        """Drops one pin. Unpinned, a resident adapter becomes reclaimable, a reservation that
+        was never filled is freed, and content no name refers to any more is dropped.
 
         Raises:
-            ValueError: more releases than acquires.
+            ValueError: more unpins than pins.
         """
         with self._lock:
             if self._pins[key] <= 0:
-                raise ValueError(f"adapter {key} released more often than acquired")
+                raise ValueError(f"adapter {key} unpinned more often than pinned")
             self._pins[key] -= 1
-            if not self._pins[key]:
-                del self._pins[key]
-                self._drop_if_unused(key)
-
-    def evictable_pages(self) -> int:
-        """Pages held by resident adapters that nothing pins."""
-        with self._lock:
-            return sum(len(r.pages) for k, r in self._resident.items() if not self._pins[k])
+            if self._pins[key]:
+                return
+            del self._pins[key]
+            if key in self._resident:
+                self._offer(key)
+            elif key in self._reserved:
+                self.allocator.free(self._reserved.pop(key))
+            self._drop_if_unused(key)
 
     def evict_unpinned(self, num_pages: int) -> int:
-        """Evicts unpinned adapters, least recently used first, until ``num_pages`` pages are
-        freed or none is left; returns the pages freed (whole adapters, so possibly more)."""
-        with self._lock:
-            freed = 0
-            for key in [k for k in self._resident if not self._pins[k]]:
-                if freed >= num_pages:
-                    break
-                freed += self._evict(key)
-                self._contents[key].stats.evictions += 1
-            return freed
+        """Reclaims unpinned resident adapters, least recently unpinned first, until
+        ``num_pages`` pages are freed or none is left; returns the pages freed."""
+        return self.allocator.reclaim(num_pages, ADAPTER)
 
-    # -- host tier -----------------------------------------------------------------------------
+    # -- the step: load, prefetch, warm ------------------------------------------------------
+
+    def load(self, out: SchedulerOutput) -> AdapterLoad:
+        """Makes the step's adapters resident: weights into the pages the scheduler reserved
+        (from host memory, else the spill file, else the source, hash-checked; reads run
+        outside the lock), and counts the step's requests and tokens per adapter.
+
+        Returns:
+            the placements of the step's adapters, and those that failed (with the reason).
+        """
+        placements: dict[str, ResidentAdapter] = {}
+        failed: dict[str, str] = {}
+        for key in sorted(out.adapter_keys):
+            with self._lock:
+                resident = self._resident.get(key)
+            if resident is None:
+                try:
+                    resident = self._fill(key, self._fetch(key))
+                except AdapterUnavailableError as e:
+                    failed[key] = str(e)
+                    continue
+            placements[key] = resident
+        self._record_use(out, failed)
+        return AdapterLoad(placements, failed)
+
+    def start_prefetch(self, keys: Iterable[str]) -> None:
+        """Asks the background prefetcher to bring the adapters of ``keys`` that are only on
+        disk or at their source into host memory while the step runs (S-LoRA, Sheng et al.
+        2023, section 5.1: prefetch adapter weights for the next batch)."""
+        self._prefetcher.ask(k for k in keys if self.tier(k) in ("disk", "source"))
+
+    def warm(self, keys: Iterable[str]) -> None:
+        """Copies those of ``keys`` already in host memory into free pool pages, unpinned
+        (reclaimable), so their first requests need not wait for the copy. Only pages free
+        beyond ``keep_free_pages`` are used (in the static layout: free slots), and nothing is
+        reclaimed for it."""
+        for key in keys:
+            with self._lock:
+                content = self._contents.get(key)
+                if content is None or key in self._resident or key in self._reserved \
+                        or key not in self._host:
+                    continue
+                spare = self.allocator.num_free_for(ADAPTER) - (
+                    self.keep_free_pages if self.allocator.kinds_share_pages else 0)
+                if content.num_pages > spare:
+                    continue
+                self._reserved[key] = self.allocator.allocate(content.num_pages, ADAPTER)
+                self._fill(key, self._host.get(key))
+                self._offer(key)
 
     def prefetch(self, key: str) -> None:
         """Brings ``key``'s weights into host memory (from its spill file or source) without
         touching the pool; a no-op when they are in host memory or the pool already, or the key
-        is unknown. Meant for a background thread: the read runs outside the lock. Errors are
+        is unknown. The prefetcher's thread runs it; the read runs outside the lock. Errors are
         logged, never raised; only host copies (LRU) make room, nothing in the pool."""
         with self._lock:
             content = self._contents.get(key)
@@ -321,6 +422,22 @@ class AdapterStore:
                 self._count_read(content, from_spill)
                 self._host_put(content.adapter, weights)
 
+    def wait_prefetched(self, timeout_s: float = 10.0) -> bool:
+        """Waits until the prefetcher has nothing pending (for tests); False on timeout."""
+        return self._prefetcher.wait_idle(timeout_s)
+
+    @property
+    def num_prefetched(self) -> int:
+        """Keys the prefetcher has fetched (successfully or not) since the start."""
+        return self._prefetcher.num_fetched
+
+    def close(self) -> None:
+        """Stops the prefetcher and removes a private spill directory. Idempotent."""
+        self._prefetcher.close()
+        self.spill.close()
+
+    # -- tiers and stats -------------------------------------------------------------------
+
     @property
     def host_keys(self) -> list[str]:
         """Content keys held in host memory, least recently used first."""
@@ -333,24 +450,6 @@ class AdapterStore:
         with self._lock:
             return self._host.num_bytes
 
-    # -- for the engine, the model runner and stats ----------------------------------------------
-
-    def record_use(self, scheduled: Iterable[ScheduledRequest]) -> None:
-        """Counts a step's requests and tokens per adapter (called by ``Engine.step`` before
-        the step runs, while ``num_computed_tokens`` is still the count before it)."""
-        now = time.time()
-        with self._lock:
-            for s in scheduled:
-                r = s.request
-                content = self._contents.get(r.adapter_key) if r.adapter_key else None
-                if content is None:
-                    continue
-                content.stats.tokens += s.num_new_tokens
-                # Its first step: nothing computed yet beyond a prefix-cache hit.
-                content.stats.requests += (r.num_computed_tokens == r.num_cached_tokens
-                                           and not r.num_preemptions)
-                content.stats.last_used = now
-
     def tier(self, key: str) -> str:
         """Fastest tier holding ``key``: "pool", "host", "disk" (spill file) or "source"."""
         with self._lock:
@@ -360,25 +459,97 @@ class AdapterStore:
                 return "host"
             return "disk" if self.spill.has(key) else "source"
 
-    def stats(self) -> dict[str, dict]:
-        """``name -> {"tier", "requests", "tokens", "loads_from_disk", "loads_from_source",
-        "loads_from_host", "evictions", "last_used"}`` (see :class:`AdapterStats`)."""
+    def stats(self) -> AdapterStoreStats:
+        """Per-name tiers and counters, the resident names, and the pool elements in use."""
         with self._lock:
-            return {name: {"tier": self.tier(key), **vars(self._contents[key].stats)}
-                    for name, (key, _) in sorted(self._names.items())}
+            adapters = {name: AdapterUsage(tier=self.tier(key),
+                                           **asdict(self._contents[key].stats))
+                        for name, (key, _) in sorted(self._names.items())}
+            resident = sorted(n for k in self._resident for n in self.names_of(k))
+            used = sum(r.used_elements for r in self._resident.values())
+            return AdapterStoreStats(adapters, resident, used)
 
     def resident(self, key: str) -> ResidentAdapter:
-        """The pool placement of a pinned adapter."""
+        """The pool placement of a resident adapter."""
         with self._lock:
             return self._resident[key]
 
     @property
+    def num_contents(self) -> int:
+        """Distinct adapter contents registered, those kept only for queued requests
+        included."""
+        with self._lock:
+            return len(self._contents)
+
+    @property
+    def pins(self) -> dict[str, int]:
+        """Pins per content key now (a copy): one per running request of that adapter."""
+        with self._lock:
+            return {k: n for k, n in self._pins.items() if n}
+
+    @property
     def resident_keys(self) -> list[str]:
-        """Content keys of the adapters in the pool, least recently used first."""
+        """Content keys of the adapters in the pool, least recently pinned first."""
         with self._lock:
             return list(self._resident)
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _offer(self, key: str) -> None:
+        self.allocator.offer(self.unit_of(key), self._resident[key].pages, ADAPTER,
+                             on_reclaim=lambda: self._reclaimed(key))
+
+    def _reclaimed(self, key: str) -> None:
+        """The allocator reclaimed ``key``'s pages (it was unpinned)."""
+        with self._lock:
+            if self._resident.pop(key, None) is not None and key in self._contents:
+                self._contents[key].stats.evictions += 1
+
+    def _fetch(self, key: str) -> AdapterWeights:
+        """``key``'s weights: its host copy, else read from the spill file or its source
+        (outside the lock) and put in host memory (which may push it out again at once).
+
+        Raises:
+            AdapterUnavailableError: no tier can provide them.
+        """
+        with self._lock:
+            weights = self._host.get(key)
+            content = self._contents[key]  # pinned, so registered
+            sources = self._sources(key)
+        if weights is not None:
+            return weights
+        weights, from_spill = self._read_tiers(content.adapter, sources)
+        with self._lock:
+            self._count_read(content, from_spill)
+            self._host_put(content.adapter, weights)
+        return weights
+
+    def _fill(self, key: str, weights: AdapterWeights) -> ResidentAdapter:
+        """Copies ``weights`` into ``key``'s reserved pages; the placement becomes resident."""
+        with self._lock:
+            content = self._contents[key]
+            pages = self._reserved.pop(key)
+            try:
+                resident = self.packer.fill(content.adapter, weights, pages,
+                                            next(self._placement_ids))
+            except BaseException:  # a failed copy (device OOM, Ctrl-C) keeps the reservation
+                self._reserved[key] = pages
+                raise
+            self._resident[key] = resident
+            content.stats.loads_from_host += 1
+            return resident
+
+    def _record_use(self, out: SchedulerOutput, failed: dict[str, str]) -> None:
+        now = time.time()
+        with self._lock:
+            for s in out.scheduled:
+                key = s.request.adapter_key
+                content = self._contents.get(key) if key is not None else None
+                if content is None or key in failed:
+                    continue
+                content.stats.tokens += s.num_new_tokens
+                content.stats.requests += s.first_step
+                content.stats.last_used = now
 
     def _read_source(self, name: str, path: Path) -> tuple[LoraAdapter, AdapterWeights]:
         return read_lora_adapter(
@@ -428,33 +599,17 @@ class AdapterStore:
         else:
             content.stats.loads_from_source += 1
 
-    def _host_weights(self, key: str) -> AdapterWeights:
-        """``key``'s weights, read into host memory first if they are not there."""
-        weights = self._host.get(key)
-        if weights is not None:
-            return weights
-        content = self._contents[key]
-        weights, from_spill = self._read_tiers(content.adapter, self._sources(key))
-        self._count_read(content, from_spill)
-        self._host_put(content.adapter, weights)
-        return weights
-
     def _host_put(self, adapter: LoraAdapter, weights: AdapterWeights) -> None:
         for pushed in self._host.put(adapter, weights):
             self._contents[pushed.key].stats.evictions += 1
-
-    def _evict(self, key: str) -> int:
-        resident = self._resident.pop(key)
-        self.pool.allocator.free(resident.pages)
-        return len(resident.pages)
 
     def _drop_if_unused(self, key: str) -> None:
         """Forgets content no name refers to, once no request holds or pins it: its pages,
         host copy, spill file and counters."""
         if self._pins[key] or self._holds[key] or any(k == key for k, _ in self._names.values()):
             return
-        if key in self._resident:
-            self._evict(key)
+        if key in self._resident and self.allocator.withdraw(self.unit_of(key)):
+            self.allocator.free(self._resident.pop(key).pages)
         self._host.discard(key)
         self.spill.delete(key)
         self._contents.pop(key, None)

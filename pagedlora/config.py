@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/backend.py implements them
+from pagedlora.kernels.backend import KERNEL_BACKENDS
+from pagedlora.scheduler import MEMORY_LAYOUTS, POLICIES, SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
-POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
-MEMORY_LAYOUTS = ("unified", "static")  # scheduler/page_allocator.py, static_allocator.py
 
 
 @dataclass(frozen=True)
@@ -151,6 +150,15 @@ class EngineConfig:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")
             object.__setattr__(self, "spill_dir", Path(self.spill_dir))
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        """The scheduler's options (``max_model_len`` resolved against the model's)."""
+        return SchedulerConfig(
+            block_size=self.block_size, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=max_model_len,
+            max_loras=self.max_loras, policy=self.policy,
+            policy_max_wait_s=self.policy_max_wait_s, watermark=self.watermark,
+            enable_prefix_caching=self.enable_prefix_caching)
 
     @classmethod
     def from_options(cls, pool_gb: float, **options) -> EngineConfig:

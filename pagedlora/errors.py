@@ -15,3 +15,14 @@ class AdapterUnavailableError(AdapterError):
     """A registered adapter whose weights cannot be had now: its spill file and its source are
     both unreadable, its source changed since registration, or it was removed while a request
     for it waited. Raised by ``AdapterStore.acquire``; the scheduler fails that request alone."""
+
+
+class UnknownAdapterError(ValueError):
+    """An adapter name that was never added (or was removed); the message lists the known
+    ones. A ValueError, so callers that caught that keep working."""
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the engine cannot run: empty, too long for ``max_model_len``, token ids outside
+    the vocabulary, a chat template that fails, or too large for the pool next to its adapter.
+    The message names the prompt by its position in the call."""

@@ -127,3 +127,22 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     for f in files:
         weights.update(load_file(f))
     return weights
+
+
+def load_tokenizer(model_dir: Path):
+    """The model directory's HF tokenizer, or None when it has none (token-id prompts only)."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((model_dir / n).is_file() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def eos_token_ids(hf_config, tokenizer) -> set[int]:
+    """The end-of-sequence tokens of the model's config and of its tokenizer."""
+    eos = hf_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

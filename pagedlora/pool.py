@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pagedlora.scheduler.page_allocator import PageAllocator
+from pagedlora.scheduler import PageAllocator, StaticSplitAllocator
 
 
 def rows_per_page(page_numel: int, width: int) -> int:
@@ -51,6 +51,42 @@ class UnifiedPool:
         self.tensor = torch.empty(num_pages, self.page_numel, dtype=dtype, device=device)
         self._kv = self.tensor.view(num_pages, 2, block_size, num_kv_heads, head_dim)
         self._rows: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def for_model(cls, *, pool_gb: float, num_layers: int, num_kv_heads: int, head_dim: int,
+                  block_size: int, dtype: torch.dtype, device: torch.device,
+                  memory_layout: str = "unified", static_slot_pages: int = 0,
+                  max_loras: int = 1, max_lora_rank: int = 0) -> UnifiedPool:
+        """A zeroed pool of ``pool_gb`` GiB for a model's KV geometry, with the allocator of
+        ``memory_layout``: one free list ("unified"), or ``max_loras`` adapter slots of
+        ``static_slot_pages`` pages each (the pages of ``max_lora_rank`` on every projection)
+        and the rest for KV blocks ("static", vLLM's LoRA buffers). Padding slots are read
+        (and masked), so the zeros keep them finite.
+
+        Raises:
+            ValueError: the pool holds no KV block (one page per layer), or the static slots
+                leave no room for one.
+        """
+        geometry = dict(block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim)
+        num_pages = cls.pages_for_bytes(pool_gb * 2**30, dtype=dtype, **geometry)
+        if num_pages < num_layers:
+            raise ValueError(f"pool_gb={pool_gb} holds {num_pages} pages; one KV block takes "
+                             f"{num_layers} (one per layer)")
+        allocator = PageAllocator(num_pages)
+        if memory_layout == "static":
+            reserved = max_loras * static_slot_pages
+            if num_pages - reserved < num_layers:
+                raise ValueError(
+                    f"memory_layout='static' reserves max_loras={max_loras} adapter slots of "
+                    f"{static_slot_pages} pages (max_lora_rank={max_lora_rank} on every "
+                    f"projection), {reserved} pages; pool_gb={pool_gb} holds {num_pages}, too "
+                    f"few to add one KV block ({num_layers} pages): raise pool_gb or lower "
+                    f"max_loras or max_lora_rank")
+            allocator = StaticSplitAllocator(num_pages, slot_pages=static_slot_pages,
+                                             num_slots=max_loras)
+        pool = cls(num_pages, dtype=dtype, device=device, allocator=allocator, **geometry)
+        pool.tensor.zero_()
+        return pool
 
     @staticmethod
     def page_numel_for(block_size: int, num_kv_heads: int, head_dim: int) -> int:

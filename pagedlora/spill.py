@@ -40,6 +40,15 @@ class SpillDir:
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._intact: set[str] = set()  # keys whose file was written or verified here
+        self._cleanup: weakref.finalize | None = None  # removes a private directory
+
+    def close(self) -> None:
+        """Removes the private directory now, if this object made one (an explicit path is
+        kept). Idempotent."""
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup, self._path = None, None
+            self._intact.clear()
 
     def has(self, key: str) -> bool:
         """Whether an intact file for ``key`` is known to be on disk."""
@@ -126,7 +135,7 @@ class SpillDir:
             parent = cache_dir() / "spill"
             parent.mkdir(parents=True, exist_ok=True)
             self._path = Path(tempfile.mkdtemp(dir=parent, prefix="engine-"))
-            weakref.finalize(self, shutil.rmtree, self._path, ignore_errors=True)
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._path, ignore_errors=True)
         else:
             self._path.mkdir(parents=True, exist_ok=True)
         return self._path

@@ -6,6 +6,7 @@ Importable as ``support`` (pyproject sets ``pythonpath = ["tests"]`` for pytest)
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,9 +16,19 @@ import torch
 from safetensors.torch import save_file
 
 from pagedlora import Engine, SamplingParams
+from pagedlora.sampler import Sampler
+from pagedlora.scheduler import (
+    ADAPTER,
+    PageAllocator,
+    Request,
+    RunnerOutput,
+    Scheduler,
+    SchedulerConfig,
+)
 
 VOCAB = 49152
 ATOL_FP32 = 1e-4
+PAGE_BYTES = 2 * 16 * 2 * 16 * 4  # tiny model: block 16 x 2 KV heads x head_dim 16 x (K, V) x fp32
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.2,
@@ -75,6 +86,17 @@ def peft_greedy(base, adapter_dir: Path | None, prompt: list[int], n: int) -> li
     return out[0, len(prompt):].tolist()
 
 
+def prompts(n, seed=0, lo=3, hi=30) -> list[list[int]]:
+    """``n`` random token-id prompts of ``lo..hi`` tokens (ids 3..48999)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def tokens(outs) -> list[list[int]]:
+    """The token ids of each RequestOutput."""
+    return [o.token_ids for o in outs]
+
+
 def random_prompt(length: int, seed: int) -> list[int]:
     """Token ids in [3, VOCAB): no bos/eos/pad of the tiny model."""
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +133,7 @@ def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: l
 
 @dataclass
 class Drive:
-    """What :func:`drive` saw: requests by tag, and per step ``(tag, adapter, new, computed)``."""
+    """What :func:`drive` saw: outputs by tag, and per step ``(tag, adapter, new, computed)``."""
 
     requests: dict = field(default_factory=dict)
     steps: list = field(default_factory=list)
@@ -137,11 +159,48 @@ def max_abs_within(atol: float) -> Callable:
     return compare
 
 
+class OracleSampler(Sampler):
+    """A sampler for tests (``Engine(..., sampler=OracleSampler())``): for the requests
+    :func:`drive` registers, every logits row is compared with ``oracle(adapter_name,
+    token_ids)``, the reference's last-position logits for the same tokens, and the reference's
+    greedy token is returned (teacher forcing), so both sides always see identical sequences.
+    Other requests (``generate`` on the same engine) are sampled as usual."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.oracle: Callable | None = None
+        self.compare: Callable | None = None
+        # request id -> (tag, adapter name, its tokens so far, prompt length)
+        self.requests: dict[int, tuple] = {}
+        self.step = 0
+        self.num_compared = 0
+        self.max_err = 0.0
+
+    def track(self, request_id: int, tag, adapter: str | None, prompt: list[int]) -> None:
+        self.requests[request_id] = (tag, adapter, list(prompt), len(prompt))
+
+    def sample(self, logits, rows) -> list[int]:
+        assert logits.shape == (len(rows), VOCAB) and logits.dtype == torch.float32
+        tokens = super().sample(logits, rows)
+        for i, (row, seq) in enumerate(zip(logits, rows, strict=True)):
+            if seq.request_id not in self.requests:
+                continue
+            tag, name, ids, plen = self.requests[seq.request_id]
+            ref = self.oracle(name, ids)
+            where = (f"step {self.step}, request {tag!r} (adapter {name!r}, {plen} prompt + "
+                     f"{len(ids) - plen} output tokens): ")
+            err = self.compare(row, ref, where)
+            self.max_err = max(self.max_err, err)
+            self.num_compared += 1
+            ids.append(int(ref.argmax()))
+            tokens[i] = ids[-1]
+        return tokens
+
+
 def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_tokens: int,
           compare: Callable | None = None) -> Drive:
-    """Runs the engine one step at a time through its internals (scheduler, model runner),
-    comparing every sampled logits row with ``oracle``'s for the same tokens, then appending the
-    oracle's greedy token so both sides always see identical sequences.
+    """Runs an engine made with ``sampler=OracleSampler()`` one ``step()`` at a time, comparing
+    every sampled logits row with ``oracle``'s for the same tokens (see :class:`OracleSampler`).
 
     Args:
         arrivals: ``step -> [(tag, token_ids, adapter_name)]``: requests added before that step.
@@ -149,51 +208,177 @@ def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_to
         max_tokens: output tokens per request.
         compare: ``(ours, ref, where) -> error``, asserting closeness; default max |diff| <= 1e-4.
     """
-    compare = compare or max_abs_within(ATOL_FP32)
-    result = Drive()
-    tags, adapter_of = {}, {}
+    sampler = engine.core.runner.sampler
+    assert isinstance(sampler, OracleSampler), "make the engine with sampler=OracleSampler()"
+    sampler.oracle, sampler.compare = oracle, compare or max_abs_within(ATOL_FP32)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    result, tags = Drive(), {}
     step = 0
-    while step <= max(arrivals) or engine.scheduler.has_unfinished():
+    while step <= max(arrivals) or engine.has_unfinished():
         for tag, ids, name in arrivals.get(step, []):
-            key = None if name is None else engine.adapters.key_of(name)
-            r = engine._new_request(ids, key, SamplingParams(max_tokens=max_tokens,
-                                                             temperature=0))
-            engine.scheduler.add(r)
-            assert not r.is_finished, r.error
-            result.requests[tag] = r
-            tags[r.request_id], adapter_of[r.request_id] = tag, name
-        out = engine.scheduler.schedule()
-        assert not out.preempted and not out.failed
-        assert out.scheduled or not engine.scheduler.has_unfinished(), "no progress"
-        result.steps.append([(tags[s.request.request_id], adapter_of[s.request.request_id],
-                              s.num_new_tokens, s.request.num_computed_tokens)
-                             for s in out.scheduled])
-        if out.scheduled:
-            reqs, logits = engine.runner.run(out)
-            engine.scheduler.update(out)
-            assert logits.shape == (len(reqs), engine.model.embed.shape[0])
-            assert logits.dtype == torch.float32
-            for row, r in zip(logits, reqs, strict=True):
-                name = adapter_of[r.request_id]
-                ref = oracle(name, r.all_token_ids)
-                where = (f"step {step}, request {tags[r.request_id]!r} (adapter {name!r}, "
-                         f"{len(r.prompt_token_ids)} prompt + {len(r.output_token_ids)} output "
-                         f"tokens): ")
-                result.max_err = max(result.max_err, compare(row, ref, where))
-                result.num_compared += 1
-                r.output_token_ids.append(int(ref.argmax()))
-                if len(r.output_token_ids) >= max_tokens:
-                    engine.scheduler.finish(r, "length")
+            rid = engine.add_request(ids, name, params)
+            sampler.track(rid, tag, name, ids)
+            tags[rid] = (tag, name)
+        sampler.step = step
+        steps_before = engine.stats()["num_steps"]
+        for d in engine.step():
+            if d.finished:
+                assert d.output.finish_reason == "length", d.output.error
+                result.requests[tags[d.request_id][0]] = d.output
+        stats = engine.stats()
+        last = stats["last_step"] if stats["num_steps"] > steps_before else None
+        assert last is None or last["num_preempted"] == 0, "drive expects no preemption"
+        result.steps.append([] if last is None else [
+            (*tags[rid], n, computed) for rid, computed, n in last["scheduled"]])
         step += 1
-    for r in result.requests.values():
-        assert len(r.output_token_ids) == max_tokens
-        engine._tracked.pop(r.request_id)
+    for out in result.requests.values():
+        assert len(out.token_ids) == max_tokens
+    assert len(result.requests) == len(tags)
+    result.num_compared, result.max_err = sampler.num_compared, sampler.max_err
+    sampler.num_compared, sampler.max_err = 0, 0.0
     assert_kv_released(engine)
     return result
 
 
+def step_until_done(engine: Engine, seen: dict | None = None, limit: int = 10_000) -> dict:
+    """Steps ``engine`` until nothing is unfinished; returns ``request id -> RequestOutput``
+    of every request ``step()`` reported finished (added to ``seen`` if given)."""
+    seen = {} if seen is None else seen
+    for _ in range(limit):
+        if not engine.has_unfinished():
+            break
+        for d in engine.step():
+            if d.finished:
+                seen[d.request_id] = d.output
+    for d in engine.step():  # outputs made without a step's work (failures at add time)
+        if d.finished:
+            seen[d.request_id] = d.output
+    assert not engine.has_unfinished(), f"requests still unfinished after {limit} steps"
+    return seen
+
+
+def engine_with(model_dir, pages: int, **options) -> Engine:
+    """An engine whose pool has ``pages`` pages (block size 16)."""
+    options.setdefault("max_lora_rank", 64)
+    engine = Engine(model_dir, pool_gb=(pages + 0.5) * PAGE_BYTES / 2**30, **options)
+    assert engine.stats()["pages_total"] == pages
+    return engine
+
+
+def assert_no_leaks(engine):
+    """Nothing runs, no KV page is held, and after dropping the prefix cache and evicting every
+    adapter all pages are free."""
+    assert_kv_released(engine)
+    stats = engine.stats()
+    assert stats["requests_running"] == stats["requests_waiting"] == 0
+    assert engine.outputs.num_live == 0
+    engine.core.scheduler.kv.reset()
+    engine.adapters.evict_unpinned(engine.pool.num_pages)
+    assert engine.pool.allocator.num_free == engine.pool.num_pages
+
+
+def check_step(engine: Engine, max_cpu_loras: int, max_loras: int) -> None:
+    """Between steps: KV invariants, the host budget, one pin per running request of an
+    adapter, resident pages = adapter pages, at most ``max_loras`` adapters in the last step."""
+    sched, store = engine.core.scheduler, engine.adapters
+    sched.kv.check_invariants(sched.running)
+    assert len(store.host_keys) <= max_cpu_loras
+    pins = store.pins
+    want: dict = {}
+    for r in sched.running:
+        if r.adapter_key is not None:
+            want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
+    assert pins == want
+    resident = sum(len(store.resident(k).pages) for k in store.resident_keys)
+    assert resident == engine.pool.allocator.num_used("adapter")
+    last = engine.stats()["last_step"]
+    if last is not None:
+        assert last["num_adapters"] <= max_loras
+
+
 def assert_kv_released(engine: Engine) -> None:
     """Every KV page is free or an unheld prefix-cache block, and the block tables agree."""
-    engine.scheduler.kv.check_invariants(engine.scheduler.running)
+    engine.core.scheduler.kv.check_invariants(engine.core.scheduler.running)
     stats = engine.stats()
     assert stats["pages_kv"] == stats["pages_kv_cached"], stats
+
+
+# -- the scheduler alone (pure Python) -------------------------------------------------------------
+
+
+class FakeAdapters:
+    """Adapter residency backed by the real allocator: each adapter takes a fixed page count
+    (no weights). Unpinned adapters are offered to the allocator as reclaimable, as the store
+    does; ``evicted`` lists the reclaimed ones in order."""
+
+    def __init__(self, allocator: PageAllocator, sizes: dict[str, int]) -> None:
+        self.allocator, self.sizes = allocator, sizes
+        self.resident: dict[str, list[int]] = {}
+        self.pins: dict[str, int] = {}
+        self.evicted: list[str] = []
+        self.holds: dict[str, int] = {}
+
+    def footprint(self, key):
+        return self.sizes[key]
+
+    def is_resident(self, key):
+        return key in self.resident
+
+    def unit_of(self, key):
+        return (ADAPTER, key)
+
+    def pin(self, key):
+        if key in self.resident:
+            if not self.pins.get(key):
+                assert self.allocator.withdraw(self.unit_of(key))
+        elif self.allocator.can_allocate(self.sizes[key], ADAPTER):
+            self.resident[key] = self.allocator.allocate(self.sizes[key], ADAPTER)
+        else:
+            return False
+        self.pins[key] = self.pins.get(key, 0) + 1
+        return True
+
+    def unpin(self, key):
+        self.pins[key] -= 1
+        if not self.pins[key]:
+            self.allocator.offer(self.unit_of(key), self.resident[key], ADAPTER,
+                                 on_reclaim=lambda: self._reclaimed(key))
+
+    def _reclaimed(self, key):
+        del self.resident[key]
+        self.evicted.append(key)
+
+    def hold(self, key):
+        self.holds[key] = self.holds.get(key, 0) + 1
+        return True
+
+    def unhold(self, key):
+        self.holds[key] -= 1
+
+
+def make_scheduler(num_pages=40, block_size=4, layers=2, max_num_seqs=8, budget=64, max_loras=2,
+                   sizes=None, clock=None, **options):
+    """``(scheduler, allocator, FakeAdapters)`` over a unified pool of ``num_pages`` pages;
+    watermark 0 and no prefix caching unless ``options`` say otherwise."""
+    alloc = PageAllocator(num_pages)
+    adapters = FakeAdapters(alloc, sizes or {})
+    options = {"watermark": 0.0, "enable_prefix_caching": False, **options}
+    config = SchedulerConfig(block_size=block_size, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=budget, max_loras=max_loras, **options)
+    sched = Scheduler(config, pages_per_block=layers, allocator=alloc, adapters=adapters,
+                      clock=clock or (lambda: 0.0))
+    return sched, alloc, adapters
+
+
+def make_request(rid, n_prompt, adapter=None, max_tokens=100):
+    """A request of ``n_prompt`` tokens ``0..n_prompt-1``, arriving at ``rid`` seconds."""
+    return Request(request_id=rid, prompt_token_ids=list(range(n_prompt)), max_tokens=max_tokens,
+                   adapter_key=adapter, arrival_time=float(rid))
+
+
+def run_step(sched, out, new_token=7):
+    """Plays the model: every request whose known tokens are all computed samples
+    ``new_token``; the scheduler records the step."""
+    sampled = [s.request.request_id for s in out.scheduled
+               if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
+    sched.update(out, RunnerOutput(tuple(sampled), (new_token,) * len(sampled)))

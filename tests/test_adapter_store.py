@@ -16,13 +16,19 @@ import threading
 
 import pytest
 import torch
-from support import assert_kv_released, peft_greedy, random_prompt, write_random_lora
+from support import (
+    assert_no_leaks,
+    engine_with,
+    peft_greedy,
+    random_prompt,
+    step_until_done,
+    write_random_lora,
+)
 from transformers import AutoModelForCausalLM
 
 from pagedlora import AdapterError, Engine, SamplingParams
 from pagedlora.lora_adapter import TARGET_MODULES
 
-PAGE_BYTES = 2 * 16 * 2 * 16 * 4  # block 16 x 2 KV heads x head_dim 16 x (K, V) x float32
 MAX_TOKENS = 4
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 PROMPT = random_prompt(7, seed=1)
@@ -33,29 +39,10 @@ def hf_base(tiny_llama_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
 
 
-def engine_with(model_dir, pages: int, **options) -> Engine:
-    """An engine whose pool has ``pages`` pages (block size 16)."""
-    options.setdefault("max_lora_rank", 64)
-    engine = Engine(model_dir, pool_gb=(pages + 0.5) * PAGE_BYTES / 2**30, **options)
-    assert engine.stats()["pages_total"] == pages
-    return engine
-
-
 def tokens(engine, name, prompt=PROMPT) -> list[int]:
     out = engine.generate([prompt], adapters=name, sampling_params=GREEDY, progress=False)[0]
     assert out.finish_reason == "length", out.error
     return out.token_ids
-
-
-def assert_no_leaks(engine):
-    """Nothing runs, no KV page is held, and after dropping the prefix cache and evicting every
-    adapter all pages are free."""
-    assert_kv_released(engine)
-    stats = engine.stats()
-    assert stats["requests_running"] == stats["requests_waiting"] == 0 and engine._tracked == {}
-    engine.scheduler.kv.reset()
-    engine.adapters.evict_unpinned(engine.pool.num_pages)
-    assert engine.pool.allocator.num_free == engine.pool.num_pages
 
 
 # -- a thousand adapters ---------------------------------------------------------------------------
@@ -78,14 +65,12 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
     hot = [f"a{i}" for i in range(20)]
     plan = [(rng.choice(hot) if rng.random() < 0.6 else f"a{rng.randrange(1000)}",
              random_prompt(rng.randint(3, 12), seed=1000 + i)) for i in range(150)]
-    requests, step = [], 0
-    while plan or engine.scheduler.has_unfinished():
+    requests, done, step = [], {}, 0
+    while plan or engine.has_unfinished():
         for name, prompt in plan[:4]:  # four arrivals per step
-            r = engine._new_request(prompt, engine.adapters.key_of(name), GREEDY)
-            engine.scheduler.add(r)
-            requests.append((name, prompt, r))
+            requests.append((name, prompt, engine.add_request(prompt, name, GREEDY)))
         plan = plan[4:]
-        engine.step()
+        done.update((d.request_id, d.output) for d in engine.step() if d.finished)
         step += 1
         assert len(engine.adapters.host_keys) <= 16, "host budget exceeded"
         resident = engine.adapters.resident_keys
@@ -94,9 +79,9 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
         engine.pool.allocator.check_invariants()
         assert step < 1000
     for _, _, r in requests:
-        assert r.finish_reason == "length", r.error
+        assert done[r].finish_reason == "length", done[r].error
     for name, prompt, r in rng.sample(requests, 30):
-        assert r.output_token_ids == peft_greedy(hf_base, dirs[name], prompt, MAX_TOKENS), name
+        assert done[r].token_ids == peft_greedy(hf_base, dirs[name], prompt, MAX_TOKENS), name
     stats = engine.stats()["adapters"]
     assert len(list(spill.glob("*.safetensors"))) > 16
     assert sum(s["loads_from_disk"] for s in stats.values()) > 0, "no spill file was reused"
@@ -116,7 +101,7 @@ def test_a_b_a_with_other_targets_gives_a_the_same_output(tiny_llama_dir, hf_bas
                          spill_dir=tmp_path / "spill")
     engine.add_adapter("A", a)
     engine.add_adapter("B", b)
-    assert [engine.adapters.pages_needed(engine.adapters.key_of(n)) for n in "AB"] == [22, 4]
+    assert [engine.adapters.footprint(engine.adapters.key_of(n)) for n in "AB"] == [22, 4]
     first = tokens(engine, "A")
     assert tokens(engine, "B") == peft_greedy(hf_base, b, PROMPT, MAX_TOKENS)
     assert engine.adapters.resident_keys == [engine.adapters.key_of("B")]  # A was evicted
@@ -150,17 +135,13 @@ def test_remove_is_refused_while_requests_use_it(tiny_llama_dir, tmp_path):
     engine = engine_with(tiny_llama_dir, 100)
     engine.add_adapter("a", path)
     engine.add_adapter("twin", path)  # same content, same key
-    requests = []
     for _ in range(2):
-        r = engine._new_request(PROMPT, engine.adapters.key_of("a"), GREEDY)
-        engine.scheduler.add(r)
-        requests.append(r)
+        engine.add_request(PROMPT, "a", GREEDY)
     engine.step()  # both running now
     engine.remove_adapter("twin")  # "a" still names the content: allowed
     with pytest.raises(ValueError, match=r"adapter 'a' is in use by 2 waiting or running"):
         engine.remove_adapter("a")
-    while engine.scheduler.has_unfinished():
-        engine.step()
+    step_until_done(engine)
     engine.remove_adapter("a")
     assert engine.adapters.names == []
     assert_no_leaks(engine)
@@ -346,15 +327,14 @@ def test_removed_while_waiting_fails_that_request_alone(tiny_llama_dir, tmp_path
     engine = engine_with(tiny_llama_dir, 200)
     for name, path in dirs.items():
         engine.add_adapter(name, path)
-    reqs = [engine._new_request(PROMPT, engine.adapters.key_of(n), GREEDY) for n in "ab"]
+    reqs = [engine.processor.process(PROMPT, engine.adapters.key_of(n), GREEDY,
+                                     request_id=engine.processor.next_id()) for n in "ab"]
     engine.adapters.remove("a")  # from another thread, between key lookup and queueing
-    for r in reqs:
-        engine.scheduler.add(r)
-    finished = [d.request_id for d in engine.step() if d.finished]
-    assert finished == [reqs[0].request_id] and "no longer registered" in reqs[0].error
-    while engine.scheduler.has_unfinished():
-        engine.step()
-    assert reqs[1].output_token_ids == want["b"]
+    ids = [engine.enqueue(r, prompt=PROMPT, adapter=n) for r, n in zip(reqs, "ab", strict=True)]
+    done = {d.request_id: d.output for d in engine.step() if d.finished}
+    assert list(done) == [ids[0]] and "no longer registered" in done[ids[0]].error
+    step_until_done(engine, done)
+    assert done[ids[1]].token_ids == want["b"]
     with caplog.at_level(logging.WARNING, logger="pagedlora"):
         key_b = engine.adapters.key_of("b")
         engine.adapters.evict_unpinned(engine.pool.num_pages)

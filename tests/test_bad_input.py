@@ -233,7 +233,7 @@ def test_wrong_argument_types_name_the_argument(engine, call, match):
     kwargs = {"prompts": ["a", "b"], **call}
     with pytest.raises(TypeError, match=match):
         engine.generate(progress=False, **kwargs)
-    assert engine._tracked == {}
+    assert engine.outputs.num_live == 0
 
 
 def test_chat_message_without_content_fails_alone(engine):
@@ -276,11 +276,11 @@ def test_an_exception_inside_generate_leaves_nothing_behind(engine, monkeypatch)
         calls.append(1)
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(engine.runner, "run", broken)
+    monkeypatch.setattr(engine.core.runner, "run", broken)
     with pytest.raises(RuntimeError, match="injected"):
         engine.generate(["a", "b"], sampling_params=GREEDY, progress=False)
     monkeypatch.undo()
-    assert calls and engine.stats()["requests_waiting"] == 0 and engine._tracked == {}
+    assert calls and engine.stats()["requests_waiting"] == 0 and engine.outputs.num_live == 0
     assert_pool_clean(engine)
     assert engine.generate("a", sampling_params=GREEDY, progress=False)[0].finish_reason \
         == "length"
@@ -297,7 +297,7 @@ def test_a_chat_template_error_fails_that_prompt_alone(engine, monkeypatch):
     assert outs[1].finish_reason == "error"
     rid = outs[1].request_id
     assert outs[1].error == f"prompt 1 (request {rid}): RuntimeError: template exploded"
-    assert engine._tracked == {}
+    assert engine.outputs.num_live == 0
     assert_pool_clean(engine)
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
-from support import assert_kv_released
+from support import assert_kv_released, prompts, step_until_done, tokens
 from transformers import AutoTokenizer
 
 from pagedlora import Engine, SamplingParams
@@ -16,15 +14,6 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def engine(tiny_llama_dir):
     return Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=128, block_size=8)
-
-
-def prompts(n, seed=0, lo=3, hi=30):
-    rng = random.Random(seed)
-    return [[rng.randrange(3, 49000) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
-
-
-def tokens(outs):
-    return [o.token_ids for o in outs]
 
 
 def test_text_and_chat_prompts_use_the_tokenizer(engine, tiny_llama_dir):
@@ -79,13 +68,14 @@ def test_stop_token_ids_and_eos(engine):
     out = engine.generate([p], sampling_params=SamplingParams(
         max_tokens=12, temperature=0, stop_token_ids=[stop_at]), progress=False)[0]
     assert out.finish_reason == "stop" and out.token_ids == free[:first + 1]
-    engine._eos.add(stop_at)  # the model's EOS ends a request unless ignore_eos
-    try:
+    eos_ids = engine.processor.eos_token_ids
+    engine.processor.eos_token_ids = eos_ids | {stop_at}  # the model's EOS ends a request
+    try:                                                   # unless ignore_eos
         eos = engine.generate([p], sampling_params=SamplingParams(max_tokens=12, temperature=0),
                               progress=False)[0]
         ignored = engine.generate([p], sampling_params=GREEDY, progress=False)[0]
     finally:
-        engine._eos.discard(stop_at)
+        engine.processor.eos_token_ids = eos_ids
     assert eos.finish_reason == "stop" and eos.token_ids == free[:first + 1]
     assert ignored.token_ids == free and ignored.finish_reason == "length"
 
@@ -117,19 +107,15 @@ def test_timings_are_consistent(engine):
 def test_continuous_batching_across_steps_matches_alone(engine):
     ps = prompts(6, seed=9)
     alone = tokens(engine.generate(ps, sampling_params=GREEDY, progress=False))
-    reqs = []
+    reqs, done = [], {}
     for i, p in enumerate(ps):  # a new request joins every other step
-        r = engine._new_request(p, None, GREEDY)
-        engine.scheduler.add(r)
-        reqs.append(r)
-        engine.step()
-        if i % 2:
-            engine.step()
-    while engine.scheduler.has_unfinished():
-        engine.step()
-    assert [r.output_token_ids for r in reqs] == alone
+        reqs.append(engine.add_request(p, None, GREEDY))
+        for _ in range(1 + i % 2):
+            done.update((d.request_id, d.output) for d in engine.step() if d.finished)
+    step_until_done(engine, done)
+    assert [done[r].token_ids for r in reqs] == alone
     s = engine.stats()
-    assert s["pages_kv"] == s["pages_kv_cached"] and engine._tracked == {}
+    assert s["pages_kv"] == s["pages_kv_cached"] and engine.outputs.num_live == 0
 
 
 def test_stats_account_every_page(engine):
@@ -186,14 +172,16 @@ def test_add_request_on_output_gets_every_output_and_failures_at_once(engine):
                                   on_output=lambda d: got.setdefault(d.request_id, []).append(d))
 
     ids = [add(ps[0]), add([]), add(ps[1]), add(ps[2])]
-    # the empty prompt failed within add_request; the others wait for step()
-    assert [(d.finished, d.output.finish_reason) for d in got[ids[1]]] == [(True, "error")]
-    assert set(got) == {ids[1]}
+    # add_request returns the id before any output: the empty prompt's failure comes with
+    # the next step, first, once
+    assert got == {}
     assert engine.abort(ids[2])
-    stepped = []
-    while engine.scheduler.has_unfinished():
+    stepped = engine.step()
+    assert [(d.finished, d.output.finish_reason) for d in got[ids[1]]] == [(True, "error")]
+    assert stepped[0].request_id == ids[1]
+    while engine.has_unfinished():
         stepped += engine.step()
-    assert ids[1] not in {d.request_id for d in stepped}  # handed out once, not again
+    assert [d.request_id for d in stepped].count(ids[1]) == 1  # handed out once, not again
     assert [sum((d.new_token_ids for d in got[ids[i]]), []) for i in (0, 3)] == \
         [want[0], want[2]]
     assert [got[ids[i]][-1].output.token_ids for i in (0, 3)] == [want[0], want[2]]

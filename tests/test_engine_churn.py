@@ -7,30 +7,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from support import random_prompt, write_random_lora
-from test_adapter_store import assert_no_leaks, engine_with
+from support import assert_no_leaks, check_step, engine_with, random_prompt, write_random_lora
 
 from pagedlora import Engine, SamplingParams
 from pagedlora.lora_adapter import TARGET_MODULES
 
 SP = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-
-
-def check_step(engine: Engine, max_cpu_loras: int, max_loras: int) -> None:
-    sched, store = engine.scheduler, engine.adapters
-    sched.kv.check_invariants(sched.running)
-    assert len(store.host_keys) <= max_cpu_loras
-    pins = {k: n for k, n in store._pins.items() if n}
-    want: dict = {}
-    for r in sched.running:
-        if r.adapter_key is not None:
-            want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
-    assert pins == want
-    resident = sum(len(store.resident(k).pages) for k in store.resident_keys)
-    assert resident == engine.pool.allocator.num_used("adapter")
-    last = engine.stats()["steps"][-1] if engine.stats()["steps"] else None
-    if last is not None:
-        assert last["num_adapters"] <= max_loras
 
 
 @pytest.mark.parametrize("policy", ["fcfs", "cluster", "fair"])
@@ -58,19 +40,17 @@ def test_churn_matches_a_roomy_engine(tiny_llama_dir, tmp_path, policy):
         engine.add_adapter(name, path)
         roomy.add_adapter(name, path)
 
-    requests, outputs, step = {}, {}, 0
-    while step < 12 or engine.scheduler.has_unfinished():
+    requests, outputs, num_tokens, step = {}, {}, {}, 0
+    while step < 12 or engine.has_unfinished():
         for i, (at, name, prompt) in enumerate(plan):
             if at == step:
-                key = None if name is None else engine.adapters.key_of(name)
-                r = engine._new_request(prompt, key, SP)
-                engine.scheduler.add(r)
-                requests[i] = r
+                requests[i] = engine.add_request(prompt, name, SP)
         for i in aborts:
             r = requests.get(i)
-            if r is not None and len(r.output_token_ids) == 5:
-                engine.abort(r.request_id)
+            if r is not None and num_tokens.get(r) == 5:
+                engine.abort(r)
         for d in engine.step():
+            num_tokens[d.request_id] = num_tokens.get(d.request_id, 0) + len(d.new_token_ids)
             if d.finished:
                 outputs[d.request_id] = d.output
         check_step(engine, max_cpu_loras, max_loras)
@@ -84,7 +64,7 @@ def test_churn_matches_a_roomy_engine(tiny_llama_dir, tmp_path, policy):
     assert stats["prefix_cache"]["hit_tokens"] > 0
     assert sum(s["loads_from_disk"] for s in stats["adapters"].values()) > 0  # spill files used
     for i, r in requests.items():
-        out = outputs[r.request_id]
+        out = outputs[r]
         if i in aborts:
             assert out.finish_reason == "abort"
             assert out.token_ids == want[i].token_ids[:len(out.token_ids)]

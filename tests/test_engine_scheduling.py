@@ -4,13 +4,15 @@ caching, policies, early abort, cancellation and streaming."""
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
-from support import assert_kv_released
-from test_engine import GREEDY, prompts, tokens
+import torch
+from support import assert_kv_released, prompts, step_until_done, tokens
 
 from pagedlora import Engine, SamplingParams
+from pagedlora.sampler import Sampler
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 PAGE_BYTES = 2 * 8 * 2 * 16 * 4  # K and V x block 8 x 2 kv heads x head_dim 16 x fp32
 
@@ -106,7 +108,7 @@ def test_policies_do_not_change_greedy_tokens(tiny_llama_dir, make_adapter, poli
             engine.add_adapter(name, make_adapter(tiny_llama_dir, f"{pol}-{name}", r=4, seed=i,
                                                   target_modules=["q_proj", "o_proj"]))
         outs[pol] = engine.generate(ps, adapters=names, sampling_params=GREEDY, progress=False)
-        steps = engine.stats()["steps"]
+        steps = engine.stats(history=True)["steps"]
         assert max(s["num_adapters"] for s in steps) == 1  # max_loras
         assert max(s["batch_size"] for s in steps) <= 3
     assert tokens(outs[policy]) == tokens(outs["fcfs"])
@@ -160,7 +162,7 @@ def test_closing_a_stream_aborts_its_requests(engine):
     assert engine.stats()["requests_running"] == 4
     it.close()
     assert engine.stats()["requests_running"] == engine.stats()["requests_waiting"] == 0
-    assert engine._tracked == {}
+    assert engine.outputs.num_live == 0
     assert_kv_released(engine)
 
 
@@ -192,7 +194,7 @@ def test_adapters_of_waiting_requests_are_prefetched_while_others_run(tiny_llama
     assert engine.adapters.tier(key) in ("disk", "source")
     it = engine.stream(ps, adapters=[None, "x"], sampling_params=GREEDY)
     next(it)  # the base request's first step; "x" waits (one sequence at a time)
-    assert engine.prefetcher.wait_idle() and engine.prefetcher.num_fetched == 1
+    assert engine.adapters.wait_prefetched() and engine.adapters.num_prefetched == 1
     if engine.adapters.tier(key) == "host":  # read on the prefetch thread after the step
         next(it)  # the step after: free pages take it into the pool, unpinned
     assert engine.adapters.tier(key) == "pool"
@@ -206,19 +208,32 @@ def test_adapters_of_waiting_requests_are_prefetched_while_others_run(tiny_llama
     assert stats["loads_from_source"] + stats["loads_from_disk"] == 1
 
 
-def test_abort_from_another_thread_while_generate_runs(engine):
+class Watching(Sampler):
+    """A sampler that tells when request ``target`` has sampled two tokens."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"))
+        self.target, self.counts, self.started = None, {}, threading.Event()
+
+    def sample(self, logits, rows):
+        for row in rows:
+            self.counts[row.request_id] = self.counts.get(row.request_id, 0) + 1
+            if row.request_id == self.target and self.counts[row.request_id] == 2:
+                self.started.set()
+        return super().sample(logits, rows)
+
+
+def test_abort_from_another_thread_while_generate_runs(tiny_llama_dir):
+    watching = Watching()
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=128, block_size=8,
+                    sampler=watching)
     sp = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
-    first = engine._next_id
-    target = first + 1  # the second prompt's request id
+    first = engine.processor.next_id() + 1  # ids are handed out in order
+    watching.target = first + 1  # the second prompt's request id
 
     def abort_when_started():
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            t = engine._tracked.get(target)
-            if t is not None and len(t.request.output_token_ids) >= 2:
-                assert engine.abort(target)
-                return
-            time.sleep(0.001)
+        assert watching.started.wait(60)
+        assert engine.abort(watching.target)
 
     thread = threading.Thread(target=abort_when_started)
     thread.start()
@@ -252,7 +267,7 @@ def test_re_adding_a_name_keeps_the_old_weights_for_requests_already_queued(tiny
     assert outs[1].token_ids == want["old"]
     now = engine.generate(ps[1], adapters="x", sampling_params=GREEDY, progress=False)[0]
     assert now.token_ids == want["new"] and want["new"] != want["old"]
-    assert len(engine.adapters._contents) == 1  # the old content went with its last request
+    assert engine.adapters.num_contents == 1  # the old content went with its last request
 
 
 def test_an_interrupt_while_loading_an_adapter_leaves_no_page_behind(tiny_llama_dir,
@@ -271,7 +286,7 @@ def test_an_interrupt_while_loading_an_adapter_leaves_no_page_behind(tiny_llama_
     with pytest.raises(KeyboardInterrupt):
         engine.generate([p], adapters="x", sampling_params=GREEDY, progress=False)
     assert_kv_released(engine)
-    assert engine.stats()["requests_waiting"] == 0 and engine._tracked == {}
+    assert engine.stats()["requests_waiting"] == 0 and engine.outputs.num_live == 0
     monkeypatch.undo()
     again = engine.generate([p], adapters="x", sampling_params=GREEDY, progress=False)[0]
     assert again.finish_reason == "length" and again.num_cached_tokens == 24
@@ -312,17 +327,19 @@ def test_holds_stay_balanced_when_a_name_is_removed_and_re_added_mid_submit(tiny
     path = make_adapter(tiny_llama_dir, "a", r=4, seed=8, target_modules=["q_proj"])
     engine.add_adapter("a", path)
     key = engine.adapters.key_of("a")
-    first = engine._new_request(prompts(1, seed=35)[0], key, GREEDY)
+    p1, p2 = prompts(2, seed=35)
+    first = engine.processor.process(p1, key, GREEDY, request_id=engine.processor.next_id())
     engine.remove_adapter("a")  # another thread, after the key lookup, before queueing
-    engine.scheduler.add(first)
-    assert not first.holds_adapter
+    engine.enqueue(first, prompt=p1, adapter="a")
+    failed = engine.step()  # it joins the scheduler: no hold taken, so it fails alone
+    assert not first.holds_adapter and [d.output.finish_reason for d in failed] == ["error"]
     engine.add_adapter("a", path)  # the same content again
-    second = engine._new_request(prompts(1, seed=36)[0], key, GREEDY)
-    engine.scheduler.add(second)
-    engine.scheduler.finish(first, "abort")  # drops no hold it never took
+    second = engine.processor.process(p2, key, GREEDY, request_id=engine.processor.next_id())
+    engine.enqueue(second, prompt=p2, adapter="a")
+    engine.step()
     with pytest.raises(ValueError, match="in use by 1 waiting or running request"):
         engine.remove_adapter("a")
-    engine.scheduler.finish(second, "abort")
+    assert engine.abort(second.request_id)
+    step_until_done(engine)
     engine.remove_adapter("a")
-    for r in (first, second):
-        engine._tracked.pop(r.request_id)
+    assert engine.outputs.num_live == 0

@@ -18,8 +18,7 @@ from fragmentation_stress import (
     write_random_llama,
     write_report,
 )
-from test_adapter_store import assert_no_leaks
-from test_engine_churn import check_step
+from support import assert_no_leaks, check_step
 
 from pagedlora import Engine, SamplingParams
 

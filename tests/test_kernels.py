@@ -125,7 +125,7 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     """The stacked (BGMV) form that the model runner builds for decode batches over many
     adapters: one token each (no scatter), and several tokens for some adapters, with base
     tokens before them, and (``skip``) one adapter's tokens left out (it lacks the module)."""
-    from pagedlora.model_runner import ModelRunner
+    from pagedlora.lora_layouts import ModuleRows
 
     g = torch.Generator().manual_seed(len(tokens_per_adapter) + sum(tokens_per_adapter))
     in_f, out_f = 37, 29
@@ -144,14 +144,12 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     for i in which:
         cols.append((i, c, c + ranks[i], scales[i]))
         c += ranks[i]
-    r = {"pieces": list(zip(a_rows, b_rows, strict=True)), "cols": cols}
-    a, b = ModelRunner._form(r, "stacked")
-    tokens = ModelRunner._token_entries(segments, which, torch.device("cpu"))
     zero = torch.zeros(1, dtype=torch.long)
-    batch = LoraBatch(a=PagedRows(zero, zero), b=PagedRows(zero, zero),
-                      segments=tuple(LoraSegment(segments[i][0], segments[i][1], c0, c1, s)
-                                     for i, c0, c1, s in cols),
-                      token_scale=torch.zeros(num_tokens, c), stacked=(a, b, tokens))
+    rows = ModuleRows(PagedRows(zero, zero), PagedRows(zero, zero), tuple(cols),
+                      tuple(zip(a_rows, b_rows, strict=True)))
+    batch = LoraBatch.build(rows.a, rows.b, rows.cols, [s[:2] for s in segments],
+                            torch.zeros(num_tokens, c), stacked=rows.stacked())
+    tokens = batch.stacked[2]
     assert (tokens is None) == (skip is None and max(tokens_per_adapter) == 1)
     x = torch.randn(num_tokens, in_f, generator=g)
     y0 = torch.randn(num_tokens, out_f, generator=g)

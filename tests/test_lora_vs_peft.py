@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import assert_kv_released, drive, random_prompt, save_random_adapter
+from support import OracleSampler, assert_kv_released, drive, random_prompt, save_random_adapter
 from transformers import AutoModelForCausalLM
 
 from pagedlora import Engine, SamplingParams
@@ -101,7 +101,8 @@ def oracle(tiny_llama_dir, adapter_dirs):
 
 def make_engine(model_dir, adapter_dirs, names=SERVED, pool_gb=0.05, **options) -> Engine:
     options.setdefault("max_loras", len(SERVED))
-    engine = Engine(model_dir, pool_gb=pool_gb, max_lora_rank=64, **options)
+    engine = Engine(model_dir, sampler=OracleSampler(), pool_gb=pool_gb, max_lora_rank=64,
+                    **options)
     for name in names:
         engine.add_adapter(name, adapter_dirs[name])
     return engine
@@ -221,20 +222,17 @@ def test_continuous_batching_same_tokens_as_alone(tiny_llama_dir, adapter_dirs, 
             3: [("rslora", 3), ("r1", 0)],
             4: [(None, 3), ("bin", 2)],
             7: [("pattern", 1), ("r16", 3), ("r4", 0)]}
-    requests = []
+    requests, done = [], {}
     step = 0
-    while step <= max(plan) or engine.scheduler.has_unfinished():
+    while step <= max(plan) or engine.has_unfinished():
         for name, p in plan.get(step, []):
-            key = None if name is None else engine.adapters.key_of(name)
-            r = engine._new_request(PROMPTS[p], key, GREEDY16)
-            engine.scheduler.add(r)
-            requests.append((name, p, r))
-        engine.step()
+            requests.append((name, p, engine.add_request(PROMPTS[p], name, GREEDY16)))
+        done.update((d.request_id, d.output) for d in engine.step() if d.finished)
         step += 1
         assert step < 200
     for name, p, r in requests:
-        assert r.finish_reason == "length"
-        assert r.output_token_ids == oracle.greedy(name, PROMPTS[p]), f"{name!r}, prompt {p}"
+        assert done[r].finish_reason == "length"
+        assert done[r].token_ids == oracle.greedy(name, PROMPTS[p]), f"{name!r}, prompt {p}"
     check_pool(engine)
 
 
@@ -243,7 +241,7 @@ def test_page_pressure_same_tokens_as_alone(tiny_llama_dir, adapter_dirs, oracle
     recomputed) and unpinned adapters evicted and reloaded; tokens are still PEFT's."""
     names = ["r4", "r16", "r64"]
     probe = make_engine(tiny_llama_dir, adapter_dirs, names=names, block_size=8)
-    adapter_pages = sum(probe.adapters.pages_needed(probe.adapters.key_of(n)) for n in names)
+    adapter_pages = sum(probe.adapters.footprint(probe.adapters.key_of(n)) for n in names)
     page_bytes = probe.stats()["page_bytes"]
     num_pages = adapter_pages + 2 * 8  # eight 8-token KV blocks (2 layers) besides adapters
     engine = make_engine(tiny_llama_dir, adapter_dirs, names=names, block_size=8,

@@ -1,16 +1,16 @@
 """Our forward pass against HF transformers on the same weights (the numerics oracle).
 
-The engine is driven one step at a time through its internals (``_new_request``, the scheduler and
-the model runner), so that every row of logits it returns can be compared with
-``transformers``' last-position logits for the very same token sequence. The token appended after
-each step is HF's greedy choice, so both sides always see identical sequences.
+The engine is driven one step at a time (``add_request`` and ``step``) with a sampler
+(``support.OracleSampler``) that compares every row of logits it is given with ``transformers``'
+last-position logits for the very same token sequence and returns HF's greedy choice, so both
+sides always see identical sequences.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support import TINY, assert_kv_released, drive, random_prompt
+from support import TINY, OracleSampler, assert_kv_released, drive, random_prompt
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pagedlora import Engine, SamplingParams
@@ -55,7 +55,7 @@ def hf_smol(default_model_dir):
 
 def test_tiny_single_prefill_and_decode(tiny_llama_dir, hf_tiny):
     torch.manual_seed(0)
-    engine = Engine(tiny_llama_dir, pool_gb=0.05)
+    engine = Engine(tiny_llama_dir, sampler=OracleSampler(), pool_gb=0.05)
     prompt = random_prompt(13, seed=1)  # 13 + 8 tokens cross the first 16-token block
     d = drive(engine, {0: [("a", prompt, None)]},
               lambda adapter, ids: hf_last_logits(hf_tiny, ids), max_tokens=8)
@@ -66,7 +66,7 @@ def test_tiny_single_prefill_and_decode(tiny_llama_dir, hf_tiny):
 
 def test_tiny_detects_a_wrong_reference(tiny_llama_dir, hf_tiny):
     """The comparison can fail: a reference one token off is far beyond the tolerance."""
-    engine = Engine(tiny_llama_dir, pool_gb=0.05)
+    engine = Engine(tiny_llama_dir, sampler=OracleSampler(), pool_gb=0.05)
     prompt = random_prompt(9, seed=2)
     with pytest.raises(AssertionError):
         drive(engine, {0: [("a", prompt, None)]},
@@ -76,7 +76,7 @@ def test_tiny_detects_a_wrong_reference(tiny_llama_dir, hf_tiny):
 def test_tiny_batch_of_different_lengths(tiny_llama_dir, hf_tiny):
     """Several prompts prefilled together, then decoded together; a request arriving later is
     prefilled in the same steps as the others' decodes (block_size 8: many page crossings)."""
-    engine = Engine(tiny_llama_dir, pool_gb=0.05, block_size=8)
+    engine = Engine(tiny_llama_dir, sampler=OracleSampler(), pool_gb=0.05, block_size=8)
     arrivals = {
         0: [("a", random_prompt(5, seed=10), None), ("b", random_prompt(17, seed=11), None),
             ("c", random_prompt(8, seed=12), None), ("d", random_prompt(1, seed=13), None)],
@@ -94,7 +94,8 @@ def test_tiny_batch_of_different_lengths(tiny_llama_dir, hf_tiny):
 def test_tiny_chunked_prefill(tiny_llama_dir, hf_tiny):
     """A prompt longer than max_num_batched_tokens is prefilled in chunks, sharing steps with a
     decoding request; the logits after the last chunk and after each decode match HF."""
-    engine = Engine(tiny_llama_dir, pool_gb=0.05, max_num_batched_tokens=12, block_size=8)
+    engine = Engine(tiny_llama_dir, sampler=OracleSampler(), pool_gb=0.05,
+                    max_num_batched_tokens=12, block_size=8)
     arrivals = {0: [("short", random_prompt(6, seed=20), None)],
                 2: [("long", random_prompt(41, seed=21), None)]}
     d = drive(engine, arrivals, lambda adapter, ids: hf_last_logits(hf_tiny, ids), max_tokens=6)
@@ -106,7 +107,7 @@ def test_tiny_chunked_prefill(tiny_llama_dir, hf_tiny):
 
 def test_tiny_generate_matches_hf_generate(tiny_llama_dir, hf_tiny):
     prompts = [random_prompt(n, seed=30 + n) for n in (3, 11, 16, 29)]
-    engine = Engine(tiny_llama_dir, pool_gb=0.05)
+    engine = Engine(tiny_llama_dir, sampler=OracleSampler(), pool_gb=0.05)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outs = engine.generate(prompts, sampling_params=sp, progress=False)
     for prompt, out in zip(prompts, outs, strict=True):
@@ -120,7 +121,7 @@ def drive_bf16(model_dir, hf_fp32, arrivals: dict, max_tokens: int):
     """Drives a bf16 engine; each logits row must be about as close to the fp32 reference as
     HF's own bf16 logits are, and close to HF bf16 relative to the logits' scale."""
     hf_bf16 = load_hf(model_dir, torch.bfloat16)
-    engine = Engine(model_dir, pool_gb=0.05, dtype="bfloat16")
+    engine = Engine(model_dir, sampler=OracleSampler(), pool_gb=0.05, dtype="bfloat16")
     assert engine.pool.tensor.dtype == torch.bfloat16
     seen = {}
 
@@ -185,7 +186,7 @@ def save_variant(out, name: str):
 def test_variant_prefill_and_decode(variant, tmp_path):
     model_dir = save_variant(tmp_path / variant, variant)
     hf = load_hf(model_dir)
-    engine = Engine(model_dir, pool_gb=0.05, block_size=8)
+    engine = Engine(model_dir, sampler=OracleSampler(), pool_gb=0.05, block_size=8)
     prompt = random_prompt(37, seed=80)
     d = drive(engine, {0: [("a", prompt, None)], 1: [("b", random_prompt(5, seed=81), None)]},
               lambda adapter, ids: hf_last_logits(hf, ids), max_tokens=4)
@@ -198,7 +199,8 @@ def test_variant_prefill_and_decode(variant, tmp_path):
 @pytest.mark.slow
 def test_smollm2_prefill_decode_and_mixed_batch(default_model_dir, hf_smol):
     """Prefill, decode, a later arrival sharing steps with decodes, and a chunked prefill."""
-    engine = Engine(default_model_dir, pool_gb=0.05, max_num_batched_tokens=16)
+    engine = Engine(default_model_dir, sampler=OracleSampler(), pool_gb=0.05,
+                    max_num_batched_tokens=16)
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     text = tok("The capital of France is").input_ids
     arrivals = {0: [("text", text, None)],
@@ -221,7 +223,7 @@ def test_smollm2_generate_matches_hf_generate(default_model_dir, hf_smol):
     tok = AutoTokenizer.from_pretrained(default_model_dir)
     text = "Name three colors:"
     prompts = [text, random_prompt(6, seed=60)]
-    engine = Engine(default_model_dir, pool_gb=0.05)
+    engine = Engine(default_model_dir, sampler=OracleSampler(), pool_gb=0.05)
     sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outs = engine.generate(prompts, sampling_params=sp, progress=False)
     expected_ids = [tok(text).input_ids, prompts[1]]

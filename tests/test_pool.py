@@ -36,8 +36,7 @@ def test_adapter_pages_and_fragmentation_match_the_peft_file(engine, tiny_llama_
 
 
 def test_kv_fragmentation_counts_unused_slots_of_partial_blocks(engine):
-    r = engine._new_request(list(range(10, 21)), None, SamplingParams(max_tokens=5))
-    engine.scheduler.add(r)
+    r = engine.add_request(list(range(10, 21)), None, SamplingParams(max_tokens=5))
     engine.step()  # 11 prompt tokens computed -> 2 blocks of 8 per layer
     s = engine.stats()
     assert s["pages_kv"] == 2 * 2
@@ -47,7 +46,7 @@ def test_kv_fragmentation_counts_unused_slots_of_partial_blocks(engine):
     kv_used = 11 * page_numel // 8 * 2  # 11 tokens x (page_numel / block_size) x 2 layers
     total = (s["pages_kv"] + s["pages_adapter"]) * page_numel
     assert math.isclose(s["internal_fragmentation"], 1 - (kv_used + adapter_used) / total)
-    engine.abort(r.request_id)
+    engine.abort(r)
     assert [o.output.finish_reason for o in engine.step()] == ["abort"]
     s = engine.stats()
     assert s["pages_kv"] == s["pages_kv_cached"] == 2  # its full block stays cached

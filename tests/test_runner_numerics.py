@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import drive, random_prompt, save_random_adapter
+from support import OracleSampler, drive, random_prompt, save_random_adapter
 
 from pagedlora import Engine
 
@@ -51,7 +51,7 @@ def oracle(tiny_llama_dir, dirs):
 
 def _engine(model_dir, dirs, **kw):
     kw = {"max_loras": 16, "pool_gb": 0.05, **kw}
-    e = Engine(model_dir, max_lora_rank=16, block_size=8, **kw)
+    e = Engine(model_dir, sampler=OracleSampler(), max_lora_rank=16, block_size=8, **kw)
     for n, d in dirs.items():
         e.add_adapter(n, d)
     return e
@@ -107,7 +107,7 @@ def test_evict_reload_and_readd_between_steps(tiny_llama_dir, dirs, oracle, tmp_
     from pagedlora import SamplingParams
 
     probe = _engine(tiny_llama_dir, dirs)
-    need = max(probe.adapters.adapter_pages(probe.adapters.key_of(n)) for n in SPECS)
+    need = max(probe.adapters.footprint(probe.adapters.key_of(n)) for n in SPECS)
     page_bytes = probe.stats()["page_bytes"]
     num_pages = need + 12
     engine = _engine(tiny_llama_dir, dirs, pool_gb=(num_pages + 0.5) * page_bytes / 2**30)

@@ -8,24 +8,23 @@ import threading
 import pytest
 
 from pagedlora import SamplingParams
-from pagedlora.server.engine_loop import _STOP, EngineLoop, LoopStopped
+from pagedlora.server.engine_loop import EngineLoop, LoopStopped, Stop
 from pagedlora.server.protocol import ApiError, ChatCompletionRequest, parse_body
 
 
 class _IdleEngine:
     """Just enough engine for a loop with nothing to run."""
 
-    class scheduler:  # noqa: N801
-        @staticmethod
-        def has_unfinished() -> bool:
-            return False
+    @staticmethod
+    def has_unfinished() -> bool:
+        return False
 
 
 def test_submission_behind_stop_in_the_same_batch_is_answered():
-    """A submission that passed the closed check while stop() ran lands behind _STOP in the
+    """A submission that passed the closed check while stop() ran lands behind Stop in the
     command queue; when the loop thread picks both up in one batch (it was busy stepping),
-    _run returns at _STOP and the submission is dropped: its handler's open() never gets an
-    answer and waits forever. Simulated: _STOP queued (stop's put), then submit (its put)."""
+    _run returns at Stop and the submission is dropped: its handler's open() never gets an
+    answer and waits forever. Simulated: Stop queued (stop's put), then submit (its put)."""
     loop = EngineLoop("m", _IdleEngine(), max_queue=4, on_finished=lambda out: None)
     got = []
     answered = threading.Event()
@@ -34,7 +33,7 @@ def test_submission_behind_stop_in_the_same_batch_is_answered():
         got.append(item)
         answered.set()
 
-    loop._commands.put(_STOP)  # stop() got in between submit's check and its put
+    loop._commands.put(Stop())  # stop() got in between submit's check and its put
     loop.submit(["hi"], [None], [SamplingParams()], deliver)
     fut = loop.call(lambda engine: 1)  # a /metrics call racing the same way
     loop._thread.start()

@@ -1,9 +1,9 @@
 """EngineLoop: the one thread that steps an Engine for the HTTP server.
 
-HTTP handlers run in asyncio; the engine is not thread-safe and its ``step()`` blocks for a
-forward pass. So each base model gets one thread that owns its engine: handlers post commands
-(start a submission, cancel one, run a function between steps) to a thread-safe queue, and the
-thread hands each StreamOutput back to the handler's asyncio loop with
+HTTP handlers run in asyncio, and the engine's ``step()`` blocks for a forward pass. So each
+base model gets one thread that steps its engine: handlers post typed commands (start a
+submission, cancel one, abort all, run a function between steps, stop) to a thread-safe queue,
+and the thread hands each StreamOutput back to the handler's asyncio loop with
 ``call_soon_threadsafe``. Requests from many HTTP clients thus join one running batch
 (continuous batching across HTTP requests). The thread sleeps on the command queue while the
 engine has nothing unfinished.
@@ -17,10 +17,11 @@ import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 
 from pagedlora.engine import Engine, Prompt
+from pagedlora.errors import InvalidPromptError, UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
 
@@ -46,23 +47,59 @@ class LoopStopped(RuntimeError):
 class _Accepted:
     """Delivered first when a submission is queued in the engine (its prompts are valid)."""
 
+    def __repr__(self) -> str:
+        return "ACCEPTED"
 
-_ACCEPTED = _Accepted()
-_STOP = object()  # the command that ends the loop
+
+ACCEPTED = _Accepted()
 
 
 @dataclass(eq=False)
-class _Submission:
+class Submission:
     """One HTTP request's prompts, from the handler to the loop thread."""
 
     prompts: list[Prompt]
     adapters: list[str | None]
     params: list[SamplingParams]
-    # called in the loop thread with _ACCEPTED, each StreamOutput, or an exception
+    # called in the loop thread with ACCEPTED, each StreamOutput, or an exception
     deliver: Callable[[object], None]
     request_ids: list[int] = field(default_factory=list)  # in prompt order
-    starting: bool = False  # the loop thread is adding its requests to the engine
     cancelled: bool = False  # set by any thread; read by the loop thread
+
+
+@dataclass(frozen=True)
+class Start:
+    """Queue the submission's prompts in the engine, all or none."""
+
+    sub: Submission
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Abort the submission's unfinished requests (its client went away)."""
+
+    sub: Submission
+
+
+@dataclass(frozen=True)
+class AbortAll:
+    """Abort every unfinished request (shutdown)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """Run ``fn(engine)`` between two steps, its result or exception into ``future``."""
+
+    fn: Callable[[Engine], object]
+    future: Future
+
+
+@dataclass(frozen=True)
+class Stop:
+    """End the loop: abort what runs, answer what is queued behind, return."""
+
+
+Command = Start | Cancel | AbortAll | Call | Stop
 
 
 class EngineLoop:
@@ -84,7 +121,7 @@ class EngineLoop:
         self.engine = engine
         self.max_queue = max_queue
         self._on_finished = on_finished
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=f"engine-loop-{name}",
                                         daemon=True)
         self._lock = threading.Lock()  # guards _waiting and _closed
@@ -94,7 +131,7 @@ class EngineLoop:
         self.error: BaseException | None = None  # what a step raised; the loop then stopped
         # loop thread only: the submission of every unfinished request, and the requests
         # that have not produced an output yet
-        self._live: dict[int, _Submission] = {}
+        self._live: dict[int, Submission] = {}
         self._unstarted: set[int] = set()
 
     # -- any thread ----------------------------------------------------------------------------
@@ -120,11 +157,11 @@ class EngineLoop:
         Returns:
             how many requests were aborted.
         """
-        with self._lock:  # posted under the lock: nothing submitted after _STOP
+        with self._lock:  # posted under the lock: nothing submitted after Stop
             self._closed = True
             alive = self._thread.is_alive()
             if alive:
-                self._commands.put(_STOP)
+                self._commands.put(Stop())
         if alive:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
@@ -137,14 +174,14 @@ class EngineLoop:
         pages at the next step. The thread keeps running until :meth:`stop`."""
         with self._lock:
             self._closed = True
-        self._commands.put(("abort_all",))
+        self._commands.put(AbortAll())
 
     def submit(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
                params: Sequence[SamplingParams], deliver: Callable[[object], None]
-               ) -> _Submission:
+               ) -> Submission:
         """Queues a submission for the loop thread. ``deliver`` is then called in that thread
-        with ``_ACCEPTED`` (or an exception: :class:`PromptRejected`, the engine's ValueError
-        for an unknown adapter, :class:`LoopStopped`), then with each StreamOutput.
+        with ``ACCEPTED`` (or an exception: :class:`PromptRejected`, the engine's
+        ``UnknownAdapterError``, :class:`LoopStopped`), then with each StreamOutput.
 
         Raises:
             QueueFull: the requests would exceed ``max_queue``.
@@ -162,16 +199,16 @@ class EngineLoop:
                 raise QueueFull(f"model {self.name!r} has {self._waiting} requests waiting "
                                 f"(at most {self.max_queue}); retry later")
             self._waiting += n
-            sub = _Submission(list(prompts), list(adapters), list(params), deliver)
-            # under the lock, so that it is queued before stop()'s _STOP or refused
-            self._commands.put(("start", sub))
+            sub = Submission(list(prompts), list(adapters), list(params), deliver)
+            # under the lock, so that it is queued before stop()'s Stop or refused
+            self._commands.put(Start(sub))
         return sub
 
-    def cancel(self, sub: _Submission) -> None:
+    def cancel(self, sub: Submission) -> None:
         """Aborts the submission's unfinished requests (a client that went away); the engine
         frees their pages at its next step."""
         sub.cancelled = True
-        self._commands.put(("cancel", sub))
+        self._commands.put(Cancel(sub))
 
     def call(self, fn: Callable[[Engine], object]) -> Future:
         """Runs ``fn(engine)`` in the loop thread between two steps (e.g. ``Engine.stats``,
@@ -181,10 +218,10 @@ class EngineLoop:
             LoopStopped: the loop is stopping or has failed.
         """
         fut: Future = Future()
-        with self._lock:  # as submit: queued before _STOP, or refused
+        with self._lock:  # as submit: queued before Stop, or refused
             if self._closed:
                 raise LoopStopped(self._stopped_reason())
-            self._commands.put(("call", fn, fut))
+            self._commands.put(Call(fn, fut))
         return fut
 
     async def open(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
@@ -196,7 +233,7 @@ class EngineLoop:
             QueueFull, LoopStopped: as :meth:`submit`.
             PromptRejected: as :meth:`submit`, or a prompt the engine failed at once (the
                 others are aborted).
-            ValueError: an adapter the engine does not know (removed meanwhile).
+            UnknownAdapterError: an adapter the engine does not know (removed meanwhile).
         """
         aio = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
@@ -225,14 +262,13 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
-                busy = self.engine.scheduler.has_unfinished()
-                cmds = self._next_commands(block=not busy)
+                cmds = self._next_commands(block=not self.engine.has_unfinished())
                 for i, cmd in enumerate(cmds):
-                    if cmd is _STOP:
+                    if isinstance(cmd, Stop):
                         self._finish(cmds[i + 1:])
                         return
                     self._execute(cmd)
-                if self.engine.scheduler.has_unfinished():
+                if self.engine.has_unfinished():
                     self.engine.step()
         except BaseException as e:  # noqa: BLE001 - fail every caller instead of hanging them
             log.exception("engine loop %r failed", self.name)
@@ -241,7 +277,7 @@ class EngineLoop:
                 self._closed = True
             self._fail_all(LoopStopped(self._stopped_reason()))
 
-    def _next_commands(self, block: bool) -> list:
+    def _next_commands(self, block: bool) -> list[Command]:
         """Every queued command; waits for one when ``block``."""
         cmds = []
         try:
@@ -252,65 +288,48 @@ class EngineLoop:
             pass
         return cmds
 
-    def _execute(self, cmd: tuple) -> None:
-        kind = cmd[0]
-        if kind == "start":
-            self._start(cmd[1])
-        elif kind == "cancel":
-            for rid in cmd[1].request_ids:
+    def _execute(self, cmd: Command) -> None:
+        if isinstance(cmd, Start):
+            self._start(cmd.sub)
+        elif isinstance(cmd, Cancel):
+            for rid in cmd.sub.request_ids:
                 self.engine.abort(rid)  # False (a no-op) for finished requests
-        elif kind == "abort_all":
+        elif isinstance(cmd, AbortAll):
             self._abort_live()
-        else:
-            fn, fut = cmd[1], cmd[2]
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:  # noqa: BLE001 - the caller gets it
-                    fut.set_exception(e)
+        elif cmd.future.set_running_or_notify_cancel():
+            try:
+                cmd.future.set_result(cmd.fn(self.engine))
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                cmd.future.set_exception(e)
 
-    def _start(self, sub: _Submission) -> None:
+    def _start(self, sub: Submission) -> None:
+        """Queues the submission's prompts, all or none (the engine outputs nothing before
+        ``add_requests`` returns, so the ids are known when outputs come)."""
         n = len(sub.prompts)
         if sub.cancelled:
             self._release(n)
             return
-        early: list[StreamOutput] = []  # outputs made within add_request: failed prompts
-        error = None
-        sub.starting = True
         try:
-            for i, (prompt, adapter, params) in enumerate(zip(sub.prompts, sub.adapters,
-                                                              sub.params, strict=True)):
-                sub.request_ids.append(self.engine.add_request(
-                    prompt, adapter, params, on_output=partial(self._route, sub, i, early)))
-        except (ValueError, TypeError) as e:  # an unknown adapter (removed meanwhile)
-            error = e
-        finally:
-            sub.starting = False
-        ids = sub.request_ids
-        self._release(n - len(ids))  # prompts never added
+            ids = self.engine.add_requests(sub.prompts, sub.adapters, sub.params,
+                                           on_output=partial(self._route, sub))
+        except InvalidPromptError as e:
+            self._release(n)
+            self._deliver(sub, PromptRejected(str(e)))
+            return
+        except UnknownAdapterError as e:  # removed since the route resolved it
+            self._release(n)
+            self._deliver(sub, e)
+            return
+        sub.request_ids = ids
         self._unstarted.update(ids)
         self._live.update(dict.fromkeys(ids, sub))
-        for d in early:
-            self._account(d)
-        if error is None and not early:
-            self._deliver(sub, _ACCEPTED)
-            return
-        for rid in ids:  # the whole HTTP request fails: the rest of it is aborted
-            self.engine.abort(rid)
-        sub.cancelled = True
-        self._deliver(sub, error or PromptRejected(early[0].output.error))
+        self._deliver(sub, ACCEPTED)
 
-    def _route(self, sub: _Submission, index: int, early: list[StreamOutput],
-               d: StreamOutput) -> None:
-        """The engine's callback for the ``index``-th prompt of ``sub``: accounts for ``d``
-        and hands it to the handler with that index, or keeps it in ``early`` while
-        ``add_request`` runs (its request id is not known yet)."""
-        if sub.starting:
-            early.append(d)
-            return
+    def _route(self, sub: Submission, d: StreamOutput) -> None:
+        """The engine's sink for ``sub``'s requests (``d.index`` is the prompt's position)."""
         self._account(d)
         if not sub.cancelled:
-            self._deliver(sub, replace(d, index=index))
+            self._deliver(sub, d)
 
     def _account(self, d: StreamOutput) -> None:
         if d.request_id in self._unstarted:
@@ -320,7 +339,7 @@ class EngineLoop:
             self._live.pop(d.request_id, None)
             self._on_finished(d.output)
 
-    def _deliver(self, sub: _Submission, item: object) -> None:
+    def _deliver(self, sub: Submission, item: object) -> None:
         try:
             sub.deliver(item)
         except RuntimeError:  # the handler's event loop is closed: nobody is listening
@@ -331,11 +350,11 @@ class EngineLoop:
             self.engine.abort(rid)
         return len(self._live)
 
-    def _finish(self, behind: list) -> None:
+    def _finish(self, behind: list[Command]) -> None:
         """At stop: aborts every unfinished request and steps until the engine frees them;
-        the commands fetched ``behind`` _STOP, and any still queued, get LoopStopped."""
+        the commands fetched ``behind`` Stop, and any still queued, get LoopStopped."""
         self._aborted_at_stop = self._abort_live()
-        while self.engine.scheduler.has_unfinished():
+        while self.engine.has_unfinished():
             self.engine.step()
         self._reject_queued(LoopStopped(self._stopped_reason()), behind)
         log.info("engine loop %r stopped; %d unfinished request(s) aborted", self.name,
@@ -348,21 +367,21 @@ class EngineLoop:
         self._live.clear()
         self._reject_queued(error)
 
-    def _reject_queued(self, error: LoopStopped, fetched: list = ()) -> None:
+    def _reject_queued(self, error: LoopStopped, fetched: Sequence[Command] = ()) -> None:
         """Answers ``fetched`` commands and those still queued (posted while the loop was
         closing) with ``error``."""
         for cmd in [*fetched, *self._next_commands(block=False)]:
-            if cmd is not _STOP and cmd[0] == "start":
-                self._deliver(cmd[1], error)
-            elif cmd is not _STOP and cmd[0] == "call":
-                cmd[2].set_exception(error)
+            if isinstance(cmd, Start):
+                self._deliver(cmd.sub, error)
+            elif isinstance(cmd, Call):
+                cmd.future.set_exception(error)
 
 
 class Generation:
     """The StreamOutputs of one accepted submission, read in the asyncio loop that opened it
     (``async for d in generation``). Cancel it if its client goes away."""
 
-    def __init__(self, loop: EngineLoop, sub: _Submission, inbox: asyncio.Queue) -> None:
+    def __init__(self, loop: EngineLoop, sub: Submission, inbox: asyncio.Queue) -> None:
         self._loop = loop
         self._sub = sub
         self._inbox = inbox

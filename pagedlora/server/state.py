@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from pagedlora.engine import Prompt
+from pagedlora.errors import UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.server.config import ServerConfig
@@ -91,7 +92,7 @@ class ServerState:
             raise ApiError(503, str(e)) from None
         except PromptRejected as e:
             raise ApiError(400, str(e), param="prompt") from None
-        except ValueError as e:  # the engine's unknown adapter: unloaded since resolve()
+        except UnknownAdapterError as e:  # unloaded since resolve()
             raise ApiError(404, str(e), param="model") from None
 
     async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:

@@ -1,0 +1,275 @@
+"""EngineCore: one step = schedule, load adapters, run the model, record the results."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from pagedlora.adapter_store import AdapterStore, AdapterStoreStats
+from pagedlora.model_runner import ModelRunner
+from pagedlora.pool import UnifiedPool
+from pagedlora.scheduler import (
+    KVStats,
+    PoolStats,
+    Request,
+    Scheduler,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from pagedlora.step_input import StepInput
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One step's figures.
+
+    Attributes:
+        batch_size: requests scheduled.
+        num_tokens: tokens computed.
+        num_adapters: distinct adapters of the step.
+        num_preempted: requests preempted for it.
+        pages_free: pages on the free list after it.
+        seconds: wall time of the step.
+        scheduled: per scheduled request ``(request_id, num_computed_tokens before the step,
+            num_new_tokens)``, in the scheduler's order.
+    """
+
+    batch_size: int
+    num_tokens: int
+    num_adapters: int
+    num_preempted: int
+    pages_free: int
+    seconds: float
+    scheduled: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The core's accounting at one moment, each part made by its owner.
+
+    Attributes:
+        pool: page counts (the allocator's).
+        kv: the KV cache's (the KV block manager's).
+        scheduler: request counts and counters (the scheduler's).
+        adapters: tiers and counters per adapter (the adapter store's).
+        page_numel: elements per page.
+        page_bytes: bytes per page.
+        block_size: tokens per KV block.
+    """
+
+    pool: PoolStats
+    kv: KVStats
+    scheduler: SchedulerStats
+    adapters: AdapterStoreStats
+    page_numel: int
+    page_bytes: int
+    block_size: int
+
+    @property
+    def internal_fragmentation(self) -> float:
+        """Fraction of the elements of used pages that hold nothing (tails of partial KV
+        blocks, of packed adapter groups, static slots' padding); 0 when no page is used."""
+        allocated = (self.pool.kv + self.pool.adapter) * self.page_numel
+        if not allocated:
+            return 0.0
+        kv_elems = self.kv.filled_slots * self.page_numel // self.block_size
+        return 1 - (kv_elems + self.adapters.used_elements) / allocated
+
+
+    def as_dict(self) -> dict:
+        """The summary ``Engine.stats()`` documents (pages, fragmentation, requests, prefix
+        cache, adapters), as plain values."""
+        return {
+            "pages_total": self.pool.num_pages, "pages_kv": self.pool.kv,
+            "pages_kv_cached": self.kv.cached_pages, "pages_adapter": self.pool.adapter,
+            "pages_free": self.pool.free, "page_bytes": self.page_bytes,
+            "internal_fragmentation": self.internal_fragmentation,
+            "adapters_resident": list(self.adapters.resident),
+            "requests_running": self.scheduler.requests_running,
+            "requests_waiting": self.scheduler.requests_waiting,
+            "admissions_refused": self.scheduler.admissions_refused,
+            "preemptions": self.scheduler.preemptions,
+            "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
+                             "queried_tokens": self.kv.queried_tokens},
+            "adapters": {name: asdict(u) for name, u in self.adapters.adapters.items()},
+        }
+
+    def pool_dict(self) -> dict:
+        """The pool part of :meth:`as_dict` (what ``stats()["peak"]`` holds)."""
+        return {k: v for k, v in self.as_dict().items() if k.startswith("pages")
+                or k in ("internal_fragmentation", "adapters_resident", "requests_running",
+                         "requests_waiting")}
+
+
+@dataclass(frozen=True)
+class EngineCoreOutput:
+    """What one step changed.
+
+    Attributes:
+        requests: the requests that got a token or finished in the step (aborted and failed
+            ones first), each once.
+        stats: the step's figures; None when it scheduled nothing.
+    """
+
+    requests: tuple[Request, ...]
+    stats: StepStats | None
+
+
+class EngineCore:
+    """Runs the engine's steps; owns the scheduler, the adapter store and the model runner.
+
+    One step is one sentence (vLLM's ``EngineCore.step``: schedule, execute, update)::
+
+        out = scheduler.schedule()                     # tokens per request, pages reserved
+        load = adapters.load(out)                      # reserved adapters into their pages
+        out = scheduler.drop_failed(out, load.failed)  # adapters that could not be had
+        adapters.start_prefetch(out.upcoming_adapters) # disk -> host while the step runs
+        inputs = StepInput.build(out, load.placements)
+        result = runner.run(inputs)                    # forward pass and sampling
+        updated = scheduler.update(out, result)        # tokens, stops, times, freed pages
+        adapters.warm(out.upcoming_adapters)           # host -> free pool pages
+
+    Requests and aborts from any thread are queued (:meth:`add_request`, :meth:`abort`) and
+    join the scheduler at the start of the next step; :meth:`step` and :meth:`finish` belong to
+    one thread at a time (the engine serializes them).
+
+    Args:
+        scheduler, adapters, runner: the parts, wired to one pool.
+        pool: the unified pool.
+        clock: seconds, monotonic; the scheduler's clock.
+    """
+
+    HISTORY = 1024  # steps kept for stats
+
+    def __init__(self, scheduler: Scheduler, adapters: AdapterStore, runner: ModelRunner,
+                 pool: UnifiedPool, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.scheduler = scheduler
+        self.adapters = adapters
+        self.runner = runner
+        self.pool = pool
+        self.clock = clock
+        self._lock = threading.Lock()  # guards the two queues below
+        self._new: list[Request] = []
+        self._aborts: list[int] = []
+        self._steps: deque[StepStats] = deque(maxlen=self.HISTORY)
+        self._num_steps = 0
+        self._peak: EngineStats | None = None
+
+    # -- any thread ------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queues ``request`` for the scheduler (it joins at the next step)."""
+        with self._lock:
+            self._new.append(request)
+
+    def abort(self, request_id: int) -> None:
+        """Asks for ``request_id`` to finish with "abort" at the next step."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is queued, waiting or running."""
+        with self._lock:
+            queued = bool(self._new)
+        return queued or self.scheduler.has_unfinished()
+
+    # -- the stepping thread ---------------------------------------------------------------------
+
+    def step(self) -> EngineCoreOutput:
+        """Runs one step (see the class docstring).
+
+        Raises:
+            RuntimeError: requests wait but none could be scheduled and none finished (a bug:
+                requests that can never fit are failed when added).
+        """
+        started = time.perf_counter()
+        self._take_queued()
+        out = self.scheduler.schedule()
+        load = self.adapters.load(out)
+        out = self.scheduler.drop_failed(out, load.failed)
+        self.adapters.start_prefetch(out.upcoming_adapters)
+        inputs = StepInput.build(out, load.placements)
+        result = self.runner.run(inputs)
+        updated = self.scheduler.update(out, result)
+        self.adapters.warm(out.upcoming_adapters)
+        return self._output(out, inputs, [*out.aborted, *out.failed, *updated], started)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Ends ``request`` now (a stop string; an abort whose caller is gone), freeing its
+        pages before the next step."""
+        self.scheduler.finish(request, reason)
+
+    def abort_now(self, request_ids: set[int]) -> None:
+        """Aborts these requests now, queued ones included (their caller is gone)."""
+        with self._lock:
+            self._new = [r for r in self._new if r.request_id not in request_ids]
+        for rid in request_ids:
+            self.scheduler.abort(rid)
+
+    def stats(self) -> EngineStats:
+        """The accounting now, composed of each part's own."""
+        return EngineStats(
+            pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
+            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(),
+            page_numel=self.pool.page_numel,
+            page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
+            block_size=self.pool.block_size)
+
+    @property
+    def steps(self) -> list[StepStats]:
+        """The last :attr:`HISTORY` steps, oldest first."""
+        return list(self._steps)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps run since the start."""
+        return self._num_steps
+
+    def reset_peak(self) -> EngineStats:
+        """Starts a new peak watch (see :attr:`peak`) at the stats of now."""
+        self._peak = self.stats()
+        return self._peak
+
+    @property
+    def peak(self) -> EngineStats | None:
+        """The stats at the step since :meth:`reset_peak` with the fewest free pages."""
+        return self._peak
+
+    def close(self) -> None:
+        """Stops the adapter prefetcher and removes a private spill directory."""
+        self.adapters.close()
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _take_queued(self) -> None:
+        """Hands queued requests to the scheduler and applies queued aborts (the next
+        ``schedule()`` reports what they finished)."""
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+        for request in new:
+            self.scheduler.add(request)
+        for rid in aborts:
+            self.scheduler.abort(rid)
+
+    def _output(self, out: SchedulerOutput, inputs: StepInput, changed: list[Request],
+                started: float) -> EngineCoreOutput:
+        if not out.scheduled:
+            if not changed and self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress: no request fits the pool")
+            return EngineCoreOutput(tuple(changed), None)
+        stats = StepStats(
+            batch_size=len(out.scheduled), num_tokens=out.num_batched_tokens,
+            num_adapters=len(out.adapter_keys), num_preempted=len(out.preempted),
+            pages_free=self.pool.allocator.num_free, seconds=time.perf_counter() - started,
+            scheduled=tuple((s.request_id, s.start, len(s.token_ids)) for s in inputs.sequences))
+        self._steps.append(stats)
+        self._num_steps += 1
+        if self._peak is not None and stats.pages_free < self._peak.pool.free:
+            self._peak = self.stats()
+        seen: set[int] = set()
+        unique = [r for r in changed if not (r.request_id in seen or seen.add(r.request_id))]
+        return EngineCoreOutput(tuple(unique), stats)

@@ -1,0 +1,175 @@
+"""LoraLayouts: each step's per-module LoRA batches, built from the step's adapter placements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from pagedlora.adapter_pages import ResidentAdapter, ResidentModule
+from pagedlora.kernels.lora import (
+    BGMV_MIN_ADAPTERS,
+    DENSE_MAX_TOKENS,
+    LoraBatch,
+    PagedRows,
+    gather_rows,
+)
+from pagedlora.pool import UnifiedPool
+
+LayerModule = tuple[int, str]
+Rows = tuple[torch.Tensor, torch.Tensor]  # (a [r, in_features], b [r, out_features])
+
+
+@dataclass(frozen=True)
+class ModuleRows:
+    """The rows of one (layer, module) for a set of adapters, in segment order.
+
+    Attributes:
+        a: ``R`` lora_A rows (``[R, in_features]`` in the pool) of every adapter that targets
+            the module, one adapter after another.
+        b: the matching ``R`` lora_B^T rows (``[R, out_features]``).
+        cols: per such adapter ``(i, col_start, col_end, scale)``: the set's adapter ``i``
+            owns rows ``[col_start, col_end)``.
+        pieces: per such adapter, its rows read out of the pool, or None (kernels that read
+            pages in place).
+    """
+
+    a: PagedRows
+    b: PagedRows
+    cols: tuple[tuple[int, int, int, float], ...]
+    pieces: tuple[Rows, ...] | None
+
+    @classmethod
+    def build(cls, modules: Sequence[tuple[int, ResidentModule]],
+              pieces: Sequence[Rows] | None) -> ModuleRows:
+        """From ``(adapter index, its module)`` pairs in order (and their read-out rows)."""
+        cols, start = [], 0
+        for i, m in modules:
+            rank = m.a.pages.shape[0]
+            cols.append((i, start, start + rank, m.scale))
+            start += rank
+        return cls(PagedRows(torch.cat([m.a.pages for _, m in modules]),
+                             torch.cat([m.a.slots for _, m in modules])),
+                   PagedRows(torch.cat([m.b.pages for _, m in modules]),
+                             torch.cat([m.b.slots for _, m in modules])),
+                   tuple(cols), None if pieces is None else tuple(pieces))
+
+    def concatenated(self) -> Rows:
+        """``(a [R, in], b [R, out])`` in column order (the dense form)."""
+        if len(self.pieces) == 1:
+            return self.pieces[0]
+        return torch.cat([p[0] for p in self.pieces]), torch.cat([p[1] for p in self.pieces])
+
+    def stacked(self) -> Rows:
+        """``(a [S, r_max, in], b [S, r_max, out])`` per adapter, zero-padded to the largest
+        rank, the scale folded into b (the BGMV form, see ``LoraBatch.stacked``)."""
+        a0, b0 = self.pieces[0]
+        r_max = max(c1 - c0 for _, c0, c1, _ in self.cols)
+        a = a0.new_zeros(len(self.pieces), r_max, a0.shape[1])
+        b = b0.new_zeros(len(self.pieces), r_max, b0.shape[1])
+        for k, ((pa, pb), (_, c0, c1, scale)) in enumerate(zip(self.pieces, self.cols,
+                                                               strict=True)):
+            a[k, : c1 - c0] = pa
+            torch.mul(pb, scale, out=b[k, : c1 - c0])
+        return a, b
+
+
+class LoraLayouts:
+    """Builds a step's ``(layer, module) -> LoraBatch`` from the placements of its adapters
+    (in segment order) and their token ranges, keeping what does not change while the same
+    placements repeat, as they do over decode steps (a pinned adapter's pages do not move, and
+    a reload is a new placement with a new ``placement_id``).
+
+    For kernels that take rows already read out of the pages (the torch ones: on the CPU,
+    reading rows through page tables costs an indexing op per module per layer, more than the
+    LoRA GEMMs themselves at decode sizes), each adapter's rows are read once while it stays in
+    the batch and laid out once per set of adapters, in the dense form or, for decode batches
+    over :data:`BGMV_MIN_ADAPTERS` or more adapters, the BGMV form. The copies (the batch's
+    adapters' weights, at most twice: the pieces and one layout per module) are dropped as soon
+    as an adapter leaves the batch. Kernels that read pages in place (Triton) get page tables
+    only.
+
+    Args:
+        pool: the unified pool.
+        module_shapes: ``module -> (in_features, out_features)``.
+        gather_rows: whether the kernels take read-out rows (``Kernels.reads_gathered_rows``).
+    """
+
+    def __init__(self, pool: UnifiedPool, module_shapes: dict[str, tuple[int, int]],
+                 gather_rows: bool) -> None:
+        self.pool = pool
+        self.module_shapes = module_shapes
+        self.gather_rows = gather_rows
+        self._set: tuple[int, ...] = ()  # placement ids of the current set, in segment order
+        self._modules: dict[LayerModule, ModuleRows] = {}
+        self._forms: dict[LayerModule, tuple[str, Rows]] = {}  # one layout per module
+        self._pieces: dict[int, dict[LayerModule, Rows]] = {}  # placement id -> read-out rows
+
+    def batches(self, placements: Sequence[ResidentAdapter], ranges: Sequence[tuple[int, int]],
+                num_tokens: int) -> dict[LayerModule, LoraBatch]:
+        """One LoraBatch per (layer, module) that any of the adapters targets.
+
+        Args:
+            placements: the step's adapters, one per segment, in segment order.
+            ranges: each segment's tokens ``(start, end)``, same order.
+            num_tokens: tokens in the step.
+        """
+        if not placements:
+            return {}
+        self._use(placements)
+        bgmv = (self.gather_rows and num_tokens <= DENSE_MAX_TOKENS
+                and len(placements) >= BGMV_MIN_ADAPTERS)
+        device, dtype = self.pool.tensor.device, self.pool.tensor.dtype
+        scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
+        batches = {}
+        for layer_module, rows in self._modules.items():
+            if rows.cols not in scales:
+                scales[rows.cols] = LoraBatch.token_scales(rows.cols, ranges, num_tokens,
+                                                           dtype=dtype, device=device)
+            gathered = stacked = None
+            if bgmv:
+                stacked = self._form(layer_module, rows, "stacked")
+            elif self.gather_rows:
+                gathered = self._form(layer_module, rows, "concatenated")
+            batches[layer_module] = LoraBatch.build(rows.a, rows.b, rows.cols, ranges,
+                                                    scales[rows.cols], gathered=gathered,
+                                                    stacked=stacked)
+        return batches
+
+    def _use(self, placements: Sequence[ResidentAdapter]) -> None:
+        """Makes ``placements`` the current set (a no-op while it repeats)."""
+        ids = tuple(p.placement_id for p in placements)
+        if ids == self._set:
+            return
+        self._pieces = {p.placement_id: self._pieces.get(p.placement_id, {})
+                        for p in placements} if self.gather_rows else {}
+        parts: dict[LayerModule, list[tuple[int, ResidentModule]]] = {}
+        for i, placement in enumerate(placements):
+            for layer_module, m in placement.modules.items():
+                parts.setdefault(layer_module, []).append((i, m))
+        self._modules = {
+            lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
+                                 if self.gather_rows else None)
+            for lm, ms in parts.items()}
+        self._forms = {}
+        self._set = ids
+
+    def _read(self, placement: ResidentAdapter, layer_module: LayerModule,
+              m: ResidentModule) -> Rows:
+        """One adapter's rows of one module, read out of the pool once per placement."""
+        cached = self._pieces[placement.placement_id]
+        if layer_module not in cached:
+            in_f, out_f = self.module_shapes[layer_module[1]]
+            cached[layer_module] = (gather_rows(self.pool.rows(in_f), m.a),
+                                    gather_rows(self.pool.rows(out_f), m.b))
+        return cached[layer_module]
+
+    def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str) -> Rows:
+        """The module's rows in layout ``kind`` ("concatenated" or "stacked"), kept until the
+        set changes or the other layout is asked for."""
+        form = self._forms.get(layer_module)
+        if form is None or form[0] != kind:
+            form = (kind, rows.concatenated() if kind == "concatenated" else rows.stacked())
+            self._forms[layer_module] = form
+        return form[1]
