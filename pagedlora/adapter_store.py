@@ -399,7 +399,11 @@ class AdapterStore:
                 if content.num_pages > spare:
                     continue
                 self._reserved[key] = self.allocator.allocate(content.num_pages, ADAPTER)
-                self._fill(key, self._host.get(key))
+                try:
+                    self._fill(key, self._host.get(key))
+                except BaseException:  # nothing pins it: its pages go back at once
+                    self.allocator.free(self._reserved.pop(key))
+                    raise
                 self._offer(key)
 
     def prefetch(self, key: str) -> None:

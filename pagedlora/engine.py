@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-import itertools
 import os
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 
-import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from pagedlora.adapter_dirs import adapter_dirs
-from pagedlora.adapter_pages import packed_pages
-from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
 from pagedlora.engine_core import EngineCore
-from pagedlora.errors import InvalidPromptError
 from pagedlora.input_processor import InputProcessor, Prompt, as_prompt_list, per_prompt
 from pagedlora.lora_adapter import LoraAdapter
-from pagedlora.model import LlamaModel
 from pagedlora.model_files import eos_token_ids, load_tokenizer, load_weights, resolve_model
-from pagedlora.model_runner import ModelRunner
 from pagedlora.output_processor import OutputProcessor, Sink
 from pagedlora.outputs import RequestOutput, StreamOutput
-from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
 from pagedlora.sampling_params import SamplingParams
-from pagedlora.scheduler import Request, Scheduler
-from pagedlora.spill import SpillDir
+from pagedlora.scheduler import Request
+from pagedlora.step_turn import StepTurn
 
 __all__ = ["Engine", "Prompt"]
 
@@ -73,42 +63,19 @@ class Engine:
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
-        dtype, device = getattr(torch, config.dtype), torch.device(config.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={config.device!r}, but this torch build "
-                             f"({torch.__version__}) sees no CUDA device; use device='cpu'")
-        self.model = m = LlamaModel(hf_config, load_weights(self.model_dir), dtype=dtype,
-                                    device=device, max_model_len=self.max_model_len,
-                                    kernel_backend=config.kernel_backend)
-        page_numel = UnifiedPool.page_numel_for(config.block_size, m.num_kv_heads, m.head_dim)
-        every_module = dict.fromkeys(itertools.product(range(m.num_layers), m.module_shapes),
-                                     config.max_lora_rank)
-        self.pool = UnifiedPool.for_model(
-            pool_gb=pool_gb, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
-            head_dim=m.head_dim, block_size=config.block_size, dtype=dtype, device=device,
-            memory_layout=config.memory_layout, max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
-            static_slot_pages=packed_pages(every_module, m.module_shapes, page_numel))
-        scheduler_config = config.scheduler_config(self.max_model_len)
-        self.adapters = AdapterStore(
-            self.pool, num_layers=m.num_layers, module_shapes=m.module_shapes,
-            max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
-            host_cache_bytes=None if config.host_cache_gb is None
-            else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
-            keep_free_pages=scheduler_config.watermark_pages(self.pool.allocator, m.num_layers))
-        scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
-                              allocator=self.pool.allocator, adapters=self.adapters)
-        runner = ModelRunner(m, self.pool, sampler or Sampler(device))
-        self.core = EngineCore(scheduler, self.adapters, runner, self.pool, scheduler.clock)
+        self.core = EngineCore.build(config, hf_config, load_weights(self.model_dir),
+                                     max_model_len=self.max_model_len, sampler=sampler)
+        self.model, self.pool, self.adapters = self.core.model, self.core.pool, self.core.adapters
+        scheduler = self.core.scheduler
         self.processor = InputProcessor(
-            self.tokenizer, vocab_size=m.embed.shape[0], max_model_len=self.max_model_len,
+            self.tokenizer, vocab_size=self.model.embed.shape[0],
+            max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
             rejection=scheduler.rejection, clock=scheduler.clock)
         self.outputs = OutputProcessor(self.tokenizer)
         self._for_step: deque[StreamOutput] = deque()  # add_request's outputs, for step()
-        self._turn = threading.Condition()  # guards _stepping: one thread steps at a time
-        self._stepping = False
+        self._turn = StepTurn()  # one thread steps at a time
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -177,7 +144,8 @@ class Engine:
         done: dict[int, RequestOutput] = {}
         bar = tqdm(total=len(ids), disable=not progress, unit="req", desc="generate")
         start, tokens = time.perf_counter(), 0
-        self.core.reset_peak()
+        with self._turn.held():
+            self.core.reset_peak()
         try:
             for d in self._drive(inbox, len(ids)):
                 tokens += len(d.new_token_ids)
@@ -263,11 +231,8 @@ class Engine:
         Raises:
             RuntimeError: requests wait but none could be scheduled (a bug).
         """
-        self._take_turn()
-        try:
+        with self._turn.held():
             self._step()
-        finally:
-            self._end_turn()
         return [self._for_step.popleft() for _ in range(len(self._for_step))]
 
     def abort(self, request_id: int) -> bool:
@@ -283,40 +248,19 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        """Whether any request is queued, waiting or running."""
-        return self.core.has_unfinished()
+        """Whether any request is queued, waiting or running, or an output of a rejected
+        prompt waits for the next ``step()``."""
+        return self.core.has_unfinished() or self.outputs.has_pending()
 
     # -- stats and lifecycle -----------------------------------------------------------------
 
     def stats(self, history: bool = False) -> dict:
-        """Pool accounting and scheduling metrics now.
-
-        Returns:
-            dict with ``pages_total``, ``pages_kv`` (held by requests or cached),
-            ``pages_kv_cached`` (cached blocks no request holds: reusable, and reclaimed first
-            when pages run short), ``pages_adapter``, ``pages_free``, ``page_bytes``,
-            ``internal_fragmentation`` (fraction of the elements in used pages that hold
-            nothing), ``adapters_resident`` (names), ``requests_running``,
-            ``requests_waiting``, ``admissions_refused`` and ``preemptions`` (for lack of
-            pages, since the start), ``prefix_cache`` (``hit_tokens``, ``queried_tokens``),
-            ``num_steps`` (since the start), ``last_step`` (None before the first; else
-            ``batch_size``, ``num_tokens``, ``num_adapters``, ``num_preempted``,
-            ``pages_free`` after it, ``seconds``, ``scheduled``: ``(request id, tokens
-            computed before, new tokens)`` per request), ``peak`` (the pool numbers at the
-            step of the last ``generate`` call with the fewest free pages), ``adapters`` (per
-            name: ``tier``, ``requests``, ``tokens``, ``loads_from_disk``,
-            ``loads_from_source``, ``loads_from_host``, ``evictions``, ``last_used``), and,
-            with ``history=True``, ``steps``: the last 1,024 steps as ``last_step``, oldest
-            first.
-        """
-        steps = self.core.steps
-        peak = self.core.peak
-        out = {**self.core.stats().as_dict(), "num_steps": self.core.num_steps,
-               "last_step": asdict(steps[-1]) if steps else None,
-               "peak": {} if peak is None else peak.pool_dict()}
-        if history:
-            out["steps"] = [asdict(s) for s in steps]
-        return out
+        """Pool accounting and scheduling metrics between two steps (safe from any thread):
+        :meth:`EngineCore.summary` (pages by kind, fragmentation, requests, prefix cache,
+        adapters, the last step, the peak of the last ``generate`` call), and with
+        ``history=True`` also ``steps``, the last 1,024 steps, oldest first."""
+        with self._turn.held():
+            return self.core.summary(history)
 
     def close(self) -> None:
         """Stops the adapter prefetcher and removes a private spill directory. Idempotent."""
@@ -338,17 +282,7 @@ class Engine:
         names = per_prompt(adapters, len(prompts), "adapters")
         params = per_prompt(sampling_params or SamplingParams(), len(prompts),
                             "sampling_params")
-        keys = self.processor.adapter_keys(names)
-        made = []
-        for i, (prompt, key, sp) in enumerate(zip(prompts, keys, params, strict=True)):
-            rid = self.processor.next_id()
-            try:
-                made.append((rid, self.processor.process(prompt, key, sp, request_id=rid,
-                                                         index=i), None))
-            except InvalidPromptError as e:
-                if all_or_none:
-                    raise
-                made.append((rid, None, str(e)))
+        made = self.processor.process_all(prompts, names, params, all_or_none=all_or_none)
         for i, (rid, request, error) in enumerate(made):
             if request is None:
                 self.outputs.reject(rid, index=i, prompt=prompts[i], adapter=names[i],
@@ -367,30 +301,15 @@ class Engine:
                 remaining -= d.finished
                 yield d
                 continue
-            with self._turn:
-                if self._stepping:  # another thread's step may fill the inbox
-                    self._turn.wait_for(lambda: inbox or not self._stepping)
-                    continue
-                self._stepping = True
-            try:
-                self._step()
-            finally:
-                self._end_turn()
+            if self._turn.take_or_wait(lambda: bool(inbox)):
+                try:
+                    self._step()
+                finally:
+                    self._turn.release()
 
     def _step(self) -> list[StreamOutput]:
         """One step in the thread holding the turn; routes its outputs to their sinks."""
         return self.outputs.process(self.core.step().requests, self.core.finish)
-
-    def _take_turn(self) -> None:
-        """Waits until no thread steps, then holds the turn (release with _end_turn)."""
-        with self._turn:
-            self._turn.wait_for(lambda: not self._stepping)
-            self._stepping = True
-
-    def _end_turn(self) -> None:
-        with self._turn:
-            self._stepping = False
-            self._turn.notify_all()
 
     def _abort_now(self, ids: list[int]) -> None:
         """Finishes the unfinished ones of ``ids`` with "abort" now and forgets them."""
@@ -398,9 +317,6 @@ class Engine:
         if not live:
             return
         self.outputs.drop(live)
-        self._take_turn()
-        try:
+        with self._turn.held():
             self.core.abort_now(live)
-        finally:
-            self._end_turn()
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import torch
+
+from pagedlora.adapter_pages import packed_pages
 from pagedlora.adapter_store import AdapterStore, AdapterStoreStats
+from pagedlora.config import EngineConfig
+from pagedlora.model import LlamaModel
 from pagedlora.model_runner import ModelRunner
 from pagedlora.pool import UnifiedPool
+from pagedlora.sampler import Sampler
 from pagedlora.scheduler import (
     KVStats,
     PoolStats,
@@ -19,6 +26,7 @@ from pagedlora.scheduler import (
     SchedulerOutput,
     SchedulerStats,
 )
+from pagedlora.spill import SpillDir
 from pagedlora.step_input import StepInput
 
 
@@ -80,8 +88,16 @@ class EngineStats:
 
 
     def as_dict(self) -> dict:
-        """The summary ``Engine.stats()`` documents (pages, fragmentation, requests, prefix
-        cache, adapters), as plain values."""
+        """Plain values: ``pages_total``; ``pages_kv`` (held by requests or cached);
+        ``pages_kv_cached`` (cached blocks no request holds: reusable, reclaimed first when
+        pages run short); ``pages_adapter``; ``pages_free``; ``page_bytes``;
+        ``internal_fragmentation`` (fraction of the elements of used pages that hold
+        nothing); ``adapters_resident`` (names); ``requests_running``; ``requests_waiting``;
+        ``admissions_refused`` and ``preemptions`` (for lack of pages, since the start);
+        ``prefix_cache`` (``hit_tokens``, ``queried_tokens``: prompt tokens served from the
+        cache and looked up, since the start); ``adapters`` (per name: ``tier``,
+        ``requests``, ``tokens``, ``loads_from_disk``, ``loads_from_source``,
+        ``loads_from_host``, ``evictions``, ``last_used``: see ``AdapterUsage``)."""
         return {
             "pages_total": self.pool.num_pages, "pages_kv": self.pool.kv,
             "pages_kv_cached": self.kv.cached_pages, "pages_adapter": self.pool.adapter,
@@ -146,6 +162,7 @@ class EngineCore:
 
     def __init__(self, scheduler: Scheduler, adapters: AdapterStore, runner: ModelRunner,
                  pool: UnifiedPool, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.model = runner.model
         self.scheduler = scheduler
         self.adapters = adapters
         self.runner = runner
@@ -157,6 +174,43 @@ class EngineCore:
         self._steps: deque[StepStats] = deque(maxlen=self.HISTORY)
         self._num_steps = 0
         self._peak: EngineStats | None = None
+
+    @classmethod
+    def build(cls, config: EngineConfig, hf_config, weights: dict[str, torch.Tensor], *,
+              max_model_len: int, sampler: Sampler | None = None) -> EngineCore:
+        """The model, its pool (``config.pool_gb``, ``config.memory_layout``), the adapter
+        store, the scheduler and the runner, wired together.
+
+        Raises:
+            ValueError: a CUDA device without CUDA, an unsupported model, or a pool too small
+                for one KV block (next to the adapter slots, in the static layout).
+        """
+        dtype, device = getattr(torch, config.dtype), torch.device(config.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={config.device!r}, but this torch build "
+                             f"({torch.__version__}) sees no CUDA device; use device='cpu'")
+        m = LlamaModel(hf_config, weights, dtype=dtype, device=device,
+                       max_model_len=max_model_len, kernel_backend=config.kernel_backend)
+        page_numel = UnifiedPool.page_numel_for(config.block_size, m.num_kv_heads, m.head_dim)
+        every_module = dict.fromkeys(itertools.product(range(m.num_layers), m.module_shapes),
+                                     config.max_lora_rank)
+        pool = UnifiedPool.for_model(
+            pool_gb=config.pool_gb, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+            head_dim=m.head_dim, block_size=config.block_size, dtype=dtype, device=device,
+            memory_layout=config.memory_layout, max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank,
+            static_slot_pages=packed_pages(every_module, m.module_shapes, page_numel))
+        scheduler_config = config.scheduler_config(max_model_len)
+        adapters = AdapterStore(
+            pool, num_layers=m.num_layers, module_shapes=m.module_shapes,
+            max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
+            host_cache_bytes=None if config.host_cache_gb is None
+            else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
+            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers))
+        scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
+                              allocator=pool.allocator, adapters=adapters)
+        runner = ModelRunner(m, pool, sampler or Sampler(device))
+        return cls(scheduler, adapters, runner, pool, scheduler.clock)
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -217,6 +271,27 @@ class EngineCore:
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
             block_size=self.pool.block_size)
+
+    def summary(self, history: bool = False) -> dict:
+        """The stats ``Engine.stats()`` returns, as plain values (between two steps).
+
+        Returns:
+            :meth:`EngineStats.as_dict` (``pages_total``, ``pages_kv``, ``pages_kv_cached``,
+            ``pages_adapter``, ``pages_free``, ``page_bytes``, ``internal_fragmentation``,
+            ``adapters_resident``, ``requests_running``, ``requests_waiting``,
+            ``admissions_refused``, ``preemptions``, ``prefix_cache``, ``adapters``), and
+            ``num_steps`` (since the start), ``last_step`` (a :class:`StepStats` as a dict;
+            None before the first step), ``peak`` (:meth:`EngineStats.pool_dict` at the step
+            since :meth:`reset_peak` with the fewest free pages) and, with ``history``,
+            ``steps`` (the last :attr:`HISTORY` steps as dicts, oldest first).
+        """
+        steps = list(self._steps)
+        out = {**self.stats().as_dict(), "num_steps": self._num_steps,
+               "last_step": asdict(steps[-1]) if steps else None,
+               "peak": {} if self._peak is None else self._peak.pool_dict()}
+        if history:
+            out["steps"] = [asdict(s) for s in steps]
+        return out
 
     @property
     def steps(self) -> list[StepStats]:

@@ -63,6 +63,28 @@ class InputProcessor:
         """
         return [None if n is None else self.key_of(n) for n in names]
 
+    def process_all(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
+                    params: Sequence[SamplingParams], *, all_or_none: bool = False
+                    ) -> list[tuple[int, Request | None, str | None]]:
+        """Processes one call's prompts (index = position): ``(request id, Request, None)``
+        each, or ``(request id, None, reason)`` for an invalid prompt.
+
+        Raises:
+            UnknownAdapterError: an adapter name never added (before any prompt is processed).
+            InvalidPromptError: the first invalid prompt, with ``all_or_none``.
+        """
+        keys = self.adapter_keys(adapters)
+        made = []
+        for i, (prompt, key, sp) in enumerate(zip(prompts, keys, params, strict=True)):
+            rid = self.next_id()
+            try:
+                made.append((rid, self.process(prompt, key, sp, request_id=rid, index=i), None))
+            except InvalidPromptError as e:
+                if all_or_none:
+                    raise
+                made.append((rid, None, str(e)))
+        return made
+
     def process(self, prompt: Prompt, adapter_key: str | None, params: SamplingParams, *,
                 request_id: int, index: int = 0) -> Request:
         """The Request for ``prompt``, the ``index``-th of its call.

@@ -73,6 +73,10 @@ class OutputProcessor:
         """Requests with outputs still to come (0 once everything submitted has finished)."""
         return len(self._live)
 
+    def has_pending(self) -> bool:
+        """Whether outputs of rejected prompts wait for the next :meth:`process`."""
+        return bool(self._rejected)
+
     def is_live(self, request_id: int) -> bool:
         """Whether ``request_id`` has outputs still to come."""
         return request_id in self._live
