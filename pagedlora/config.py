@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pagedlora.kernels.backend import KERNEL_BACKENDS
-from pagedlora.scheduler import MEMORY_LAYOUTS, POLICIES, SchedulerConfig
+from pagedlora.scheduler import MEMORY_LAYOUTS, SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -108,30 +108,22 @@ class EngineConfig:
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
                              f"got {self.kernel_backend!r}")
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras",
-                     "max_lora_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.max_model_len is not None and (
             not isinstance(self.max_model_len, int) or self.max_model_len < 1
         ):
             raise ValueError(f"max_model_len must be a positive int or None, "
                              f"got {self.max_model_len!r}")
+        # block_size, max_num_seqs, max_num_batched_tokens, max_loras, policy,
+        # policy_max_wait_s, watermark, enable_prefix_caching: the scheduler's own checks
+        self.scheduler_config(self.max_model_len or 1)
+        if not isinstance(self.max_lora_rank, int) or isinstance(self.max_lora_rank, bool) \
+                or self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be a positive int, got {self.max_lora_rank!r}")
         if self.memory_layout not in MEMORY_LAYOUTS:
             raise ValueError(f"memory_layout must be one of {MEMORY_LAYOUTS}, "
                              f"got {self.memory_layout!r}")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if not self.policy_max_wait_s > 0:
-            raise ValueError(f"policy_max_wait_s must be > 0, got {self.policy_max_wait_s!r}")
-        if not 0 <= self.watermark < 1:
-            raise ValueError(f"watermark must be in [0, 1), got {self.watermark!r}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be a bool, "
-                             f"got {self.enable_prefix_caching!r}")
         if self.ttft_deadline_s is not None and not self.ttft_deadline_s > 0:
             raise ValueError(f"ttft_deadline_s must be > 0 or None, got {self.ttft_deadline_s!r}")
         if self.max_cpu_loras is not None and (

@@ -139,11 +139,15 @@ def test_close_stops_the_prefetcher_and_removes_the_private_spill_dir(tiny_llama
         engine.adapters.evict_unpinned(engine.pool.num_pages)
         engine.adapters.start_prefetch([key])
         assert engine.adapters.wait_prefetched()
-        threads = {t.name for t in threading.enumerate()}
-        assert "pagedlora-prefetch" in threads
+        running = prefetch_threads()
+        assert running >= 1  # this engine's (others' may still run)
     assert not spilled.parent.exists()
-    assert "pagedlora-prefetch" not in {t.name for t in threading.enumerate()}
+    assert prefetch_threads() == running - 1
     engine.close()  # idempotent
+
+
+def prefetch_threads() -> int:
+    return sum(t.name == "pagedlora-prefetch" for t in threading.enumerate())
 
 
 def test_unknown_adapter_is_its_own_error_and_still_a_value_error(tiny_llama_dir):
