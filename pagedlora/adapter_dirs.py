@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import shutil
-import tarfile
-import tempfile
-import zlib
 from pathlib import Path
 
-from pagedlora.errors import AdapterError
-from pagedlora.model_files import cache_dir, file_hash
+from pagedlora.cache import extract_archive
+from pagedlora.errors import AdapterError, SourceError
 
 
 def adapter_dirs(root: str | Path) -> dict[str, Path]:
@@ -18,9 +14,9 @@ def adapter_dirs(root: str | Path) -> dict[str, Path]:
     This is SageMaker LMI's layout (an ``adapters/`` folder with one PEFT directory per
     adapter). ``root`` may also be a folder holding that ``adapters/`` folder, or a tar archive
     (``.tar.gz``, ``.tgz``, ``.tar``) of either, as ``tar czf adapters.tar.gz -C dir .`` makes
-    it; the archive is extracted once into ``$PAGEDLORA_CACHE/adapters/<name>-<xxhash>`` with
-    tarfile's ``"data"`` filter, which refuses members outside the destination (``../``,
-    absolute paths, links out), device files and the like.
+    it; the archive is extracted once into the cache with tarfile's ``"data"`` filter, which
+    refuses members outside the destination (``../``, absolute paths, links out), device files
+    and the like.
 
     Raises:
         AdapterError: ``root`` is neither a directory nor a readable tar archive, the archive
@@ -28,7 +24,10 @@ def adapter_dirs(root: str | Path) -> dict[str, Path]:
     """
     root = Path(root)
     if root.is_file():
-        root = _extracted(root)
+        try:
+            root = extract_archive(root, label=f"adapters archive {root}")
+        except SourceError as e:
+            raise AdapterError(str(e)) from e
     if not root.is_dir():
         raise AdapterError(f"adapters root {root} is not a directory or a tar archive")
     for folder in (root, root / "adapters"):
@@ -37,29 +36,3 @@ def adapter_dirs(root: str | Path) -> dict[str, Path]:
             return found
     raise AdapterError(f"no adapters in {root}: expected <name>/adapter_config.json in it or "
                        f"in its adapters/ folder")
-
-
-def _extracted(archive: Path) -> Path:
-    """Extracts ``archive`` into the cache (once per content) and returns the folder."""
-    if not tarfile.is_tarfile(archive):
-        raise AdapterError(f"adapters archive {archive} is not a tar archive")
-    stem = archive.name.split(".")[0] or "adapters"
-    target = cache_dir() / "adapters" / f"{stem}-{file_hash(archive)}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not target.is_dir():
-                raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        # FilterError (an unsafe member) is a TarError; a truncated gzip stream is an EOFError
-        raise AdapterError(f"adapters archive {archive}: {type(e).__name__}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

