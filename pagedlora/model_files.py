@@ -1,4 +1,5 @@
-"""Finding a model's files: HF directories, GGUF files (converted once and cached), the default."""
+"""Finding a model's files: HF directories, GGUF files (converted once and cached), archives,
+S3 URLs and cached Hugging Face ids (through :mod:`pagedlora.sources`), the default."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pagedlora.cache import cache_dir, file_hash, publishing
+from pagedlora.cache import cache_dir, extract_archive, file_hash, is_archive, publishing
+from pagedlora.sources import fetch
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +42,25 @@ def default_model_path() -> Path:
                             f"install it with: {INSTALL_DEFAULT}")
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
+def resolve_model(model: str | os.PathLike | None, revision: str | None = None) -> Path:
     """Returns an HF-format directory (config.json, *.safetensors, tokenizer) for ``model``.
 
     Args:
-        model: an HF directory, a ``.gguf`` file, or None for the default model.
+        model: an HF directory, a ``.gguf`` file, a tar archive of an HF directory
+            (``.tar.gz``, ``.tgz``, ``.tar``; extracted once into the cache), an
+            ``s3://bucket/prefix`` of those (downloaded once into the cache), an ``org/name``
+            model id in the local Hugging Face cache, or None for the default model.
+        revision: for a model id, the branch, tag or commit in the cache.
     Raises:
-        FileNotFoundError: the path does not exist, or the default model is not installed.
-        ValueError: a file that is not ``.gguf``, or a directory without config.json.
+        FileNotFoundError: a missing local path, or the default model is not installed.
+        SourceError (an OSError): a model id not in the local Hugging Face cache, an S3 or
+            archive failure; the message names the source.
+        ValueError: a file that is not ``.gguf`` or an archive, or a directory without
+            config.json.
     """
-    path = default_model_path() if model is None else Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+    path = default_model_path() if model is None else fetch(model, "model", revision)
+    if path.is_file() and is_archive(path):
+        path = extract_archive(path, label=f"model archive {model}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json")
