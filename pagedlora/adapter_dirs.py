@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from pagedlora.cache import extract_archive, is_archive
-from pagedlora.errors import AdapterError
+from pagedlora.errors import AdapterError, SourceError
 from pagedlora.sources import fetch
 
 
@@ -17,14 +17,17 @@ def fetch_adapter(source: str | os.PathLike) -> Path:
     cache), or an ``org/name`` id in the local Hugging Face cache.
 
     Raises:
-        AdapterError: naming the source, when it cannot be had (missing, S3 failure, bad
-            archive); its content is checked later, by ``read_lora_adapter``.
+        AdapterError: naming the source, when it cannot be had (S3 failure, an id not in the
+            cache, a bad archive). A missing local path is returned as is: reading it
+            (``read_lora_adapter``) reports it, naming the adapter.
     """
     try:
         path = fetch(source, "adapter")
         if path.is_file() and is_archive(path):
             path = extract_archive(path, label=f"adapter archive {source}")
-    except OSError as e:  # SourceError, FileNotFoundError: their messages name the source
+    except FileNotFoundError:
+        return Path(source)  # read_lora_adapter says what is missing, naming the adapter
+    except SourceError as e:
         raise AdapterError(str(e)) from e
     return path
 
