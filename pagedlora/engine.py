@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoTokenizer
 
-from pagedlora.adapter_dirs import adapter_dirs
+from pagedlora.adapter_dirs import adapter_dirs, fetch_adapter
 from pagedlora.adapter_pages import packed_pages
 from pagedlora.adapter_store import AdapterStore
 from pagedlora.config import EngineConfig
@@ -173,6 +173,10 @@ class Engine:
                     ) -> LoraAdapter:
         """Registers the PEFT LoRA adapter in ``path`` under ``name``.
 
+        ``path`` is a PEFT directory, a tar archive of one, an ``s3://`` URL of either
+        (downloaded once into the cache, size- and MD5-checked), or an ``org/name`` id in the
+        local Hugging Face cache (:func:`pagedlora.adapter_dirs.fetch_adapter`).
+
         Cheap: the config is checked and the weights are read once to validate and hash them
         (XXH3-128 of the content is the adapter's identity), then dropped unless ``preload``
         keeps them in host memory; they are read again from the disk when a request needs
@@ -180,19 +184,20 @@ class Engine:
         with other weights makes a new adapter; requests already queued keep the old one.
 
         Raises:
-            AdapterError (a ValueError): missing files, bad config, shapes that do not fit the
-                model, rank above max_lora_rank, NaN/Inf, unknown dtype or target modules,
-                module paths of another architecture.
+            AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
+                files, bad config, shapes that do not fit the model, rank above max_lora_rank,
+                NaN/Inf, unknown dtype or target modules, module paths of another architecture.
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
                 embedding/lm_head LoRA.
         """
-        return self.adapters.add(name, path, preload=preload)
+        return self.adapters.add(name, fetch_adapter(path), preload=preload)
 
     def add_adapters_from_dir(self, root: str | os.PathLike, preload: bool = False
                               ) -> list[LoraAdapter]:
         """Registers every ``root/<name>/`` PEFT directory under its folder's name (SageMaker
         LMI's ``adapters/`` layout); ``root`` may be a ``.tar.gz`` archive of it, extracted
-        safely into the cache. All or nothing: one invalid adapter registers none.
+        safely into the cache, or an ``s3://`` URL of either. All or nothing: one invalid
+        adapter registers none.
 
         Raises:
             AdapterError, UnsupportedAdapterError: as :meth:`add_adapter`, naming the adapter;
