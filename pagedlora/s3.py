@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -90,8 +91,8 @@ def download(url: str, options: S3Options | None = None) -> Path:
     ``s3://b/k`` is the object ``k`` if it exists, else every object under ``k/``. The copy
     lives in ``cache_dir()/s3/<bucket>/<key>-<digest of the listing>``: listing again (one
     request) finds an unchanged source already there, so it is downloaded once; a changed one
-    (other sizes or ETags) gets a new folder. Each file is fetched only if its ETag is still
-    the listed one, then checked: its size, and its MD5 against the ETag (a multipart ETag,
+    (other sizes or ETags) gets a new folder. Each file is fetched if its ETag is still the
+    listed one, then checked: its size, and its MD5 against the listed ETag (a multipart ETag,
     ``md5-of-part-md5s-N``, is recomputed with the part size S3 reports for part 1); objects
     under SSE-KMS, whose ETag is no MD5, get the size check only. The folder appears whole or
     not at all.
@@ -109,6 +110,10 @@ def download(url: str, options: S3Options | None = None) -> Path:
         objects = _listing(client, where)
         target = _cache_target(where, objects)
         if not all(_intact(target / o.relative, o) for o in objects):
+            if target.exists():
+                log.warning("the cached copy of %s in %s is damaged; downloading it again",
+                            where, target)
+                shutil.rmtree(target)
             with publishing(target) as tmp:
                 for o in objects:
                     _fetch(client, where, o, tmp / o.relative)
@@ -161,8 +166,8 @@ def _listing(client, where: S3Url) -> list[_Object]:
 
 
 def _cache_target(where: S3Url, objects: list[_Object]) -> Path:
-    digest = xxhash.xxh3_64(json.dumps(
-        [where.bucket, where.key, [(o.relative, o.size, o.etag) for o in objects]])).hexdigest()
+    listing = [where.bucket, where.key, [(o.relative, o.size, o.etag) for o in objects]]
+    digest = xxhash.xxh3_64(json.dumps(listing).encode()).hexdigest()
     name = re.sub(r"[^A-Za-z0-9._-]", "_", where.key.strip("/"))[-100:] or "_bucket"
     return cache_dir() / "s3" / where.bucket / f"{name}-{digest}"
 
@@ -172,26 +177,46 @@ def _intact(path: Path, o: _Object) -> bool:
 
 
 def _fetch(client, where: S3Url, o: _Object, dest: Path) -> None:
-    """Downloads one object (if its ETag is still ``o.etag``) and checks it."""
+    """Downloads one object and checks it against the listing (a changed object fails its
+    ETag precondition, or its MD5 check if it changes during the download)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    head = client.head_object(Bucket=where.bucket, Key=o.key, IfMatch=f'"{o.etag}"')
-    client.download_file(where.bucket, o.key, str(dest), ExtraArgs={"IfMatch": f'"{o.etag}"'})
-    url = f"s3://{where.bucket}/{o.key}"
-    got = dest.stat().st_size
-    if got != o.size:
-        raise SourceError(f"{url}: downloaded {got} bytes, S3 lists {o.size}")
-    if head.get("ServerSideEncryption") in _NO_MD5_ETAG or head.get("SSECustomerAlgorithm"):
-        return  # the ETag is no MD5 of the content: the size is the check
-    if "-" in o.etag:
-        parts = int(o.etag.rsplit("-", 1)[1])
-        part_size = client.head_object(Bucket=where.bucket, Key=o.key, PartNumber=1,
-                                       IfMatch=f'"{o.etag}"')["ContentLength"]
-        digest = _multipart_md5(dest, part_size, parts)
+    match = {"IfMatch": f'"{o.etag}"'}
+    head = client.head_object(Bucket=where.bucket, Key=o.key, **match)
+    client.download_file(where.bucket, o.key, str(dest))  # ranged GETs in parallel
+    no_md5 = head.get("ServerSideEncryption") in _NO_MD5_ETAG or head.get("SSECustomerAlgorithm")
+    part_size = None
+    if not no_md5 and "-" in o.etag:
+        part_size = client.head_object(Bucket=where.bucket, Key=o.key,
+                                       PartNumber=1)["ContentLength"]
+    check_download(dest, f"s3://{where.bucket}/{o.key}", o.size, None if no_md5 else o.etag,
+                   part_size)
+
+
+def check_download(path: Path, url: str, size: int, etag: str | None,
+                   part_size: int | None = None) -> None:
+    """Checks a downloaded file against what S3 reports for it.
+
+    Args:
+        size: the object's size in bytes.
+        etag: its ETag without quotes: the MD5 of the content, or for a multipart upload the
+            MD5 of the parts' MD5s and ``-<parts>``; None when it is no MD5 (SSE-KMS, SSE-C):
+            then only the size is checked.
+        part_size: for a multipart ETag, the bytes of every part but the last.
+    Raises:
+        SourceError: naming ``url``, when the size or the MD5 differs.
+    """
+    got = path.stat().st_size
+    if got != size:
+        raise SourceError(f"{url}: downloaded {got} bytes, S3 lists {size}")
+    if etag is None:
+        return
+    if "-" in etag:
+        digest = _multipart_md5(path, part_size or size, int(etag.rsplit("-", 1)[1]))
     else:
-        digest = _md5(dest)
-    if digest != o.etag:
-        raise SourceError(f"{url}: the download's MD5 {digest} differs from the ETag {o.etag} "
-                          f"S3 reports; the copy is corrupt")
+        digest = _md5(path)
+    if digest != etag:
+        raise SourceError(f"{url}: the download's MD5 {digest} differs from the ETag {etag} "
+                          f"S3 listed: the copy is corrupt, or the object changed meanwhile")
 
 
 def _md5(path: Path) -> str:
