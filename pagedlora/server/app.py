@@ -43,7 +43,8 @@ def build_app(config: ServerConfig) -> FastAPI:
     loops = {}
     for name, path in config.models.items():
         log.info("loading base model %r from %s", name, path or "the embedded default model")
-        engine = Engine(path, pool_gb=config.pool_gb_per_model, **config.engine_options)
+        engine = Engine(path, pool_gb=config.pool_gb_per_model,
+                        **config.engine_options_for(name))
         loops[name] = EngineLoop(name, engine, config.max_queue,
                                  on_finished=partial(metrics.observe_finished, name))
     registry = ModelRegistry(loops)
