@@ -56,19 +56,28 @@ def _where(loc: tuple) -> str:
                     if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) -> Any:
     """Validates a JSON request body as ``model``.
 
+    Args:
+        query: fields given in the query string instead (DJL's management API takes its
+            parameters there); with it, an empty body stands for ``{}``.
     Raises:
         ApiError: 400 for malformed JSON (with the position), a body that is not a JSON object,
-            or fields that fail validation (each named with its reason).
+            a field given both in the query string and the body, or fields that fail
+            validation (each named with its reason).
     """
     try:
-        data = json.loads(raw)
+        data = {} if query is not None and not raw.strip() else json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    if query:
+        both = sorted(set(query) & set(data))
+        if both:
+            raise ApiError(400, f"{both} given both in the query string and the body")
+        data = {**query, **data}
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -219,6 +228,20 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+
+
+class RegisterAdapterRequest(_Neutral):
+    """LMI's ``POST /models/{model}/adapters`` (DJL's parameters). ``preload`` (DJL's default
+    true) keeps the weights in host memory; ``pin`` (keeping an adapter in device memory for
+    good) is accepted only false: here an adapter stays in the pool while its requests run and
+    is then evicted least recently used."""
+
+    NEUTRAL: ClassVar[dict[str, object]] = {"pin": False}
+
+    name: str = Field(min_length=1)
+    src: str = Field(min_length=1)
+    preload: bool = True
+    pin: bool = False
 
 
 class LoadAdapterRequest(_Strict):
