@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the OpenAI- and SageMaker-compatible HTTP server",
         description="Serve base models and their LoRA adapters over HTTP: OpenAI's "
         "/v1/completions, /v1/chat/completions, /v1/models, vLLM's /v1/load_lora_adapter and "
-        "/v1/unload_lora_adapter, SageMaker's /invocations and /ping, /health, /metrics.")
+        "/v1/unload_lora_adapter, SageMaker LMI's /invocations, /ping and "
+        "/models/{model}/adapters, /health, /metrics. Models and adapters may be local paths, "
+        "s3:// URLs or Hugging Face ids in the local Hugging Face cache.")
     serve.set_defaults(run=_serve)
     what = serve.add_argument_group("what to serve")
     what.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
