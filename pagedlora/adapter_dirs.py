@@ -1,65 +1,63 @@
-"""Finding adapters in a folder of PEFT directories, or in a ``.tar.gz`` archive of one."""
+"""Finding adapters: one PEFT directory, or a folder of them (SageMaker LMI's ``adapters/``),
+local, in a ``.tar.gz``, or at an ``s3://`` URL (see :mod:`pagedlora.sources`)."""
 
 from __future__ import annotations
 
-import shutil
-import tarfile
-import tempfile
-import zlib
+import os
 from pathlib import Path
 
-from pagedlora.errors import AdapterError
-from pagedlora.model_files import cache_dir, file_hash
+from pagedlora.cache import extract_archive, is_archive
+from pagedlora.errors import AdapterError, SourceError
+from pagedlora.sources import fetch
 
 
-def adapter_dirs(root: str | Path) -> dict[str, Path]:
+def fetch_adapter(source: str | os.PathLike) -> Path:
+    """The local PEFT directory of one adapter ``source``: a directory, a tar archive holding
+    ``adapter_config.json`` at its root, an ``s3://`` URL of either (downloaded once into the
+    cache), or an ``org/name`` id in the local Hugging Face cache.
+
+    Raises:
+        AdapterError: naming the source, when it cannot be had (S3 failure, an id not in the
+            cache, a bad archive). A missing local path is returned as is: reading it
+            (``read_lora_adapter``) reports it, naming the adapter.
+    """
+    try:
+        path = fetch(source, "adapter")
+        if path.is_file() and is_archive(path):
+            path = extract_archive(path, label=f"adapter archive {source}")
+    except FileNotFoundError:
+        return Path(source)  # read_lora_adapter says what is missing, naming the adapter
+    except SourceError as e:
+        raise AdapterError(str(e)) from e
+    return path
+
+
+def adapter_dirs(root: str | os.PathLike) -> dict[str, Path]:
     """``name -> directory`` for every ``root/<name>/adapter_config.json``.
 
     This is SageMaker LMI's layout (an ``adapters/`` folder with one PEFT directory per
     adapter). ``root`` may also be a folder holding that ``adapters/`` folder, or a tar archive
     (``.tar.gz``, ``.tgz``, ``.tar``) of either, as ``tar czf adapters.tar.gz -C dir .`` makes
-    it; the archive is extracted once into ``$PAGEDLORA_CACHE/adapters/<name>-<xxhash>`` with
-    tarfile's ``"data"`` filter, which refuses members outside the destination (``../``,
-    absolute paths, links out), device files and the like.
+    it, or an ``s3://`` URL of any of these (downloaded once into the cache). An archive is
+    extracted once into the cache with tarfile's ``"data"`` filter, which refuses members
+    outside the destination (``../``, absolute paths, links out), device files and the like.
 
     Raises:
-        AdapterError: ``root`` is neither a directory nor a readable tar archive, the archive
-            holds an unsafe member, or no adapter directory is found.
+        AdapterError: naming ``root``: it cannot be had (missing, S3 failure), it is neither a
+            directory nor a readable tar archive, the archive holds an unsafe member, or no
+            adapter directory is found.
     """
-    root = Path(root)
-    if root.is_file():
-        root = _extracted(root)
-    if not root.is_dir():
+    try:
+        path = fetch(root, "adapters root")
+        if path.is_file():
+            path = extract_archive(path, label=f"adapters archive {root}")
+    except OSError as e:  # SourceError, FileNotFoundError: their messages name the source
+        raise AdapterError(str(e)) from e
+    if not path.is_dir():
         raise AdapterError(f"adapters root {root} is not a directory or a tar archive")
-    for folder in (root, root / "adapters"):
+    for folder in (path, path / "adapters"):
         found = {p.parent.name: p.parent for p in sorted(folder.glob("*/adapter_config.json"))}
         if found:
             return found
     raise AdapterError(f"no adapters in {root}: expected <name>/adapter_config.json in it or "
                        f"in its adapters/ folder")
-
-
-def _extracted(archive: Path) -> Path:
-    """Extracts ``archive`` into the cache (once per content) and returns the folder."""
-    if not tarfile.is_tarfile(archive):
-        raise AdapterError(f"adapters archive {archive} is not a tar archive")
-    stem = archive.name.split(".")[0] or "adapters"
-    target = cache_dir() / "adapters" / f"{stem}-{file_hash(archive)}"
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not target.is_dir():
-                raise
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        # FilterError (an unsafe member) is a TarError; a truncated gzip stream is an EOFError
-        raise AdapterError(f"adapters archive {archive}: {type(e).__name__}: {e}") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

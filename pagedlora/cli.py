@@ -3,18 +3,29 @@
 Every :class:`~pagedlora.EngineConfig` field but ``pool_gb`` is an option of ``serve``
 (``max_num_seqs`` -> ``--max-num-seqs``), with the field's documentation as its help, so the
 two never drift apart.
+
+``serve --model-dir`` (and ``--sagemaker``) read SageMaker LMI's configuration: a model
+directory's ``serving.properties`` and the ``OPTION_*`` environment. Precedence: explicit
+flags > serving.properties > environment > defaults.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from pagedlora.config import EngineConfig
+from pagedlora.sources import as_source
+
+DEFAULT_HOST, SAGEMAKER_HOST = "127.0.0.1", "0.0.0.0"
+DEFAULT_PORT, SAGEMAKER_PORT = 8000, 8080
+DEFAULT_MAX_QUEUE, DEFAULT_MAX_BODY_MB, DEFAULT_POOL_GB = 256, 4.0, 1.0
 
 _CONVERTERS = {"int": int, "float": float, "str": str}
 
@@ -35,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="run the OpenAI- and SageMaker-compatible HTTP server",
         description="Serve base models and their LoRA adapters over HTTP: OpenAI's "
         "/v1/completions, /v1/chat/completions, /v1/models, vLLM's /v1/load_lora_adapter and "
-        "/v1/unload_lora_adapter, SageMaker's /invocations and /ping, /health, /metrics.")
+        "/v1/unload_lora_adapter, SageMaker LMI's /invocations, /ping and "
+        "/models/{model}/adapters, /health, /metrics. Models and adapters may be local paths, "
+        "s3:// URLs or Hugging Face ids in the local Hugging Face cache.")
     serve.set_defaults(run=_serve)
     what = serve.add_argument_group("what to serve")
     what.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
@@ -48,24 +61,39 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--adapters-dir", action="append", default=[], metavar="[MODEL=]DIR",
                       help="a folder (or .tar.gz) of PEFT directories, each served under its "
                       "folder's name")
+    what.add_argument("--model-dir", action="append", default=[], metavar="[NAME=]DIR",
+                      help="a SageMaker LMI model directory (local, .tar.gz or s3://), served "
+                      "as NAME (the inference component): its serving.properties and the "
+                      "OPTION_* environment configure it (explicit flags win), the model is "
+                      "option.model_id or its own files, its adapters/ are served with "
+                      "option.enable_lora=true; repeat for several base models")
+    what.add_argument("--sagemaker", action="store_true",
+                      help="run as a SageMaker (LMI) container: listen on 0.0.0.0:8080 (or "
+                      "SAGEMAKER_BIND_TO_PORT), serve /opt/ml/model when no --model or "
+                      "--model-dir is given, use CUDA when a device is visible")
+    what.add_argument("--state-dir", type=Path, metavar="DIR",
+                      help="record adapters loaded at run time here and load them again at "
+                      "the next start (default: not kept)")
     http = serve.add_argument_group("HTTP")
-    http.add_argument("--host", default="127.0.0.1",
-                      help="address to listen on (default 127.0.0.1: this machine only)")
-    http.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    http.add_argument("--max-queue", type=int, default=256, metavar="N",
+    http.add_argument("--host", help=f"address to listen on (default {DEFAULT_HOST}: this "
+                      f"machine only; {SAGEMAKER_HOST} with --sagemaker)")
+    http.add_argument("--port", type=int, help=f"TCP port (default {DEFAULT_PORT}; "
+                      f"{SAGEMAKER_PORT} with --sagemaker)")
+    http.add_argument("--max-queue", type=int, metavar="N",
                       help="most requests per base model waiting for their first token; more "
-                      "get 503 with Retry-After (default: %(default)s)")
-    http.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB",
-                      help="largest request body in MiB; larger gets 413 (default: %(default)s)")
+                      f"get 503 with Retry-After (default: {DEFAULT_MAX_QUEUE})")
+    http.add_argument("--max-body-mb", type=float, metavar="MB",
+                      help=f"largest request body in MiB; larger gets 413 (default: "
+                      f"{DEFAULT_MAX_BODY_MB})")
     http.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                       help="on SIGTERM, seconds running requests may take to finish before "
                       "they are aborted (default: %(default)s)")
     http.add_argument("--log-level", default="info",
                       choices=["debug", "info", "warning", "error"])
     engine = serve.add_argument_group("engine (pagedlora.EngineConfig, for every base model)")
-    engine.add_argument("--pool-gb", type=float, default=1.0, metavar="G",
+    engine.add_argument("--pool-gb", type=float, metavar="G",
                         help="GiB of unified pool in all, split evenly between the base models "
-                        "(default: %(default)s)")
+                        f"(default: {DEFAULT_POOL_GB}, or LMI's gpu_memory_utilization on CUDA)")
     _add_engine_options(engine)
     return parser
 
@@ -76,9 +104,12 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = server_config(args)
+        config = server_config(args, os.environ)
     except (ValueError, TypeError) as e:
         parser.error(str(e))
+    except OSError as e:  # an LMI model directory or model that cannot be had
+        print(f"pagedlora serve: error: {e}", file=sys.stderr)
+        return 1
     try:
         app = build_app(config)
     except (OSError, ValueError, NotImplementedError) as e:  # a model or adapter cannot load
@@ -88,12 +119,18 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     return 0
 
 
-def server_config(args: argparse.Namespace):
+def server_config(args: argparse.Namespace, env: Mapping[str, str] | None = None):
     """The :class:`~pagedlora.server.config.ServerConfig` of parsed ``serve`` arguments.
 
+    With ``--model-dir`` or ``--sagemaker``, the LMI model directories are read (downloaded
+    when remote, which is slow) with ``env`` for their ``OPTION_*`` settings; explicit flags
+    win over them.
+
     Raises:
-        ValueError: a malformed ``NAME=PATH``, a name given twice, or as ServerConfig.
+        ValueError: a malformed ``NAME=PATH``, a name given twice, a refused LMI option
+            (``LmiConfigError``, naming each), or as ServerConfig.
         TypeError: as ServerConfig.
+        OSError: an LMI model directory or model that cannot be had (``SourceError``).
     """
     from pagedlora.server.config import AdapterSource, ServerConfig
 
@@ -104,17 +141,81 @@ def server_config(args: argparse.Namespace):
     for text in args.adapter:
         left, path = _split(text, "--adapter", "[MODEL:]NAME=PATH")
         model, _, name = left.rpartition(":")
-        adapters.append(AdapterSource(model or None, Path(path), name))
+        adapters.append(AdapterSource(model or None, as_source(path), name))
     for text in args.adapters_dir:
         model, _, path = text.partition("=") if "=" in text else ("", "", text)
-        adapters.append(AdapterSource(model or None, Path(path)))
+        adapters.append(AdapterSource(model or None, as_source(path)))
     options = {f.name: getattr(args, f.name) for f in _engine_fields()
                if getattr(args, f.name) is not None}
-    return ServerConfig(models={name: Path(path) for name, path in models.items()},
-                        adapters=tuple(adapters), host=args.host, port=args.port,
-                        pool_gb=args.pool_gb, max_queue=args.max_queue,
-                        max_body_bytes=int(args.max_body_mb * 2**20),
-                        shutdown_timeout_s=args.shutdown_timeout, engine_options=options)
+    server: dict = {}
+    pool_gb = args.pool_gb
+    model_options: dict[str, dict] = {}
+    lmi_dirs = [_split_optional(d) for d in args.model_dir]
+    if args.sagemaker and not lmi_dirs and not models:
+        from pagedlora.server.lmi_deployment import SAGEMAKER_MODEL_DIR
+
+        lmi_dirs = [(None, SAGEMAKER_MODEL_DIR)]
+    if args.sagemaker and "device" not in options:
+        options["device"] = _sagemaker_device()
+    models = {name: as_source(path) for name, path in models.items()}
+    if lmi_dirs:
+        from pagedlora.server.lmi_deployment import lmi_deployment, pool_gb_for_utilization
+
+        deployment = lmi_deployment(lmi_dirs, os.environ if env is None else env,
+                                    _num_devices(options.get("device", "cpu")))
+        for m in deployment.models:
+            if m.name in models:
+                raise ValueError(f"--model-dir: the name {m.name!r} is also a --model")
+            models[m.name] = m.model
+            adapters += [AdapterSource(m.name, folder) for folder in m.adapters]
+            model_options[m.name] = {k: v for k, v in m.engine_options.items()
+                                     if k not in options}  # explicit flags win
+        server = deployment.server
+        fraction = server.get("gpu_memory_utilization")
+        if pool_gb is None and fraction is not None:
+            pool_gb = pool_gb_for_utilization(fraction, options.get("device", "cpu"),
+                                              deployment.models)
+    host = args.host or (SAGEMAKER_HOST if args.sagemaker else DEFAULT_HOST)
+    port = _first(args.port, server.get("port"),
+                  SAGEMAKER_PORT if args.sagemaker else DEFAULT_PORT)
+    max_body = (int(args.max_body_mb * 2**20) if args.max_body_mb is not None
+                else server.get("max_body_bytes", int(DEFAULT_MAX_BODY_MB * 2**20)))
+    return ServerConfig(models=models, adapters=tuple(adapters), host=host, port=port,
+                        pool_gb=_first(pool_gb, DEFAULT_POOL_GB),
+                        max_queue=_first(args.max_queue, server.get("max_queue"),
+                                         DEFAULT_MAX_QUEUE),
+                        max_body_bytes=max_body,
+                        shutdown_timeout_s=args.shutdown_timeout, engine_options=options,
+                        model_options=model_options, state_dir=args.state_dir)
+
+
+def _first(*values):
+    """The first value that is not None."""
+    return next(v for v in values if v is not None)
+
+
+def _sagemaker_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _num_devices(device: str) -> int:
+    """Accelerators of ``device``'s kind this process sees (1 for the CPU)."""
+    if not device.startswith("cuda"):
+        return 1
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _split_optional(text: str) -> tuple[str | None, str]:
+    """``"[NAME=]SOURCE"`` -> ``(NAME or None, SOURCE)``; a source may hold ``=`` only after a
+    name (``s3://`` URLs and paths rarely do)."""
+    name, found, source = text.partition("=")
+    if not found or "/" in name or ":" in name:
+        return None, text
+    return name, source
 
 
 def _split(text: str, option: str, form: str) -> tuple[str, str]:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
-from pagedlora.adapter_dirs import adapter_dirs
+from pagedlora.adapter_dirs import adapter_dirs, fetch_adapter
 from pagedlora.config import EngineConfig
 from pagedlora.engine_core import EngineCore
 from pagedlora.input_processor import InputProcessor, Prompt, as_prompt_list, per_prompt
@@ -83,21 +83,26 @@ class Engine:
                     ) -> LoraAdapter:
         """Registers the PEFT LoRA adapter in ``path`` under ``name`` (see
         :meth:`AdapterStore.add`: weights read once to validate and hash them, then dropped
-        unless ``preload``). Thread-safe. Re-adding a name with other weights makes a new
-        adapter; requests already queued keep the old one.
+        unless ``preload``). ``path`` is a PEFT directory, a tar archive of one, an ``s3://``
+        URL of either (downloaded once into the cache, size- and MD5-checked), or an
+        ``org/name`` id in the local Hugging Face cache
+        (:func:`pagedlora.adapter_dirs.fetch_adapter`). Thread-safe. Re-adding a name with
+        other weights makes a new adapter; requests already queued keep the old one.
 
         Raises:
-            AdapterError (a ValueError): missing files, bad config, shapes that do not fit the
-                model, rank above max_lora_rank, NaN/Inf, unknown dtype or target modules.
+            AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
+                files, bad config, shapes that do not fit the model, rank above max_lora_rank,
+                NaN/Inf, unknown dtype or target modules.
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
                 embedding/lm_head LoRA.
         """
-        return self.adapters.add(name, path, preload=preload)
+        return self.adapters.add(name, fetch_adapter(path), preload=preload)
 
     def add_adapters_from_dir(self, root: str | os.PathLike, preload: bool = False
                               ) -> list[LoraAdapter]:
         """Registers every ``root/<name>/`` PEFT directory under its folder's name (SageMaker
-        LMI's ``adapters/`` layout); ``root`` may be a ``.tar.gz`` of it. All or nothing.
+        LMI's ``adapters/`` layout); ``root`` may be a ``.tar.gz`` of it or an ``s3://`` URL
+        of either. All or nothing.
 
         Raises:
             AdapterError, UnsupportedAdapterError: as :meth:`add_adapter`, naming the adapter;

@@ -1,4 +1,4 @@
-"""Adapter errors, free of torch so that the (torch-free) scheduler can catch them."""
+"""Adapter and source errors, free of torch so that the (torch-free) scheduler can catch them."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ class InvalidPromptError(ValueError):
     """A prompt the engine cannot run: empty, too long for ``max_model_len``, token ids outside
     the vocabulary, a chat template that fails, or too large for the pool next to its adapter.
     The message names the prompt by its position in the call."""
+class SourceError(OSError):
+    """A model or adapter source that cannot be had as given: a missing path, bucket, key or
+    cached model id, an unreachable or refusing S3 endpoint, a download that fails its size or
+    integrity check, an unreadable or unsafe archive. The message names the URL or path."""

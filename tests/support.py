@@ -6,12 +6,18 @@ Importable as ``support`` (pyproject sets ``pythonpath = ["tests"]`` for pytest)
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import torch
 from safetensors.torch import save_file
 
@@ -382,3 +388,59 @@ def run_step(sched, out, new_token=7):
     sampled = [s.request.request_id for s in out.scheduled
                if s.request.num_computed_tokens + s.num_new_tokens == s.request.num_tokens]
     sched.update(out, RunnerOutput(tuple(sampled), (new_token,) * len(sampled)))
+class ServerProcess:
+    """``python -m pagedlora serve ARGS`` on a free loopback port, its log in a file; ``env``
+    adds to (or, with None values, removes from) this process's environment."""
+
+    def __init__(self, args: list[str], log: Path, timeout_s: float = 120,
+                 env: dict[str, str | None] | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        environ = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: the test needs one
+        for key, value in (env or {}).items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pagedlora", "serve", "--host", "127.0.0.1", "--port",
+                 str(self.port), *args], stdout=out, stderr=subprocess.STDOUT, env=environ)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert self.proc.poll() is None, f"server exited:\n{self.log_text()}"
+            assert time.monotonic() < deadline, f"server not up:\n{self.log_text()}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def openai(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
+                             timeout=60)
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.get(f"{self.url}{path}", **{"timeout": 60, **kwargs})
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.post(f"{self.url}{path}", **{"timeout": 60, **kwargs})
+
+    def delete(self, path: str, **kwargs) -> httpx.Response:
+        return httpx.delete(f"{self.url}{path}", **{"timeout": 60, **kwargs})
+
+    def metrics(self) -> str:
+        return self.get("/metrics").text
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)

@@ -4,12 +4,8 @@ answers must equal ``Engine.generate`` offline with the same options."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from support import save_random_llama, write_peft_dir, write_random_lora
+from support import ServerProcess, save_random_llama, write_peft_dir, write_random_lora
 
 from pagedlora import Engine, SamplingParams
 
@@ -33,49 +29,6 @@ ADAPTERS = {"a1": dict(r=2, target_modules=["q_proj", "v_proj"], seed=1),
             "a4": dict(r=16, target_modules=["gate_proj", "up_proj"], seed=4)}
 OTHER_ADAPTER = dict(r=4, target_modules=["q_proj", "k_proj", "v_proj"], seed=5)
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
-
-
-class ServerProcess:
-    """``python -m pagedlora serve ARGS`` on a free loopback port, its log in a file."""
-
-    def __init__(self, args: list[str], log: Path, timeout_s: float = 120) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 shared cores: the test needs one
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pagedlora", "serve", "--host", "127.0.0.1", "--port",
-                 str(self.port), *args], stdout=out, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, f"server exited:\n{self.log_text()}"
-            assert time.monotonic() < deadline, f"server not up:\n{self.log_text()}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def openai(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0,
-                             timeout=60)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(f"{self.url}{path}", **{"timeout": 60, **kwargs})
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.url}/metrics", timeout=60).text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 def metric(text: str, name: str, **labels) -> float:

@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException
 
 from pagedlora import __version__
 from pagedlora.engine import Engine
-from pagedlora.server import openai_routes, sagemaker_routes
+from pagedlora.server import lmi_routes, openai_routes, sagemaker_routes
+from pagedlora.server.adapter_state import AdapterState, replay
 from pagedlora.server.config import ServerConfig
 from pagedlora.server.engine_loop import EngineLoop, LoopStopped
 from pagedlora.server.metrics import ServerMetrics
@@ -31,19 +32,22 @@ BACKSTOP_S = 10.0  # after the grace period, how long aborted requests get to en
 
 
 def build_app(config: ServerConfig) -> FastAPI:
-    """Loads every base model (one Engine each, with its share of the pool) and registers the
-    startup adapters, then returns the app. Slow: it reads the models. The engine loops start
-    and stop with the app's lifespan (uvicorn runs it).
+    """Loads every base model (one Engine each, with its share of the pool), registers the
+    startup adapters, and with ``config.state_dir`` loads again the adapters a previous run
+    loaded at run time; then returns the app. Slow: it reads the models. The engine loops
+    start and stop with the app's lifespan (uvicorn runs it).
 
     Raises:
-        FileNotFoundError, ValueError, AdapterError...: as ``Engine`` and ``add_adapter``;
-            a name clash between adapters of different base models is a ValueError.
+        FileNotFoundError, SourceError, ValueError, AdapterError...: as ``Engine`` and
+            ``add_adapter``; a name clash between adapters of different base models is a
+            ValueError. (A recorded run-time adapter that fails to load is logged and dropped.)
     """
     metrics = ServerMetrics()
     loops = {}
     for name, path in config.models.items():
         log.info("loading base model %r from %s", name, path or "the embedded default model")
-        engine = Engine(path, pool_gb=config.pool_gb_per_model, **config.engine_options)
+        engine = Engine(path, pool_gb=config.pool_gb_per_model,
+                        **config.engine_options_for(name))
         loops[name] = EngineLoop(name, engine, config.max_queue,
                                  on_finished=partial(metrics.observe_finished, name))
     registry = ModelRegistry(loops)
@@ -53,8 +57,12 @@ def build_app(config: ServerConfig) -> FastAPI:
                  else [engine.add_adapter(source.name, source.path)])
         for adapter in added:
             registry.register(source.model, adapter.name, adapter.path)
+    state = None
+    if config.state_dir is not None:
+        state = AdapterState(config.state_dir)
+        replay(state, registry)
     log.info("serving base models %s, adapters %s", sorted(loops), sorted(registry.adapters))
-    return create_app(ServerState(registry, metrics, config))
+    return create_app(ServerState(registry, metrics, config, state))
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -76,6 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
     app.state.server = state
     app.include_router(openai_routes.router)
     app.include_router(sagemaker_routes.router)
+    app.include_router(lmi_routes.router)
 
     @app.get("/health")
     async def health() -> Response:

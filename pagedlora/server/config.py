@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pagedlora.config import EngineConfig
 from pagedlora.model_files import DEFAULT_MODEL_NAME
+from pagedlora.sources import as_source
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 
@@ -19,12 +20,13 @@ class AdapterSource:
     Attributes:
         model: the base model's served name; None: the only base model.
         path: a PEFT directory; or with ``name`` None, a folder (or ``.tar.gz``) of PEFT
-            directories, each registered under its folder's name (``Engine.add_adapters_from_dir``).
+            directories, each registered under its folder's name (``Engine.add_adapters_from_dir``);
+            either may be an ``s3://`` URL (a string).
         name: the adapter's served name; None for a folder of adapters.
     """
 
     model: str | None
-    path: Path
+    path: str | Path
     name: str | None = None
 
 
@@ -33,9 +35,10 @@ class ServerConfig:
     """Options of :func:`pagedlora.server.app.build_app` (``pagedlora serve``).
 
     Attributes:
-        models: served name -> HF directory or ``.gguf`` file of each base model; empty serves
-            the embedded default model (SmolLM2-135M-Instruct) under its name. Each base model
-            has its own engine.
+        models: served name -> HF directory, ``.gguf`` file, ``s3://`` URL or cached Hugging
+            Face id of each base model (see ``resolve_model``); empty serves the embedded
+            default model (SmolLM2-135M-Instruct) under its name. Each base model has its own
+            engine.
         adapters: adapters and folders of adapters registered at startup.
         host, port: where to listen.
         pool_gb: GiB of unified pool in all, split evenly between the base models.
@@ -45,6 +48,10 @@ class ServerConfig:
         shutdown_timeout_s: on SIGTERM, seconds running requests may take to finish before
             they are aborted.
         engine_options: other :class:`~pagedlora.EngineConfig` fields, for every engine.
+        model_options: served name -> EngineConfig fields for that base model's engine alone,
+            over ``engine_options`` (from its LMI ``serving.properties``).
+        state_dir: where adapters loaded at run time are recorded (``adapters.json``), to be
+            loaded again at the next start; None: they are not kept.
 
     Raises:
         ValueError: naming the offending option (a bad or duplicate name, an adapter without
@@ -52,7 +59,7 @@ class ServerConfig:
         TypeError: an unknown engine option.
     """
 
-    models: dict[str, Path | None] = field(default_factory=dict)
+    models: dict[str, str | Path | None] = field(default_factory=dict)
     adapters: tuple[AdapterSource, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8000
@@ -61,6 +68,8 @@ class ServerConfig:
     max_body_bytes: int = 4 * 2**20
     shutdown_timeout_s: float = 30.0
     engine_options: dict = field(default_factory=dict)
+    model_options: dict[str, dict] = field(default_factory=dict)
+    state_dir: Path | None = None
 
     def __post_init__(self) -> None:
         models = dict(self.models) or {DEFAULT_MODEL_NAME: None}
@@ -80,7 +89,7 @@ class ServerConfig:
                                  f"served: {sorted(models)}")
             if a.name is not None:
                 _check_name(a.name, "adapter")
-            adapters.append(AdapterSource(model, Path(a.path), a.name))
+            adapters.append(AdapterSource(model, as_source(a.path), a.name))
         object.__setattr__(self, "adapters", tuple(adapters))
         named = [a.name for a in adapters if a.name is not None]
         clash = sorted({n for n in named if named.count(n) > 1 or n in models})
@@ -95,16 +104,27 @@ class ServerConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not self.shutdown_timeout_s >= 0:
             raise ValueError(f"shutdown_timeout_s must be >= 0, got {self.shutdown_timeout_s!r}")
-        self.engine_config()  # validates pool_gb and the engine options now, not at load time
+        unknown = sorted(set(self.model_options) - set(models))
+        if unknown:
+            raise ValueError(f"model_options for models not served: {unknown}")
+        if self.state_dir is not None:
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        for name in models:  # validates pool_gb and the engine options now, not at load time
+            self.engine_config(name)
 
     @property
     def pool_gb_per_model(self) -> float:
         """Each base model's share of ``pool_gb``."""
         return self.pool_gb / len(self.models)
 
-    def engine_config(self) -> EngineConfig:
-        """The EngineConfig every base model's engine gets."""
-        return EngineConfig.from_options(self.pool_gb_per_model, **self.engine_options)
+    def engine_options_for(self, model: str) -> dict:
+        """The engine options of base model ``model``: ``engine_options`` and its own."""
+        return {**self.engine_options, **self.model_options.get(model, {})}
+
+    def engine_config(self, model: str | None = None) -> EngineConfig:
+        """The EngineConfig of base model ``model`` (None: the options every engine gets)."""
+        options = self.engine_options if model is None else self.engine_options_for(model)
+        return EngineConfig.from_options(self.pool_gb_per_model, **options)
 
 
 def _check_name(name: str, what: str) -> None:

@@ -107,7 +107,7 @@ async def load_lora_adapter(request: Request) -> Response:
     when the adapter cannot be served."""
     state = ServerState.of(request)
     body = await state.body(request, LoadAdapterRequest)
-    base = await state.registry.load(body.lora_name, body.lora_path, body.model)
+    base = await state.load_adapter(body.lora_name, body.lora_path, body.model)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully "
                              f"to base model '{base}'.")
 
@@ -117,7 +117,7 @@ async def unload_lora_adapter(request: Request) -> Response:
     """``{"lora_name"}``; 404 for an unknown adapter, 409 while requests use it."""
     state = ServerState.of(request)
     body = await state.body(request, UnloadAdapterRequest)
-    await state.registry.unload(body.lora_name)
+    await state.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 

@@ -56,19 +56,28 @@ def _where(loc: tuple) -> str:
                     if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
+def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) -> Any:
     """Validates a JSON request body as ``model``.
 
+    Args:
+        query: fields given in the query string instead (DJL's management API takes its
+            parameters there); with it, an empty body stands for ``{}``.
     Raises:
         ApiError: 400 for malformed JSON (with the position), a body that is not a JSON object,
-            or fields that fail validation (each named with its reason).
+            a field given both in the query string and the body, or fields that fail
+            validation (each named with its reason).
     """
     try:
-        data = json.loads(raw)
+        data = {} if query is not None and not raw.strip() else json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(400, f"malformed JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
+    if query:
+        both = sorted(set(query) & set(data))
+        if both:
+            raise ApiError(400, f"{both} given both in the query string and the body")
+        data = {**query, **data}
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -96,11 +105,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+class _Neutral(_Strict):
+    """A body whose fields in ``NEUTRAL`` (defined by the API, not implemented here) are
+    accepted only at their neutral value."""
+
+    NEUTRAL: ClassVar[dict[str, object]] = {}
+
+    @model_validator(mode="after")
+    def _only_neutral(self):
+        for name, neutral in self.NEUTRAL.items():
+            value = getattr(self, name)
+            if value != neutral:
+                raise ValueError(f"{name}={value!r} is not supported (only {neutral!r})")
+        return self
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-class _OpenAIRequest(_Strict):
+class _OpenAIRequest(_Neutral):
     """Fields shared by /v1/completions and /v1/chat/completions (names as OpenAI's)."""
 
     # OpenAI's fields that pagedlora does not implement: accepted only at these values
@@ -124,14 +148,6 @@ class _OpenAIRequest(_Strict):
     top_k: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
-
-    @model_validator(mode="after")
-    def _only_neutral(self):
-        for name, neutral in self.NEUTRAL.items():
-            value = getattr(self, name)
-            if value != neutral:
-                raise ValueError(f"{name}={value!r} is not supported (only {neutral!r})")
-        return self
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The request's SamplingParams; ``max_tokens`` defaults to ``default_max_tokens``.
@@ -214,6 +230,20 @@ class ChatCompletionRequest(_OpenAIRequest):
     tools: list[dict] | None = None
 
 
+class RegisterAdapterRequest(_Neutral):
+    """LMI's ``POST /models/{model}/adapters`` (DJL's parameters). ``preload`` (DJL's default
+    true) keeps the weights in host memory; ``pin`` (keeping an adapter in device memory for
+    good) is accepted only false: here an adapter stays in the pool while its requests run and
+    is then evicted least recently used."""
+
+    NEUTRAL: ClassVar[dict[str, object]] = {"pin": False}
+
+    name: str = Field(min_length=1)
+    src: str = Field(min_length=1)
+    preload: bool = True
+    pin: bool = False
+
+
 class LoadAdapterRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's body); ``model`` names the base model, needed
     when several are served."""
@@ -230,17 +260,42 @@ class UnloadAdapterRequest(_Strict):
     lora_int_id: int | None = None  # vLLM's clients send it; names are what count here
 
 
-class InvocationParameters(_Strict):
-    """SageMaker LMI's ``parameters``. Like HF ``generate``, decoding is greedy unless
-    ``do_sample`` is true; ``temperature``, ``top_p`` and ``top_k`` apply only when sampling."""
+class InvocationParameters(_Neutral):
+    """SageMaker LMI's ``parameters`` (its input/output schema's GenerationParameters). As in
+    LMI (and HF ``generate``), decoding is greedy unless ``do_sample`` is true;
+    ``temperature``, ``top_p`` and ``top_k`` apply only when sampling. ``details`` adds LMI's
+    ``details`` object to each result, ``return_full_text`` puts the input before the text.
+    ``stop_sequences`` (LMI's name) and ``stop`` both end the output. LMI's parameters that
+    pagedlora does not implement are accepted only at their neutral value."""
 
-    max_new_tokens: int = 16
+    NEUTRAL: ClassVar[dict[str, object]] = {"repetition_penalty": 1.0,
+                                            "decoder_input_details": False, "top_n_tokens": 0,
+                                            "n": 1, "best_of": 1, "num_beams": 1}
+
+    max_new_tokens: int = 30  # LMI's default
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     stop: str | list[str] | None = None
+    stop_sequences: list[str] | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    ignore_eos_token: bool = False
     seed: int | None = None
+    details: bool = False
+    return_full_text: bool = False
+    repetition_penalty: float = 1.0
+    decoder_input_details: bool = False
+    top_n_tokens: int = 0
+    n: int = 1
+    best_of: int = 1
+    num_beams: int = 1
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """``stop`` and ``stop_sequences`` together."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return stop + list(self.stop_sequences or [])
 
     def to_sampling_params(self) -> SamplingParams:
         """Raises: ApiError: 400 naming the invalid value."""
@@ -249,13 +304,14 @@ class InvocationParameters(_Strict):
                                temperature=self.temperature if sample else 0.0,
                                top_p=self.top_p if sample else 1.0,
                                top_k=self.top_k if sample else 0, seed=self.seed,
-                               stop=[] if self.stop is None else self.stop)
+                               stop=self.stop_strings, stop_token_ids=self.stop_token_ids,
+                               ignore_eos=self.ignore_eos_token)
 
 
 class InvocationRequest(_Strict):
     """``POST /invocations`` (SageMaker LMI): ``inputs`` one string or a list; ``adapters``
-    one name for all inputs or one per input (absent or null: the base model); ``model``
-    picks the base model when several are served and no
+    one name for all inputs or one per input (absent, null or ``""``: the base model, as in
+    LMI); ``model`` picks the base model when several are served and no
     ``X-Amzn-SageMaker-Inference-Component`` header does."""
 
     inputs: str | list[str]
@@ -274,8 +330,8 @@ class InvocationRequest(_Strict):
             raise ApiError(400, "inputs is an empty list", param="inputs")
         adapters = self.adapters
         if adapters is None or isinstance(adapters, str):
-            return inputs, [adapters] * len(inputs)
+            return inputs, [adapters or None] * len(inputs)
         if len(adapters) != len(inputs):
             raise ApiError(400, f"adapters has {len(adapters)} entries for {len(inputs)} "
                            f"inputs; give one name for all or one per input", param="adapters")
-        return inputs, list(adapters)
+        return inputs, [a or None for a in adapters]

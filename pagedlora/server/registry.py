@@ -6,10 +6,21 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from pagedlora.errors import AdapterError, UnsupportedAdapterError
 from pagedlora.server.engine_loop import EngineLoop
 from pagedlora.server.protocol import ApiError
+from pagedlora.sources import as_source
+
+
+class ServedAdapter(NamedTuple):
+    """An adapter name's base model, source (a path, or an ``s3://`` URL or model id as the
+    client gave it), and whether its weights were preloaded into host memory."""
+
+    base: str
+    source: str | Path
+    preload: bool = False
 
 
 class ModelRegistry:
@@ -25,18 +36,19 @@ class ModelRegistry:
 
     def __init__(self, loops: dict[str, EngineLoop]) -> None:
         self.loops = loops
-        self.adapters: dict[str, tuple[str, Path]] = {}  # adapter name -> (base model, path)
+        self.adapters: dict[str, ServedAdapter] = {}  # by adapter name
         self._lock = asyncio.Lock()  # one load or unload at a time
         self.created = int(time.time())  # OpenAI's model ``created`` (unix seconds)
 
-    def register(self, base: str, name: str, path: str | os.PathLike) -> None:
+    def register(self, base: str, name: str, path: str | os.PathLike, preload: bool = False
+                 ) -> None:
         """Records an adapter already added to ``base``'s engine (at startup).
 
         Raises:
             ValueError: the name is a base model's or another base model's adapter's.
         """
-        self._check_free(name, base, ValueError)
-        self.adapters[name] = (base, Path(path))
+        self.check_free(name, base)
+        self.adapters[name] = ServedAdapter(base, as_source(path), preload)
 
     def resolve(self, model: str) -> tuple[EngineLoop, str | None]:
         """The engine loop and adapter name (None: the base model) that ``model`` names.
@@ -77,32 +89,35 @@ class ModelRegistry:
         bases = [{"id": name, **common, "root": name, "parent": None,
                   "max_model_len": loop.engine.max_model_len}
                  for name, loop in self.loops.items()]
-        return bases + [{"id": name, **common, "root": str(path), "parent": base}
-                        for name, (base, path) in sorted(self.adapters.items())]
+        return bases + [{"id": name, **common, "root": str(a.source), "parent": a.base}
+                        for name, a in sorted(self.adapters.items())]
 
-    async def load(self, name: str, path: str, base: str | None) -> str:
-        """Adds the PEFT adapter at ``path`` to base model ``base`` (None: the only one) as
+    async def load(self, name: str, path: str, base: str | None, preload: bool = False) -> str:
+        """Adds the PEFT adapter at ``path`` (a directory, archive, ``s3://`` URL or cached
+        model id: ``Engine.add_adapter``) to base model ``base`` (None: the only one) as
         ``name``. Loading a name again on the same base replaces its weights for later
-        requests (requests already queued keep the old ones). The adapter is read and
-        validated in a worker thread; the engine keeps stepping meanwhile.
+        requests (requests already queued keep the old ones). The adapter is fetched, read and
+        validated in a worker thread; the engine keeps stepping meanwhile. ``preload`` keeps
+        its weights in host memory.
 
         Returns:
             the base model's name.
         Raises:
-            ApiError: 400 with the engine's validation message (missing path, bad config,
-                shapes that do not fit, rank too high, unsupported PEFT features), or for a
-                name taken by a base model or another base's adapter; 404 for an unknown base.
+            ApiError: 400 with the engine's validation message (missing path, a source that
+                cannot be had, bad config, shapes that do not fit, rank too high, unsupported
+                PEFT features), or for a name taken by a base model or another base's adapter;
+                404 for an unknown base.
         """
         base = self.base(base, "'model' (the base model to add the adapter to)")
         async with self._lock:
             self._check_free(name, base, ApiError)
             engine = self.loops[base].engine
             try:
-                await asyncio.to_thread(engine.add_adapter, name, path)
+                await asyncio.to_thread(engine.add_adapter, name, path, preload)
             except (AdapterError, UnsupportedAdapterError, OSError) as e:
                 raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}",
                                param="lora_path") from None
-            self.adapters[name] = (base, Path(path))
+            self.adapters[name] = ServedAdapter(base, as_source(path), preload)
         return base
 
     async def unload(self, name: str) -> None:
@@ -121,6 +136,11 @@ class ModelRegistry:
             except ValueError as e:
                 raise ApiError(409, str(e), param="lora_name") from None
             del self.adapters[name]
+
+    def check_free(self, name: str, base: str) -> None:
+        """Raises ValueError when ``name`` cannot be an adapter of ``base`` (it is a base
+        model's name, or another base model's adapter's)."""
+        self._check_free(name, base, ValueError)
 
     def _check_free(self, name: str, base: str, error: type[Exception]) -> None:
         if name in self.loops:

@@ -1,48 +1,66 @@
-"""SageMaker LMI-style routes: ``POST /invocations`` and ``GET /ping``."""
+"""SageMaker LMI-style routes: ``POST /invocations`` and ``GET /ping``, with LMI's request and
+response schema (``inputs``, ``adapters``, ``parameters``, ``details``) and SageMaker's headers."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from pagedlora.server.protocol import ApiError, InvocationRequest
+from pagedlora.detokenizer import Detokenizer
+from pagedlora.outputs import RequestOutput
+from pagedlora.server.protocol import ApiError, InvocationParameters, InvocationRequest
+from pagedlora.server.registry import ModelRegistry
 from pagedlora.server.state import ServerState, client_gone
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
 COMPONENT_HEADER = "X-Amzn-SageMaker-Inference-Component"
+ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"
+CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
+# keys of the custom attributes that name the adapter: LMI 0.27-0.30 read "adapter", later
+# versions the adapter-identifier property (which a custom attribute may also set)
+_ADAPTER_ATTRIBUTES = ("adapter", ADAPTER_HEADER.lower())
 
 
 @router.post("/invocations")
 async def invocations(request: Request) -> Response:
-    """``{"inputs", "adapters"?, "parameters"?, "model"?}`` -> ``{"generated_text"}`` for one
-    input string, a list of those (input order) for a list.
+    """LMI's ``{"inputs", "adapters"?, "parameters"?}`` (and ``"model"?``) ->
+    ``{"generated_text", "details"?}`` for one input string, a list of those (input order)
+    for a list.
 
-    The base model is the one named by the ``X-Amzn-SageMaker-Inference-Component`` header or
-    the ``model`` field; without either, the only one served, or the one all the named
-    adapters belong to. Each adapter must belong to that base model (400 otherwise; 404 for an
-    unknown one).
+    The adapter: the body's ``adapters`` (``""`` or null: the base model), or for every input
+    the one named by the ``X-Amzn-SageMaker-Adapter-Identifier`` header, an ``adapter=NAME``
+    pair of the ``X-Amzn-SageMaker-Custom-Attributes`` header (``key=value`` pairs split by
+    ``;``, as LMI reads them) or the ``?adapter=`` query parameter; places that disagree are a
+    400. The base model: the one the ``X-Amzn-SageMaker-Inference-Component`` header or the
+    ``model`` field names; the only one served (the header then names this container's
+    component); or the one all the named adapters belong to. Each adapter must belong to that
+    base model (400 otherwise; 404 for an unknown one).
     """
     state = ServerState.of(request)
     body = await state.body(request, InvocationRequest)
     inputs, adapters = body.prompts_and_adapters()
+    adapters = _header_adapters(request, body, adapters)
     registry = state.registry
     owners = {a: registry.resolve(a)[0].name for a in dict.fromkeys(adapters) if a is not None}
-    named = request.headers.get(COMPONENT_HEADER) or body.model
-    if named is None and None not in adapters and len(set(owners.values())) == 1:
-        named = next(iter(owners.values()))
-    base = registry.base(named, f"the {COMPONENT_HEADER} header or a 'model' field")
+    base = _base_model(request, body, registry, owners, adapters)
     wrong = {a: b for a, b in owners.items() if b != base}
     if wrong:
         raise ApiError(400, f"adapters {wrong} (adapter: its base model) do not belong to base "
                        f"model {base!r}", param="adapters")
-    gen = await state.open(registry.loops[base], inputs, adapters,
-                           body.parameters.to_sampling_params())
+    params = body.parameters
+    loop = registry.loops[base]
+    gen = await state.open(loop, inputs, adapters, params.to_sampling_params())
     outs = await state.outputs(request, gen)
     if outs is None:
         return client_gone()
-    texts = [{"generated_text": o.text} for o in outs]
-    return JSONResponse(texts[0] if isinstance(body.inputs, str) else texts)
+    results = [lmi_result(o, prompt, params, loop.engine.tokenizer)
+               for o, prompt in zip(outs, inputs, strict=True)]
+    return JSONResponse(results[0] if isinstance(body.inputs, str) else results)
 
 
 @router.get("/ping")
@@ -50,3 +68,95 @@ async def ping(request: Request) -> Response:
     """SageMaker's health check: 200 while every engine loop runs, else 503 naming them."""
     return ServerState.of(request).health()
 
+
+def custom_attributes(header: str) -> dict[str, str]:
+    """SageMaker's custom attributes ``"k1=v1; k2=v2"`` as LMI splits them: pairs at ``;``,
+    key and value at the first ``=``, both stripped; keys lower-cased; a part without ``=`` is
+    ignored."""
+    pairs = {}
+    for part in header.split(";"):
+        key, found, value = part.partition("=")
+        if found:
+            pairs[key.strip().lower()] = value.strip()
+    return pairs
+
+
+def lmi_result(out: RequestOutput, prompt: str, params: InvocationParameters,
+               tokenizer) -> dict:
+    """LMI's result object for one input: ``generated_text`` (after the input with
+    ``return_full_text``) and, with ``details``, ``details``: ``finish_reason`` ("length",
+    "eos_token", "stop_sequence" or "abort"), ``generated_tokens``, ``inputs`` and ``tokens``
+    (``id``, ``text``, ``log_prob``, and ``special_token`` for special tokens). pagedlora does
+    not compute log probabilities yet: ``log_prob`` is null."""
+    text = prompt + out.text if params.return_full_text else out.text
+    result: dict = {"generated_text": text}
+    if params.details:
+        result["details"] = {"finish_reason": _finish_reason(out, params, tokenizer),
+                             "generated_tokens": len(out.token_ids), "inputs": prompt,
+                             "tokens": _tokens(out.token_ids, tokenizer)}
+    return result
+
+
+def _header_adapters(request: Request, body: InvocationRequest,
+                     adapters: list[str | None]) -> list[str | None]:
+    """``adapters``, or the adapter a header or the query string names for every input.
+
+    Raises:
+        ApiError: 400 when the places that name an adapter disagree.
+    """
+    named = {}
+    if ADAPTER_HEADER in request.headers:
+        named[f"the {ADAPTER_HEADER} header"] = request.headers[ADAPTER_HEADER]
+    attributes = custom_attributes(request.headers.get(CUSTOM_ATTRIBUTES_HEADER, ""))
+    for key in _ADAPTER_ATTRIBUTES:
+        if key in attributes:
+            named[f"{CUSTOM_ATTRIBUTES_HEADER} {key}="] = attributes[key]
+    if "adapter" in request.query_params:
+        named["the adapter query parameter"] = request.query_params["adapter"]
+    if not named:
+        return adapters
+    values = {v or None for v in named.values()}
+    if body.adapters is not None:
+        named["the body's adapters"] = body.adapters
+        values |= set(adapters)
+    if len(values) > 1:
+        raise ApiError(400, f"the adapter is named differently in {named}", param="adapters")
+    return [values.pop()] * len(adapters)
+
+
+def _base_model(request: Request, body: InvocationRequest, registry: ModelRegistry,
+                owners: dict[str, str], adapters: list[str | None]) -> str:
+    component = request.headers.get(COMPONENT_HEADER)
+    if component is not None and component not in registry.loops and len(registry.loops) == 1:
+        log.debug("%s %r: the only base model serves it", COMPONENT_HEADER, component)
+        component = None  # SageMaker's name of the component this container serves
+    named = component or body.model
+    if named is None and None not in adapters and len(set(owners.values())) == 1:
+        named = next(iter(owners.values()))
+    return registry.base(named, f"the {COMPONENT_HEADER} header or a 'model' field")
+
+
+def _finish_reason(out: RequestOutput, params: InvocationParameters, tokenizer) -> str:
+    if out.finish_reason != "stop":
+        return out.finish_reason  # "length", "abort"
+    last = out.token_ids[-1] if out.token_ids else None
+    eos = getattr(tokenizer, "eos_token_id", None)
+    by_sequence = last in params.stop_token_ids or (bool(params.stop_strings) and last != eos)
+    return "stop_sequence" if by_sequence else "eos_token"
+
+
+def _tokens(token_ids: list[int], tokenizer) -> list[dict]:
+    """One ``{"id", "text", "log_prob"}`` per token; the texts, decoded incrementally, add up
+    to the decoded output (a token that ends inside a UTF-8 character has text "" and the
+    next one carries the character)."""
+    detok = Detokenizer(tokenizer)
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    tokens = []
+    for token in token_ids:
+        before = len(detok.text)
+        detok.push(token)
+        item = {"id": token, "text": detok.text[before:], "log_prob": None}
+        if token in special:
+            item["special_token"] = True
+        tokens.append(item)
+    return tokens

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from pagedlora.engine import Prompt
 from pagedlora.errors import UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
+from pagedlora.server.adapter_state import AdapterEntry, AdapterState
 from pagedlora.server.config import ServerConfig
 from pagedlora.server.engine_loop import (
     EngineLoop,
@@ -30,17 +32,21 @@ from pagedlora.server.metrics import ServerMetrics
 from pagedlora.server.protocol import ApiError, parse_body
 from pagedlora.server.registry import ModelRegistry
 
+log = logging.getLogger(__name__)
+
 RETRY_AFTER_S = 1  # told to clients refused for a full queue
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection (nobody reads it)
 
 
 @dataclass
 class ServerState:
-    """The app's shared state (``app.state.server``)."""
+    """The app's shared state (``app.state.server``); ``adapter_state`` records run-time
+    adapters when the server has a state directory."""
 
     registry: ModelRegistry
     metrics: ServerMetrics
     config: ServerConfig
+    adapter_state: AdapterState | None = None
 
     @staticmethod
     def of(request: Request) -> ServerState:
@@ -55,8 +61,41 @@ class ServerState:
             return JSONResponse({"status": "unhealthy", "models": down}, status_code=503)
         return JSONResponse({"status": "healthy"})
 
-    async def body(self, request: Request, model: type[BaseModel]):
-        """The request body, at most ``max_body_bytes``, validated as ``model``.
+    async def load_adapter(self, name: str, src: str, base: str | None,
+                           preload: bool = False) -> str:
+        """Loads an adapter at run time (:meth:`ModelRegistry.load`) and records it in the
+        state directory, if any; returns its base model's name. A record that cannot be
+        written is logged: the adapter serves, but a restart will not bring it back.
+
+        Raises:
+            ApiError: as ``ModelRegistry.load``.
+        """
+        base = await self.registry.load(name, src, base, preload)
+        if self.adapter_state is not None:
+            try:
+                self.adapter_state.loaded(AdapterEntry(base, name, str(src), preload))
+            except OSError as e:
+                log.error("adapter %r loaded, but not recorded in %s: %s", name,
+                          self.adapter_state.path, e)
+        return base
+
+    async def unload_adapter(self, name: str) -> None:
+        """Unloads an adapter (:meth:`ModelRegistry.unload`) and forgets its record.
+
+        Raises:
+            ApiError: as ``ModelRegistry.unload``.
+        """
+        await self.registry.unload(name)
+        if self.adapter_state is not None:
+            try:
+                self.adapter_state.unloaded(name)
+            except OSError as e:
+                log.error("adapter %r unloaded, but its record in %s remains: %s", name,
+                          self.adapter_state.path, e)
+
+    async def body(self, request: Request, model: type[BaseModel], query: dict | None = None):
+        """The request body, at most ``max_body_bytes``, validated as ``model`` (with fields
+        from the query string ``query``, for DJL's management API).
 
         Raises:
             ApiError: 413 for a larger body; 400 as :func:`~pagedlora.server.protocol.parse_body`.
@@ -72,7 +111,7 @@ class ServerState:
             if len(raw) > limit:
                 raise ApiError(413, f"request body exceeds the limit of {limit} bytes "
                                f"(--max-body-mb)")
-        return parse_body(model, bytes(raw))
+        return parse_body(model, bytes(raw), query)
 
     async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
                    adapters: Sequence[str | None], params: SamplingParams) -> Generation:
