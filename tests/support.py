@@ -137,6 +137,47 @@ def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: l
     return out
 
 
+def save_random_dora_adapter(model_dir: Path, out: Path, *, r: int, target_modules: list[str],
+                             seed: int, noise: float = 0.3, **lora_kwargs) -> Path:
+    """Saves a PEFT DoRA adapter (``use_dora=True``) with random A and B
+    (``init_lora_weights=False``) and its magnitude vectors scaled by ``1 + noise * N(0, 1)``
+    (PEFT starts them at the weight norm, where DoRA's output scale is exactly 1)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=lora_kwargs.pop("lora_alpha", 2 * r),
+                        target_modules=target_modules, init_lora_weights=False, use_dora=True,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + noise * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def randomize_qkv_biases(model, std: float = 0.5) -> None:
+    """Draws the q/k/v biases of an HF Qwen2 model (zero-initialized) from N(0, std)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, std)
+
+
+def save_random_qwen2(out: Path, seed: int = 0) -> Path:
+    """Saves a random Qwen2ForCausalLM of the tiny shape (float32), q/k/v biases random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY)).eval()
+    randomize_qkv_biases(model)
+    model.save_pretrained(out)
+    return out
+
+
 @dataclass
 class Drive:
     """What :func:`drive` saw: outputs by tag, and per step ``(tag, adapter, new, computed)``."""
@@ -285,15 +326,16 @@ def assert_no_leaks(engine):
 
 def check_step(engine: Engine, max_cpu_loras: int, max_loras: int) -> None:
     """Between steps: KV invariants, the host budget, one pin per running request of an
-    adapter, resident pages = adapter pages, at most ``max_loras`` adapters in the last step."""
+    adapter (of each adapter of a mix), resident pages = adapter pages, at most ``max_loras``
+    adapters in the last step."""
     sched, store = engine.core.scheduler, engine.adapters
     sched.kv.check_invariants(sched.running)
     assert len(store.host_keys) <= max_cpu_loras
     pins = store.pins
     want: dict = {}
     for r in sched.running:
-        if r.adapter_key is not None:
-            want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
+        for key in r.adapter_keys:
+            want[key] = want.get(key, 0) + 1
     assert pins == want
     resident = sum(len(store.resident(k).pages) for k in store.resident_keys)
     assert resident == engine.pool.allocator.num_used("adapter")
