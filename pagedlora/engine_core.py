@@ -206,7 +206,8 @@ class EngineCore:
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
-            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers))
+            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers),
+            base_weight=m.base_weight)
         scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
                               allocator=pool.allocator, adapters=adapters)
         runner = ModelRunner(m, pool, sampler or Sampler(device))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from pagedlora.kernels.lora import TokenRange
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.lora_layouts import LoraLayouts
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
@@ -16,9 +17,10 @@ from pagedlora.step_input import SequenceInput, StepInput
 class ModelRunner:
     """Builds the flattened batch of a step (no padding), runs the forward pass and samples.
 
-    Sequences are ordered by adapter so that each adapter's tokens form one contiguous segment
-    (the SGMV layout, Punica section 4); decodes (one new token) and prefills are attended in
-    two groups so a long prompt does not pad every decode.
+    Sequences are ordered by adapter (and weight) so that each adapter's tokens form few
+    contiguous ranges (the SGMV layout, Punica section 4; a request of a mix has its tokens in
+    a range of each of its adapters, at its weight); decodes (one new token) and prefills are
+    attended in two groups so a long prompt does not pad every decode.
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
@@ -42,7 +44,7 @@ class ModelRunner:
         self.sampler.forget(step.finished_request_ids)
         if not step.sequences:
             return RunnerOutput()
-        order = sorted(step.sequences, key=lambda s: s.adapter_key or "")
+        order = sorted(step.sequences, key=lambda s: s.lora_terms)
         batch, sampled = self._build(order, step)
         logits = self.model.forward(batch, self.pool)
         tokens = self.sampler.sample(logits, sampled)
@@ -58,7 +60,7 @@ class ModelRunner:
         sample_index: list[int] = []
         sampled: list[SequenceInput] = []
         groups_of = {True: [], False: []}  # is_decode -> [(q_start, q_len, ctx_len, blocks)]
-        segments: list[tuple[int, int, str]] = []  # (start, end, adapter key), one per adapter
+        uses: dict[str, list[TokenRange]] = {}  # adapter key -> its tokens and weights
         for s in order:
             start, n = len(input_ids), len(s.token_ids)
             input_ids.extend(s.token_ids)
@@ -69,12 +71,12 @@ class ModelRunner:
             if s.sample:
                 sample_index.append(start + n - 1)
                 sampled.append(s)
-            key = s.adapter_key
-            if key is not None:
-                if segments and segments[-1][2] == key:
-                    segments[-1] = (segments[-1][0], start + n, key)
+            for key, weight in s.lora_terms:
+                ranges = uses.setdefault(key, [])
+                if ranges and ranges[-1][1] == start and ranges[-1][2] == weight:
+                    ranges[-1] = (ranges[-1][0], start + n, weight)
                 else:
-                    segments.append((start, start + n, key))
+                    ranges.append((start, start + n, weight))
 
         def t(x) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -89,8 +91,9 @@ class ModelRunner:
                 block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
                 meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
                                         t([m[2] for m in members]), width * bs)))
-        lora = self.lora.batches([step.adapters[key] for *_, key in segments],
-                                 [(a, b) for a, b, _ in segments], len(input_ids))
+        keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
+        lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
+                                 len(input_ids))
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,

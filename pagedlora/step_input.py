@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from pagedlora.adapter_pages import ResidentAdapter
 from pagedlora.sampler import RequestSampling
-from pagedlora.scheduler import SchedulerOutput
+from pagedlora.scheduler import AdapterTerms, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -21,9 +21,12 @@ class SequenceInput:
         start: position of ``token_ids[0]`` in the sequence (tokens already computed).
         block_table: its KV blocks covering ``start + len(token_ids)`` tokens, each one page
             id per layer.
-        adapter_key: its adapter's content key, None for the base model.
+        adapter_key: its adapter's content key (at weight 1), None for the base model or a
+            mix.
         sample: whether the step reaches its last known token, so that a token is sampled.
         sampling: how to sample it.
+        adapter_mix: its scaled adapter or mix, ``(content key, weight)`` pairs (empty
+            otherwise).
     """
 
     request_id: int
@@ -33,6 +36,14 @@ class SequenceInput:
     adapter_key: str | None
     sample: bool
     sampling: RequestSampling
+    adapter_mix: AdapterTerms = ()
+
+    @property
+    def lora_terms(self) -> AdapterTerms:
+        """Its adapters and their weights: the mix, ``((adapter_key, 1.0),)``, or ``()``."""
+        if self.adapter_mix:
+            return self.adapter_mix
+        return () if self.adapter_key is None else ((self.adapter_key, 1.0),)
 
 
 @dataclass(frozen=True)
@@ -43,7 +54,8 @@ class StepInput:
 
     Attributes:
         sequences: the scheduled requests, in the scheduler's order.
-        adapters: content key -> pool placement, for every adapter of ``sequences``.
+        adapters: content key -> pool placement, for every adapter of ``sequences`` (those
+            of mixes included).
         finished_request_ids: requests finished since the last step (the runner drops their
             state: sampler generators).
     """
@@ -69,6 +81,7 @@ class StepInput:
                 request_id=r.request_id,
                 token_ids=tuple(r.all_token_ids[first:first + n]), start=first,
                 block_table=s.block_table, adapter_key=r.adapter_key,
-                sample=first + n == r.num_tokens, sampling=r.sampling))
+                sample=first + n == r.num_tokens, sampling=r.sampling,
+                adapter_mix=r.adapter_mix))
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
                    out.finished_request_ids)
