@@ -1,5 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, and vLLM's
-/v1/load_lora_adapter and /v1/unload_lora_adapter."""
+/v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+Extension: a completion or chat body may carry ``"adapters": {name: weight, ...}``, a scaled
+adapter or weighted mix of adapters (:class:`~pagedlora.AdapterMix`) of the base model that
+``model`` names (the openai client sends it with ``extra_body={"adapters": {...}}``)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from pagedlora.adapter_mix import AdapterMix
 from pagedlora.outputs import StreamOutput
+from pagedlora.server.engine_loop import EngineLoop
 from pagedlora.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -17,6 +23,7 @@ from pagedlora.server.protocol import (
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
+from pagedlora.server.registry import ModelRegistry
 from pagedlora.server.state import ServerState, Usage, client_gone
 
 router = APIRouter()
@@ -35,7 +42,7 @@ async def completions(request: Request) -> Response:
     """OpenAI's text completions; one choice per prompt, ``stream`` as server-sent events."""
     state = ServerState.of(request)
     body = await state.body(request, CompletionRequest)
-    loop, adapter = state.registry.resolve(body.model)
+    loop, adapter = _resolve(state.registry, body)
     prompts = body.prompts()
     params = body.to_sampling_params(COMPLETION_MAX_TOKENS)
     gen = await state.open(loop, prompts, [adapter] * len(prompts), params)
@@ -67,7 +74,7 @@ async def chat_completions(request: Request) -> Response:
     (400 naming the model when it has none)."""
     state = ServerState.of(request)
     body = await state.body(request, ChatCompletionRequest)
-    loop, adapter = state.registry.resolve(body.model)
+    loop, adapter = _resolve(state.registry, body)
     tokenizer = loop.engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
         raise ApiError(400, f"model {body.model!r} (base model {loop.name!r}) has no chat "
@@ -119,6 +126,25 @@ async def unload_lora_adapter(request: Request) -> Response:
     body = await state.body(request, UnloadAdapterRequest)
     await state.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _resolve(registry: ModelRegistry, body: CompletionRequest | ChatCompletionRequest
+             ) -> tuple[EngineLoop, str | AdapterMix | None]:
+    """The engine loop and adapter of ``body``: ``model``'s, or with the ``adapters``
+    extension the mix of adapters of base model ``model``.
+
+    Raises:
+        ApiError: 404 for an unknown model or adapter; 400 when ``model`` names an adapter
+            next to ``adapters``, or for a mix that cannot be served (see
+            :meth:`ModelRegistry.mix`).
+    """
+    loop, adapter = registry.resolve(body.model)
+    if body.adapters is None:
+        return loop, adapter
+    if adapter is not None:
+        raise ApiError(400, f"with 'adapters', 'model' names the base model; {body.model!r} "
+                       f"is an adapter of {loop.name!r}", param="model")
+    return loop, registry.mix(body.adapters, loop.name)
 
 
 def _usage_chunk(head: dict):

@@ -15,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagedlora.engine import Prompt
-from pagedlora.errors import UnknownAdapterError
+from pagedlora.engine import Adapter, Prompt
+from pagedlora.errors import AdapterMixError, UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.server.adapter_state import AdapterEntry, AdapterState
@@ -114,14 +114,15 @@ class ServerState:
         return parse_body(model, bytes(raw), query)
 
     async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
-                   adapters: Sequence[str | None], params: SamplingParams) -> Generation:
+                   adapters: Sequence[Adapter], params: SamplingParams) -> Generation:
         """Queues the prompts on ``loop`` (one SamplingParams for all) and waits until the
         engine has them.
 
         Raises:
             ApiError: 503 with Retry-After for a full queue or a stopping loop; 400 for a
                 prompt the engine refuses (empty, too long, more prompts than the queue
-                holds...); 404 for an adapter removed meanwhile.
+                holds...) and for a mix the engine refuses (a DoRA adapter scaled or mixed);
+                404 for an adapter removed meanwhile.
         """
         try:
             return await loop.open(prompts, adapters, [params] * len(prompts))
@@ -133,6 +134,8 @@ class ServerState:
             raise ApiError(400, str(e), param="prompt") from None
         except UnknownAdapterError as e:  # unloaded since resolve()
             raise ApiError(404, str(e), param="model") from None
+        except AdapterMixError as e:
+            raise ApiError(400, str(e), param="adapters") from None
 
     async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:
         """Every request's RequestOutput, in prompt order; None if the client went away first
