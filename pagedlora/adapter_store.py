@@ -190,7 +190,9 @@ class AdapterStore:
         nothing pins them and no other name shares them.
 
         Raises:
-            AdapterError, UnsupportedAdapterError: see :func:`read_lora_adapter`.
+            AdapterError, UnsupportedAdapterError: see :func:`read_lora_adapter`; also an
+                adapter larger than a slot of the static layout (a DoRA adapter of
+                ``max_lora_rank`` on every projection).
             ValueError: an empty name.
         """
         return self.add_many([(name, path)], preload=preload)[0]
@@ -210,18 +212,25 @@ class AdapterStore:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
             adapter, weights = self._read_source(name, Path(path))
-            read.append((adapter, weights if preload else None))  # hold no weights otherwise
+            try:
+                num_pages = self.packer.num_pages(adapter)
+            except ValueError as e:  # the static layout's slot is sized for plain LoRA
+                raise AdapterError(f"adapter {name!r}: {e} (memory_layout='static' sizes a "
+                                   f"slot for max_lora_rank on every projection; a DoRA "
+                                   f"module takes one more row)") from None
+            # hold no weights unless preloading
+            read.append((adapter, weights if preload else None, num_pages))
         with self._lock:
-            for adapter, weights in read:
+            for adapter, weights, num_pages in read:
                 old = self._names.get(adapter.name)
                 self._names[adapter.name] = (adapter.key, adapter.path)
                 if adapter.key not in self._contents:
-                    self._contents[adapter.key] = _Content(adapter, self.packer.num_pages(adapter))
+                    self._contents[adapter.key] = _Content(adapter, num_pages)
                 if preload and adapter.key not in self._host:
                     self._host_put(adapter, weights)
                 if old is not None and old[0] != adapter.key:
                     self._drop_if_unused(old[0])
-        return [adapter for adapter, _ in read]
+        return [adapter for adapter, *_ in read]
 
     def remove(self, name: str) -> None:
         """Forgets ``name``; its content's pages, host copy and spill file are freed once no

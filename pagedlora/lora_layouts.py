@@ -35,7 +35,8 @@ class ModuleRows:
             owns rows ``[col_start, col_end)``.
         pieces: per such adapter, its rows read out of the pool, or None (kernels that read
             pages in place).
-        dora: the set's DoRA adapters among them, ``(i, scale row)`` each (empty when none).
+        dora: the set's DoRA adapters among them, by index (empty when none).
+        dora_rows: the page table of their scale rows, in ``dora`` order (None when none).
         dora_pieces: ``[len(dora), out_features]`` their scale rows read out of the pool, or
             None (no DoRA adapter, or kernels that read pages in place).
     """
@@ -44,7 +45,8 @@ class ModuleRows:
     b: PagedRows
     cols: tuple[tuple[int, int, int, float], ...]
     pieces: tuple[Rows, ...] | None
-    dora: tuple[tuple[int, PagedRows], ...] = ()
+    dora: tuple[int, ...] = ()
+    dora_rows: PagedRows | None = None
     dora_pieces: torch.Tensor | None = None
 
     @classmethod
@@ -58,15 +60,19 @@ class ModuleRows:
             rank = m.a.pages.shape[0]
             cols.append((i, start, start + rank, m.scale))
             start += rank
-        dora = tuple((i, m.dora) for i, m in modules if m.dora is not None)
-        dora_pieces = None
-        if dora and read_scale is not None:
-            dora_pieces = torch.cat([read_scale(rows) for _, rows in dora])
+        scaled = [(i, m.dora) for i, m in modules if m.dora is not None]
+        dora_rows = dora_pieces = None
+        if scaled:
+            dora_rows = PagedRows(torch.cat([r.pages for _, r in scaled]),
+                                  torch.cat([r.slots for _, r in scaled]))
+            if read_scale is not None:
+                dora_pieces = read_scale(dora_rows)
         return cls(PagedRows(torch.cat([m.a.pages for _, m in modules]),
                              torch.cat([m.a.slots for _, m in modules])),
                    PagedRows(torch.cat([m.b.pages for _, m in modules]),
                              torch.cat([m.b.slots for _, m in modules])),
-                   tuple(cols), None if pieces is None else tuple(pieces), dora, dora_pieces)
+                   tuple(cols), None if pieces is None else tuple(pieces),
+                   tuple(i for i, _ in scaled), dora_rows, dora_pieces)
 
     def dora_scales(self, uses: Sequence[Sequence[TokenRange]]) -> DoraScales | None:
         """The step's DoRA rescaling of this module (None without DoRA adapters).
@@ -78,14 +84,12 @@ class ModuleRows:
         if not self.dora:
             return None
         ranges = []
-        for k, (i, _) in enumerate(self.dora):
+        for k, i in enumerate(self.dora):
             for start, end, w in uses[i]:
                 if w != 1.0:
                     raise ValueError(f"DoRA adapter {i} of the step has tokens at weight {w}")
                 ranges.append((start, end, k))
-        rows = PagedRows(torch.cat([r.pages for _, r in self.dora]),
-                         torch.cat([r.slots for _, r in self.dora]))
-        return DoraScales(tuple(ranges), rows, self.dora_pieces)
+        return DoraScales(tuple(ranges), self.dora_rows, self.dora_pieces)
 
     def concatenated(self) -> Rows:
         """``(a [R, in], b [R, out])`` in column order (the dense form)."""

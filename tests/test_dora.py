@@ -267,3 +267,17 @@ def test_dora_files_that_do_not_add_up_are_refused(llama, tmp_path):
                                            r"\(63,\)"):
         engine.add_adapter("c", write("c", wrong, config))
     assert engine.adapters.names == []
+
+
+def test_static_layout_refuses_a_dora_adapter_larger_than_its_slot(llama):
+    """memory_layout="static" sizes a slot for max_lora_rank on every projection (plain LoRA);
+    a DoRA adapter of that rank everywhere takes one more row per module: refused at
+    registration, naming it, and nothing is registered."""
+    _, model_dir, dirs, _ = llama
+    engine = Engine(model_dir, pool_gb=0.05, max_lora_rank=32, max_loras=1,
+                    memory_layout="static")
+    with pytest.raises(AdapterError, match="'dora32': an adapter of .* does not fit an adapter "
+                                           "slot.*a DoRA module takes one more row"):
+        engine.add_adapter("dora32", dirs["dora32"])
+    assert engine.adapters.names == [] and engine.adapters.num_contents == 0
+    engine.add_adapter("dora8", dirs["dora8"])  # a smaller one fits
