@@ -483,10 +483,11 @@ def main() -> None:
         print(f"\npagedlora tokens/s, many / mixed-4: {tok_s['many'] / tok_s['mixed-4']:.1%}")
     variants = [n for n in ("mixed-4-dora", "mixed-4-mix") if n in scenarios]
     if "mixed-4" in scenarios and variants:
-        print("\n| scenario | system | output tok/s | / its mixed-4 run | / pagedlora base-only |")
+        print("\n| scenario | system | output tok/s | / its mixed-4 run | / this scenario's "
+              "pagedlora base-only run |")
         print("|---|---|---|---|---|")
-        base = report_all["mixed-4"].get("pagedlora-base", {}).get("output_tok_s")
         for n in ("mixed-4", *variants):
+            base = report_all[n].get("pagedlora-base", {}).get("output_tok_s")
             for s in ("pagedlora", "peft"):
                 if s not in report_all[n]:
                     continue

@@ -178,6 +178,65 @@ def save_random_qwen2(out: Path, seed: int = 0) -> Path:
     return out
 
 
+class PeftOracle:
+    """PEFT references from one ``PeftModel`` holding every adapter of ``dirs`` (switched with
+    ``set_adapter`` per call: PEFT refuses ``adapter_names`` batches with DoRA); None is the
+    base model (the adapters disabled), and a ``pagedlora.AdapterMix`` the adapter that
+    ``add_weighted_adapter(names, weights, combination_type="cat")`` makes of it (on first
+    use; its delta is exactly the weighted sum)."""
+
+    def __init__(self, model_dir, dirs: dict) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        names = list(dirs)
+        self.model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(dirs[name], adapter_name=name)
+        self.model.eval()
+        self._mixes: dict = {}
+        self._greedy: dict = {}
+
+    def adapter_name(self, adapter) -> str | None:
+        """PEFT's name for ``adapter`` (a mix's made on first use)."""
+        from pagedlora import AdapterMix
+
+        if not isinstance(adapter, AdapterMix):
+            return adapter
+        if adapter not in self._mixes:
+            name = f"mix{len(self._mixes)}"
+            self.model.add_weighted_adapter(adapter.names, [w for _, w in adapter.weights],
+                                            adapter_name=name, combination_type="cat")
+            self._mixes[adapter] = name
+        return self._mixes[adapter]
+
+    def _run(self, adapter, fn):
+        name = self.adapter_name(adapter)
+        if name is None:
+            with self.model.disable_adapter():
+                return fn()
+        self.model.set_adapter(name)
+        return fn()
+
+    @torch.inference_mode()
+    def logits(self, adapter, token_ids: list[int]) -> torch.Tensor:
+        """``[vocab]`` float32 logits of the last position of ``token_ids``."""
+        return self._run(adapter, lambda: self.model(
+            input_ids=torch.tensor([token_ids])).logits[0, -1].float())
+
+    @torch.inference_mode()
+    def greedy(self, adapter, prompt: list[int], n: int = 16) -> list[int]:
+        """``n`` greedy tokens after ``prompt`` (never stopping at eos)."""
+        key = (adapter, tuple(prompt), n)
+        if key not in self._greedy:
+            out = self._run(adapter, lambda: self.model.generate(
+                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                min_new_tokens=n, eos_token_id=None, pad_token_id=0))
+            self._greedy[key] = out[0, len(prompt):].tolist()
+        return self._greedy[key]
+
+
 @dataclass
 class Drive:
     """What :func:`drive` saw: outputs by tag, and per step ``(tag, adapter, new, computed)``."""

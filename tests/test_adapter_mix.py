@@ -8,9 +8,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from support import (
     OracleSampler,
+    PeftOracle,
     assert_no_leaks,
     check_step,
     drive,
@@ -22,7 +22,6 @@ from support import (
     save_random_dora_adapter,
     write_random_lora,
 )
-from transformers import AutoModelForCausalLM
 
 from pagedlora import AdapterMix, AdapterMixError, Engine, SamplingParams
 from pagedlora.errors import UnknownAdapterError
@@ -44,57 +43,6 @@ PROMPTS = [random_prompt(n, seed=500 + n) for n in (4, 11, 18, 26)]
 GREEDY16 = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-class Oracle:
-    """PEFT: every adapter in one PeftModel; a mix is the adapter that
-    ``add_weighted_adapter(names, weights, combination_type="cat")`` makes of it (one per mix,
-    made on first use), switched in with ``set_adapter``; None is the base model."""
-
-    def __init__(self, model_dir, dirs: dict) -> None:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        names = list(dirs)
-        self.model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            self.model.load_adapter(dirs[name], adapter_name=name)
-        self.model.eval()
-        self._mixes: dict[AdapterMix, str] = {}
-        self._greedy: dict = {}
-
-    def _adapter(self, adapter) -> str | None:
-        if not isinstance(adapter, AdapterMix):
-            return adapter
-        if adapter not in self._mixes:
-            name = f"mix{len(self._mixes)}"
-            self.model.add_weighted_adapter(adapter.names, [w for _, w in adapter.weights],
-                                            adapter_name=name, combination_type="cat")
-            self._mixes[adapter] = name
-        return self._mixes[adapter]
-
-    def _run(self, adapter, fn):
-        name = self._adapter(adapter)
-        if name is None:
-            with self.model.disable_adapter():
-                return fn()
-        self.model.set_adapter(name)
-        return fn()
-
-    @torch.inference_mode()
-    def logits(self, adapter, token_ids: list[int]) -> torch.Tensor:
-        return self._run(adapter, lambda: self.model(
-            input_ids=torch.tensor([token_ids])).logits[0, -1].float())
-
-    @torch.inference_mode()
-    def greedy(self, adapter, prompt: list[int], n: int = 16) -> list[int]:
-        key = (adapter, tuple(prompt), n)
-        if key not in self._greedy:
-            out = self._run(adapter, lambda: self.model.generate(
-                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
-                min_new_tokens=n, eos_token_id=None, pad_token_id=0))
-            self._greedy[key] = out[0, len(prompt):].tolist()
-        return self._greedy[key]
-
-
 @pytest.fixture(scope="module")
 def dirs(tiny_llama_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("mix")
@@ -108,7 +56,7 @@ def dirs(tiny_llama_dir, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def oracle(tiny_llama_dir, dirs):
-    return Oracle(tiny_llama_dir, dirs)
+    return PeftOracle(tiny_llama_dir, dirs)
 
 
 def make_engine(model_dir, dirs: dict, **options) -> Engine:
@@ -129,7 +77,7 @@ def test_mixes_differ_from_their_parts(oracle):
         for other in [None, *mix.names]:
             ref = base if other is None else oracle.logits(other, PROMPTS[1])
             assert (ours - ref).abs().max().item() > 100 * 1e-4, (mix, other)
-    name = oracle._adapter(MIX_A)
+    name = oracle.adapter_name(MIX_A)
     assert oracle.model.peft_config[name].r == 4 + 16
 
 

@@ -11,10 +11,10 @@ switched with ``set_adapter`` per reference call.
 from __future__ import annotations
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from support import (
     OracleSampler,
+    PeftOracle,
     assert_kv_released,
     drive,
     random_prompt,
@@ -22,7 +22,6 @@ from support import (
     save_random_dora_adapter,
     save_random_qwen2,
 )
-from transformers import AutoModelForCausalLM
 
 from pagedlora import AdapterError, Engine, SamplingParams
 
@@ -50,44 +49,6 @@ PROMPTS = [random_prompt(n, seed=300 + n) for n in (5, 12, 19, 27)]
 GREEDY16 = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-class Oracle:
-    """PEFT: one PeftModel holding every adapter (``set_adapter`` per call), the base model
-    with the adapters disabled."""
-
-    def __init__(self, model_dir, dirs: dict) -> None:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        names = list(dirs)
-        self.model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            self.model.load_adapter(dirs[name], adapter_name=name)
-        self.model.eval()
-        self._greedy: dict = {}
-
-    def _run(self, adapter, fn):
-        if adapter is None:
-            with self.model.disable_adapter():
-                return fn()
-        self.model.set_adapter(adapter)
-        return fn()
-
-    @torch.inference_mode()
-    def logits(self, adapter, token_ids: list[int]) -> torch.Tensor:
-        return self._run(adapter, lambda: self.model(
-            input_ids=torch.tensor([token_ids])).logits[0, -1].float())
-
-    @torch.inference_mode()
-    def greedy(self, adapter, prompt: list[int], n: int = 16) -> list[int]:
-        key = (adapter, tuple(prompt), n)
-        if key not in self._greedy:
-            out = self._run(adapter, lambda: self.model.generate(
-                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
-                min_new_tokens=n, eos_token_id=None, pad_token_id=0))
-            self._greedy[key] = out[0, len(prompt):].tolist()
-        return self._greedy[key]
-
-
 @pytest.fixture(scope="module")
 def built(tiny_llama_dir, tmp_path_factory):
     """``model name -> (model name, model dir, adapter dirs, oracle)``, each built once."""
@@ -101,7 +62,7 @@ def built(tiny_llama_dir, tmp_path_factory):
             for name, (dora, options) in ADAPTERS[model].items():
                 save = save_random_dora_adapter if dora else save_random_adapter
                 dirs[name] = save(model_dir, root / name, **options)
-            cache[model] = model, model_dir, dirs, Oracle(model_dir, dirs)
+            cache[model] = model, model_dir, dirs, PeftOracle(model_dir, dirs)
         return cache[model]
     return build
 

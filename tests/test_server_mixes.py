@@ -74,6 +74,9 @@ def test_openai_routes_take_a_mix_in_extra_body(server, offline):
                                           temperature=0, extra_body={"adapters": half})
     assert chat.choices[0].message.content == expected(offline, [messages],
                                                        [AdapterMix(half)])[0]
+    # metrics label a mix by its names (a series per weight would grow without bound)
+    text = server.metrics()
+    assert 'adapter="a1+a2"' in text and "AdapterMix" not in text
 
 
 def test_invocations_take_mixes_for_all_or_per_input(server, offline):
