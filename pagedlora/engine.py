@@ -72,7 +72,8 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
-            rejection=scheduler.rejection, clock=scheduler.clock)
+            rejection=scheduler.rejection, clock=scheduler.clock,
+            max_logprobs=config.max_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self._for_step: deque[StreamOutput] = deque()  # add_request's outputs, for step()
         self._turn = StepTurn()  # one thread steps at a time
