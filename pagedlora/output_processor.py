@@ -24,7 +24,7 @@ class _Live:
     detokenizer: Detokenizer
     sink: Sink
     num_streamed: int = 0  # output tokens already handed out
-    prompt_logprobs_sent: bool = False
+    started: bool = False  # its first StreamOutput was made
 
 
 class OutputProcessor:
@@ -118,9 +118,9 @@ class OutputProcessor:
         new = r.output_token_ids[live.num_streamed:]
         new_logprobs = None if params.logprobs is None else (
             r.output_logprobs[live.num_streamed:])
+        first, live.started = not live.started, True
         prompt_logprobs = None
-        if params.prompt_logprobs is not None and not live.prompt_logprobs_sent:
-            live.prompt_logprobs_sent = True
+        if first and params.prompt_logprobs is not None:
             prompt_logprobs = _prompt_logprobs(r)
         live.num_streamed = len(r.output_token_ids)
         for token in new:
@@ -134,7 +134,8 @@ class OutputProcessor:
         return StreamOutput(request_id=r.request_id, index=live.index, new_token_ids=new,
                             new_text=live.detokenizer.new_text(finished=finished),
                             finished=finished, output=self._output(live) if finished else None,
-                            new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs)
+                            new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
+                            prompt_token_ids=r.prompt_token_ids if first else None)
 
     @staticmethod
     def _output(live: _Live) -> RequestOutput:

@@ -63,6 +63,8 @@ class StreamOutput:
         finished: whether this is the request's last StreamOutput.
         output: the complete RequestOutput, on the last one; None before.
         new_logprobs: with ``SamplingParams.logprobs``, those of ``new_token_ids``; else None.
+        prompt_token_ids: the tokenized prompt, on the request's first StreamOutput; None on
+            the others.
         prompt_logprobs: with ``SamplingParams.prompt_logprobs``, on the request's first
             StreamOutput, as ``RequestOutput.prompt_logprobs``; else None.
     """
@@ -74,4 +76,5 @@ class StreamOutput:
     finished: bool
     output: RequestOutput | None = None
     new_logprobs: list[TokenLogprobs] | None = None
+    prompt_token_ids: list[int] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
