@@ -70,28 +70,40 @@ class ModelRunner:
         logits = self.model.forward(batch, self.pool)                  # [rows, vocab_size]
         sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
         tokens = self.sampler.sample(sample_logits, rows.sampled)
-        asking = [i for i, s in enumerate(rows.sampled) if s.sampling.params.logprobs is not None]
-        logprobs: tuple[TokenLogprobs | None, ...] = ()
-        if asking:
-            found = token_logprobs(sample_logits[asking], [tokens[i] for i in asking],
-                                   [rows.sampled[i].sampling.params.logprobs for i in asking])
-            by_row = dict(zip(asking, found, strict=True))
-            logprobs = tuple(by_row.get(i) for i in range(len(rows.sampled)))
-        prompt = ()
-        if rows.prompt:
-            index = [r0 + j for s, r0 in rows.prompt for j in range(len(s.prompt_targets))]
-            found = token_logprobs(
-                logits[index], [t for s, _ in rows.prompt for t in s.prompt_targets],
-                [s.sampling.params.prompt_logprobs for s, _ in rows.prompt
-                 for _ in s.prompt_targets])
-            prompt, at = [], 0
-            for s, _ in rows.prompt:
-                n = len(s.prompt_targets)
-                prompt.append((s.request_id, tuple(found[at:at + n])))
-                at += n
-            prompt = tuple(prompt)
-        return RunnerOutput(tuple(s.request_id for s in rows.sampled), tuple(tokens), logprobs,
-                            prompt)
+        return RunnerOutput(tuple(s.request_id for s in rows.sampled), tuple(tokens),
+                            self._sample_logprobs(sample_logits, rows.sampled, tokens),
+                            self._prompt_logprobs(logits, rows.prompt))
+
+    @staticmethod
+    def _sample_logprobs(logits: torch.Tensor, sampled: list[SequenceInput], tokens: list[int]
+                         ) -> tuple[TokenLogprobs | None, ...]:
+        """The sampled tokens' entries, for the rows whose request asked (else None); ``()``
+        when none did. ``logits``: ``[len(sampled), vocab_size]``."""
+        asking = [i for i, s in enumerate(sampled) if s.sampling.params.logprobs is not None]
+        if not asking:
+            return ()
+        found = token_logprobs(logits[asking], [tokens[i] for i in asking],
+                               [sampled[i].sampling.params.logprobs for i in asking])
+        by_row = dict(zip(asking, found, strict=True))
+        return tuple(by_row.get(i) for i in range(len(sampled)))
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[SequenceInput, int]]
+                         ) -> tuple[tuple[int, tuple[TokenLogprobs, ...]], ...]:
+        """``(request id, entries)`` per sequence of ``prompt`` (``(sequence, first row)``),
+        from its rows of the step's ``logits``, in one batched pass."""
+        if not prompt:
+            return ()
+        index = [r0 + j for s, r0 in prompt for j in range(len(s.prompt_targets))]
+        found = token_logprobs(logits[index], [t for s, _ in prompt for t in s.prompt_targets],
+                               [s.sampling.params.prompt_logprobs for s, _ in prompt
+                                for _ in s.prompt_targets])
+        out, at = [], 0
+        for s, _ in prompt:
+            n = len(s.prompt_targets)
+            out.append((s.request_id, tuple(found[at:at + n])))
+            at += n
+        return tuple(out)
 
     def _build(self, order: list[SequenceInput], step: StepInput
                ) -> tuple[ForwardBatch, _LogitRows]:
@@ -125,9 +137,9 @@ class ModelRunner:
                 sampled.append(s)
             key = s.adapter_key
             if key is not None:
-                if segments and segments[-1][4] == key:
-                    segments[-1] = (*segments[-1][:1], start + n, segments[-1][2],
-                                    len(logits_index), key)
+                if segments and segments[-1][4] == key:  # extend the adapter's segment
+                    first, _, first_row, _, _ = segments[-1]
+                    segments[-1] = (first, start + n, first_row, len(logits_index), key)
                 else:
                     segments.append((start, start + n, row_start, len(logits_index), key))
 
