@@ -93,9 +93,10 @@ class Engine:
         Raises:
             AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
                 files, bad config, shapes that do not fit the model, rank above max_lora_rank,
-                NaN/Inf, unknown dtype or target modules.
+                NaN/Inf, unknown dtype or target modules, saved base embedding weights that
+                are not the model's (see :func:`pagedlora.lora_adapter.read_lora_adapter`).
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
-                embedding/lm_head LoRA.
+                and the PEFT options that change the forward pass.
         """
         return self.adapters.add(name, fetch_adapter(path), preload=preload)
 
