@@ -561,6 +561,20 @@ class Engine:
             raise TypeError(f"{what}[{bad[0]}] has type {got}; expected {wanted}")
         return value
 
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids the engine would run for ``prompt`` (a string as is, chat messages
+        through the model's chat template with the generation prompt, token ids checked
+        against the vocabulary), without queueing anything: for a caller that validates
+        lengths first, like the HTTP server (prompt + max_tokens against max_model_len).
+        Reads only the tokenizer, so any thread may call it.
+
+        Raises:
+            ValueError: token ids outside the vocabulary, a text prompt on a model without a
+                tokenizer, a chat message without string role and content, or not a prompt.
+            Exception: what the chat template raises (e.g. jinja2's TemplateError).
+        """
+        return self._tokenize(prompt)
+
     def _tokenize(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             vocab = self.model.embed.shape[0]
