@@ -629,7 +629,7 @@ class Engine:
                                  f"max_model_len is {self.max_model_len}")
         except Exception as e:  # noqa: BLE001 - a bad prompt (a template error...) fails alone
             reason = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
-            r.fail(f"prompt {index} (request {rid}): {reason}")
+            r.fail(f"prompt {index}: {reason}")
         return r
 
     def _stop_reason(self, t: _Tracked) -> str | None:

@@ -153,8 +153,9 @@ class Scheduler:
         adapter_need = (0 if request.adapter_key is None
                         else self.adapters.adapter_pages(request.adapter_key))
         if not self.allocator.could_ever_fit(kv_need, adapter_need):
-            request.fail(f"request {request.request_id} needs {kv_need + adapter_need} pages "
-                         f"for its prompt and adapter, more than {self._pool_words()} can hold")
+            request.fail(f"the prompt ({len(request.prompt_token_ids)} tokens) and its adapter "
+                         f"need {kv_need + adapter_need} pages, more than {self._pool_words()} "
+                         f"can hold")
             return
         # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
         self.policy.on_arrival(request, lambda: {r.adapter_key
@@ -254,8 +255,7 @@ class Scheduler:
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
                 self.finish(request, "abort")
-                request.error = (f"request {request.request_id} could not get its first token "
-                                 f"before its deadline")
+                request.error = "the first token could not come before the deadline"
                 out.aborted.append(request)
 
     def _admit(self, out: SchedulerOutput, budget: int, now: float) -> None:
@@ -288,7 +288,7 @@ class Scheduler:
                     acquired = self.adapters.acquire(key)
                 except AdapterUnavailableError as e:  # this request fails, the others go on
                     self._release(request, pinned=False)
-                    self._fail(request, f"request {request.request_id}: {e}")
+                    self._fail(request, str(e))
                     self.waiting.remove(request)
                     out.failed.append(request)
                     continue
@@ -323,9 +323,8 @@ class Scheduler:
                 key = request.adapter_key
                 adapter = "" if key is None else (
                     f" next to its adapter's {self.adapters.adapter_pages(key)} pages")
-                self._fail(request, f"request {request.request_id} cannot get the "
-                           f"{self.kv.pages_for(target)} KV pages of {target} tokens{adapter}"
-                           f" even alone in {self._pool_words()}")
+                self._fail(request, f"the {self.kv.pages_for(target)} KV pages of {target} "
+                           f"tokens{adapter} do not fit even alone in {self._pool_words()}")
                 self.running.remove(request)
                 self._release(request)
                 out.failed.append(request)
