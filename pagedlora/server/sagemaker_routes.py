@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from pagedlora.server.prompts import PromptTokens
 from pagedlora.server.protocol import ApiError, InvocationRequest
 from pagedlora.server.state import ServerState, client_gone
 
@@ -21,13 +22,15 @@ async def invocations(request: Request) -> Response:
     The base model is the one named by the ``X-Amzn-SageMaker-Inference-Component`` header or
     the ``model`` field; without either, the only one served, or the one all the named
     adapters belong to. Each adapter must belong to that base model (400 otherwise; 404 for an
-    unknown one).
+    unknown one, naming the ``adapters`` field). Each input's tokens plus ``max_new_tokens`` must
+    fit in ``max_model_len`` (400 naming both numbers otherwise).
     """
     state = ServerState.of(request)
     body = await state.body(request, InvocationRequest)
     inputs, adapters = body.prompts_and_adapters()
     registry = state.registry
-    owners = {a: registry.resolve(a)[0].name for a in dict.fromkeys(adapters) if a is not None}
+    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(adapters)
+              if a is not None}
     named = request.headers.get(COMPONENT_HEADER) or body.model
     if named is None and None not in adapters and len(set(owners.values())) == 1:
         named = next(iter(owners.values()))
@@ -36,8 +39,12 @@ async def invocations(request: Request) -> Response:
     if wrong:
         raise ApiError(400, f"adapters {wrong} (adapter: its base model) do not belong to base "
                        f"model {base!r}", param="adapters")
-    gen = await state.open(registry.loops[base], inputs, adapters,
-                           body.parameters.to_sampling_params())
+    loop = registry.loops[base]
+    params = body.parameters.to_sampling_params()
+    tokens = await PromptTokens.of(loop.engine, base, "inputs", inputs,
+                                   not isinstance(body.inputs, str))
+    tokens.check_room(params.max_tokens, "parameters.max_new_tokens")
+    gen = await state.open(loop, tokens.ids, adapters, params, adapter_field="adapters")
     outs = await state.outputs(request, gen)
     if outs is None:
         return client_gone()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from pagedlora.server.engine_loop import (
 from pagedlora.server.metrics import ServerMetrics
 from pagedlora.server.protocol import ApiError, parse_body
 from pagedlora.server.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1  # told to clients refused for a full queue
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection (nobody reads it)
@@ -74,14 +77,16 @@ class ServerState:
         return parse_body(model, bytes(raw))
 
     async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
-                   adapters: Sequence[str | None], params: SamplingParams) -> Generation:
+                   adapters: Sequence[str | None], params: SamplingParams,
+                   adapter_field: str = "model") -> Generation:
         """Queues the prompts on ``loop`` (one SamplingParams for all) and waits until the
         engine has them.
 
         Raises:
             ApiError: 503 with Retry-After for a full queue or a stopping loop; 400 for a
                 prompt the engine refuses (empty, too long, more prompts than the queue
-                holds...); 404 for an adapter removed meanwhile.
+                holds...); 404 for an adapter removed meanwhile (named by the body's
+                ``adapter_field``).
         """
         try:
             return await loop.open(prompts, adapters, [params] * len(prompts))
@@ -92,7 +97,7 @@ class ServerState:
         except PromptRejected as e:
             raise ApiError(400, str(e), param="prompt") from None
         except ValueError as e:  # the engine's unknown adapter: unloaded since resolve()
-            raise ApiError(404, str(e), param="model") from None
+            raise ApiError(404, f"{adapter_field}: {e}", param=adapter_field) from None
 
     async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:
         """Every request's RequestOutput, in prompt order; None if the client went away first
@@ -124,13 +129,17 @@ class ServerState:
                 raise ApiError(500, f"request failed: {o.error}")
         return outs
 
-    def stream(self, gen: Generation, chunk: Callable[[StreamOutput], dict | None],
-               first: dict | None = None, last: Callable[[Usage], dict] | None = None
-               ) -> StreamingResponse:
+    def stream(self, request: Request, gen: Generation,
+               chunk: Callable[[StreamOutput], dict | None], first: dict | None = None,
+               last: Callable[[Usage], dict] | None = None) -> StreamingResponse:
         """Server-sent events: ``first``, then ``chunk(d)`` for each StreamOutput (skipped
         when None), then ``last(usage)`` if given, then ``data: [DONE]``. A request that
-        fails in the engine sends ``data: {"error": ...}`` instead. Closing the connection
-        aborts the requests still running."""
+        fails in the engine sends ``data: {"error": ...}`` instead (and logs why, as
+        :func:`log_error`). Closing the connection aborts the requests still running."""
+
+        def error_event(error: ApiError) -> str:
+            log_error(request.method, request.url.path, error)
+            return _event(error.body())
 
         async def events():
             usage = Usage()
@@ -139,7 +148,7 @@ class ServerState:
                     yield _event(first)
                 async for d in gen:
                     if d.finished and d.output.finish_reason == "error":
-                        yield _event(ApiError(500, f"request failed: {d.output.error}").body())
+                        yield error_event(ApiError(500, f"request failed: {d.output.error}"))
                         break
                     if d.finished:
                         usage.add(d.output)
@@ -150,7 +159,7 @@ class ServerState:
                     if last is not None:
                         yield _event(last(usage))
             except LoopStopped as e:
-                yield _event(ApiError(503, str(e)).body())
+                yield error_event(ApiError(503, str(e)))
             finally:
                 gen.cancel()  # the client went away, or a request failed: abort the rest
             yield "data: [DONE]\n\n"
@@ -174,6 +183,17 @@ class Usage:
     def body(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def log_error(method: str, path: str, error: ApiError) -> None:
+    """One log line saying why a request got ``error``: method, path, status and the message
+    sent to the client (which names fields, models, adapters and token counts, never the
+    prompt's text), cut to one line of at most 500 characters. 4xx at WARNING, 5xx at ERROR."""
+    message = " ".join(error.message.split())
+    if len(message) > 500:
+        message = message[:497] + "..."
+    level = logging.ERROR if error.status >= 500 else logging.WARNING
+    log.log(level, "%s %s -> %d: %s", method, path, error.status, message)
 
 
 def client_gone() -> Response:
