@@ -10,33 +10,40 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import socket
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from pagedlora.config import EngineConfig
+from pagedlora import __version__
+from pagedlora.config import DTYPES, KERNEL_BACKENDS, MEMORY_LAYOUTS, POLICIES, EngineConfig
 
 _CONVERTERS = {"int": int, "float": float, "str": str}
+_CHOICES = {"dtype": DTYPES, "kernel_backend": KERNEL_BACKENDS, "memory_layout": MEMORY_LAYOUTS,
+            "policy": POLICIES}
+# What `pagedlora serve` imports beyond the base install: the "serve" extra
+_SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs ``pagedlora`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(parser, args)
+    return args.run(args.command_parser, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pagedlora`` and its ``serve`` subcommand."""
     parser = argparse.ArgumentParser(prog="pagedlora", description="Serve one base LLM with "
                                      "many LoRA adapters from one unified paged memory pool.")
+    parser.add_argument("--version", action="version", version=f"pagedlora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve", help="run the OpenAI- and SageMaker-compatible HTTP server",
         description="Serve base models and their LoRA adapters over HTTP: OpenAI's "
         "/v1/completions, /v1/chat/completions, /v1/models, vLLM's /v1/load_lora_adapter and "
         "/v1/unload_lora_adapter, SageMaker's /invocations and /ping, /health, /metrics.")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, command_parser=serve)
     what = serve.add_argument_group("what to serve")
     what.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                       help="a base model (HF directory or .gguf file) served as NAME; repeat "
@@ -71,14 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from pagedlora.server.app import build_app, run
-
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``pagedlora serve``: checks what it can before loading models (arguments, paths, the
+    port, the serve extra), printing the subcommand's usage for a bad argument; 1 when a model
+    or adapter cannot load."""
     try:
         config = server_config(args)
-    except (ValueError, TypeError) as e:
+        _check_paths(config)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
+    try:
+        from pagedlora.server.app import build_app, run
+    except ModuleNotFoundError as e:
+        if e.name not in _SERVE_MODULES:
+            raise
+        print(f"pagedlora serve: error: the HTTP server needs the 'serve' extra ({e.name} is "
+              f"missing): pip install 'pagedlora[serve]' (in a clone: pip install -e "
+              f"'.[serve]')", file=sys.stderr)
+        return 1
+    problem = _port_problem(config.host, config.port)
+    if problem:
+        parser.error(problem)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = build_app(config)
     except (OSError, ValueError, NotImplementedError) as e:  # a model or adapter cannot load
@@ -86,6 +107,34 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
     run(app, log_level=args.log_level)
     return 0
+
+
+def _check_paths(config) -> None:
+    """Raises FileNotFoundError naming the option whose model or adapter path is missing, so
+    that it is reported before minutes of model loading."""
+    for name, path in config.models.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"--model {name}={path}: no such file or directory")
+    for a in config.adapters:
+        if not a.path.exists():
+            option = f"--adapter {a.name}={a.path}" if a.name else f"--adapters-dir {a.path}"
+            hint = " (make demo trains the demo's adapters into ./adapters)" \
+                if a.name is None and a.path.name == "adapters" else ""
+            raise FileNotFoundError(f"{option}: no such file or directory{hint}")
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address of this machine), or
+    None. Bound and released at once, as uvicorn binds it later (SO_REUSEADDR as it does)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        reason = e.strerror or str(e)
+        return f"cannot listen on {host}:{port}: {reason} (--host, --port)"
+    return None
 
 
 def server_config(args: argparse.Namespace):
@@ -134,17 +183,28 @@ def _add_engine_options(group: argparse._ArgumentGroup) -> None:
     docs = _attribute_docs(EngineConfig.__doc__ or "")
     for f in _engine_fields():
         kind = str(f.type).replace(" | None", "").strip()
-        doc = docs.get(f.name, "").replace("``", "")
-        if "default" not in doc:
-            doc += f" (default: {None if f.default is MISSING else f.default})"
+        doc = _for_the_command_line(docs.get(f.name, ""))
+        if "default" not in doc and f.default not in (MISSING, None):
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            doc += f" (default: {shown})"
         flag, help_text = "--" + f.name.replace("_", "-"), doc.replace("%", "%%")
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
+        elif f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_text)
         else:
             group.add_argument(flag, type=_CONVERTERS.get(kind, str), default=None,
                                metavar=kind.upper() if kind in _CONVERTERS else "PATH",
                                help=help_text)
+
+
+def _for_the_command_line(doc: str) -> str:
+    """A field's docstring as option help: no reST quotes, and Python's None (an option not
+    given) in words."""
+    doc = doc.replace("``", "")
+    doc = re.sub(r"(^|\. )None\b", r"\1Not given", doc)
+    return re.sub(r"\bNone\b", "not given", doc)
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:

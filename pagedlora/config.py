@@ -8,7 +8,7 @@ from pathlib import Path
 
 KERNEL_BACKENDS = ("auto", "torch", "triton")  # kernels/backend.py implements them
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
 POLICIES = ("fcfs", "cluster", "fair")  # scheduler/policy.py implements them
 MEMORY_LAYOUTS = ("unified", "static")  # scheduler/page_allocator.py, static_allocator.py
 
@@ -104,8 +104,8 @@ class EngineConfig:
         if self.dtype is None:
             cpu = self.device.split(":")[0] == "cpu"
             object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
                              f"got {self.kernel_backend!r}")
