@@ -2,7 +2,8 @@
 
 Every :class:`~pagedlora.EngineConfig` field but ``pool_gb`` is an option of ``serve``
 (``max_num_seqs`` -> ``--max-num-seqs``), with the field's documentation as its help, so the
-two never drift apart.
+two never drift apart; :func:`add_engine_options` and :func:`engine_options` give other scripts
+(``examples/offline_batch.py``) the same options with the same spelling.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--pool-gb", type=float, default=1.0, metavar="G",
                         help="GiB of unified pool in all, split evenly between the base models "
                         "(default: %(default)s)")
-    _add_engine_options(engine)
+    add_engine_options(engine)
     return parser
 
 
@@ -157,8 +158,7 @@ def server_config(args: argparse.Namespace):
     for text in args.adapters_dir:
         model, _, path = text.partition("=") if "=" in text else ("", "", text)
         adapters.append(AdapterSource(model or None, Path(path)))
-    options = {f.name: getattr(args, f.name) for f in _engine_fields()
-               if getattr(args, f.name) is not None}
+    options = engine_options(args)
     return ServerConfig(models={name: Path(path) for name, path in models.items()},
                         adapters=tuple(adapters), host=args.host, port=args.port,
                         pool_gb=args.pool_gb, max_queue=args.max_queue,
@@ -178,8 +178,16 @@ def _engine_fields():
     return [f for f in fields(EngineConfig) if f.name != "pool_gb"]
 
 
-def _add_engine_options(group: argparse._ArgumentGroup) -> None:
-    """One option per EngineConfig field; not given (None) keeps the field's default."""
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields given on the command line (as added by
+    :func:`add_engine_options`), for ``Engine(model, pool_gb, **options)``."""
+    return {f.name: getattr(args, f.name) for f in _engine_fields()
+            if getattr(args, f.name) is not None}
+
+
+def add_engine_options(group: argparse._ArgumentGroup) -> None:
+    """Adds one option per EngineConfig field but ``pool_gb`` to ``group`` (a parser or an
+    argument group), help from the field's docs; not given (None) keeps the field's default."""
     docs = _attribute_docs(EngineConfig.__doc__ or "")
     for f in _engine_fields():
         kind = str(f.type).replace(" | None", "").strip()
