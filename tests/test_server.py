@@ -246,7 +246,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the message must hol
      ["messages has", "max_completion_tokens is 500", "max_model_len 128"]),
     ("/invocations", {"inputs": ["a", "b"], "model": "tiny",
                       "parameters": {"max_new_tokens": 128}}, 400,
-     ["inputs[0] has 1 tokens and parameters.max_new_tokens is 128", "at most 127"]),
+     ["inputs[0] has 1 token and parameters.max_new_tokens is 128", "at most 127"]),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
      400, ["messages.0.role", "'system', 'user', 'assistant' or 'tool'"]),
     ("/invocations", {"inputs": "a", "model": "tiny", "parameters": {"max_tokens": 8}}, 400,

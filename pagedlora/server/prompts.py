@@ -38,7 +38,7 @@ class PromptTokens:
             if not p:
                 raise ApiError(400, f"{self.where(i)} is empty", param=field)
             if len(p) >= self.max_model_len:
-                raise ApiError(400, f"{self.where(i)} has {len(p)} tokens, which leaves no room "
+                raise ApiError(400, f"{self.where(i)} has {_tokens(len(p))}, which leaves no room "
                                f"for output in max_model_len {self.max_model_len} of model "
                                f"{model!r}; shorten it", param=field)
 
@@ -66,6 +66,7 @@ class PromptTokens:
         return cls(engine, model, field, await asyncio.to_thread(tokenize), listed)
 
     def where(self, i: int) -> str:
+        """How messages name prompt ``i``: ``prompt[2]`` in a list, else the field's name."""
         return f"{self.field}[{i}]" if self.listed else self.field
 
     @property
@@ -79,8 +80,12 @@ class PromptTokens:
         for i, p in enumerate(self.ids):
             if len(p) + max_tokens > self.max_model_len:
                 raise ApiError(
-                    400, f"{self.where(i)} has {len(p)} tokens and {max_field} is {max_tokens}: "
+                    400, f"{self.where(i)} has {_tokens(len(p))} and {max_field} is {max_tokens}: "
                     f"{len(p) + max_tokens} tokens, more than max_model_len "
                     f"{self.max_model_len} of model {self.model!r}; shorten the prompt or lower "
                     f"{max_field} (at most {self.max_model_len - len(p)} here)",
                     param=max_field)
+
+
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
