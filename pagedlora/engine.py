@@ -262,8 +262,8 @@ class Engine:
     def stats(self, history: bool = False) -> dict:
         """Pool accounting and scheduling metrics between two steps (safe from any thread):
         :meth:`EngineCore.summary` (pages by kind, fragmentation, requests, prefix cache,
-        adapters, the last step, the peak of the last ``generate`` call), and with
-        ``history=True`` also ``steps``, the last 1,024 steps, oldest first."""
+        adapters, the last step, the peak of the last ``generate`` call); ``steps`` holds the
+        last step only, or with ``history=True`` the last 1,024, oldest first."""
         with self._turn.held():
             return self.core.summary(history)
 
@@ -311,6 +311,21 @@ class Engine:
                     self._step()
                 finally:
                     self._turn.release()
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids the engine would run for ``prompt`` (a string as is, chat messages
+        through the model's chat template with the generation prompt, token ids checked
+        against the vocabulary), without queueing anything: for a caller that validates
+        lengths first, like the HTTP server (prompt + max_tokens against max_model_len).
+        Reads only the tokenizer, so any thread may call it.
+
+        Raises:
+            InvalidPromptError (a ValueError): token ids outside the vocabulary, a text prompt
+                on a model without a tokenizer, a chat message without string role and
+                content, or not a prompt.
+            Exception: what the chat template raises (e.g. jinja2's TemplateError).
+        """
+        return self.processor.tokenize(prompt)
 
     def _step(self) -> list[StreamOutput]:
         """One step in the thread holding the turn; routes its outputs to their sinks."""

@@ -282,15 +282,15 @@ class EngineCore:
             ``admissions_refused``, ``preemptions``, ``prefix_cache``, ``adapters``), and
             ``num_steps`` (since the start), ``last_step`` (a :class:`StepStats` as a dict;
             None before the first step), ``peak`` (:meth:`EngineStats.pool_dict` at the step
-            since :meth:`reset_peak` with the fewest free pages) and, with ``history``,
-            ``steps`` (the last :attr:`HISTORY` steps as dicts, oldest first).
+            since :meth:`reset_peak` with the fewest free pages) and ``steps``: with
+            ``history``, the last :attr:`HISTORY` steps as dicts, oldest first; without, only
+            the last one (an empty list before the first step).
         """
         steps = list(self._steps)
         out = {**self.stats().as_dict(), "num_steps": self._num_steps,
                "last_step": asdict(steps[-1]) if steps else None,
                "peak": {} if self._peak is None else self._peak.pool_dict()}
-        if history:
-            out["steps"] = [asdict(s) for s in steps]
+        out["steps"] = [asdict(s) for s in (steps if history else steps[-1:])]
         return out
 
     @property

@@ -198,23 +198,22 @@ class Scheduler:
         adapter_need = 0 if adapter_key is None else self.adapters.footprint(adapter_key)
         if self.allocator.could_ever_fit(kv_need, adapter_need):
             return None
-        return (f"needs {kv_need + adapter_need} pages for its prompt and adapter, more than "
-                f"{self._pool_words()} can hold")
+        return (f"the prompt ({num_prompt_tokens} tokens) and its adapter need "
+                f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
 
     def add(self, request: Request) -> None:
         """Queues ``request``. One that can never fit the pool, or whose adapter is no longer
         registered, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
-        rid, key = request.request_id, request.adapter_key
+        key = request.adapter_key
         reason = self.rejection(len(request.prompt_token_ids), key)
-        error = None if reason is None else f"request {rid} {reason}"
+        error = reason
         if error is None and key is not None:
             request.holds_adapter = self.adapters.hold(key)
             if not request.holds_adapter:
-                error = (f"request {rid}: adapter with content key {key} is no longer "
-                         f"registered (removed or re-added with other weights while the "
-                         f"request waited)")
+                error = (f"adapter with content key {key} is no longer registered (removed "
+                         f"or re-added with other weights while the request waited)")
         if error is not None:
             self.finish(request, "error", error=error)
             self._failed.append(request)
@@ -301,7 +300,7 @@ class Scheduler:
             return out
         dropped = [s.request for s in out.scheduled if s.request.adapter_key in failed]
         for r in dropped:
-            self.finish(r, "error", error=f"request {r.request_id}: {failed[r.adapter_key]}")
+            self.finish(r, "error", error=failed[r.adapter_key])
         return replace(out, scheduled=[s for s in out.scheduled
                                        if s.request.adapter_key not in failed],
                        failed=[*out.failed, *dropped],
@@ -379,8 +378,8 @@ class Scheduler:
             steps = -(-(request.num_tokens - request.num_computed_tokens)
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
-                self.finish(request, "abort", error=f"request {request.request_id} could not "
-                            f"get its first token before its deadline")
+                self.finish(request, "abort",
+                            error="the first token could not come before the deadline")
                 self._aborted.append(request)
 
     def _admit(self, step: _Step, budget: int, now: float) -> list[Request]:
@@ -438,8 +437,8 @@ class Scheduler:
                 adapter = "" if key is None else (
                     f" next to its adapter's {self.adapters.footprint(key)} pages")
                 self.finish(request, "error", error=(
-                    f"request {request.request_id} cannot get the {self.kv.pages_for(target)} "
-                    f"KV pages of {target} tokens{adapter} even alone in {self._pool_words()}"))
+                    f"the {self.kv.pages_for(target)} KV pages of {target} tokens{adapter} do "
+                    f"not fit even alone in {self._pool_words()}"))
                 step.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
