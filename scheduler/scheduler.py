@@ -185,6 +185,7 @@ class Scheduler:
         self._failed: list[Request] = []
         self._aborted: list[Request] = []
         self._finished_ids: list[int] = []  # every finish since the last schedule()
+        self._finished: list[Request] = []  # every finish since the last take_finished()
         self._num_refused = 0
         self._num_preemptions = 0
 
@@ -201,16 +202,24 @@ class Scheduler:
         return (f"the prompt ({num_prompt_tokens} tokens) and its adapter need "
                 f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
 
+    def take_hold(self, request: Request) -> None:
+        """Counts ``request`` as a holder of its adapter's content now, so that a later
+        ``remove_adapter`` or re-add of the name cannot take the weights from under it while
+        it waits to be added. Safe from any thread for a request not yet added (it touches
+        only that request and the thread-safe adapter store)."""
+        if request.adapter_key is not None and request.holds_adapter is None:
+            request.holds_adapter = self.adapters.hold(request.adapter_key)
+
     def add(self, request: Request) -> None:
-        """Queues ``request``. One that can never fit the pool, or whose adapter is no longer
-        registered, is finished with "error" at once and reported by the next
+        """Queues ``request`` (taking its adapter hold, if :meth:`take_hold` did not). One that
+        can never fit the pool, or whose adapter was no longer registered when the hold was
+        asked for, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
         key = request.adapter_key
-        reason = self.rejection(len(request.prompt_token_ids), key)
-        error = reason
+        error = self.rejection(len(request.prompt_token_ids), key)
         if error is None and key is not None:
-            request.holds_adapter = self.adapters.hold(key)
+            self.take_hold(request)
             if not request.holds_adapter:
                 error = (f"adapter with content key {key} is no longer registered (removed "
                          f"or re-added with other weights while the request waited)")
@@ -255,6 +264,13 @@ class Scheduler:
         self._unhold(request)
         self._unfinished.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+        self._finished.append(request)
+
+    def take_finished(self) -> list[Request]:
+        """Every request finished since the last call, in order (whatever finished it:
+        update, abort, failure, ``finish``), so that a step that raised midway loses none."""
+        finished, self._finished = self._finished, []
+        return finished
 
     # -- one step ----------------------------------------------------------------------------
 
