@@ -98,7 +98,7 @@ class InputProcessor:
                 could never fit the pool next to its adapter; ``logprobs`` or
                 ``prompt_logprobs`` above ``max_logprobs``; the message names ``index``.
         """
-        where = f"prompt {index} (request {request_id})"
+        where = f"prompt {index}"
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > self.max_logprobs:
@@ -117,7 +117,7 @@ class InputProcessor:
                                      f"max_model_len is {self.max_model_len}")
         reason = self.rejection(len(tokens), adapter_key)
         if reason is not None:
-            raise InvalidPromptError(f"request {request_id} {reason}")
+            raise InvalidPromptError(f"{where}: {reason}")
         now = self.clock()
         deadline_s = params.deadline_s or self.ttft_deadline_s
         seed = params.seed

@@ -61,10 +61,10 @@ class StepInput:
     finished_request_ids: tuple[int, ...] = ()
 
     @classmethod
-    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter]
-              ) -> StepInput:
+    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter],
+              finished_request_ids: tuple[int, ...] | None = None) -> StepInput:
         """From the scheduler's output (after ``drop_failed``) and the adapter store's
-        placements of its adapters.
+        placements of its adapters; ``finished_request_ids`` defaults to the output's.
 
         Raises:
             KeyError: an adapter of ``out`` without a placement.
@@ -88,4 +88,5 @@ class StepInput:
                 prompt_targets=tuple(r.prompt_token_ids[lo + 1:hi + 1]),
                 prompt_logprobs_from=lo))
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
-                   out.finished_request_ids)
+                   out.finished_request_ids if finished_request_ids is None
+                   else finished_request_ids)

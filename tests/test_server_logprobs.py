@@ -189,7 +189,7 @@ def test_invocations_details_carry_log_probs(server, offline):
     assert [t["id"] for t in details["prefill"]] == want.prompt_token_ids
     close([t["log_prob"] for t in details["prefill"]],
           [None, *[e.logprob for e in want.prompt_logprobs[1:]]], "LMI prefill")
-    plain = server.post("/invocations", json={"inputs": prompt, "parameters": {
+    plain = server.post("/invocations", json={"inputs": prompt, "model": "tiny", "parameters": {
         "max_new_tokens": 2, "details": True}}).json()["details"]
     assert all(isinstance(t["log_prob"], float) for t in plain["tokens"])
     assert "top_tokens" not in plain and "prefill" not in plain
@@ -208,7 +208,8 @@ LIMITS = [  # (path, body, the field named)
      "top_logprobs"),
     ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                               "top_logprobs": 2}, "top_logprobs"),
-    ("/invocations", {"inputs": "x", "parameters": {"details": True, "top_n_tokens": 50}},
+    ("/invocations", {"inputs": "x", "model": "tiny",
+                      "parameters": {"details": True, "top_n_tokens": 50}},
      "parameters.top_n_tokens"),
 ]
 
