@@ -31,7 +31,9 @@ class SamplingParams:
             At most the engine's ``max_logprobs``.
         prompt_logprobs: the same for every prompt token after the first
             (``RequestOutput.prompt_logprobs``), or None. Such a request is served from the
-            prefix cache only where it already has the entries (after a preemption).
+            prefix cache only where it already has the entries (after a preemption). The
+            logits of a step's prompt positions are made at once: up to
+            ``max_num_batched_tokens`` rows of ``vocab_size`` float32 per step.
 
     Raises:
         ValueError: naming the offending field, at construction.
