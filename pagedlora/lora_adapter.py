@@ -367,7 +367,8 @@ def _tie_lm_head(name: str, config: dict, specs: dict[tuple[int, str], ModuleSpe
                                f"weights but none for embed_tokens, which PEFT ties them to")
         return
     e = weights[embed]
-    tied = ModuleWeights(a=e.b_t, b_t=e.a)
+    # copies: tensors sharing memory cannot be written to one safetensors file (the spill tier)
+    tied = ModuleWeights(a=e.b_t.clone(), b_t=e.a.clone())
     if head in weights and not (torch.equal(weights[head].a, tied.a)
                                 and torch.equal(weights[head].b_t, tied.b_t)):
         raise AdapterError(f"adapter {name!r}: ensure_weight_tying=True, but its lm_head LoRA "

@@ -172,3 +172,22 @@ def test_the_static_layout_refuses_vocabulary_adapters_by_name(tiny_llama_dir, v
                                            "of 481 pages does not fit an adapter slot"):
         engine.add_adapter("plain", vocab_dirs["plain"])
     assert engine.adapters.names == []
+
+
+def test_a_tied_adapter_spills_to_disk_and_back(tiny_llama_dir, vocab_dirs, tmp_path):
+    """The derived lm_head LoRA is its own tensors (safetensors refuses shared memory), so
+    the tied adapter round-trips through the spill tier."""
+    from pagedlora.lora_adapter import read_lora_adapter
+    from pagedlora.spill import SpillDir
+
+    model = Engine(tiny_llama_dir, pool_gb=0.02).model
+    adapter, weights = read_lora_adapter(
+        "tie-nohead", vocab_dirs["tie-nohead"], num_layers=model.num_layers,
+        module_shapes=model.lora_module_shapes, max_lora_rank=8, dtype=torch.float32,
+        base_vocab=model.base_vocab)
+    spill = SpillDir(tmp_path / "spill")
+    assert spill.write(adapter, weights)
+    back = spill.read(adapter)
+    assert back is not None and set(back) == set(weights)
+    assert torch.equal(back[(VOCAB_LAYER, "lm_head")].b_t,
+                       weights[(VOCAB_LAYER, "embed_tokens")].a)
