@@ -111,9 +111,8 @@ class ModelRegistry:
         base = self.base(base, "'model' (the base model to add the adapter to)")
         async with self._lock:
             self._check_free(name, base, ApiError)
-            engine = self.loops[base].engine
             try:
-                await asyncio.to_thread(engine.add_adapter, name, path, preload)
+                await self.loops[base].add_adapter(name, path, preload)
             except (AdapterError, UnsupportedAdapterError, OSError) as e:
                 raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}",
                                param="lora_path") from None
@@ -132,7 +131,7 @@ class ModelRegistry:
                                f"{sorted(self.adapters)}", param="lora_name")
             base = self.adapters[name][0]
             try:
-                await asyncio.to_thread(self.loops[base].engine.remove_adapter, name)
+                await self.loops[base].remove_adapter(name)
             except ValueError as e:
                 raise ApiError(409, str(e), param="lora_name") from None
             del self.adapters[name]
