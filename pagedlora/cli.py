@@ -252,7 +252,8 @@ def replica_config(args: argparse.Namespace, server):
         raise ValueError("--replicas (a fixed number) and --max-replicas (autoscaling) "
                          "exclude each other")
     return RayServeConfig(
-        server, num_replicas=1 if args.replicas is None else args.replicas, min_replicas=args.min_replicas,
+        server, num_replicas=1 if args.replicas is None else args.replicas,
+        min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
         upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
         cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
