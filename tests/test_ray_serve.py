@@ -141,6 +141,16 @@ def test_answers_equal_engine_generate_for_mixed_adapters(url, offline, files):
     assert httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "late"},
                       timeout=60).status_code == 200
     assert complete(url, "late", "x").status_code == 404
+    # the ingress counts what the replicas finished, as pagedlora serve's /metrics does
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == "pagedlora_requests_total":
+                adapter = sample.labels["adapter"]
+                counts[adapter] = counts.get(adapter, 0) + sample.value
+    assert counts["a1"] == 3 + 2 and counts["late"] == 1  # finished, stop or length
 
 
 def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(url, files):
@@ -169,6 +179,25 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(url, files):
         assert sum(1 for used in before.values() if used.get(name)) == 1, before
     assert source_loads(url) == loads_before  # no replica read an adapter's source again
     assert len(after) == 2 and all(after.values())  # both replicas serve adapters
+
+
+def test_an_adapter_loaded_again_with_other_weights_is_served_with_them_everywhere(
+        url, files, tmp_path):
+    """Each call carries the content key the ingress validated: a replica holding the old
+    weights under the name registers the new ones before answering."""
+    path = tmp_path / "swap"
+    old = write_random_lora(path, r=4, seed=31, target_modules=["q_proj", "v_proj"])
+    body = {"lora_name": "swap", "lora_path": str(old)}
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=120).status_code == 200
+    prompts = [f"Swap {i}" for i in range(6)]
+    for p in prompts:  # some replica(s) now hold the old weights
+        assert complete(url, "swap", p).status_code == 200
+    write_random_lora(path, r=4, seed=32, target_modules=["q_proj", "v_proj"])  # rewritten
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=120).status_code == 200
+    new = Engine(files["tiny"], pool_gb=POOL_GB, **ENGINE_OPTIONS)
+    new.add_adapter("swap", path)
+    answers = [complete(url, "swap", p).json()["choices"][0]["text"] for p in prompts]
+    assert answers == expected(new, prompts, ["swap"] * len(prompts))
 
 
 def source_loads(url: str) -> dict[str, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -27,7 +27,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pagedlora.errors import UnknownAdapterError
-from pagedlora.outputs import StreamOutput
+from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.ray_serve.messages import (
     Accepted,
     AdapterRef,
@@ -55,6 +55,8 @@ class ReplicaClient:
         handle: the deployment's handle.
         info: the model's tokenizer, max_model_len, engine config (``engine`` below).
         by_adapter: route by adapter (Ray Serve's multiplexed model id) or not.
+        on_finished: called with every finished request's RequestOutput (as EngineLoop's),
+            e.g. to count it; must not raise.
     """
 
     alive = True  # Ray Serve restarts replicas; the ingress itself never stops serving
@@ -62,8 +64,9 @@ class ReplicaClient:
     num_waiting = 0  # each replica's engine has its own queue
 
     def __init__(self, name: str, handle: DeploymentHandle, info: ModelInfo,
-                 by_adapter: bool) -> None:
+                 by_adapter: bool, on_finished: Callable[[RequestOutput], None]) -> None:
         self.name = name
+        self.on_finished = on_finished
         self.engine = info  # what the routes read of an engine: tokenizer, max_model_len
         self._handle = handle
         self._by_adapter = by_adapter
@@ -240,6 +243,8 @@ class _Call:
                 else:
                     for d in msg:
                         self._streamed = self._streamed or bool(d.new_token_ids)
+                        if d.finished:
+                            self.client.on_finished(d.output)
                         inbox.put_nowait(replace(d, index=self.indices[d.index]))
             inbox.put_nowait(None)
         except Exception as e:  # noqa: BLE001 - the submission's reader gets it

@@ -13,6 +13,7 @@ registered adapter from its first call for it.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from fastapi import APIRouter, Request
 from ray import serve
@@ -56,10 +57,12 @@ class Ingress:
     async def __init__(self, config: RayServeConfig, replicas: dict[str, DeploymentHandle]
                        ) -> None:
         server = config.server
+        metrics = ServerMetrics()
         clients = {}
         for name, handle in replicas.items():
             info = await handle.describe.remote()
-            clients[name] = ReplicaClient(name, handle, info, config.routing == "adapter")
+            clients[name] = ReplicaClient(name, handle, info, config.routing == "adapter",
+                                          partial(metrics.observe_finished, name))
         registry = ModelRegistry(clients)
         for source in server.adapters:  # validated on one replica each
             for ref in await clients[source.model].register(source.path, source.name):
@@ -70,7 +73,7 @@ class Ingress:
             await _replay(state, registry)
         log.info("ingress: base models %s, adapters %s", sorted(clients),
                  sorted(registry.adapters))
-        self._app = create_app(ServerState(registry, ServerMetrics(), server, state))
+        self._app = create_app(ServerState(registry, metrics, server, state))
         self._app.include_router(router)
 
     def __serve_build_asgi_app__(self):
