@@ -107,6 +107,8 @@ def main() -> None:
     parser.add_argument("--pool-gb", type=float, default=1.0, help="each replica's pool")
     parser.add_argument("--routings", default=",".join(ROUTINGS))
     parser.add_argument("--requests", type=int, help="only the trace's first N (a smoke test)")
+    parser.add_argument("--alpha", type=float, help="adapter popularity's power-law exponent "
+                        "instead of the scenario's 1.0 (uniform); smaller is more skewed")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     import ray
@@ -121,7 +123,8 @@ def main() -> None:
     write_adapters(args.out, hf, sc.spec.num_adapters, ranks=sc.ranks,
                    module_sets=sc.module_sets, cycle=sc.cycle)
     special = set(AutoTokenizer.from_pretrained(model_dir).all_special_ids)
-    trace = make_trace(sc.spec, hf.vocab_size, special)[:args.requests]
+    spec = sc.spec if args.alpha is None else replace(sc.spec, alpha=args.alpha)
+    trace = make_trace(spec, hf.vocab_size, special)[:args.requests]
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})

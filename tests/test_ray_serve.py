@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -244,32 +245,46 @@ def test_a_replica_killed_mid_stream_fails_its_stream_and_the_service_keeps_answ
         url, offline, files):
     doomed_adapter, other, victim = adapters_on_each_replica(url, files)
     pid = reports(url)[victim]["pid"]
+    retries = httpx.get(f"{url}/replicas", timeout=30).json()["models"]["tiny"]["retries"]
     long = {"max_tokens": MAX_MODEL_LEN - 16, "ignore_eos": True, "stream": True,
             "temperature": 0}
-    with httpx.Client(timeout=120) as client:
-        doomed = stream_lines(client, url, {"model": doomed_adapter, "prompt": "Doomed",
-                                            **long})
+    with httpx.Client(timeout=120) as client, ExitStack() as streams:
+        # 8 prompts fill the victim's batch (max_num_seqs=8); "Queued" waits behind them
+        doomed = stream_lines(client, url, {"model": doomed_adapter, **long,
+                                            "prompt": [f"Doomed {i}" for i in range(8)]})
         safe = stream_lines(client, url, {"model": other, "prompt": "Safe", **long})
         assert json.loads(next(doomed))["choices"][0]["text"] is not None
         first_safe = next(safe)
+        queued = streams.enter_context(client.stream("POST", f"{url}/v1/completions", json={
+            "model": doomed_adapter, "prompt": "Queued", "max_tokens": 8, "stream": True,
+            "temperature": 0}))  # entered: the victim's engine has queued it
+        assert queued.status_code == 200
         os.kill(pid, signal.SIGKILL)
         rest = list(doomed)
         safe_rest = [first_safe, *safe]
+        queued_rest = [line[6:] for line in queued.iter_lines() if line.startswith("data: ")]
     # the killed replica's stream ends with an error naming it, then [DONE]
     assert rest[-1] == "[DONE]"
     error = json.loads(rest[-2]).get("error")
     assert error is not None, (len(rest), rest[-3:])
     assert victim in error["message"] and "died" in error["message"], error
-    # the other replica's stream is complete, and right
     for name in (doomed_adapter, other):  # a fresh adapter of this module, maybe
         if name not in offline.adapters.names:
             offline.add_adapter(name, files["late"].parent / name)
+    # the request that had no token yet was sent again, once, and its client sees a whole,
+    # right answer
+    assert queued_rest[-1] == "[DONE]" and "error" not in queued_rest[-2], queued_rest[-3:]
+    assert "".join(json.loads(x)["choices"][0]["text"] for x in queued_rest[:-1]) == \
+        expected(offline, ["Queued"], [doomed_adapter])[0]
+    assert httpx.get(f"{url}/replicas", timeout=30).json()["models"]["tiny"]["retries"] \
+        == retries + 1
+    # the other replica's stream is complete, and right
     chunks = [json.loads(x) for x in safe_rest[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     text = "".join(c["choices"][0]["text"] for c in chunks)
     assert text == expected(offline, ["Safe"], [other], SamplingParams(
         max_tokens=MAX_MODEL_LEN - 16, ignore_eos=True, temperature=0))[0]
-    # and the service keeps answering, a1 included (sent again if it meets the dead replica)
+    # and the service keeps answering, the victim's adapter included
     for name in (doomed_adapter, other, "tiny"):
         r = complete(url, name, f"After {name}")
         assert r.status_code == 200, r.text
