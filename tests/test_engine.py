@@ -214,3 +214,16 @@ def test_stats_name_the_adapters_of_running_and_waiting_requests(tiny_llama_dir,
     step_until_done(engine)
     s = engine.stats()
     assert s["running_adapters"] == s["waiting_adapters"] == {} and s["kv_cache_usage"] == 0
+
+
+def test_tokenize_is_what_generate_runs(engine):
+    """Engine.tokenize gives the prompt_token_ids generate reports, for text, chat and ids,
+    and queues nothing."""
+    prompts = ["Hello there", [{"role": "user", "content": "Hi"}], [5, 6, 7]]
+    ids = [engine.tokenize(p) for p in prompts]
+    assert not engine.has_unfinished()
+    outs = engine.generate(prompts, sampling_params=SamplingParams(max_tokens=1),
+                           progress=False)
+    assert [o.prompt_token_ids for o in outs] == ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.tokenize([1, 10**9])

@@ -194,7 +194,10 @@ def test_an_adapter_loaded_again_with_other_weights_is_served_with_them_everywhe
     for p in prompts:  # some replica(s) now hold the old weights
         assert complete(url, "swap", p).status_code == 200
     write_random_lora(path, r=4, seed=32, target_modules=["q_proj", "v_proj"])  # rewritten
-    assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=120).status_code == 200
+    again = httpx.post(f"{url}/v1/load_lora_adapter", json=body, timeout=120)
+    assert again.status_code == 400 and "load_inplace" in again.text  # as pagedlora serve
+    assert httpx.post(f"{url}/v1/load_lora_adapter", json={**body, "load_inplace": True},
+                      timeout=120).status_code == 200
     new = Engine(files["tiny"], pool_gb=POOL_GB, **ENGINE_OPTIONS)
     new.add_adapter("swap", path)
     answers = [complete(url, "swap", p).json()["choices"][0]["text"] for p in prompts]

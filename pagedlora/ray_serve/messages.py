@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from pagedlora.config import EngineConfig
 from pagedlora.errors import AdapterError, UnknownAdapterError
+from pagedlora.input_processor import tokenize
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.server.engine_loop import LoopStopped, PromptRejected, QueueFull
 
@@ -28,11 +29,21 @@ class AdapterRef:
 @dataclass(frozen=True)
 class ModelInfo:
     """What the ingress needs of a base model without loading it: its tokenizer (chat
-    template, LMI's token details), ``max_model_len`` (tokens) and engine options."""
+    template, LMI's token details), vocabulary size, ``max_model_len`` (tokens) and engine
+    options; the routes read it as they read an Engine."""
 
     tokenizer: object
+    vocab_size: int
     max_model_len: int
     config: EngineConfig
+
+    def tokenize(self, prompt) -> list[int]:
+        """``Engine.tokenize``: the token ids the replicas' engines run for ``prompt``.
+
+        Raises:
+            InvalidPromptError: as :func:`pagedlora.input_processor.tokenize`.
+        """
+        return tokenize(self.tokenizer, self.vocab_size, prompt)
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,9 @@ class EngineReplica:
     # -- calls from the ingress ----------------------------------------------------------------
 
     def describe(self) -> ModelInfo:
-        """The base model's tokenizer, max_model_len and engine options."""
-        return ModelInfo(self.engine.tokenizer, self.engine.max_model_len, self.engine.config)
+        """The base model's tokenizer, vocabulary size, max_model_len and engine options."""
+        return ModelInfo(self.engine.tokenizer, self.engine.processor.vocab_size,
+                         self.engine.max_model_len, self.engine.config)
 
     async def register(self, path: str, name: str | None, preload: bool = False
                        ) -> list[AdapterRef] | Refused:
