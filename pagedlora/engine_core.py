@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -68,6 +68,9 @@ class EngineStats:
         page_numel: elements per page.
         page_bytes: bytes per page.
         block_size: tokens per KV block.
+        adapter_names: content key -> its registered names, for the adapters of the running,
+            waiting and queued requests.
+        queued_adapters: adapter content key -> queued requests that use it.
     """
 
     pool: PoolStats
@@ -78,6 +81,37 @@ class EngineStats:
     page_numel: int
     page_bytes: int
     block_size: int
+    adapter_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    queued_adapters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool's pages that a new request cannot have (0..1): KV blocks held
+        by requests and adapters pinned by them; free pages, cached KV blocks nobody holds
+        and unpinned adapters are available (vLLM's ``1 - free blocks / blocks``, where its
+        free queue also holds cached blocks). 0 for an empty pool."""
+        p = self.pool
+        if not p.num_pages:
+            return 0.0
+        available = p.free + p.reclaimable_kv + p.reclaimable_adapter
+        return 1 - available / p.num_pages
+
+    @property
+    def running_adapters(self) -> dict[str, int]:
+        """Adapter name -> running requests, by name (names sharing one adapter's weights
+        share its pages and are all listed)."""
+        return self._by_name(self.scheduler.running_adapters)
+
+    @property
+    def waiting_adapters(self) -> dict[str, int]:
+        """Adapter name -> waiting requests (in the scheduler or queued for it), as
+        :attr:`running_adapters`."""
+        return self._by_name(Counter(self.scheduler.waiting_adapters) + Counter(
+            self.queued_adapters))
+
+    def _by_name(self, by_key: dict[str, int]) -> dict[str, int]:
+        return {name: n for key, n in sorted(by_key.items())
+                for name in self.adapter_names.get(key, ())}
 
     @property
     def internal_fragmentation(self) -> float:
@@ -96,7 +130,9 @@ class EngineStats:
         pages run short); ``pages_adapter``; ``pages_free``; ``page_bytes``;
         ``internal_fragmentation`` (fraction of the elements of used pages that hold
         nothing); ``adapters_resident`` (names); ``requests_running``; ``requests_waiting``;
-        ``admissions_refused`` and ``preemptions`` (for lack of pages, since the start);
+        ``running_adapters`` and ``waiting_adapters`` (adapter name -> requests);
+        ``kv_cache_usage`` (:attr:`kv_cache_usage`); ``admissions_refused`` and
+        ``preemptions`` (for lack of pages, since the start);
         ``prefix_cache`` (``hit_tokens``, ``queried_tokens``: prompt tokens served from the
         cache and looked up, since the start); ``adapters`` (per name: ``tier``,
         ``requests``, ``tokens``, ``loads_from_disk``, ``loads_from_source``,
@@ -109,6 +145,9 @@ class EngineStats:
             "adapters_resident": list(self.adapters.resident),
             "requests_running": self.scheduler.requests_running,
             "requests_waiting": self.scheduler.requests_waiting + self.queued,
+            "running_adapters": self.running_adapters,
+            "waiting_adapters": self.waiting_adapters,
+            "kv_cache_usage": self.kv_cache_usage,
             "admissions_refused": self.scheduler.admissions_refused,
             "preemptions": self.scheduler.preemptions,
             "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
@@ -279,12 +318,18 @@ class EngineCore:
         """The accounting now, composed of each part's own."""
         with self._lock:
             queued = len(self._new)
+            queued_adapters = dict(Counter(r.adapter_key for r in self._new
+                                           if r.adapter_key is not None))
+        scheduler = self.scheduler.stats()
+        keys = {*scheduler.running_adapters, *scheduler.waiting_adapters, *queued_adapters}
         return EngineStats(
             pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
-            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(), queued=queued,
+            scheduler=scheduler, adapters=self.adapters.stats(), queued=queued,
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
-            block_size=self.pool.block_size)
+            block_size=self.pool.block_size,
+            adapter_names={k: tuple(self.adapters.names_of(k)) for k in keys},
+            queued_adapters=queued_adapters)
 
     def summary(self, history: bool = False) -> dict:
         """The stats ``Engine.stats()`` returns, as plain values (between two steps).

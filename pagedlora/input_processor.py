@@ -134,32 +134,43 @@ class InputProcessor:
                        needs_prompt_logprobs=params.prompt_logprobs is not None)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids (see the class docstring).
+        """The prompt's token ids (see the class docstring and :func:`tokenize`).
 
         Raises:
-            InvalidPromptError: token ids outside the vocabulary, malformed messages, text
-                without a tokenizer, or a prompt of another type.
+            InvalidPromptError: as :func:`tokenize`.
         """
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidPromptError(f"token ids {bad[:5]} are outside the vocabulary "
-                                         f"(0..{self.vocab_size - 1})")
-            return list(prompt)
-        if self.tokenizer is None:
-            raise InvalidPromptError("the model has no tokenizer; pass token ids")
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt).input_ids
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            for i, m in enumerate(prompt):
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise InvalidPromptError(f"chat message {i} needs a string 'role' and "
-                                             f"'content', got keys {sorted(m)}")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                      tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        raise InvalidPromptError(f"a prompt must be a string, chat messages or token ids, "
-                                 f"got {type(prompt).__name__}")
+        return tokenize(self.tokenizer, self.vocab_size, prompt)
+
+
+def tokenize(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """``prompt``'s token ids: a string through ``tokenizer``, chat messages through its chat
+    template with the generation prompt, token ids as they are once checked against
+    ``[0, vocab_size)``.
+
+    Raises:
+        InvalidPromptError: token ids outside the vocabulary, malformed messages, text
+            without a tokenizer (``tokenizer`` None), or a prompt of another type.
+    """
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidPromptError(f"token ids {bad[:5]} are outside the vocabulary "
+                                     f"(0..{vocab_size - 1})")
+        return list(prompt)
+    if tokenizer is None:
+        raise InvalidPromptError("the model has no tokenizer; pass token ids")
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidPromptError(f"chat message {i} needs a string 'role' and "
+                                         f"'content', got keys {sorted(m)}")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    raise InvalidPromptError(f"a prompt must be a string, chat messages or token ids, "
+                             f"got {type(prompt).__name__}")
 
 
 def as_prompt_list(prompts) -> list:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -109,12 +110,17 @@ class SchedulerStats:
             (plus the watermark) or its adapter's pages could not be had, since the start (at
             most one per step: admission stops there).
         preemptions: running requests preempted for lack of pages, since the start.
+        running_adapters: adapter content key -> running requests that use it, now (the base
+            model's requests are not counted).
+        waiting_adapters: adapter content key -> waiting requests that use it, now.
     """
 
     requests_running: int
     requests_waiting: int
     admissions_refused: int
     preemptions: int
+    running_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_adapters: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -367,7 +373,8 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         """The counters now."""
         return SchedulerStats(len(self.running), len(self.waiting), self._num_refused,
-                              self._num_preemptions)
+                              self._num_preemptions, _count_adapters(self.running),
+                              _count_adapters(self.waiting))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -519,3 +526,8 @@ class _Step:
         self.preempted: list[Request] = []
         self.failed: list[Request] = []
         self.adapter_keys: set[str] = set()
+
+
+def _count_adapters(requests) -> dict[str, int]:
+    """Adapter content key -> how many of ``requests`` use it (base-model requests left out)."""
+    return dict(Counter(r.adapter_key for r in requests if r.adapter_key is not None))

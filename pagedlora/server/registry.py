@@ -131,9 +131,8 @@ class ModelRegistry:
                 raise ApiError(400, f"adapter {name!r} is already loaded (from "
                                f"{str(self.adapters[name][1])!r}); send \"load_inplace\": true "
                                f"to replace its weights, or unload it first", param="lora_name")
-            engine = self.loops[base].engine
             try:
-                await asyncio.to_thread(engine.add_adapter, name, path, preload)
+                await self.loops[base].add_adapter(name, path, preload)
             except (AdapterError, UnsupportedAdapterError, OSError) as e:
                 raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}",
                                param="lora_path") from None
@@ -152,7 +151,7 @@ class ModelRegistry:
                                f"{sorted(self.adapters)}", param="lora_name")
             base = self.adapters[name][0]
             try:
-                await asyncio.to_thread(self.loops[base].engine.remove_adapter, name)
+                await self.loops[base].remove_adapter(name)
             except ValueError as e:
                 raise ApiError(409, str(e), param="lora_name") from None
             del self.adapters[name]
