@@ -73,6 +73,8 @@ class EngineConfig:
             each other's files; a killed process leaves its directory behind). A directory
             that cannot be written (full, read-only) only costs speed: adapters are re-read
             from their sources.
+        max_logprobs: the largest ``SamplingParams.logprobs`` and ``prompt_logprobs`` a request
+            may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -98,6 +100,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -140,6 +143,9 @@ class EngineConfig:
         ):
             raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
                              f"got {self.host_cache_gb!r}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
+                or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")

@@ -72,7 +72,8 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
-            rejection=scheduler.rejection, clock=scheduler.clock)
+            rejection=scheduler.rejection, clock=scheduler.clock,
+            max_logprobs=config.max_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self._for_step: deque[StreamOutput] = deque()  # add_request's outputs, for step()
         self._turn = StepTurn()  # one thread steps at a time
@@ -92,9 +93,10 @@ class Engine:
         Raises:
             AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
                 files, bad config, shapes that do not fit the model, rank above max_lora_rank,
-                NaN/Inf, unknown dtype or target modules.
+                NaN/Inf, unknown dtype or target modules, saved base embedding weights that
+                are not the model's (see :func:`pagedlora.lora_adapter.read_lora_adapter`).
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
-                embedding/lm_head LoRA.
+                and the PEFT options that change the forward pass.
         """
         return self.adapters.add(name, fetch_adapter(path), preload=preload)
 

@@ -245,7 +245,8 @@ class EngineCore:
             static_slot_pages=packed_pages(every_module, m.module_shapes, page_numel))
         scheduler_config = config.scheduler_config(max_model_len)
         adapters = AdapterStore(
-            pool, num_layers=m.num_layers, module_shapes=m.module_shapes,
+            pool, num_layers=m.num_layers, module_shapes=m.lora_module_shapes,
+            base_vocab=m.base_vocab,
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),

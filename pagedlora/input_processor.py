@@ -33,13 +33,14 @@ class InputProcessor:
         rejection: ``(prompt tokens, adapter key) -> reason or None``: why such a request could
             never fit the pool (the scheduler's check).
         clock: seconds, the scheduler's clock (arrival times, deadlines).
+        max_logprobs: the largest ``logprobs``/``prompt_logprobs`` a request may ask.
     """
 
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int,
                  eos_token_ids: set[int], seed: int, ttft_deadline_s: float | None,
                  key_of: Callable[[str], str],
                  rejection: Callable[[int, str | None], str | None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], max_logprobs: int = 20) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -49,6 +50,7 @@ class InputProcessor:
         self.key_of = key_of
         self.rejection = rejection
         self.clock = clock
+        self.max_logprobs = max_logprobs
         self._ids = itertools.count()
 
     def next_id(self) -> int:
@@ -93,9 +95,15 @@ class InputProcessor:
             InvalidPromptError: an empty prompt, one of ``max_model_len`` tokens or more,
                 token ids outside the vocabulary, messages without string role and content,
                 a model without a tokenizer for text, a failing chat template, or one that
-                could never fit the pool next to its adapter; the message names ``index``.
+                could never fit the pool next to its adapter; ``logprobs`` or
+                ``prompt_logprobs`` above ``max_logprobs``; the message names ``index``.
         """
         where = f"prompt {index}"
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise InvalidPromptError(f"{where}: {name}={k} exceeds max_logprobs="
+                                         f"{self.max_logprobs}")
         try:
             tokens = self.tokenize(prompt)
         except InvalidPromptError as e:
@@ -122,7 +130,8 @@ class InputProcessor:
                        max_tokens=params.max_tokens, adapter_key=adapter_key, arrival_time=now,
                        deadline=None if deadline_s is None else now + deadline_s,
                        stop_token_ids=frozenset(stop),
-                       sampling=RequestSampling(params, seed))
+                       sampling=RequestSampling(params, seed),
+                       needs_prompt_logprobs=params.prompt_logprobs is not None)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """The prompt's token ids (see the class docstring and :func:`tokenize`).

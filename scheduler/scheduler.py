@@ -141,7 +141,10 @@ class Scheduler:
     unpinned adapters), and if that is not enough the policy's victim (by default the most
     recently admitted request) is preempted: its pages are freed and it is recomputed later
     (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5, "recomputation"), usually from
-    its own blocks still in the prefix cache.
+    its own blocks still in the prefix cache. A request that asks for prompt log-probabilities
+    reads the prefix cache only up to the positions whose entries it already holds (none when
+    new; vLLM skips the cache for such requests altogether), since a cached block's positions
+    are not computed again; its blocks still join the cache for others.
 
     Scheduling only reserves an adapter's pages; the adapter store fills them before the step
     runs (:meth:`drop_failed` takes out the requests whose adapter could not be loaded), so
@@ -334,22 +337,29 @@ class Scheduler:
         """Records that the step of ``out`` ran: its tokens' K/V are in the pool (the blocks
         they filled join the prefix cache), the sampled tokens are appended, and a request
         that sampled EOS or a stop token id, reached ``max_tokens`` or ``max_model_len``
-        finishes ("stop" or "length") and frees its pages.
+        finishes ("stop" or "length") and frees its pages. Log-probabilities the runner
+        computed are appended alongside (``output_logprobs``, ``prompt_logprobs``).
 
         Returns:
             the requests that got a token, in step order.
         """
         sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        logprobs = (dict(zip(result.request_ids, result.logprobs, strict=True))
+                    if result.logprobs else {})
+        prompt_logprobs = dict(result.prompt_logprobs)
         now = self.clock()
         changed = []
         for s in out.scheduled:
             r = s.request
             r.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(r)
+            r.prompt_logprobs.extend(prompt_logprobs.get(r.request_id, ()))
             token = sampled.get(r.request_id)
             if token is None:
                 continue
             r.output_token_ids.append(token)
+            if logprobs.get(r.request_id) is not None:
+                r.output_logprobs.append(logprobs[r.request_id])
             if r.first_token_time is None:
                 r.first_token_time = now
             if token in r.stop_token_ids:
@@ -416,6 +426,8 @@ class Scheduler:
                     and len(step.adapter_keys) >= self.config.max_loras:
                 continue  # another adapter would exceed max_loras; later ones may share one
             hits = self.kv.match_prefix(request)
+            if request.needs_prompt_logprobs:  # only positions whose logprobs it has
+                hits = hits[:len(request.prompt_logprobs) // self.block_size]
             cached = len(hits) * self.block_size
             n = min(request.num_tokens - cached, budget)
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block

@@ -137,6 +137,78 @@ def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: l
     return out
 
 
+# -- log-probabilities against PEFT -------------------------------------------------------------
+
+LOGPROBS_ATOL = 1e-4  # nats, fp32
+
+
+class PeftReference:
+    """``PeftModel`` per adapter (plain transformers for None) in one dtype."""
+
+    def __init__(self, model_dir, dirs, dtype=torch.float32):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        def base():
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+        self.models = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
+                                        for n, d in dirs.items()}}
+
+    @torch.inference_mode()
+    def logprobs(self, name, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), vocab]`` float32 log-softmax at every position."""
+        logits = self.models[name](input_ids=torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check_entries(entries, rows: torch.Tensor, targets: list[int], k: int, atol: float,
+                  where: str) -> float:
+    """Each entry against its reference row: the target's log-probability, a rank the
+    reference allows (ties within ``atol`` either way), and its k top tokens: each one's
+    log-probability is the reference's for that token and the reference's j-th largest.
+    Returns the largest error."""
+    assert len(entries) == len(targets) == rows.shape[0], where
+    worst = 0.0
+    for i, (e, row, t) in enumerate(zip(entries, rows, targets, strict=True)):
+        at = f"{where}, position {i}: "
+        assert e.token_id == t, at
+        err = abs(e.logprob - row[t].item())
+        assert err <= atol, f"{at}logprob {e.logprob} vs {row[t].item()}"
+        lo = int((row > row[t] + atol).sum()) + 1
+        hi = int((row >= row[t] - atol).sum())
+        assert lo <= e.rank <= hi, f"{at}rank {e.rank}, reference {lo}..{hi}"
+        assert len(e.top) == k, at
+        ref_top = row.topk(k).values
+        for j, (tid, lp) in enumerate(e.top):
+            err = max(err, abs(lp - row[tid].item()), abs(lp - ref_top[j].item()))
+            assert err <= atol, f"{at}top {j}: token {tid} {lp} vs {row[tid].item()}, " \
+                                f"{j}-th largest {ref_top[j].item()}"
+        worst = max(worst, err)
+    return worst
+
+
+def check_output(out, ref_rows: torch.Tensor, k: int = 3, atol: float = LOGPROBS_ATOL,
+                 prompt_k: int | None = 3) -> float:
+    """``out`` (a RequestOutput asking logprobs=k, prompt_logprobs=prompt_k) against the
+    reference's log-softmax rows of its whole sequence."""
+    p, n = len(out.prompt_token_ids), len(out.token_ids)
+    where = f"request {out.request_id} (adapter {out.adapter!r})"
+    err = check_entries(out.logprobs, ref_rows[p - 1:p - 1 + n], out.token_ids, k, atol,
+                        f"{where} generated")
+    if prompt_k is not None:
+        assert len(out.prompt_logprobs) == p and out.prompt_logprobs[0] is None, where
+        err = max(err, check_entries(out.prompt_logprobs[1:], ref_rows[:p - 1],
+                                     out.prompt_token_ids[1:], prompt_k, atol,
+                                     f"{where} prompt"))
+    return err
+
+
+def scored(ref: PeftReference, out) -> torch.Tensor:
+    """The reference's log-softmax rows of ``out``'s whole sequence (teacher forcing)."""
+    return ref.logprobs(out.adapter, out.prompt_token_ids + out.token_ids)
+
+
 @dataclass
 class Drive:
     """What :func:`drive` saw: outputs by tag, and per step ``(tag, adapter, new, computed)``."""
