@@ -29,7 +29,13 @@ from pathlib import Path
 from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter, ResidentModule
 from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
-from pagedlora.lora_adapter import AdapterWeights, BaseWeight, LoraAdapter, read_lora_adapter
+from pagedlora.lora_adapter import (
+    AdapterWeights,
+    BaseVocab,
+    BaseWeight,
+    LoraAdapter,
+    read_lora_adapter,
+)
 from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
 from pagedlora.scheduler import ADAPTER, SchedulerOutput
@@ -146,6 +152,8 @@ class AdapterStore:
         spill: the disk tier.
         keep_free_pages: pages :meth:`warm` leaves free (the scheduler's watermark), so warming
             never takes what running requests may grow into.
+        base_vocab: the model's vocabulary weights, for adapters on embed_tokens/lm_head
+            (see :func:`read_lora_adapter`); None refuses those.
         base_weight: the model's projection weights (``LlamaModel.base_weight``), from which
             DoRA adapters' weight norms are computed when they are read; None refuses DoRA.
     """
@@ -154,11 +162,13 @@ class AdapterStore:
                  module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
                  max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
                  spill: SpillDir | None = None, keep_free_pages: int = 0,
+                 base_vocab: BaseVocab | None = None,
                  base_weight: BaseWeight | None = None) -> None:
         self.pool = pool
         self.allocator = pool.allocator
         self.num_layers = num_layers
         self.module_shapes = module_shapes
+        self.base_vocab = base_vocab
         self.packer = AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
         self.keep_free_pages = keep_free_pages
@@ -214,10 +224,11 @@ class AdapterStore:
             adapter, weights = self._read_source(name, Path(path))
             try:
                 num_pages = self.packer.num_pages(adapter)
-            except ValueError as e:  # the static layout's slot is sized for plain LoRA
-                raise AdapterError(f"adapter {name!r}: {e} (memory_layout='static' sizes a "
-                                   f"slot for max_lora_rank on every projection; a DoRA "
-                                   f"module takes one more row)") from None
+            except ValueError as e:  # a static layout's slot holds the decoder projections
+                raise AdapterError(f"adapter {name!r} cannot be placed in the pool: {e} "
+                                   f"(memory_layout='static' sizes a slot for max_lora_rank "
+                                   f"on every decoder projection of plain LoRA; a DoRA module "
+                                   f"takes one more row)") from e
             # hold no weights unless preloading
             read.append((adapter, weights if preload else None, num_pages))
         with self._lock:
@@ -579,7 +590,7 @@ class AdapterStore:
         return read_lora_adapter(
             name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
             max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype,
-            base_weight=self.base_weight)
+            base_vocab=self.base_vocab, base_weight=self.base_weight)
 
     def _sources(self, key: str) -> list[tuple[str, Path]]:
         """``(name, path)`` of every name registered with content ``key``, else the source it

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagedlora.scheduler.outputs import TokenLogprobs
+
 AdapterTerms = tuple[tuple[str, float], ...]
 """A weighted combination of adapters, as the scheduler sees it: ``(content key, weight)``
 pairs with distinct keys, sorted by key (``pagedlora.AdapterMix`` resolved by the engine's input
@@ -23,9 +25,10 @@ class RequestStatus(enum.Enum):
 class Request:
     """A request as the scheduler sees it.
 
-    The fields up to ``sampling`` are fixed when the request is made (by the engine's input
-    processor, or a test); every field after them is written by the :class:`Scheduler` alone
-    (its KV blocks live in the scheduler's ``KVBlockManager``, keyed by ``request_id``).
+    The fields up to ``needs_prompt_logprobs`` are fixed when the request is made (by the
+    engine's input processor, or a test); every field after them is written by the
+    :class:`Scheduler` alone (its KV blocks live in the scheduler's ``KVBlockManager``, keyed
+    by ``request_id``).
 
     Attributes:
         request_id: unique within an engine.
@@ -41,7 +44,14 @@ class Request:
         sampling: what the model runner's sampler needs (opaque to the scheduler).
         adapter_mix: a scaled adapter or a weighted mix of adapters (:data:`AdapterTerms`),
             with ``adapter_key`` None; empty for a plain adapter or the base model.
+        needs_prompt_logprobs: whether the request asked for the log-probabilities of its
+            prompt tokens: every position that predicts one must be computed, so the prefix
+            cache serves it only positions whose entries it already has (after a preemption).
         output_token_ids: tokens generated so far.
+        output_logprobs: the :class:`TokenLogprobs` of each output token, when the request
+            asked for them (``SamplingParams.logprobs``); else empty.
+        prompt_logprobs: the :class:`TokenLogprobs` of prompt tokens 1, 2, ... computed so far
+            (with ``needs_prompt_logprobs``; the first prompt token has none).
         num_computed_tokens: tokens whose K/V are in the pool; the scheduler schedules
             ``num_tokens - num_computed_tokens`` more (the vLLM v1 view: no separate prefill and
             decode phases, every request catches up with its known tokens).
@@ -51,7 +61,8 @@ class Request:
         first_scheduled_time, first_token_time, finished_time: seconds, scheduler's clock.
         num_cached_tokens: prompt tokens whose K/V came from the prefix cache at admission.
         holds_adapter: whether the adapter store counted this request as a holder of its
-            adapters' content (so that exactly the holds taken are dropped).
+            adapters' content (so that exactly the holds taken are dropped); None before
+            :meth:`Scheduler.take_hold` or :meth:`Scheduler.add` asked.
 
     Raises:
         ValueError: both ``adapter_key`` and ``adapter_mix``, or a mix whose keys are not
@@ -67,7 +78,10 @@ class Request:
     stop_token_ids: frozenset[int] = frozenset()
     sampling: object = None
     adapter_mix: AdapterTerms = ()
+    needs_prompt_logprobs: bool = False
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -77,7 +91,7 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
-    holds_adapter: bool = False
+    holds_adapter: bool | None = None
 
     def __post_init__(self) -> None:
         if self.adapter_mix:

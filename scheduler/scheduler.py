@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -111,12 +112,17 @@ class SchedulerStats:
             (plus the watermark) or its adapter's pages could not be had, since the start (at
             most one per step: admission stops there).
         preemptions: running requests preempted for lack of pages, since the start.
+        running_adapters: adapter content key -> running requests that use it, now (the base
+            model's requests are not counted).
+        waiting_adapters: adapter content key -> waiting requests that use it, now.
     """
 
     requests_running: int
     requests_waiting: int
     admissions_refused: int
     preemptions: int
+    running_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_adapters: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -138,7 +144,10 @@ class Scheduler:
     unpinned adapters), and if that is not enough the policy's victim (by default the most
     recently admitted request) is preempted: its pages are freed and it is recomputed later
     (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5, "recomputation"), usually from
-    its own blocks still in the prefix cache.
+    its own blocks still in the prefix cache. A request that asks for prompt log-probabilities
+    reads the prefix cache only up to the positions whose entries it already holds (none when
+    new; vLLM skips the cache for such requests altogether), since a cached block's positions
+    are not computed again; its blocks still join the cache for others.
 
     Scheduling only reserves an adapter's pages; the adapter store fills them before the step
     runs (:meth:`drop_failed` takes out the requests whose adapter could not be loaded), so
@@ -188,6 +197,7 @@ class Scheduler:
         self._failed: list[Request] = []
         self._aborted: list[Request] = []
         self._finished_ids: list[int] = []  # every finish since the last schedule()
+        self._finished: list[Request] = []  # every finish since the last take_finished()
         self._num_refused = 0
         self._num_preemptions = 0
 
@@ -207,30 +217,40 @@ class Scheduler:
         if self.allocator.could_ever_fit(kv_need, adapter_need):
             return None
         words = "adapter" if len(adapter_keys) < 2 else "adapters"
-        return (f"needs {kv_need + adapter_need} pages for its prompt and {words}, more than "
-                f"{self._pool_words()} can hold")
+        return (f"the prompt ({num_prompt_tokens} tokens) and its {words} need "
+                f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
+
+    def take_hold(self, request: Request) -> None:
+        """Counts ``request`` as a holder of its adapters' content now (each adapter of a mix;
+        all or none), so that a later ``remove_adapter`` or re-add of a name cannot take the
+        weights from under it while it waits to be added. Safe from any thread for a request
+        not yet added (it touches only that request and the thread-safe adapter store)."""
+        keys = request.adapter_keys
+        if not keys or request.holds_adapter is not None:
+            return
+        for i, key in enumerate(keys):
+            if not self.adapters.hold(key):
+                for held in keys[:i]:
+                    self.adapters.unhold(held)
+                request.holds_adapter = False
+                return
+        request.holds_adapter = True
 
     def add(self, request: Request) -> None:
-        """Queues ``request``. One that can never fit the pool, or one of whose adapters is
-        no longer registered, is finished with "error" at once and reported by the next
+        """Queues ``request`` (taking its adapter holds, if :meth:`take_hold` did not). One that
+        can never fit the pool, or one of whose adapters was no longer registered when the
+        hold was asked for, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
-        rid, keys = request.request_id, request.adapter_keys
-        reason = self.rejection(len(request.prompt_token_ids), keys)
-        error = None if reason is None else f"request {rid} {reason}"
+        keys = request.adapter_keys
+        error = self.rejection(len(request.prompt_token_ids), keys)
         if error is None and keys:
-            held = []
-            for key in keys:
-                if not self.adapters.hold(key):
-                    error = (f"request {rid}: adapter with content key {key} is no longer "
-                             f"registered (removed or re-added with other weights while the "
-                             f"request waited)")
-                    break
-                held.append(key)
-            if error is not None:
-                for key in held:
-                    self.adapters.unhold(key)
-            request.holds_adapter = error is None
+            self.take_hold(request)
+            if not request.holds_adapter:
+                which = (f"adapter with content key {keys[0]} is" if len(keys) == 1 else
+                         f"one of the adapters with content keys {list(keys)} is")
+                error = (f"{which} no longer registered (removed or re-added with other "
+                         f"weights while the request waited)")
         if error is not None:
             self.finish(request, "error", error=error)
             self._failed.append(request)
@@ -272,6 +292,13 @@ class Scheduler:
         self._unhold(request)
         self._unfinished.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+        self._finished.append(request)
+
+    def take_finished(self) -> list[Request]:
+        """Every request finished since the last call, in order (whatever finished it:
+        update, abort, failure, ``finish``), so that a step that raised midway loses none."""
+        finished, self._finished = self._finished, []
+        return finished
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -320,7 +347,7 @@ class Scheduler:
             return next((failed[k] for k in r.adapter_keys if k in failed), None)
         dropped = [s.request for s in out.scheduled if reason(s.request) is not None]
         for r in dropped:
-            self.finish(r, "error", error=f"request {r.request_id}: {reason(r)}")
+            self.finish(r, "error", error=reason(r))
         kept = [s for s in out.scheduled if s.request not in dropped]
         return replace(out, scheduled=kept, failed=[*out.failed, *dropped],
                        adapter_keys=frozenset(k for s in kept for k in s.request.adapter_keys),
@@ -331,22 +358,29 @@ class Scheduler:
         """Records that the step of ``out`` ran: its tokens' K/V are in the pool (the blocks
         they filled join the prefix cache), the sampled tokens are appended, and a request
         that sampled EOS or a stop token id, reached ``max_tokens`` or ``max_model_len``
-        finishes ("stop" or "length") and frees its pages.
+        finishes ("stop" or "length") and frees its pages. Log-probabilities the runner
+        computed are appended alongside (``output_logprobs``, ``prompt_logprobs``).
 
         Returns:
             the requests that got a token, in step order.
         """
         sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        logprobs = (dict(zip(result.request_ids, result.logprobs, strict=True))
+                    if result.logprobs else {})
+        prompt_logprobs = dict(result.prompt_logprobs)
         now = self.clock()
         changed = []
         for s in out.scheduled:
             r = s.request
             r.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(r)
+            r.prompt_logprobs.extend(prompt_logprobs.get(r.request_id, ()))
             token = sampled.get(r.request_id)
             if token is None:
                 continue
             r.output_token_ids.append(token)
+            if logprobs.get(r.request_id) is not None:
+                r.output_logprobs.append(logprobs[r.request_id])
             if r.first_token_time is None:
                 r.first_token_time = now
             if token in r.stop_token_ids:
@@ -360,7 +394,8 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         """The counters now."""
         return SchedulerStats(len(self.running), len(self.waiting), self._num_refused,
-                              self._num_preemptions)
+                              self._num_preemptions, _count_adapters(self.running),
+                              _count_adapters(self.waiting))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -396,8 +431,8 @@ class Scheduler:
             steps = -(-(request.num_tokens - request.num_computed_tokens)
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
-                self.finish(request, "abort", error=f"request {request.request_id} could not "
-                            f"get its first token before its deadline")
+                self.finish(request, "abort",
+                            error="the first token could not come before the deadline")
                 self._aborted.append(request)
 
     def _admit(self, step: _Step, budget: int, now: float) -> list[Request]:
@@ -411,6 +446,8 @@ class Scheduler:
             if new and len(step.adapter_keys) + len(new) > self.config.max_loras:
                 continue  # more adapters would exceed max_loras; later ones may share them
             hits = self.kv.match_prefix(request)
+            if request.needs_prompt_logprobs:  # only positions whose logprobs it has
+                hits = hits[:len(request.prompt_logprobs) // self.block_size]
             cached = len(hits) * self.block_size
             n = min(request.num_tokens - cached, budget)
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
@@ -455,8 +492,8 @@ class Scheduler:
                 adapter = "" if not keys else (
                     f" next to {whose} {sum(map(self.adapters.footprint, keys))} pages")
                 self.finish(request, "error", error=(
-                    f"request {request.request_id} cannot get the {self.kv.pages_for(target)} "
-                    f"KV pages of {target} tokens{adapter} even alone in {self._pool_words()}"))
+                    f"the {self.kv.pages_for(target)} KV pages of {target} tokens{adapter} do "
+                    f"not fit even alone in {self._pool_words()}"))
                 step.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
@@ -521,3 +558,9 @@ class _Step:
         self.preempted: list[Request] = []
         self.failed: list[Request] = []
         self.adapter_keys: set[str] = set()
+
+
+def _count_adapters(requests) -> dict[str, int]:
+    """Adapter content key -> how many of ``requests`` use it (each adapter of a mix;
+    base-model requests left out)."""
+    return dict(Counter(k for r in requests for k in r.adapter_keys))

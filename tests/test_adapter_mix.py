@@ -32,12 +32,14 @@ PEFT_ADAPTERS = {  # saved through PEFT (different targets, so a mix's modules d
     "lora4": dict(r=4, target_modules=ALL, seed=401),
     "lora16": dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], seed=402),
     "lora8": dict(r=8, target_modules=["o_proj", "gate_proj", "down_proj"], seed=403),
+    "voc": dict(r=4, target_modules=["embed_tokens", "lm_head", "v_proj"], seed=404),
 }
 SMALL = {f"s{i}": dict(r=2 + i, target_modules=["q_proj", "v_proj", "down_proj"], seed=410 + i)
          for i in range(5)}  # more adapters, so a decode step takes the BGMV form
 MIX_A = AdapterMix({"lora4": 0.7, "lora16": 0.3})
 MIX_B = AdapterMix({"lora16": -0.5, "lora8": 1.5, "lora4": 0.25})  # three, one negative
 HALF = AdapterMix({"lora4": 0.5})  # a scaled single adapter
+MIX_V = AdapterMix({"voc": 0.6, "lora8": -0.75})  # on embed_tokens and lm_head too
 MIX_S = AdapterMix({"s0": 0.6, "s3": 1.2, "lora8": 0.4})
 PROMPTS = [random_prompt(n, seed=500 + n) for n in (4, 11, 18, 26)]
 GREEDY16 = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
@@ -72,7 +74,7 @@ def test_mixes_differ_from_their_parts(oracle):
     comparisons below can tell a wrong weight from a right one), and PEFT's "cat" mix is the
     weighted sum of the adapters' deltas (its rank is the sum of theirs)."""
     base = oracle.logits(None, PROMPTS[1])
-    for mix in (MIX_A, MIX_B, HALF, MIX_S):
+    for mix in (MIX_A, MIX_B, HALF, MIX_S, MIX_V):
         ours = oracle.logits(mix, PROMPTS[1])
         for other in [None, *mix.names]:
             ref = base if other is None else oracle.logits(other, PROMPTS[1])
@@ -93,7 +95,8 @@ def test_mixes_scales_adapters_dora_and_base_in_one_batch_match_peft(tiny_llama_
         served = {n: dirs[n] for n in [*PEFT_ADAPTERS, "dora8"]}
         first = [("base", PROMPTS[3], None), ("mixA", PROMPTS[3], MIX_A),
                  ("mixB", PROMPTS[2], MIX_B), ("half", PROMPTS[3], HALF),
-                 ("lora16", PROMPTS[1], "lora16"), ("dora8", PROMPTS[2], "dora8")]
+                 ("lora16", PROMPTS[1], "lora16"), ("dora8", PROMPTS[2], "dora8"),
+                 ("mixV", PROMPTS[1], MIX_V)]
         late = {2: [("mixA-late", PROMPTS[0], MIX_A), ("lora4", PROMPTS[1], "lora4")]}
     else:
         served = dict(dirs)
@@ -270,13 +273,28 @@ def test_scheduler_counts_a_mix_s_adapters_once_and_pins_each():
 
 
 def test_scheduler_pins_all_of_a_mix_or_none():
-    """A mix whose second adapter cannot get its pages is not admitted and keeps no pin."""
-    sched, alloc, fake = make_scheduler(num_pages=12, max_loras=4, sizes={"x": 2, "y": 20})
-    sched.add(mix_request(0, 4, {"x": 0.5, "y": 0.5}))
+    """A mix whose adapters do not all fit next to a running request waits, pinning none of
+    them (x alone would fit); once that request finishes, it runs with both pinned. One that
+    could never fit the pool fails at once, naming its adapters' pages."""
+    sched, alloc, fake = make_scheduler(num_pages=34, max_loras=4,
+                                        sizes={"x": 2, "y": 20, "z": 10, "w": 30})
+    sched.add(make_request(0, 4, "z"))
+    assert [s.request.request_id for s in sched.schedule().scheduled] == [0]
+    sched.add(mix_request(1, 4, {"x": 0.5, "y": 0.5}))
     out = sched.schedule()
-    assert out.scheduled == [] and out.failed and "needs" in out.failed[0].error
-    assert not any(fake.pins.values()) and alloc.num_used("adapter") == 0
-    assert fake.holds.get("x", 0) == fake.holds.get("y", 0) == 0
+    assert [s.request.request_id for s in out.scheduled] == [0]
+    assert {k: n for k, n in fake.pins.items() if n} == {"z": 1}
+    assert "x" not in fake.resident and "y" not in fake.resident
+    run_step(sched, out)
+    sched.finish(sched._unfinished[0], "abort")
+    out = sched.schedule()
+    assert [s.request.request_id for s in out.scheduled] == [1]
+    assert {k: n for k, n in fake.pins.items() if n} == {"x": 1, "y": 1}
+    sched.add(mix_request(2, 4, {"x": 0.5, "y": 0.5, "w": 1.0}))
+    out = sched.schedule()
+    assert [r.request_id for r in out.failed] == [2]
+    assert "its adapters need 56 pages, more than the pool of 34 pages" in out.failed[0].error
+    assert fake.holds.get("w", 0) == 0
 
 
 def test_lora_key_names_the_mix_s_content_and_weights():

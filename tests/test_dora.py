@@ -237,8 +237,8 @@ def test_static_layout_refuses_a_dora_adapter_larger_than_its_slot(llama):
     _, model_dir, dirs, _ = llama
     engine = Engine(model_dir, pool_gb=0.05, max_lora_rank=32, max_loras=1,
                     memory_layout="static")
-    with pytest.raises(AdapterError, match="'dora32': an adapter of .* does not fit an adapter "
-                                           "slot.*a DoRA module takes one more row"):
+    with pytest.raises(AdapterError, match="'dora32' cannot be placed in the pool: .* does "
+                                           "not fit .*a DoRA module takes one more row"):
         engine.add_adapter("dora32", dirs["dora32"])
     assert engine.adapters.names == [] and engine.adapters.num_contents == 0
     engine.add_adapter("dora8", dirs["dora8"])  # a smaller one fits
