@@ -12,6 +12,7 @@ from pagedlora.kernels.backend import select_kernels
 from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
+from pagedlora.packed_linear import PackedLinear
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -146,6 +147,11 @@ class LlamaModel:
                                       take(p + "mlp.up_proj.weight")]),
                 "down": take(p + "mlp.down_proj.weight"),
             })
+        self.linear = PackedLinear(dtype, device)  # the base GEMMs (bf16 CPU: prepacked)
+        for w in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                self.linear.pack(w[name])
+        self.linear.pack(self.lm_head)
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
         self._qkv_modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
@@ -216,7 +222,7 @@ class LlamaModel:
             lora_embedding(h, batch.input_ids, embed_lora)
         kv_pages = pool.kv_pages
         rows = pool.rows
-        ops = self.kernels
+        ops, linear = self.kernels, self.linear
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
@@ -228,7 +234,7 @@ class LlamaModel:
                         dora_rescale(y, self.base_bias(n, module), work.dora, rows(out_f))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
-            qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
+            qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]
             q, k, v = qkv.split(self._split_qkv, dim=-1)
             lora("q_proj", q, x)
             lora("k_proj", k, x)
@@ -245,19 +251,19 @@ class LlamaModel:
                 attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
                                                               g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
-            o = F.linear(attn, w["o"])
+            o = linear(attn, w["o"])
             lora("o_proj", o, attn)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
             lora("gate_proj", gate, x)
             lora("up_proj", up, x)
             a = F.silu(gate) * up
-            down = F.linear(a, w["down"])
+            down = linear(a, w["down"])
             lora("down_proj", down, a)
             h = h + down
         h = _rms_norm(h[batch.sample_index], self.norm, self.eps)        # [S, H]
-        logits = F.linear(h, self.lm_head)                                 # [S, vocab]
+        logits = linear(h, self.lm_head)                                 # [S, vocab]
         head_lora = batch.lora.get((VOCAB_LAYER, "lm_head"))
         if head_lora is not None:
             lora_shrink_expand(logits, h, head_lora, None, None)  # rows are gathered
