@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pagedlora.kernels.backend import KERNEL_BACKENDS
+from pagedlora.merge_policy import MERGE_POLICIES
 from pagedlora.scheduler import MEMORY_LAYOUTS, SchedulerConfig
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -71,6 +72,14 @@ class EngineConfig:
             each other's files; a killed process leaves its directory behind). A directory
             that cannot be written (full, read-only) only costs speed: adapters are re-read
             from their sources.
+        merge_policy: "never" (the default): every step adds each sequence's LoRA to the base
+            model's output (unmerged: any mix of adapters per step). "auto": a step whose
+            requests all use one adapter (no base request) runs on that adapter's weights merged
+            into copies of the base weights, at the base model's speed, once the adapter has run
+            a few such steps unmerged (dLoRA's dynamic merge, Wu et al. OSDI 2024); the next
+            step with another adapter or a base request runs unmerged again. The merged copies
+            (the fused weights the adapter targets: up to the size of the model's projection
+            weights) live on the device outside the pool; see ``stats()["merge"]``.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -96,6 +105,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
+    merge_policy: str = "never"
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -138,6 +148,9 @@ class EngineConfig:
         ):
             raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
                              f"got {self.host_cache_gb!r}")
+        if self.merge_policy not in MERGE_POLICIES:
+            raise ValueError(f"merge_policy must be one of {MERGE_POLICIES}, "
+                             f"got {self.merge_policy!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")
