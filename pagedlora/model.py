@@ -41,6 +41,9 @@ class ForwardBatch:
         groups: attention groups covering every sequence once.
         sample_index: ``[S]`` int64 tokens whose logits are returned.
         lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets.
+        layers: per layer, the weights to run with in place of the model's (``layers[n]`` has
+            the keys of ``LlamaModel.layers[n]``): one adapter's merged weights
+            (:class:`pagedlora.merged_weights.MergedWeights`); None: the model's own.
     """
 
     input_ids: torch.Tensor
@@ -50,6 +53,7 @@ class ForwardBatch:
     groups: list[AttentionGroup]
     sample_index: torch.Tensor
     lora: dict[tuple[int, str], LoraBatch] = field(default_factory=dict)
+    layers: list[dict[str, torch.Tensor]] | None = None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,6 +111,12 @@ class LlamaModel:
             "q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out),
             "o_proj": (q_out, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
         self._split_qkv = [q_out, kv_out, kv_out]
+        # module -> (fused weight of self.layers[n], its first row, its end row)
+        self.fused_rows = {
+            "q_proj": ("qkv", 0, q_out), "k_proj": ("qkv", q_out, q_out + kv_out),
+            "v_proj": ("qkv", q_out + kv_out, q_out + 2 * kv_out), "o_proj": ("o", 0, h),
+            "gate_proj": ("gate_up", 0, i), "up_proj": ("gate_up", i, 2 * i),
+            "down_proj": ("down", 0, h)}
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
@@ -169,7 +179,7 @@ class LlamaModel:
         rows = pool.rows
         ops = self.kernels
         t, d = h.shape[0], self.head_dim
-        for n, w in enumerate(self.layers):
+        for n, w in enumerate(self.layers if batch.layers is None else batch.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
                 work = batch.lora.get((n, module))
                 if work is not None:

@@ -6,6 +6,7 @@ import torch
 
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.lora_layouts import LoraLayouts
+from pagedlora.merged_weights import MergedWeights
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
@@ -18,7 +19,8 @@ class ModelRunner:
 
     Sequences are ordered by adapter so that each adapter's tokens form one contiguous segment
     (the SGMV layout, Punica section 4); decodes (one new token) and prefills are attended in
-    two groups so a long prompt does not pad every decode.
+    two groups so a long prompt does not pad every decode. A step marked ``merged`` runs on that
+    adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
@@ -31,6 +33,7 @@ class ModelRunner:
         self.pool = pool
         self.sampler = sampler
         self.lora = LoraLayouts(pool, model.module_shapes, model.kernels.reads_gathered_rows)
+        self.merged = MergedWeights(model, pool)
 
     def run(self, step: StepInput) -> RunnerOutput:
         """Runs one step.
@@ -89,10 +92,14 @@ class ModelRunner:
                 block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
                 meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
                                         t([m[2] for m in members]), width * bs)))
-        lora = self.lora.batches([step.adapters[key] for *_, key in segments],
-                                 [(a, b) for a, b, _ in segments], len(input_ids))
+        if step.merged is None:
+            lora = self.lora.batches([step.adapters[key] for *_, key in segments],
+                                     [(a, b) for a, b, _ in segments], len(input_ids))
+            layers = None
+        else:
+            lora, layers = {}, self.merged.layers_for(step.merged, step.adapters[step.merged])
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
-            groups=groups, sample_index=t(sample_index), lora=lora)
+            groups=groups, sample_index=t(sample_index), lora=lora, layers=layers)
         return batch, sampled

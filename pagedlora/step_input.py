@@ -46,20 +46,24 @@ class StepInput:
         adapters: content key -> pool placement, for every adapter of ``sequences``.
         finished_request_ids: requests finished since the last step (the runner drops their
             state: sampler generators).
+        merged: the adapter key of every sequence when the step runs on that adapter's merged
+            weights (:class:`pagedlora.merge_policy.MergePolicy`), None when it runs unmerged.
     """
 
     sequences: tuple[SequenceInput, ...]
     adapters: Mapping[str, ResidentAdapter]
     finished_request_ids: tuple[int, ...] = ()
+    merged: str | None = None
 
     @classmethod
-    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter]
-              ) -> StepInput:
-        """From the scheduler's output (after ``drop_failed``) and the adapter store's
-        placements of its adapters.
+    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter],
+              merged: str | None = None) -> StepInput:
+        """From the scheduler's output (after ``drop_failed``), the adapter store's
+        placements of its adapters and the merge decision.
 
         Raises:
             KeyError: an adapter of ``out`` without a placement.
+            ValueError: ``merged`` set while a sequence uses another adapter or none.
         """
         sequences = []
         for s in out.scheduled:
@@ -70,5 +74,8 @@ class StepInput:
                 token_ids=tuple(r.all_token_ids[first:first + n]), start=first,
                 block_table=s.block_table, adapter_key=r.adapter_key,
                 sample=first + n == r.num_tokens, sampling=r.sampling))
+        if merged is not None and any(s.adapter_key != merged for s in sequences):
+            raise ValueError(f"step merged with adapter {merged!r}, but it runs "
+                             f"{sorted({str(s.adapter_key) for s in sequences})}")
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
-                   out.finished_request_ids)
+                   out.finished_request_ids, merged)
