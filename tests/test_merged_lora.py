@@ -1,0 +1,307 @@
+"""Merged LoRA for a hot adapter (``merge_policy="auto"``): the switching rule, PEFT's
+``merge_and_unload()`` as the oracle of merged steps, base weights untouched by switching, and
+requests that span switches against PEFT's unmerged tokens.
+
+Tiny random Llama, random PEFT adapters (``init_lora_weights=False``) whose targets cover part
+of a fused weight (q and v of qkv, gate of gate_up), per-layer ranks and alphas, and one
+adapter on one layer only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support import assert_no_leaks, random_prompt, save_random_adapter
+from transformers import AutoModelForCausalLM
+
+from pagedlora import Engine, EngineConfig, SamplingParams
+from pagedlora.cli import build_parser, server_config
+from pagedlora.merge_policy import MERGE_AFTER_STEPS, MergePolicy
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "qv": dict(r=8, target_modules=["q_proj", "v_proj"], seed=301),
+    "all": dict(r=4, target_modules=ALL, rank_pattern={"layers.0.self_attn.k_proj": 12},
+                alpha_pattern={"layers.1.mlp.down_proj": 3}, seed=302),
+    "gate1": dict(r=6, target_modules=["gate_proj", "o_proj"], layers_to_transform=[1],
+                  seed=303),
+}
+MARGIN = 1e-4  # fp32: merged and unmerged logits differ by ~1e-6; a flip needs a smaller margin
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("merged-lora")
+    return {name: save_random_adapter(tiny_llama_dir, root / name, **dict(options))
+            for name, options in ADAPTERS.items()}
+
+
+class Peft:
+    """PEFT references per adapter: unmerged (``PeftModel``) and merged
+    (``merge_and_unload()``), and the base model for None."""
+
+    def __init__(self, model_dir, adapter_dirs):
+        from peft import PeftModel
+
+        def base():
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+        self.unmerged = {None: base()}
+        self.merged = {None: self.unmerged[None]}
+        self.merged_bf16 = {}
+        # merged in float32 from the decoder weights (base and LoRA) rounded to bfloat16, as a
+        # bfloat16 engine holds them
+        for name, path in adapter_dirs.items():
+            self.unmerged[name] = PeftModel.from_pretrained(base(), path).eval()
+            self.merged[name] = PeftModel.from_pretrained(base(), path).merge_and_unload().eval()
+            rounded = PeftModel.from_pretrained(base(), path)
+            with torch.no_grad():
+                for k, v in rounded.named_parameters():
+                    if ".layers." in k:
+                        v.copy_(v.to(torch.bfloat16).float())
+            self.merged_bf16[name] = rounded.merge_and_unload().eval()
+
+    @torch.inference_mode()
+    def greedy(self, models: dict, name: str | None, prompt: list[int], n: int) -> list[int]:
+        out = models[name].generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                                    max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
+                                    pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+
+    @torch.inference_mode()
+    def margin(self, name: str | None, token_ids: list[int]) -> float:
+        """Top-1 minus top-2 logit of the unmerged reference at the last position."""
+        top = self.unmerged[name](input_ids=torch.tensor([token_ids])).logits[0, -1].topk(2)
+        return (top.values[0] - top.values[1]).item()
+
+
+@pytest.fixture(scope="module")
+def peft(tiny_llama_dir, adapter_dirs):
+    return Peft(tiny_llama_dir, adapter_dirs)
+
+
+def make_engine(model_dir, adapter_dirs, merge_after_steps: int | None = None) -> Engine:
+    engine = Engine(model_dir, pool_gb=0.05, max_lora_rank=16, merge_policy="auto")
+    if merge_after_steps is not None:
+        engine.core.merging = MergePolicy("auto", merge_after_steps)
+    for name, path in adapter_dirs.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def run(engine: Engine, arrivals: dict[int, list[tuple[list[int], str | None, int]]]) -> list:
+    """Steps ``engine``, adding ``(prompt, adapter, max_tokens)`` requests before the given
+    steps; returns the RequestOutputs in arrival order."""
+    ids, done, step = [], {}, 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for prompt, name, n in arrivals.get(step, []):
+            ids.append(engine.add_request(prompt, name, greedy(n)))
+        for d in engine.step():
+            if d.finished:
+                done[d.request_id] = d.output
+        step += 1
+    return [done[i] for i in ids]
+
+
+def steps_of(engine: Engine) -> list[dict]:
+    """The engine's step history (every step: these runs are shorter than its window)."""
+    stats = engine.stats(history=True)
+    assert stats["num_steps"] == len(stats["steps"])
+    return stats["steps"]
+
+
+# -- the switching rule alone (no torch) ----------------------------------------------------------
+
+
+def test_policy_merges_single_adapter_steps_after_its_credit_and_leaves_at_once():
+    p = MergePolicy("auto", merge_after_steps=2)
+    decisions = [p.decide(keys) for keys in [
+        ["x", "x"], ["x"],            # x's credit: 1, 2 (unmerged)
+        ["x", "x"],                   # paid: merged, a merge
+        ["x", None],                  # a base request joins: unmerged at once
+        ["x"],                        # x's copy is kept: merged again at once, a reuse
+        ["x", "y"],                   # another adapter joins: unmerged
+        ["y"], ["y"],                 # the credit moves to y: 1, 2
+        ["x"],                        # x's copy: a reuse (y keeps its credit)
+        ["y"],                        # y's third single step: merged straight from x's
+        ["y"], [],                    # y's copy; an empty step decides nothing
+    ]]
+    assert decisions == [None, None, "x", None, "x", None, None, None, "x", "y", "y", None]
+    s = p.stats
+    assert (s.merged_steps, s.merges, s.reuses, s.unmerges) == (5, 2, 2, 2)
+    assert s.switches == 6 and p.merged_copy == "y"
+
+
+def test_policy_credit_pauses_on_mixed_steps_and_never_merges_base_or_mixes():
+    p = MergePolicy("auto", merge_after_steps=2)
+    assert [p.decide(k) for k in [["x"], ["x", None], [None], ["x", "y"], ["x"], ["x"]]] == [
+        None, None, None, None, None, "x"]
+    assert MergePolicy("auto", merge_after_steps=0).decide(["z", "z"]) == "z"
+    never = MergePolicy()
+    assert never.policy == "never"
+    assert [never.decide(["x"]) for _ in range(50)] == [None] * 50
+    assert MergePolicy("auto").merge_after_steps == MERGE_AFTER_STEPS
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"policy": "always"}, r"merge_policy must be one of \('never', 'auto'\), got 'always'"),
+    ({"policy": "auto", "merge_after_steps": -1}, "merge_after_steps must be an int >= 0"),
+    ({"policy": "auto", "merge_after_steps": 2.0}, "merge_after_steps must be an int >= 0"),
+])
+def test_policy_rejects_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        MergePolicy(**options)
+
+
+def test_config_and_cli_option():
+    assert EngineConfig().merge_policy == "never"
+    with pytest.raises(ValueError, match="merge_policy must be one of .* got 'on'"):
+        EngineConfig(merge_policy="on")
+    c = server_config(build_parser().parse_args(["serve", "--merge-policy", "auto"]))
+    assert c.engine_options == {"merge_policy": "auto"}
+    assert c.engine_config().merge_policy == "auto"
+
+
+# -- merged steps against PEFT's merge_and_unload() -----------------------------------------------
+
+
+def test_merged_steps_give_merge_and_unload_greedy_tokens(tiny_llama_dir, adapter_dirs, peft):
+    """Every step merged (no credit to pay), each adapter alone in turn; the copies are made
+    again for each adapter (a stale copy would give the previous adapter's tokens)."""
+    engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=0)
+    n = 12
+    for i, name in enumerate(["qv", "all", "gate1", "qv"]):
+        prompts = [random_prompt(5 + 7 * j + i, seed=40 + 3 * i + j) for j in range(3)]
+        before = engine.stats()["num_steps"]
+        outs = engine.generate(prompts, [name] * 3, greedy(n), progress=False)
+        steps = steps_of(engine)[before:]
+        assert steps and all(s["merged"] for s in steps), name
+        for j, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
+            assert out.token_ids == peft.greedy(peft.merged, name, prompt, n), (name, j)
+    merge = engine.stats()["merge"]
+    assert (merge["merges"], merge["reuses"], merge["unmerges"]) == (4, 0, 0)
+    assert merge["merge_seconds"] > 0
+    # "qv" last: one copy of each layer's qkv, float32
+    assert merge["merged_bytes"] == 2 * (64 + 32 + 32) * 64 * 4
+    assert_no_leaks(engine)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merged_copies_are_peft_merged_weights(tiny_llama_dir, adapter_dirs, peft, dtype):
+    """Each fused copy, row for row, is PEFT's merge_and_unload() weight (in bfloat16: PEFT's
+    float32 merge of the bf16-rounded weights the engine serves, rounded once, so within half
+    a bf16 ulp); fused weights the adapter does not touch are not copied."""
+    engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, dtype=dtype)
+    merged = engine.core.runner.merged
+    for name, path in adapter_dirs.items():
+        engine.add_adapter(name, path)
+        engine.generate([[5, 6, 7]], [name], greedy(1), progress=False)  # resident now
+        key = engine.adapters.key_of(name)
+        layers = merged.layers_for(key, engine.adapters.resident(key))
+        ref = (peft.merged if dtype == "float32" else peft.merged_bf16)[name].state_dict()
+        for n, w in enumerate(layers):
+            p = f"model.layers.{n}."
+            want = {"qkv": torch.cat([ref[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
+                    "o": ref[p + "self_attn.o_proj.weight"],
+                    "gate_up": torch.cat([ref[p + "mlp.gate_proj.weight"],
+                                          ref[p + "mlp.up_proj.weight"]]),
+                    "down": ref[p + "mlp.down_proj.weight"]}
+            for fused, expected in want.items():
+                got, base = w[fused], engine.model.layers[n][fused]
+                targeted = any(lm[0] == n and engine.model.fused_rows[lm[1]][0] == fused
+                               for lm in engine.adapters.resident(key).modules)
+                assert (got is not base) == targeted, (name, n, fused)
+                tol = 1e-6 if dtype == "float32" else expected.abs() * 2**-8 + 1e-6
+                err = (got.float() - expected).abs()
+                assert (err <= tol).all(), (name, n, fused, err.max().item())
+    assert merged.stats.merges == len(adapter_dirs)
+
+
+def test_merged_tokens_differ_from_the_base_models(tiny_llama_dir, adapter_dirs, peft):
+    """The adapters change the greedy tokens, so the comparison above can fail."""
+    prompt = random_prompt(9, seed=7)
+    base = peft.greedy(peft.merged, None, prompt, 12)
+    for name in ADAPTERS:
+        assert peft.greedy(peft.merged, name, prompt, 12) != base, name
+
+
+# -- switching leaves the base weights as loaded --------------------------------------------------
+
+
+def test_many_switches_leave_the_base_weights_bit_identical(tiny_llama_dir, adapter_dirs):
+    """Bursts of one adapter after another, each interrupted by a base request and by a
+    request of another adapter; a prompt's prefix blocks, computed in an unmerged step, are
+    served from the prefix cache to a merged one."""
+    engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=1)
+    model = engine.model
+    loaded = [{k: v.clone() for k, v in w.items() if v is not None} for w in model.layers]
+    shared = [random_prompt(20, seed=90)]  # a prefix-cached prompt (block size 16)
+    arrivals: dict[int, list] = {}
+    names = ["qv", "all", "gate1", "all", "qv", "gate1", "qv", "all"]
+    for i, name in enumerate(names):
+        at = 12 * i
+        other = names[(i + 1) % len(names)]
+        arrivals[at] = [(shared[0], name, 10), (random_prompt(6 + i, seed=i), name, 10)]
+        arrivals[at + 2] = [(shared[0], name, 2)]  # a merged step: its prefix is cached
+        arrivals[at + 4] = [(random_prompt(5, seed=50 + i), None, 2)]
+        arrivals[at + 8] = [(random_prompt(4, seed=70 + i), other, 1)]
+    outs = run(engine, arrivals)
+    assert all(o.finish_reason == "length" for o in outs)
+    merge = engine.stats()["merge"]
+    assert merge["switches"] >= 30 and merge["merges"] >= len(names) and merge["reuses"] >= 8
+    assert engine.stats()["prefix_cache"]["hit_tokens"] > 0
+    for n, w in enumerate(model.layers):
+        for k, v in loaded[n].items():
+            assert torch.equal(w[k], v), f"layer {n} {k} changed"
+    assert_no_leaks(engine)
+
+
+# -- requests that span switches against PEFT's unmerged tokens -----------------------------------
+
+
+def test_requests_spanning_switches_equal_peft_unmerged_tokens(tiny_llama_dir, adapter_dirs,
+                                                                peft, capsys):
+    """A hot adapter's requests run merged (after the default credit), unmerged while a base
+    request or another adapter's request runs with them, merged again after. Their greedy
+    tokens equal PEFT's unmerged ones, except where PEFT's own argmax margin is below the
+    fp32 difference of the two computations (counted and printed)."""
+    engine = make_engine(tiny_llama_dir, adapter_dirs)
+    n, num_hot = 40, 4
+    arrivals = {0: [(random_prompt(4 + 5 * j, seed=110 + j), "all", n) for j in range(num_hot)],
+                MERGE_AFTER_STEPS + 4: [(random_prompt(8, seed=120), None, 3)],
+                MERGE_AFTER_STEPS + 12: [(random_prompt(6, seed=121), "qv", 5)],
+                MERGE_AFTER_STEPS + 24: [(random_prompt(3, seed=122), None, 1)]}
+    requests = [r for at in sorted(arrivals) for r in arrivals[at]]
+    outs = run(engine, arrivals)
+    adapter_of = {o.request_id: o.adapter for o in outs}
+    steps = steps_of(engine)
+    for s in steps:  # merged exactly when the step holds one adapter and no base request
+        names = {adapter_of[rid] for rid, *_ in s["scheduled"]}
+        if s["merged"]:
+            assert len(names) == 1 and None not in names, s
+        elif len(names) != 1 or None in names:
+            assert not s["merged"]
+    hot = {o.request_id for o in outs[:num_hot]}
+    modes = [s["merged"] for s in steps if hot & {rid for rid, *_ in s["scheduled"]}]
+    switches = sum(a != b for a, b in zip(modes, modes[1:], strict=False))
+    # unmerged for the credit, then in, out, in, out, in, out, in
+    assert modes[:MERGE_AFTER_STEPS + 1] == [False] * MERGE_AFTER_STEPS + [True]
+    assert switches == 7, modes
+    assert engine.stats()["merge"]["reuses"] == 3
+    differ, tokens = 0, sum(k for *_, k in requests)
+    for o, (prompt, name, k) in zip(outs, requests, strict=True):
+        ref = peft.greedy(peft.unmerged, name, prompt, k)
+        if o.token_ids != ref:
+            differ += 1
+            first = next(i for i, (a, b) in enumerate(zip(o.token_ids, ref, strict=True)) if a != b)
+            margin = peft.margin(name, prompt + ref[:first])
+            assert margin < MARGIN, (f"request {o.request_id} ({name!r}) differs from PEFT at "
+                                     f"token {first} where the margin is {margin:.3g}")
+    with capsys.disabled():
+        print(f"\nmerged/unmerged switches spanned: {switches}; requests differing from PEFT's "
+              f"unmerged tokens: {differ} of {len(outs)} ({tokens} tokens)")
+    assert_no_leaks(engine)
