@@ -140,6 +140,9 @@ def test_policy_credit_pauses_on_mixed_steps_and_never_merges_base_or_mixes():
     p = MergePolicy("auto", merge_after_steps=2)
     assert [p.decide(k) for k in [["x"], ["x", None], [None], ["x", "y"], ["x"], ["x"]]] == [
         None, None, None, None, None, "x"]
+    p = MergePolicy("auto", merge_after_steps=2)
+    assert [p.decide(k) for k in [["y"]] * 3 + [["x"], [None, None], ["x"], [None], ["x"]]] == [
+        None, None, "y", None, None, None, None, "x"]
     assert MergePolicy("auto", merge_after_steps=0).decide(["z", "z"]) == "z"
     never = MergePolicy()
     assert never.policy == "never"
