@@ -323,6 +323,13 @@ class EngineCore:
         """Steps run since the start."""
         return self._num_steps
 
+    def drop_merged(self) -> None:
+        """Frees the merged copies of ``merge_policy="auto"`` (between two steps) and forgets
+        the credit adapters earned toward a merge; the next single-adapter steps earn it
+        again."""
+        self.runner.merged.release()
+        self.merging.forget()
+
     def reset_peak(self) -> EngineStats:
         """Starts a new peak watch (see :attr:`peak`) at the stats of now."""
         self._peak = self.stats()

@@ -98,6 +98,11 @@ class MergePolicy:
         """The adapter key whose merged weights the runner holds (the last one merged)."""
         return self._copy
 
+    def forget(self) -> None:
+        """Forgets the merged copy and every credit (after the runner dropped its copies);
+        the counters stay."""
+        self._candidate, self._credit, self._copy, self._last = None, 0, None, None
+
     def decide(self, adapter_keys: Sequence[str | None]) -> str | None:
         """The adapter to run this step merged with, or None (unmerged).
 

@@ -92,6 +92,10 @@ class MergedWeights:
             self._seconds += time.perf_counter() - started
         return self._layers
 
+    def release(self) -> None:
+        """Drops the merged copies (their memory is freed); the next merge makes new ones."""
+        self._key, self._copies, self._layers = None, {}, None
+
     @torch.inference_mode()
     def _merge(self, adapter: ResidentAdapter) -> None:
         m = self.model

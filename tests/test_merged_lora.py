@@ -190,6 +190,11 @@ def test_merged_steps_give_merge_and_unload_greedy_tokens(tiny_llama_dir, adapte
     assert merge["merge_seconds"] > 0
     # "qv" last: one copy of each layer's qkv, float32
     assert merge["merged_bytes"] == 2 * (64 + 32 + 32) * 64 * 4
+    engine.core.drop_merged()  # frees the copies: "qv" is merged again
+    assert engine.stats()["merge"]["merged_bytes"] == 0
+    out = engine.generate([prompts[0]], ["qv"], greedy(n), progress=False)[0]
+    assert out.token_ids == peft.greedy(peft.merged, "qv", prompts[0], n)
+    assert engine.stats()["merge"]["merges"] == 5
     assert_no_leaks(engine)
 
 
