@@ -73,7 +73,9 @@ class LlamaModel:
 
     Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
     biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
-    deltas are added per module through :func:`lora_sgmv`.
+    deltas are added per module through :func:`lora_sgmv`, or a step runs on weights with one
+    adapter merged in (``ForwardBatch.layers``; ``fused_rows`` says where each module's rows
+    are in the fused weights).
 
     Args:
         config: a transformers ``PretrainedConfig`` of a supported model type.
