@@ -86,6 +86,7 @@ class MergedWeights:
         """
         if key != self._key:
             started = time.perf_counter()
+            self._key = None  # a merge that raises midway leaves no copy that claims a key
             self._merge(adapter)
             self._key = key
             self._merges += 1

@@ -229,6 +229,36 @@ def test_merged_copies_are_peft_merged_weights(tiny_llama_dir, adapter_dirs, pef
     assert merged.stats.merges == len(adapter_dirs)
 
 
+def test_a_merge_that_raises_leaves_no_copy_claiming_its_key(tiny_llama_dir, adapter_dirs,
+                                                             peft, monkeypatch):
+    """A merge that fails midway (e.g. out of memory) has overwritten reused buffers; the next
+    request for the adapter merged before must merge again, not get the half-made copies."""
+    import pagedlora.merged_weights as mw
+
+    engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=0)
+    prompt = random_prompt(11, seed=3)
+    want = peft.greedy(peft.merged, "qv", prompt, 8)
+    assert engine.generate([prompt], ["qv"], greedy(8), progress=False)[0].token_ids == want
+    merged, store = engine.core.runner.merged, engine.adapters
+    engine.generate([[5, 6], [7]], ["all", None], greedy(1), progress=False)  # resident
+    fold, calls = mw._fold, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        fold(*args)
+
+    monkeypatch.setattr(mw, "_fold", failing)
+    key = store.key_of("all")
+    with pytest.raises(RuntimeError, match="out of memory"):  # qv's buffers half overwritten
+        merged.layers_for(key, store.resident(key))
+    monkeypatch.setattr(mw, "_fold", fold)
+    # the policy holds that qv is merged: the runner must merge it again
+    assert engine.generate([prompt], ["qv"], greedy(8), progress=False)[0].token_ids == want
+    assert merged.stats.key == store.key_of("qv")
+
+
 def test_merged_tokens_differ_from_the_base_models(tiny_llama_dir, adapter_dirs, peft):
     """The adapters change the greedy tokens, so the comparison above can fail."""
     prompt = random_prompt(9, seed=7)
