@@ -219,3 +219,30 @@ def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
     laid[tokens.entry, tokens.position] = x[tokens.index]
     out = torch.bmm(torch.bmm(laid, a.transpose(1, 2)), b)              # [S, width, out]
     y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
+
+
+def lora_embedding(y: torch.Tensor, ids: torch.Tensor, batch: LoraBatch) -> None:
+    """Multi-adapter LoRA of an embedding, in place: ``y[t] += scale_t * A_t[:, ids[t]] @
+    B_t^T`` for every token t of a segment, with ``A_t [r, vocab_size]`` (PEFT's
+    ``lora_embedding_A``) and ``B_t^T [r, hidden]`` (``lora_embedding_B`` transposed) the
+    adapter of t's segment: the shrink is a row lookup in ``A^T``, the expand a matmul by
+    ``B^T`` (PEFT's ``Embedding`` layer: ``embedding(x, A^T) @ B^T * scaling``). One lookup and
+    one GEMM per segment: there is no work to share across adapters.
+
+    Args:
+        y: ``[T, hidden]`` embeddings of the batch's tokens, updated in place.
+        ids: ``[T]`` int64 the tokens.
+        batch: the step's rows and segments for the embedding; ``batch.gathered`` must hold
+            ``(A [R, vocab_size], B^T [R, hidden])``, the rows read out of the pool.
+    Raises:
+        ValueError: ``batch.gathered`` is None, or ``y`` and ``ids`` disagree on the tokens.
+    """
+    if batch.gathered is None:
+        raise ValueError("lora_embedding reads rows already gathered out of the pool")
+    if y.shape[0] != ids.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} tokens, ids {ids.shape[0]}")
+    a, b = batch.gathered
+    for s in batch.segments:
+        if s.end > s.start:
+            y[s.start:s.end].addmm_(a[s.col_start:s.col_end, ids[s.start:s.end]].t(),
+                                    b[s.col_start:s.col_end], alpha=s.scale)

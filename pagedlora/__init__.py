@@ -15,6 +15,8 @@ _EXPORTS = {
     "EngineConfig": "pagedlora.config",
     "SamplingParams": "pagedlora.sampling_params",
     "RequestOutput": "pagedlora.outputs",
+    "StreamOutput": "pagedlora.outputs",
+    "TokenLogprobs": "pagedlora.scheduler",
     "AdapterError": "pagedlora.errors",
     "AdapterUnavailableError": "pagedlora.errors",
     "UnsupportedAdapterError": "pagedlora.errors",

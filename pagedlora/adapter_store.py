@@ -29,7 +29,7 @@ from pathlib import Path
 from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter, ResidentModule
 from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
-from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, read_lora_adapter
+from pagedlora.lora_adapter import AdapterWeights, BaseVocab, LoraAdapter, read_lora_adapter
 from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
 from pagedlora.scheduler import ADAPTER, SchedulerOutput
@@ -145,16 +145,20 @@ class AdapterStore:
         spill: the disk tier.
         keep_free_pages: pages :meth:`warm` leaves free (the scheduler's watermark), so warming
             never takes what running requests may grow into.
+        base_vocab: the model's vocabulary weights, for adapters on embed_tokens/lm_head
+            (see :func:`read_lora_adapter`); None refuses those.
     """
 
     def __init__(self, pool: UnifiedPool, *, num_layers: int,
                  module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
                  max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
-                 spill: SpillDir | None = None, keep_free_pages: int = 0) -> None:
+                 spill: SpillDir | None = None, keep_free_pages: int = 0,
+                 base_vocab: BaseVocab | None = None) -> None:
         self.pool = pool
         self.allocator = pool.allocator
         self.num_layers = num_layers
         self.module_shapes = module_shapes
+        self.base_vocab = base_vocab
         self.packer = AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
         self.keep_free_pages = keep_free_pages
@@ -205,18 +209,23 @@ class AdapterStore:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
             adapter, weights = self._read_source(name, Path(path))
-            read.append((adapter, weights if preload else None))  # hold no weights otherwise
+            try:
+                num_pages = self.packer.num_pages(adapter)
+            except ValueError as e:  # a static layout's slot holds the decoder projections
+                raise AdapterError(f"adapter {name!r} cannot be placed in the pool: {e}") from e
+            # hold no weights otherwise
+            read.append((adapter, weights if preload else None, num_pages))
         with self._lock:
-            for adapter, weights in read:
+            for adapter, weights, num_pages in read:
                 old = self._names.get(adapter.name)
                 self._names[adapter.name] = (adapter.key, adapter.path)
                 if adapter.key not in self._contents:
-                    self._contents[adapter.key] = _Content(adapter, self.packer.num_pages(adapter))
+                    self._contents[adapter.key] = _Content(adapter, num_pages)
                 if preload and adapter.key not in self._host:
                     self._host_put(adapter, weights)
                 if old is not None and old[0] != adapter.key:
                     self._drop_if_unused(old[0])
-        return [adapter for adapter, _ in read]
+        return [adapter for adapter, *_ in read]
 
     def remove(self, name: str) -> None:
         """Forgets ``name``; its content's pages, host copy and spill file are freed once no
@@ -558,7 +567,8 @@ class AdapterStore:
     def _read_source(self, name: str, path: Path) -> tuple[LoraAdapter, AdapterWeights]:
         return read_lora_adapter(
             name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
-            max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype)
+            max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype,
+            base_vocab=self.base_vocab)
 
     def _sources(self, key: str) -> list[tuple[str, Path]]:
         """``(name, path)`` of every name registered with content ``key``, else the source it

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from pagedlora.kernels.backend import KERNEL_BACKENDS
 from pagedlora.merge_policy import MERGE_POLICIES
-from pagedlora.scheduler import MEMORY_LAYOUTS, SchedulerConfig
+from pagedlora.scheduler import MEMORY_LAYOUTS, POLICIES, SchedulerConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+# The option choices, where the CLI and the LMI options find them.
+__all__ = ["DTYPES", "KERNEL_BACKENDS", "MEMORY_LAYOUTS", "MERGE_POLICIES", "POLICIES",
+           "EngineConfig"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,8 @@ class EngineConfig:
             each other's files; a killed process leaves its directory behind). A directory
             that cannot be written (full, read-only) only costs speed: adapters are re-read
             from their sources.
+        max_logprobs: the largest ``SamplingParams.logprobs`` and ``prompt_logprobs`` a request
+            may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
         merge_policy: "never" (the default): every step adds each sequence's LoRA to the base
             model's output (unmerged: any mix of adapters per step). "auto": a step whose
             requests all use one adapter (no base request) runs on that adapter's weights merged
@@ -105,6 +110,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
+    max_logprobs: int = 20
     merge_policy: str = "never"
 
     def __post_init__(self) -> None:
@@ -113,8 +119,8 @@ class EngineConfig:
         if self.dtype is None:
             cpu = self.device.split(":")[0] == "cpu"
             object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
                              f"got {self.kernel_backend!r}")
@@ -148,6 +154,9 @@ class EngineConfig:
         ):
             raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
                              f"got {self.host_cache_gb!r}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
+                or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.merge_policy not in MERGE_POLICIES:
             raise ValueError(f"merge_policy must be one of {MERGE_POLICIES}, "
                              f"got {self.merge_policy!r}")

@@ -72,7 +72,8 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
-            rejection=scheduler.rejection, clock=scheduler.clock)
+            rejection=scheduler.rejection, clock=scheduler.clock,
+            max_logprobs=config.max_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self._for_step: deque[StreamOutput] = deque()  # add_request's outputs, for step()
         self._turn = StepTurn()  # one thread steps at a time
@@ -92,9 +93,10 @@ class Engine:
         Raises:
             AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
                 files, bad config, shapes that do not fit the model, rank above max_lora_rank,
-                NaN/Inf, unknown dtype or target modules.
+                NaN/Inf, unknown dtype or target modules, saved base embedding weights that
+                are not the model's (see :func:`pagedlora.lora_adapter.read_lora_adapter`).
             UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
-                embedding/lm_head LoRA.
+                and the PEFT options that change the forward pass.
         """
         return self.adapters.add(name, fetch_adapter(path), preload=preload)
 
@@ -160,7 +162,7 @@ class Engine:
                     bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
                                     refresh=False)
         except BaseException:  # leave nothing behind for a later call
-            self._abort_now(ids)
+            self._abort_now(ids, wait=True)
             raise
         finally:
             bar.close()
@@ -181,8 +183,8 @@ class Engine:
         ids = self._submit(prompts, adapters, sampling_params, inbox.append)
         try:
             yield from self._drive(inbox, len(ids))
-        finally:
-            self._abort_now(ids)
+        finally:  # also when garbage-collected, in whatever thread and state that happens
+            self._abort_now(ids, wait=False)
 
     def add_request(self, prompt: Prompt, adapter: str | None = None,
                     sampling_params: SamplingParams | None = None,
@@ -262,14 +264,16 @@ class Engine:
     def stats(self, history: bool = False) -> dict:
         """Pool accounting and scheduling metrics between two steps (safe from any thread):
         :meth:`EngineCore.summary` (pages by kind, fragmentation, requests, prefix cache,
-        adapters, the last step, the peak of the last ``generate`` call), and with
-        ``history=True`` also ``steps``, the last 1,024 steps, oldest first."""
+        adapters, the last step, the peak of the last ``generate`` call); ``steps`` holds the
+        last step only, or with ``history=True`` the last 1,024, oldest first."""
         with self._turn.held():
             return self.core.summary(history)
 
     def close(self) -> None:
-        """Stops the adapter prefetcher and removes a private spill directory. Idempotent."""
-        self.core.close()
+        """Stops the adapter prefetcher and removes a private spill directory, after a step
+        in progress in another thread. Idempotent."""
+        with self._turn.held():
+            self.core.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -299,6 +303,9 @@ class Engine:
     def _drive(self, inbox: deque[StreamOutput], n: int) -> Iterator[StreamOutput]:
         """Yields ``n`` requests' StreamOutputs from ``inbox`` until all have finished,
         stepping the engine when the inbox is empty and no other thread steps."""
+        if self._turn.mine:
+            raise RuntimeError("generate/stream cannot run inside a step (from an output "
+                               "callback): queue with add_request instead")
         remaining = n
         while remaining:
             if inbox:
@@ -312,16 +319,42 @@ class Engine:
                 finally:
                     self._turn.release()
 
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids the engine would run for ``prompt`` (a string as is, chat messages
+        through the model's chat template with the generation prompt, token ids checked
+        against the vocabulary), without queueing anything: for a caller that validates
+        lengths first, like the HTTP server (prompt + max_tokens against max_model_len).
+        Reads only the tokenizer, so any thread may call it.
+
+        Raises:
+            InvalidPromptError (a ValueError): token ids outside the vocabulary, a text prompt
+                on a model without a tokenizer, a chat message without string role and
+                content, or not a prompt.
+            Exception: what the chat template raises (e.g. jinja2's TemplateError).
+        """
+        return self.processor.tokenize(prompt)
+
     def _step(self) -> list[StreamOutput]:
         """One step in the thread holding the turn; routes its outputs to their sinks."""
         return self.outputs.process(self.core.step().requests, self.core.finish)
 
-    def _abort_now(self, ids: list[int]) -> None:
-        """Finishes the unfinished ones of ``ids`` with "abort" now and forgets them."""
+    def _abort_now(self, ids: list[int], wait: bool) -> None:
+        """Forgets the unfinished ones of ``ids`` and finishes them with "abort", freeing
+        their pages: now if this thread can have the turn (``wait``: waiting for a step in
+        another thread to end), else at the next step. Never while this thread is inside a
+        step (a stream finalized by the garbage collector there, or from an output callback),
+        and without waiting unless ``wait``, since a finalizer may run while its thread holds
+        a lock the stepping thread needs."""
         live = {rid for rid in ids if self.outputs.is_live(rid)}
         if not live:
             return
         self.outputs.drop(live)
-        with self._turn.held():
-            self.core.abort_now(live)
+        if not self._turn.mine and (self._turn.try_take() or (wait and self._turn.take())):
+            try:
+                self.core.abort_now(live)
+            finally:
+                self._turn.release()
+            return
+        for rid in live:
+            self.core.abort(rid)
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -67,22 +67,59 @@ class EngineStats:
         kv: the KV cache's (the KV block manager's).
         scheduler: request counts and counters (the scheduler's).
         adapters: tiers and counters per adapter (the adapter store's).
+        queued: requests added but not yet handed to the scheduler (they join at the next
+            step; ``requests_waiting`` counts them).
         merge: the merge policy's counters.
         merged: the merged weights' (merges, their seconds and bytes).
         page_numel: elements per page.
         page_bytes: bytes per page.
         block_size: tokens per KV block.
+        adapter_names: content key -> its registered names, for the adapters of the running,
+            waiting and queued requests.
+        queued_adapters: adapter content key -> queued requests that use it.
     """
 
     pool: PoolStats
     kv: KVStats
     scheduler: SchedulerStats
     adapters: AdapterStoreStats
+    queued: int
     merge: MergeStats
     merged: MergedStats
     page_numel: int
     page_bytes: int
     block_size: int
+    adapter_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    queued_adapters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool's pages that a new request cannot have (0..1): KV blocks held
+        by requests and adapters pinned by them; free pages, cached KV blocks nobody holds
+        and unpinned adapters are available (vLLM's ``1 - free blocks / blocks``, where its
+        free queue also holds cached blocks). 0 for an empty pool."""
+        p = self.pool
+        if not p.num_pages:
+            return 0.0
+        available = p.free + p.reclaimable_kv + p.reclaimable_adapter
+        return 1 - available / p.num_pages
+
+    @property
+    def running_adapters(self) -> dict[str, int]:
+        """Adapter name -> running requests, by name (names sharing one adapter's weights
+        share its pages and are all listed)."""
+        return self._by_name(self.scheduler.running_adapters)
+
+    @property
+    def waiting_adapters(self) -> dict[str, int]:
+        """Adapter name -> waiting requests (in the scheduler or queued for it), as
+        :attr:`running_adapters`."""
+        return self._by_name(Counter(self.scheduler.waiting_adapters) + Counter(
+            self.queued_adapters))
+
+    def _by_name(self, by_key: dict[str, int]) -> dict[str, int]:
+        return {name: n for key, n in sorted(by_key.items())
+                for name in self.adapter_names.get(key, ())}
 
     @property
     def internal_fragmentation(self) -> float:
@@ -101,7 +138,9 @@ class EngineStats:
         pages run short); ``pages_adapter``; ``pages_free``; ``page_bytes``;
         ``internal_fragmentation`` (fraction of the elements of used pages that hold
         nothing); ``adapters_resident`` (names); ``requests_running``; ``requests_waiting``;
-        ``admissions_refused`` and ``preemptions`` (for lack of pages, since the start);
+        ``running_adapters`` and ``waiting_adapters`` (adapter name -> requests);
+        ``kv_cache_usage`` (:attr:`kv_cache_usage`); ``admissions_refused`` and
+        ``preemptions`` (for lack of pages, since the start);
         ``prefix_cache`` (``hit_tokens``, ``queried_tokens``: prompt tokens served from the
         cache and looked up, since the start); ``adapters`` (per name: ``tier``,
         ``requests``, ``tokens``, ``loads_from_disk``, ``loads_from_source``,
@@ -116,7 +155,10 @@ class EngineStats:
             "internal_fragmentation": self.internal_fragmentation,
             "adapters_resident": list(self.adapters.resident),
             "requests_running": self.scheduler.requests_running,
-            "requests_waiting": self.scheduler.requests_waiting,
+            "requests_waiting": self.scheduler.requests_waiting + self.queued,
+            "running_adapters": self.running_adapters,
+            "waiting_adapters": self.waiting_adapters,
+            "kv_cache_usage": self.kv_cache_usage,
             "admissions_refused": self.scheduler.admissions_refused,
             "preemptions": self.scheduler.preemptions,
             "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
@@ -157,7 +199,7 @@ class EngineCore:
         out = scheduler.drop_failed(out, load.failed)  # adapters that could not be had
         adapters.start_prefetch(out.upcoming_adapters) # disk -> host while the step runs
         merged = merging.decide(out's adapter keys)    # one adapter only: merged weights?
-        inputs = StepInput.build(out, load.placements, merged)
+        inputs = StepInput.build(out, load.placements, merged=merged)
         result = runner.run(inputs)                    # forward pass and sampling
         updated = scheduler.update(out, result)        # tokens, stops, times, freed pages
         adapters.warm(out.upcoming_adapters)           # host -> free pool pages
@@ -188,6 +230,7 @@ class EngineCore:
         self._lock = threading.Lock()  # guards the two queues below
         self._new: list[Request] = []
         self._aborts: list[int] = []
+        self._unforgotten: list[int] = []  # finished ids not yet in a step that returned
         self._steps: deque[StepStats] = deque(maxlen=self.HISTORY)
         self._num_steps = 0
         self._peak: EngineStats | None = None
@@ -219,7 +262,8 @@ class EngineCore:
             static_slot_pages=packed_pages(every_module, m.module_shapes, page_numel))
         scheduler_config = config.scheduler_config(max_model_len)
         adapters = AdapterStore(
-            pool, num_layers=m.num_layers, module_shapes=m.module_shapes,
+            pool, num_layers=m.num_layers, module_shapes=m.lora_module_shapes,
+            base_vocab=m.base_vocab,
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
@@ -233,7 +277,9 @@ class EngineCore:
     # -- any thread ------------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        """Queues ``request`` for the scheduler (it joins at the next step)."""
+        """Queues ``request`` for the scheduler (it joins at the next step); its adapter hold
+        is taken now, so its weights outlive a removal or re-add of the name meanwhile."""
+        self.scheduler.take_hold(request)
         with self._lock:
             self._new.append(request)
 
@@ -263,12 +309,17 @@ class EngineCore:
         load = self.adapters.load(out)
         out = self.scheduler.drop_failed(out, load.failed)
         self.adapters.start_prefetch(out.upcoming_adapters)
-        merged = self.merging.decide([s.request.adapter_key for s in out.scheduled])
-        inputs = StepInput.build(out, load.placements, merged)
+        merged = self.merging.decide([s.request.adapter_key for s in out.scheduled],
+                                     lambda key: self.runner.merged.can_merge(
+                                         load.placements[key]))
+        inputs = StepInput.build(out, load.placements, self._finished_since_run(out),
+                                 merged=merged)
         result = self.runner.run(inputs)
         updated = self.scheduler.update(out, result)
         self.adapters.warm(out.upcoming_adapters)
-        return self._output(out, inputs, [*out.aborted, *out.failed, *updated], started)
+        # Every request the scheduler finished since the last step that returned (a step that
+        # raised midway loses none), then those that got a token.
+        return self._output(out, inputs, [*self.scheduler.take_finished(), *updated], started)
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends ``request`` now (a stop string; an abort whose caller is gone), freeing its
@@ -278,19 +329,30 @@ class EngineCore:
     def abort_now(self, request_ids: set[int]) -> None:
         """Aborts these requests now, queued ones included (their caller is gone)."""
         with self._lock:
+            queued = [r for r in self._new if r.request_id in request_ids]
             self._new = [r for r in self._new if r.request_id not in request_ids]
+        for request in queued:
+            self.scheduler.finish(request, "abort")  # drops the hold add_request took
         for rid in request_ids:
             self.scheduler.abort(rid)
 
     def stats(self) -> EngineStats:
         """The accounting now, composed of each part's own."""
+        with self._lock:
+            queued = len(self._new)
+            queued_adapters = dict(Counter(r.adapter_key for r in self._new
+                                           if r.adapter_key is not None))
+        scheduler = self.scheduler.stats()
+        keys = {*scheduler.running_adapters, *scheduler.waiting_adapters, *queued_adapters}
         return EngineStats(
             pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
-            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(),
+            scheduler=scheduler, adapters=self.adapters.stats(), queued=queued,
             merge=replace(self.merging.stats), merged=self.runner.merged.stats,
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
-            block_size=self.pool.block_size)
+            block_size=self.pool.block_size,
+            adapter_names={k: tuple(self.adapters.names_of(k)) for k in keys},
+            queued_adapters=queued_adapters)
 
     def summary(self, history: bool = False) -> dict:
         """The stats ``Engine.stats()`` returns, as plain values (between two steps).
@@ -302,15 +364,15 @@ class EngineCore:
             ``admissions_refused``, ``preemptions``, ``prefix_cache``, ``adapters``), and
             ``num_steps`` (since the start), ``last_step`` (a :class:`StepStats` as a dict;
             None before the first step), ``peak`` (:meth:`EngineStats.pool_dict` at the step
-            since :meth:`reset_peak` with the fewest free pages) and, with ``history``,
-            ``steps`` (the last :attr:`HISTORY` steps as dicts, oldest first).
+            since :meth:`reset_peak` with the fewest free pages) and ``steps``: with
+            ``history``, the last :attr:`HISTORY` steps as dicts, oldest first; without, only
+            the last one (an empty list before the first step).
         """
         steps = list(self._steps)
         out = {**self.stats().as_dict(), "num_steps": self._num_steps,
                "last_step": asdict(steps[-1]) if steps else None,
                "peak": {} if self._peak is None else self._peak.pool_dict()}
-        if history:
-            out["steps"] = [asdict(s) for s in steps]
+        out["steps"] = [asdict(s) for s in (steps if history else steps[-1:])]
         return out
 
     @property
@@ -346,6 +408,12 @@ class EngineCore:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _finished_since_run(self, out: SchedulerOutput) -> tuple[int, ...]:
+        """Requests finished since the last step that returned, for the runner to drop (a
+        step that raised passes them on to the next)."""
+        self._unforgotten.extend(out.finished_request_ids)
+        return tuple(self._unforgotten)
+
     def _take_queued(self) -> None:
         """Hands queued requests to the scheduler and applies queued aborts (the next
         ``schedule()`` reports what they finished)."""
@@ -359,6 +427,7 @@ class EngineCore:
 
     def _output(self, out: SchedulerOutput, inputs: StepInput, changed: list[Request],
                 started: float) -> EngineCoreOutput:
+        self._unforgotten = []
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")

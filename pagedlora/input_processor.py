@@ -33,13 +33,14 @@ class InputProcessor:
         rejection: ``(prompt tokens, adapter key) -> reason or None``: why such a request could
             never fit the pool (the scheduler's check).
         clock: seconds, the scheduler's clock (arrival times, deadlines).
+        max_logprobs: the largest ``logprobs``/``prompt_logprobs`` a request may ask.
     """
 
     def __init__(self, tokenizer, *, vocab_size: int, max_model_len: int,
                  eos_token_ids: set[int], seed: int, ttft_deadline_s: float | None,
                  key_of: Callable[[str], str],
                  rejection: Callable[[int, str | None], str | None],
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], max_logprobs: int = 20) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -49,6 +50,7 @@ class InputProcessor:
         self.key_of = key_of
         self.rejection = rejection
         self.clock = clock
+        self.max_logprobs = max_logprobs
         self._ids = itertools.count()
 
     def next_id(self) -> int:
@@ -93,9 +95,15 @@ class InputProcessor:
             InvalidPromptError: an empty prompt, one of ``max_model_len`` tokens or more,
                 token ids outside the vocabulary, messages without string role and content,
                 a model without a tokenizer for text, a failing chat template, or one that
-                could never fit the pool next to its adapter; the message names ``index``.
+                could never fit the pool next to its adapter; ``logprobs`` or
+                ``prompt_logprobs`` above ``max_logprobs``; the message names ``index``.
         """
-        where = f"prompt {index} (request {request_id})"
+        where = f"prompt {index}"
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > self.max_logprobs:
+                raise InvalidPromptError(f"{where}: {name}={k} exceeds max_logprobs="
+                                         f"{self.max_logprobs}")
         try:
             tokens = self.tokenize(prompt)
         except InvalidPromptError as e:
@@ -109,7 +117,7 @@ class InputProcessor:
                                      f"max_model_len is {self.max_model_len}")
         reason = self.rejection(len(tokens), adapter_key)
         if reason is not None:
-            raise InvalidPromptError(f"request {request_id} {reason}")
+            raise InvalidPromptError(f"{where}: {reason}")
         now = self.clock()
         deadline_s = params.deadline_s or self.ttft_deadline_s
         seed = params.seed
@@ -122,35 +130,47 @@ class InputProcessor:
                        max_tokens=params.max_tokens, adapter_key=adapter_key, arrival_time=now,
                        deadline=None if deadline_s is None else now + deadline_s,
                        stop_token_ids=frozenset(stop),
-                       sampling=RequestSampling(params, seed))
+                       sampling=RequestSampling(params, seed),
+                       needs_prompt_logprobs=params.prompt_logprobs is not None)
 
     def tokenize(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids (see the class docstring).
+        """The prompt's token ids (see the class docstring and :func:`tokenize`).
 
         Raises:
-            InvalidPromptError: token ids outside the vocabulary, malformed messages, text
-                without a tokenizer, or a prompt of another type.
+            InvalidPromptError: as :func:`tokenize`.
         """
-        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidPromptError(f"token ids {bad[:5]} are outside the vocabulary "
-                                         f"(0..{self.vocab_size - 1})")
-            return list(prompt)
-        if self.tokenizer is None:
-            raise InvalidPromptError("the model has no tokenizer; pass token ids")
-        if isinstance(prompt, str):
-            return self.tokenizer(prompt).input_ids
-        if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
-            for i, m in enumerate(prompt):
-                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise InvalidPromptError(f"chat message {i} needs a string 'role' and "
-                                             f"'content', got keys {sorted(m)}")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
-                                                      tokenize=False)
-            return self.tokenizer(text, add_special_tokens=False).input_ids
-        raise InvalidPromptError(f"a prompt must be a string, chat messages or token ids, "
-                                 f"got {type(prompt).__name__}")
+        return tokenize(self.tokenizer, self.vocab_size, prompt)
+
+
+def tokenize(tokenizer, vocab_size: int, prompt: Prompt) -> list[int]:
+    """``prompt``'s token ids: a string through ``tokenizer``, chat messages through its chat
+    template with the generation prompt, token ids as they are once checked against
+    ``[0, vocab_size)``.
+
+    Raises:
+        InvalidPromptError: token ids outside the vocabulary, malformed messages, text
+            without a tokenizer (``tokenizer`` None), or a prompt of another type.
+    """
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidPromptError(f"token ids {bad[:5]} are outside the vocabulary "
+                                     f"(0..{vocab_size - 1})")
+        return list(prompt)
+    if tokenizer is None:
+        raise InvalidPromptError("the model has no tokenizer; pass token ids")
+    if isinstance(prompt, str):
+        return tokenizer(prompt).input_ids
+    if isinstance(prompt, list) and all(isinstance(m, dict) for m in prompt):
+        for i, m in enumerate(prompt):
+            if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise InvalidPromptError(f"chat message {i} needs a string 'role' and "
+                                         f"'content', got keys {sorted(m)}")
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True,
+                                             tokenize=False)
+        return tokenizer(text, add_special_tokens=False).input_ids
+    raise InvalidPromptError(f"a prompt must be a string, chat messages or token ids, "
+                             f"got {type(prompt).__name__}")
 
 
 def as_prompt_list(prompts) -> list:

@@ -8,13 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from pagedlora.adapter_pages import ResidentAdapter, ResidentModule
-from pagedlora.kernels.lora import (
-    BGMV_MIN_ADAPTERS,
-    DENSE_MAX_TOKENS,
-    LoraBatch,
-    PagedRows,
-    gather_rows,
-)
+from pagedlora.kernels.lora import BGMV_MIN_ADAPTERS, DENSE_MAX_TOKENS, LoraBatch, PagedRows
+from pagedlora.lora_adapter import VOCAB_MODULES
 from pagedlora.pool import UnifiedPool
 
 LayerModule = tuple[int, str]
@@ -88,7 +83,10 @@ class LoraLayouts:
     over :data:`BGMV_MIN_ADAPTERS` or more adapters, the BGMV form. The copies (the batch's
     adapters' weights, at most twice: the pieces and one layout per module) are dropped as soon
     as an adapter leaves the batch. Kernels that read pages in place (Triton) get page tables
-    only.
+    only, except for the vocabulary modules: their rows (``vocab_size`` wide, split across
+    pages) are always read out once per placement and handed over in the dense form, for the
+    torch ops the model runs on them (``embed_tokens`` over the step's tokens, ``lm_head``
+    over its logits rows).
 
     Args:
         pool: the unified pool.
@@ -107,13 +105,17 @@ class LoraLayouts:
         self._pieces: dict[int, dict[LayerModule, Rows]] = {}  # placement id -> read-out rows
 
     def batches(self, placements: Sequence[ResidentAdapter], ranges: Sequence[tuple[int, int]],
-                num_tokens: int) -> dict[LayerModule, LoraBatch]:
+                num_tokens: int, *, logit_ranges: Sequence[tuple[int, int]] = (),
+                num_logits: int = 0) -> dict[LayerModule, LoraBatch]:
         """One LoraBatch per (layer, module) that any of the adapters targets.
 
         Args:
             placements: the step's adapters, one per segment, in segment order.
             ranges: each segment's tokens ``(start, end)``, same order.
             num_tokens: tokens in the step.
+            logit_ranges: each segment's rows of the step's logits ``(start, end)``, same
+                order (an lm_head LoRA applies there).
+            num_logits: rows of the step's logits (0: no lm_head batch).
         """
         if not placements:
             return {}
@@ -121,20 +123,27 @@ class LoraLayouts:
         bgmv = (self.gather_rows and num_tokens <= DENSE_MAX_TOKENS
                 and len(placements) >= BGMV_MIN_ADAPTERS)
         device, dtype = self.pool.tensor.device, self.pool.tensor.dtype
-        scales: dict[tuple, torch.Tensor] = {}  # column layout -> [T, R] token scales
+        scales: dict[tuple, torch.Tensor] = {}  # (column layout, on logits) -> [T, R] scales
         batches = {}
         for layer_module, rows in self._modules.items():
-            if rows.cols not in scales:
-                scales[rows.cols] = LoraBatch.token_scales(rows.cols, ranges, num_tokens,
-                                                           dtype=dtype, device=device)
+            module = layer_module[1]
+            on_logits = module == "lm_head"
+            if on_logits and not num_logits:
+                continue
+            spans, n = (logit_ranges, num_logits) if on_logits else (ranges, num_tokens)
+            if (rows.cols, on_logits) not in scales:
+                scales[(rows.cols, on_logits)] = LoraBatch.token_scales(
+                    rows.cols, spans, n, dtype=dtype, device=device)
             gathered = stacked = None
-            if bgmv:
+            if module in VOCAB_MODULES:
+                gathered = self._form(layer_module, rows, "concatenated")
+            elif bgmv:
                 stacked = self._form(layer_module, rows, "stacked")
             elif self.gather_rows:
                 gathered = self._form(layer_module, rows, "concatenated")
-            batches[layer_module] = LoraBatch.build(rows.a, rows.b, rows.cols, ranges,
-                                                    scales[rows.cols], gathered=gathered,
-                                                    stacked=stacked)
+            batches[layer_module] = LoraBatch.build(rows.a, rows.b, rows.cols, spans,
+                                                    scales[(rows.cols, on_logits)],
+                                                    gathered=gathered, stacked=stacked)
         return batches
 
     def _use(self, placements: Sequence[ResidentAdapter]) -> None:
@@ -143,14 +152,14 @@ class LoraLayouts:
         if ids == self._set:
             return
         self._pieces = {p.placement_id: self._pieces.get(p.placement_id, {})
-                        for p in placements} if self.gather_rows else {}
+                        for p in placements}
         parts: dict[LayerModule, list[tuple[int, ResidentModule]]] = {}
         for i, placement in enumerate(placements):
             for layer_module, m in placement.modules.items():
                 parts.setdefault(layer_module, []).append((i, m))
         self._modules = {
             lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
-                                 if self.gather_rows else None)
+                                 if self.gather_rows or lm[1] in VOCAB_MODULES else None)
             for lm, ms in parts.items()}
         self._forms = {}
         self._set = ids
@@ -161,8 +170,8 @@ class LoraLayouts:
         cached = self._pieces[placement.placement_id]
         if layer_module not in cached:
             in_f, out_f = self.module_shapes[layer_module[1]]
-            cached[layer_module] = (gather_rows(self.pool.rows(in_f), m.a),
-                                    gather_rows(self.pool.rows(out_f), m.b))
+            cached[layer_module] = (self.pool.read_rows(in_f, m.a),
+                                    self.pool.read_rows(out_f, m.b))
         return cached[layer_module]
 
     def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str) -> Rows:

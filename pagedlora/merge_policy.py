@@ -6,7 +6,7 @@ runner's (:class:`pagedlora.merged_weights.MergedWeights`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 MERGE_POLICIES = ("never", "auto")
@@ -103,17 +103,21 @@ class MergePolicy:
         the counters stay."""
         self._candidate, self._credit, self._copy, self._last = None, 0, None, None
 
-    def decide(self, adapter_keys: Sequence[str | None]) -> str | None:
+    def decide(self, adapter_keys: Sequence[str | None],
+               mergeable: Callable[[str], bool] | None = None) -> str | None:
         """The adapter to run this step merged with, or None (unmerged).
 
         Args:
             adapter_keys: each scheduled request's adapter content key (None: the base model).
+            mergeable: whether an adapter can be merged at all (one with LoRA on
+                ``embed_tokens`` or ``lm_head`` cannot); None: every adapter can. A step of an
+                adapter that cannot runs unmerged and earns no credit.
         Returns:
             the single adapter's key when the step runs merged, else None.
         """
         if not adapter_keys:
             return None
-        merged = self._choose(set(adapter_keys))
+        merged = self._choose(set(adapter_keys), mergeable)
         if merged is not None:
             self.stats.merged_steps += 1
             if merged != self._last and merged == self._copy:
@@ -126,10 +130,13 @@ class MergePolicy:
         self._last = merged
         return merged
 
-    def _choose(self, keys: set[str | None]) -> str | None:
+    def _choose(self, keys: set[str | None], mergeable: Callable[[str], bool] | None
+                ) -> str | None:
         if self.policy == "never" or len(keys) != 1 or None in keys:
             return None
         (key,) = keys
+        if mergeable is not None and not mergeable(key):
+            return None
         if key == self._copy:
             return key
         if key != self._candidate:

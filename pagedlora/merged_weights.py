@@ -76,6 +76,12 @@ class MergedWeights:
         return MergedStats(self._merges, self._seconds,
                            sum(c.nbytes for c in self._copies.values()), self._key)
 
+    def can_merge(self, adapter: ResidentAdapter) -> bool:
+        """Whether every module of ``adapter`` is a decoder projection (LoRA on
+        ``embed_tokens`` or ``lm_head`` is not merged: with tied embeddings one matrix serves
+        both, and a merged copy of it would cost the vocabulary's size)."""
+        return all(module in self.model.fused_rows for _, module in adapter.modules)
+
     def layers_for(self, key: str, adapter: ResidentAdapter) -> list[dict[str, torch.Tensor]]:
         """The per-layer weights of ``model.layers`` with ``adapter`` merged in (made now
         unless they are already ``key``'s), for ``ForwardBatch.layers``.

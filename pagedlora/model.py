@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.backend import select_kernels
-from pagedlora.kernels.lora import LoraBatch
+from pagedlora.kernels.lora import LoraBatch, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
+from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -39,8 +40,10 @@ class ForwardBatch:
         slot_pages: ``[num_layers, T]`` int64 page receiving each token's K/V in each layer.
         slot_offsets: ``[T]`` int64 slot of each token inside its block.
         groups: attention groups covering every sequence once.
-        sample_index: ``[S]`` int64 tokens whose logits are returned.
-        lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets.
+        sample_index: ``[S]`` int64 tokens whose logits are returned, in token order.
+        lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets;
+            ``(VOCAB_LAYER, "embed_tokens")`` over the tokens, ``(VOCAB_LAYER, "lm_head")``
+            over the ``S`` logits rows.
         layers: per layer, the weights to run with in place of the model's (``layers[n]`` has
             the keys of ``LlamaModel.layers[n]``): one adapter's merged weights
             (:class:`pagedlora.merged_weights.MergedWeights`); None: the model's own.
@@ -73,9 +76,13 @@ class LlamaModel:
 
     Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
     biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
-    deltas are added per module through :func:`lora_sgmv`, or a step runs on weights with one
-    adapter merged in (``ForwardBatch.layers``; ``fused_rows`` says where each module's rows
-    are in the fused weights).
+    deltas are added per module through the kernels' ``lora_shrink_expand``, and on
+    ``embed_tokens`` (a row lookup, :func:`lora_embedding`) and ``lm_head`` (on the logits
+    rows) through the torch ops on rows read out of the pool, whatever the backend. With tied
+    embeddings (SmolLM2) ``lm_head`` is the embedding matrix, and a LoRA on either applies where
+    PEFT applies it: on the lookup for ``embed_tokens``, on the logits for ``lm_head``. Or a
+    step runs on decoder weights with one adapter merged in (``ForwardBatch.layers``;
+    ``fused_rows`` says where each module's rows are in the fused weights).
 
     Args:
         config: a transformers ``PretrainedConfig`` of a supported model type.
@@ -129,6 +136,11 @@ class LlamaModel:
         self.norm = take("model.norm.weight")
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
         self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.tied_embeddings = tied
+        vocab = self.embed.shape[0]
+        # LoRA shapes (in_features, out_features) of the vocabulary modules (PEFT's
+        # lora_embedding_A is [r, vocab_size], as a Linear's lora_A is [r, in_features])
+        self.vocab_shapes = {"embed_tokens": (vocab, h), "lm_head": (h, vocab)}
         self.layers = []
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
@@ -146,6 +158,17 @@ class LlamaModel:
                 "down": take(p + "mlp.down_proj.weight"),
             })
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
+
+    @property
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """``module -> (in_features, out_features)`` of every module a LoRA may target: the
+        decoder projections and ``embed_tokens``/``lm_head``."""
+        return {**self.module_shapes, **self.vocab_shapes}
+
+    @property
+    def base_vocab(self) -> BaseVocab:
+        """The embedding and output weights, for checking an adapter's saved copies."""
+        return BaseVocab(self.embed, self.lm_head, self.tied_embeddings)
 
     def _rope_tables(self, config, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[max_model_len, head_dim]`` float32 cos and sin, as transformers computes them."""
@@ -177,6 +200,9 @@ class LlamaModel:
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
         h = self.embed[batch.input_ids]                                    # [T, H]
+        embed_lora = batch.lora.get((VOCAB_LAYER, "embed_tokens"))
+        if embed_lora is not None:
+            lora_embedding(h, batch.input_ids, embed_lora)
         kv_pages = pool.kv_pages
         rows = pool.rows
         ops = self.kernels
@@ -217,5 +243,9 @@ class LlamaModel:
             down = F.linear(a, w["down"])
             lora("down_proj", down, a)
             h = h + down
-        h = _rms_norm(h[batch.sample_index], self.norm, self.eps)
-        return F.linear(h, self.lm_head).float()
+        h = _rms_norm(h[batch.sample_index], self.norm, self.eps)        # [S, H]
+        logits = F.linear(h, self.lm_head)                                 # [S, vocab]
+        head_lora = batch.lora.get((VOCAB_LAYER, "lm_head"))
+        if head_lora is not None:
+            lora_shrink_expand(logits, h, head_lora, None, None)  # rows are gathered
+        return logits.float()

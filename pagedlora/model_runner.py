@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from pagedlora.kernels.paged_attention import attention_metadata
+from pagedlora.logprobs import token_logprobs
 from pagedlora.lora_layouts import LoraLayouts
 from pagedlora.merged_weights import MergedWeights
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
-from pagedlora.scheduler import RunnerOutput
+from pagedlora.scheduler import RunnerOutput, TokenLogprobs
 from pagedlora.step_input import SequenceInput, StepInput
+
+
+@dataclass(frozen=True)
+class _LogitRows:
+    """Which rows of the step's logits serve what (see :meth:`ModelRunner._build`).
+
+    Attributes:
+        sampled: the sequences that sample, in row order.
+        sample_rows: their rows, or None when the logits hold exactly those rows, in order.
+        prompt: per sequence that wants prompt log-probabilities, ``(sequence, first row)``;
+            its ``len(sequence.prompt_targets)`` rows follow one another.
+    """
+
+    sampled: list[SequenceInput]
+    sample_rows: list[int] | None
+    prompt: list[tuple[SequenceInput, int]]
 
 
 class ModelRunner:
@@ -19,7 +38,10 @@ class ModelRunner:
 
     Sequences are ordered by adapter so that each adapter's tokens form one contiguous segment
     (the SGMV layout, Punica section 4); decodes (one new token) and prefills are attended in
-    two groups so a long prompt does not pad every decode. A step marked ``merged`` runs on that
+    two groups so a long prompt does not pad every decode. Logits are computed only where they
+    are used: the last position of each sequence that samples, and the positions whose
+    prompt log-probabilities a request asked for; log-probabilities only for the requests that
+    asked (:func:`pagedlora.logprobs.token_logprobs`). A step marked ``merged`` runs on that
     adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
 
     Args:
@@ -32,7 +54,7 @@ class ModelRunner:
         self.model = model
         self.pool = pool
         self.sampler = sampler
-        self.lora = LoraLayouts(pool, model.module_shapes, model.kernels.reads_gathered_rows)
+        self.lora = LoraLayouts(pool, model.lora_module_shapes, model.kernels.reads_gathered_rows)
         self.merged = MergedWeights(model, pool)
 
     def run(self, step: StepInput) -> RunnerOutput:
@@ -40,44 +62,89 @@ class ModelRunner:
 
         Returns:
             the requests whose known tokens are all computed after it, each with its sampled
-            token.
+            token (and its log-probabilities, when asked), and the prompt log-probabilities the
+            step computed.
         """
         self.sampler.forget(step.finished_request_ids)
         if not step.sequences:
             return RunnerOutput()
         order = sorted(step.sequences, key=lambda s: s.adapter_key or "")
-        batch, sampled = self._build(order, step)
-        logits = self.model.forward(batch, self.pool)
-        tokens = self.sampler.sample(logits, sampled)
-        return RunnerOutput(tuple(s.request_id for s in sampled), tuple(tokens))
+        batch, rows = self._build(order, step)
+        logits = self.model.forward(batch, self.pool)                  # [rows, vocab_size]
+        sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
+        tokens = self.sampler.sample(sample_logits, rows.sampled)
+        return RunnerOutput(tuple(s.request_id for s in rows.sampled), tuple(tokens),
+                            self._sample_logprobs(sample_logits, rows.sampled, tokens),
+                            self._prompt_logprobs(logits, rows.prompt))
+
+    @staticmethod
+    def _sample_logprobs(logits: torch.Tensor, sampled: list[SequenceInput], tokens: list[int]
+                         ) -> tuple[TokenLogprobs | None, ...]:
+        """The sampled tokens' entries, for the rows whose request asked (else None); ``()``
+        when none did. ``logits``: ``[len(sampled), vocab_size]``."""
+        asking = [i for i, s in enumerate(sampled) if s.sampling.params.logprobs is not None]
+        if not asking:
+            return ()
+        found = token_logprobs(logits[asking], [tokens[i] for i in asking],
+                               [sampled[i].sampling.params.logprobs for i in asking])
+        by_row = dict(zip(asking, found, strict=True))
+        return tuple(by_row.get(i) for i in range(len(sampled)))
+
+    @staticmethod
+    def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[SequenceInput, int]]
+                         ) -> tuple[tuple[int, tuple[TokenLogprobs, ...]], ...]:
+        """``(request id, entries)`` per sequence of ``prompt`` (``(sequence, first row)``),
+        from its rows of the step's ``logits``, in one batched pass."""
+        if not prompt:
+            return ()
+        index = [r0 + j for s, r0 in prompt for j in range(len(s.prompt_targets))]
+        found = token_logprobs(logits[index], [t for s, _ in prompt for t in s.prompt_targets],
+                               [s.sampling.params.prompt_logprobs for s, _ in prompt
+                                for _ in s.prompt_targets])
+        out, at = [], 0
+        for s, _ in prompt:
+            n = len(s.prompt_targets)
+            out.append((s.request_id, tuple(found[at:at + n])))
+            at += n
+        return tuple(out)
 
     def _build(self, order: list[SequenceInput], step: StepInput
-               ) -> tuple[ForwardBatch, list[SequenceInput]]:
+               ) -> tuple[ForwardBatch, _LogitRows]:
         device = self.pool.tensor.device
         bs = self.pool.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slot_pages: list[list[int]] = []
-        sample_index: list[int] = []
+        logits_index: list[int] = []  # tokens whose logits are computed, in token order
+        sample_rows: list[int] = []
         sampled: list[SequenceInput] = []
+        prompt_rows: list[tuple[SequenceInput, int]] = []
         groups_of = {True: [], False: []}  # is_decode -> [(q_start, q_len, ctx_len, blocks)]
-        segments: list[tuple[int, int, str]] = []  # (start, end, adapter key), one per adapter
+        # (start, end, logit row start, logit row end, adapter key), one per adapter
+        segments: list[tuple[int, int, int, int, str]] = []
         for s in order:
             start, n = len(input_ids), len(s.token_ids)
+            row_start = len(logits_index)
             input_ids.extend(s.token_ids)
             pos = range(s.start, s.start + n)
             positions.extend(pos)
             slot_pages.extend(s.block_table[p // bs] for p in pos)
             groups_of[n == 1].append((start, n, s.start + n, s.block_table))
+            if s.prompt_targets:
+                first = start + s.prompt_logprobs_from - s.start
+                prompt_rows.append((s, len(logits_index)))
+                logits_index.extend(range(first, first + len(s.prompt_targets)))
             if s.sample:
-                sample_index.append(start + n - 1)
+                sample_rows.append(len(logits_index))
+                logits_index.append(start + n - 1)
                 sampled.append(s)
             key = s.adapter_key
             if key is not None:
-                if segments and segments[-1][2] == key:
-                    segments[-1] = (segments[-1][0], start + n, key)
+                if segments and segments[-1][4] == key:  # extend the adapter's segment
+                    first, _, first_row, _, _ = segments[-1]
+                    segments[-1] = (first, start + n, first_row, len(logits_index), key)
                 else:
-                    segments.append((start, start + n, key))
+                    segments.append((start, start + n, row_start, len(logits_index), key))
 
         def t(x) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -93,13 +160,16 @@ class ModelRunner:
                 meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
                                         t([m[2] for m in members]), width * bs)))
         if step.merged is None:
-            lora = self.lora.batches([step.adapters[key] for *_, key in segments],
-                                     [(a, b) for a, b, _ in segments], len(input_ids))
+            lora = self.lora.batches([step.adapters[seg[4]] for seg in segments],
+                                     [(a, b) for a, b, *_ in segments], len(input_ids),
+                                     logit_ranges=[(c, d) for _, _, c, d, _ in segments],
+                                     num_logits=len(logits_index))
             layers = None
         else:
             lora, layers = {}, self.merged.layers_for(step.merged, step.adapters[step.merged])
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
-            groups=groups, sample_index=t(sample_index), lora=lora, layers=layers)
-        return batch, sampled
+            groups=groups, sample_index=t(logits_index), lora=lora, layers=layers)
+        only_samples = not prompt_rows
+        return batch, _LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)

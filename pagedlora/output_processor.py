@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pagedlora.detokenizer import Detokenizer
 from pagedlora.outputs import RequestOutput, StreamOutput
-from pagedlora.scheduler import Request
+from pagedlora.scheduler import Request, TokenLogprobs
 
 Sink = Callable[[StreamOutput], None]
 
@@ -24,6 +24,7 @@ class _Live:
     detokenizer: Detokenizer
     sink: Sink
     num_streamed: int = 0  # output tokens already handed out
+    started: bool = False  # its first StreamOutput was made
 
 
 class OutputProcessor:
@@ -48,7 +49,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._live: dict[int, _Live] = {}
         self._rejected: list[tuple[StreamOutput, Sink]] = []  # made at add time, not yet sent
-        self._lock = threading.Lock()
+        # re-entrant: a stream finalized (garbage-collected) while this thread holds it drops
+        # its requests through drop()
+        self._lock = threading.RLock()
 
     def add(self, request: Request, *, index: int, prompt: object, adapter: str | None,
             stop: Sequence[str], sink: Sink) -> None:
@@ -113,7 +116,14 @@ class OutputProcessor:
 
     def _emit(self, live: _Live, finish: Callable[[Request, str], None]) -> StreamOutput:
         r = live.request
+        params = r.sampling.params
         new = r.output_token_ids[live.num_streamed:]
+        new_logprobs = None if params.logprobs is None else (
+            r.output_logprobs[live.num_streamed:])
+        first, live.started = not live.started, True
+        prompt_logprobs = None
+        if first and params.prompt_logprobs is not None:
+            prompt_logprobs = _prompt_logprobs(r)
         live.num_streamed = len(r.output_token_ids)
         for token in new:
             live.detokenizer.push(token)
@@ -125,7 +135,9 @@ class OutputProcessor:
                 self._live.pop(r.request_id, None)
         return StreamOutput(request_id=r.request_id, index=live.index, new_token_ids=new,
                             new_text=live.detokenizer.new_text(finished=finished),
-                            finished=finished, output=self._output(live) if finished else None)
+                            finished=finished, output=self._output(live) if finished else None,
+                            new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
+                            prompt_token_ids=r.prompt_token_ids if first else None)
 
     @staticmethod
     def _output(live: _Live) -> RequestOutput:
@@ -139,9 +151,18 @@ class OutputProcessor:
         # A stop string met by the token that also reached max_tokens still reads "stop"
         # (the text was cut), as in vLLM's output processor.
         reason = "stop" if live.detokenizer.stopped_at is not None else r.finish_reason
+        params = r.sampling.params
         return RequestOutput(
             request_id=r.request_id, prompt=live.prompt, prompt_token_ids=r.prompt_token_ids,
             text=live.detokenizer.final_text, token_ids=list(r.output_token_ids),
             finish_reason=reason, adapter=live.adapter, error=r.error, queue_time=queue,
             ttft=ttft, tpot=tpot, num_preemptions=r.num_preemptions,
-            num_cached_tokens=r.num_cached_tokens)
+            num_cached_tokens=r.num_cached_tokens,
+            logprobs=None if params.logprobs is None else list(r.output_logprobs),
+            prompt_logprobs=None if params.prompt_logprobs is None else _prompt_logprobs(r))
+
+
+def _prompt_logprobs(r: Request) -> list[TokenLogprobs | None]:
+    """vLLM's layout: None for the first prompt token, then one entry per prompt token (fewer
+    when the request ended before its prompt was computed)."""
+    return [None, *r.prompt_logprobs]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pagedlora.scheduler import TokenLogprobs
+
 
 @dataclass
 class RequestOutput:
@@ -25,6 +27,10 @@ class RequestOutput:
         tpot: time per output token after the first, seconds (0 with one token).
         num_preemptions: times its KV pages were freed and recomputed.
         num_cached_tokens: prompt tokens whose K/V came from the prefix cache.
+        logprobs: with ``SamplingParams.logprobs``, one :class:`TokenLogprobs` per token of
+            ``token_ids`` (its log-probability, rank and the most likely tokens); else None.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs``, one per prompt token, None
+            for the first (nothing predicts it), as vLLM's; else None.
     """
 
     request_id: int
@@ -40,6 +46,8 @@ class RequestOutput:
     tpot: float | None = None
     num_preemptions: int = 0
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 @dataclass
@@ -54,6 +62,11 @@ class StreamOutput:
         new_token_ids: tokens sampled since the previous one.
         finished: whether this is the request's last StreamOutput.
         output: the complete RequestOutput, on the last one; None before.
+        new_logprobs: with ``SamplingParams.logprobs``, those of ``new_token_ids``; else None.
+        prompt_token_ids: the tokenized prompt, on the request's first StreamOutput; None on
+            the others.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs``, on the request's first
+            StreamOutput, as ``RequestOutput.prompt_logprobs``; else None.
     """
 
     request_id: int
@@ -62,3 +75,6 @@ class StreamOutput:
     new_token_ids: list[int]
     finished: bool
     output: RequestOutput | None = None
+    new_logprobs: list[TokenLogprobs] | None = None
+    prompt_token_ids: list[int] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None

@@ -23,7 +23,13 @@ class SequenceInput:
             id per layer.
         adapter_key: its adapter's content key, None for the base model.
         sample: whether the step reaches its last known token, so that a token is sampled.
-        sampling: how to sample it.
+        sampling: how to sample it (its ``params.logprobs``: whether, and how many top
+            tokens, the sampled token's log-probabilities are wanted).
+        prompt_targets: the prompt tokens whose log-probabilities the step must compute,
+            those predicted by positions ``prompt_logprobs_from, prompt_logprobs_from + 1,
+            ...`` (each inside this step's tokens); empty when none are wanted (the request did
+            not ask, or already has them, or the step holds no prompt position but the last).
+        prompt_logprobs_from: the first of those positions.
     """
 
     request_id: int
@@ -33,6 +39,8 @@ class SequenceInput:
     adapter_key: str | None
     sample: bool
     sampling: RequestSampling
+    prompt_targets: tuple[int, ...] = ()
+    prompt_logprobs_from: int = 0
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,11 @@ class StepInput:
 
     @classmethod
     def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter],
+              finished_request_ids: tuple[int, ...] | None = None, *,
               merged: str | None = None) -> StepInput:
         """From the scheduler's output (after ``drop_failed``), the adapter store's
-        placements of its adapters and the merge decision.
+        placements of its adapters and the merge decision; ``finished_request_ids`` defaults
+        to the output's.
 
         Raises:
             KeyError: an adapter of ``out`` without a placement.
@@ -69,13 +79,23 @@ class StepInput:
         for s in out.scheduled:
             r, n = s.request, s.num_new_tokens
             first = r.num_computed_tokens
+            # Position p predicts token p + 1; positions before len(prompt) - 1 predict prompt
+            # tokens. Entries already recorded (before a preemption) are not computed again;
+            # the scheduler never lets the prefix cache skip one that is missing.
+            lo, hi = first, first
+            if r.needs_prompt_logprobs:
+                lo = max(first, len(r.prompt_logprobs))
+                hi = max(lo, min(first + n, len(r.prompt_token_ids) - 1))
             sequences.append(SequenceInput(
                 request_id=r.request_id,
                 token_ids=tuple(r.all_token_ids[first:first + n]), start=first,
                 block_table=s.block_table, adapter_key=r.adapter_key,
-                sample=first + n == r.num_tokens, sampling=r.sampling))
+                sample=first + n == r.num_tokens, sampling=r.sampling,
+                prompt_targets=tuple(r.prompt_token_ids[lo + 1:hi + 1]),
+                prompt_logprobs_from=lo))
         if merged is not None and any(s.adapter_key != merged for s in sequences):
             raise ValueError(f"step merged with adapter {merged!r}, but it runs "
                              f"{sorted({str(s.adapter_key) for s in sequences})}")
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
-                   out.finished_request_ids, merged)
+                   out.finished_request_ids if finished_request_ids is None
+                   else finished_request_ids, merged)

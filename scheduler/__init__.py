@@ -6,7 +6,7 @@ Nothing here imports the rest of pagedlora: the engine hands the scheduler a
 
 from pagedlora.scheduler.config import SchedulerConfig
 from pagedlora.scheduler.kv_blocks import KVBlockManager, KVStats
-from pagedlora.scheduler.outputs import RunnerOutput
+from pagedlora.scheduler.outputs import RunnerOutput, TokenLogprobs
 from pagedlora.scheduler.page_allocator import (
     ADAPTER,
     KV,
@@ -30,5 +30,5 @@ __all__ = [
     "FairPolicy", "FcfsPolicy", "KVBlockManager", "KVStats", "OutOfPagesError",
     "PageAllocator", "PoolStats", "Request", "RequestStatus", "RunnerOutput",
     "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerStats",
-    "StaticSplitAllocator",
+    "StaticSplitAllocator", "TokenLogprobs",
 ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from pagedlora.scheduler.outputs import TokenLogprobs
+
 
 class RequestStatus(enum.Enum):
     """Where a request is: queued (or preempted), in the running batch, or done."""
@@ -18,9 +20,10 @@ class RequestStatus(enum.Enum):
 class Request:
     """A request as the scheduler sees it.
 
-    The fields up to ``sampling`` are fixed when the request is made (by the engine's input
-    processor, or a test); every field after them is written by the :class:`Scheduler` alone
-    (its KV blocks live in the scheduler's ``KVBlockManager``, keyed by ``request_id``).
+    The fields up to ``needs_prompt_logprobs`` are fixed when the request is made (by the
+    engine's input processor, or a test); every field after them is written by the
+    :class:`Scheduler` alone (its KV blocks live in the scheduler's ``KVBlockManager``, keyed
+    by ``request_id``).
 
     Attributes:
         request_id: unique within an engine.
@@ -33,7 +36,14 @@ class Request:
         stop_token_ids: tokens that finish the request with "stop" when sampled (EOS, unless
             ignored, and the request's own stop token ids).
         sampling: what the model runner's sampler needs (opaque to the scheduler).
+        needs_prompt_logprobs: whether the request asked for the log-probabilities of its
+            prompt tokens: every position that predicts one must be computed, so the prefix
+            cache serves it only positions whose entries it already has (after a preemption).
         output_token_ids: tokens generated so far.
+        output_logprobs: the :class:`TokenLogprobs` of each output token, when the request
+            asked for them (``SamplingParams.logprobs``); else empty.
+        prompt_logprobs: the :class:`TokenLogprobs` of prompt tokens 1, 2, ... computed so far
+            (with ``needs_prompt_logprobs``; the first prompt token has none).
         num_computed_tokens: tokens whose K/V are in the pool; the scheduler schedules
             ``num_tokens - num_computed_tokens`` more (the vLLM v1 view: no separate prefill and
             decode phases, every request catches up with its known tokens).
@@ -43,7 +53,8 @@ class Request:
         first_scheduled_time, first_token_time, finished_time: seconds, scheduler's clock.
         num_cached_tokens: prompt tokens whose K/V came from the prefix cache at admission.
         holds_adapter: whether the adapter store counted this request as a holder of its
-            adapter's content (so that exactly the holds taken are dropped).
+            adapter's content (so that exactly the holds taken are dropped); None before
+            :meth:`Scheduler.take_hold` or :meth:`Scheduler.add` asked.
     """
 
     request_id: int
@@ -54,7 +65,10 @@ class Request:
     deadline: float | None = None
     stop_token_ids: frozenset[int] = frozenset()
     sampling: object = None
+    needs_prompt_logprobs: bool = False
     output_token_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -64,7 +78,7 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
-    holds_adapter: bool = False
+    holds_adapter: bool | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
@@ -109,12 +110,17 @@ class SchedulerStats:
             (plus the watermark) or its adapter's pages could not be had, since the start (at
             most one per step: admission stops there).
         preemptions: running requests preempted for lack of pages, since the start.
+        running_adapters: adapter content key -> running requests that use it, now (the base
+            model's requests are not counted).
+        waiting_adapters: adapter content key -> waiting requests that use it, now.
     """
 
     requests_running: int
     requests_waiting: int
     admissions_refused: int
     preemptions: int
+    running_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_adapters: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -135,7 +141,10 @@ class Scheduler:
     unpinned adapters), and if that is not enough the policy's victim (by default the most
     recently admitted request) is preempted: its pages are freed and it is recomputed later
     (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5, "recomputation"), usually from
-    its own blocks still in the prefix cache.
+    its own blocks still in the prefix cache. A request that asks for prompt log-probabilities
+    reads the prefix cache only up to the positions whose entries it already holds (none when
+    new; vLLM skips the cache for such requests altogether), since a cached block's positions
+    are not computed again; its blocks still join the cache for others.
 
     Scheduling only reserves an adapter's pages; the adapter store fills them before the step
     runs (:meth:`drop_failed` takes out the requests whose adapter could not be loaded), so
@@ -185,6 +194,7 @@ class Scheduler:
         self._failed: list[Request] = []
         self._aborted: list[Request] = []
         self._finished_ids: list[int] = []  # every finish since the last schedule()
+        self._finished: list[Request] = []  # every finish since the last take_finished()
         self._num_refused = 0
         self._num_preemptions = 0
 
@@ -198,23 +208,30 @@ class Scheduler:
         adapter_need = 0 if adapter_key is None else self.adapters.footprint(adapter_key)
         if self.allocator.could_ever_fit(kv_need, adapter_need):
             return None
-        return (f"needs {kv_need + adapter_need} pages for its prompt and adapter, more than "
-                f"{self._pool_words()} can hold")
+        return (f"the prompt ({num_prompt_tokens} tokens) and its adapter need "
+                f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
+
+    def take_hold(self, request: Request) -> None:
+        """Counts ``request`` as a holder of its adapter's content now, so that a later
+        ``remove_adapter`` or re-add of the name cannot take the weights from under it while
+        it waits to be added. Safe from any thread for a request not yet added (it touches
+        only that request and the thread-safe adapter store)."""
+        if request.adapter_key is not None and request.holds_adapter is None:
+            request.holds_adapter = self.adapters.hold(request.adapter_key)
 
     def add(self, request: Request) -> None:
-        """Queues ``request``. One that can never fit the pool, or whose adapter is no longer
-        registered, is finished with "error" at once and reported by the next
+        """Queues ``request`` (taking its adapter hold, if :meth:`take_hold` did not). One that
+        can never fit the pool, or whose adapter was no longer registered when the hold was
+        asked for, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
-        rid, key = request.request_id, request.adapter_key
-        reason = self.rejection(len(request.prompt_token_ids), key)
-        error = None if reason is None else f"request {rid} {reason}"
+        key = request.adapter_key
+        error = self.rejection(len(request.prompt_token_ids), key)
         if error is None and key is not None:
-            request.holds_adapter = self.adapters.hold(key)
+            self.take_hold(request)
             if not request.holds_adapter:
-                error = (f"request {rid}: adapter with content key {key} is no longer "
-                         f"registered (removed or re-added with other weights while the "
-                         f"request waited)")
+                error = (f"adapter with content key {key} is no longer registered (removed "
+                         f"or re-added with other weights while the request waited)")
         if error is not None:
             self.finish(request, "error", error=error)
             self._failed.append(request)
@@ -256,6 +273,13 @@ class Scheduler:
         self._unhold(request)
         self._unfinished.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+        self._finished.append(request)
+
+    def take_finished(self) -> list[Request]:
+        """Every request finished since the last call, in order (whatever finished it:
+        update, abort, failure, ``finish``), so that a step that raised midway loses none."""
+        finished, self._finished = self._finished, []
+        return finished
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -301,7 +325,7 @@ class Scheduler:
             return out
         dropped = [s.request for s in out.scheduled if s.request.adapter_key in failed]
         for r in dropped:
-            self.finish(r, "error", error=f"request {r.request_id}: {failed[r.adapter_key]}")
+            self.finish(r, "error", error=failed[r.adapter_key])
         return replace(out, scheduled=[s for s in out.scheduled
                                        if s.request.adapter_key not in failed],
                        failed=[*out.failed, *dropped],
@@ -313,22 +337,29 @@ class Scheduler:
         """Records that the step of ``out`` ran: its tokens' K/V are in the pool (the blocks
         they filled join the prefix cache), the sampled tokens are appended, and a request
         that sampled EOS or a stop token id, reached ``max_tokens`` or ``max_model_len``
-        finishes ("stop" or "length") and frees its pages.
+        finishes ("stop" or "length") and frees its pages. Log-probabilities the runner
+        computed are appended alongside (``output_logprobs``, ``prompt_logprobs``).
 
         Returns:
             the requests that got a token, in step order.
         """
         sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        logprobs = (dict(zip(result.request_ids, result.logprobs, strict=True))
+                    if result.logprobs else {})
+        prompt_logprobs = dict(result.prompt_logprobs)
         now = self.clock()
         changed = []
         for s in out.scheduled:
             r = s.request
             r.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(r)
+            r.prompt_logprobs.extend(prompt_logprobs.get(r.request_id, ()))
             token = sampled.get(r.request_id)
             if token is None:
                 continue
             r.output_token_ids.append(token)
+            if logprobs.get(r.request_id) is not None:
+                r.output_logprobs.append(logprobs[r.request_id])
             if r.first_token_time is None:
                 r.first_token_time = now
             if token in r.stop_token_ids:
@@ -342,7 +373,8 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         """The counters now."""
         return SchedulerStats(len(self.running), len(self.waiting), self._num_refused,
-                              self._num_preemptions)
+                              self._num_preemptions, _count_adapters(self.running),
+                              _count_adapters(self.waiting))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -379,8 +411,8 @@ class Scheduler:
             steps = -(-(request.num_tokens - request.num_computed_tokens)
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
-                self.finish(request, "abort", error=f"request {request.request_id} could not "
-                            f"get its first token before its deadline")
+                self.finish(request, "abort",
+                            error="the first token could not come before the deadline")
                 self._aborted.append(request)
 
     def _admit(self, step: _Step, budget: int, now: float) -> list[Request]:
@@ -394,6 +426,8 @@ class Scheduler:
                     and len(step.adapter_keys) >= self.config.max_loras:
                 continue  # another adapter would exceed max_loras; later ones may share one
             hits = self.kv.match_prefix(request)
+            if request.needs_prompt_logprobs:  # only positions whose logprobs it has
+                hits = hits[:len(request.prompt_logprobs) // self.block_size]
             cached = len(hits) * self.block_size
             n = min(request.num_tokens - cached, budget)
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
@@ -438,8 +472,8 @@ class Scheduler:
                 adapter = "" if key is None else (
                     f" next to its adapter's {self.adapters.footprint(key)} pages")
                 self.finish(request, "error", error=(
-                    f"request {request.request_id} cannot get the {self.kv.pages_for(target)} "
-                    f"KV pages of {target} tokens{adapter} even alone in {self._pool_words()}"))
+                    f"the {self.kv.pages_for(target)} KV pages of {target} tokens{adapter} do "
+                    f"not fit even alone in {self._pool_words()}"))
                 step.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's
@@ -492,3 +526,8 @@ class _Step:
         self.preempted: list[Request] = []
         self.failed: list[Request] = []
         self.adapter_keys: set[str] = set()
+
+
+def _count_adapters(requests) -> dict[str, int]:
+    """Adapter content key -> how many of ``requests`` use it (base-model requests left out)."""
+    return dict(Counter(r.adapter_key for r in requests if r.adapter_key is not None))

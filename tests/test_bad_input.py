@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import assert_kv_released, write_peft_dir
+from support import VOCAB, assert_kv_released, write_peft_dir
 
 from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
 
@@ -122,10 +122,15 @@ def test_no_lora_weights_at_all(engine, tmp_path):
         engine.add_adapter("empty", write_adapter(tmp_path / "empty", {}))
 
 
-def test_lm_head_weights_in_the_file(engine, tmp_path):
+def test_half_an_lm_head_or_embedding_lora(engine, tmp_path):
     tensors = {"base_model.model.lm_head.lora_A.weight": torch.randn(2, 64)}
-    with pytest.raises(UnsupportedAdapterError, match="'head': LoRA on embed_tokens/lm_head"):
+    with pytest.raises(AdapterError, match="'head', lm_head: has lora_A but not both"):
         engine.add_adapter("head", write_adapter(tmp_path / "head", tensors))
+    tensors = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(2, VOCAB),
+               "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(32, 2)}
+    with pytest.raises(AdapterError, match=r"'emb', embed_tokens: lora_A \(2, 49152\) and "
+                                           r"lora_B \(32, 2\) do not fit"):
+        engine.add_adapter("emb", write_adapter(tmp_path / "emb", tensors))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -160,7 +165,6 @@ def test_missing_half_of_a_pair(engine, tmp_path):
     ({"use_dora": True}, "use_dora"),
     ({"bias": "all"}, "bias='all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
     ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
@@ -188,7 +192,7 @@ def test_too_long_and_empty_prompts_fail_alone(engine):
     outs = engine.generate([long, "hello", []], sampling_params=GREEDY, progress=False)
     assert outs[0].finish_reason == "error" and "max_model_len is 64" in outs[0].error
     assert outs[2].finish_reason == "error" and "prompt is empty" in outs[2].error
-    assert outs[2].error.startswith("prompt 2 ")  # its position in the call
+    assert outs[2].error == "prompt 2: the prompt is empty"  # its position, no internal id
     assert outs[1].finish_reason == "length" and len(outs[1].token_ids) == 4
     assert outs[0].token_ids == [] and outs[1].error is None
     assert_pool_clean(engine)
@@ -295,8 +299,7 @@ def test_a_chat_template_error_fails_that_prompt_alone(engine, monkeypatch):
                            progress=False)
     assert outs[0].finish_reason == "length"
     assert outs[1].finish_reason == "error"
-    rid = outs[1].request_id
-    assert outs[1].error == f"prompt 1 (request {rid}): RuntimeError: template exploded"
+    assert outs[1].error == "prompt 1: RuntimeError: template exploded"  # its position
     assert engine.outputs.num_live == 0
     assert_pool_clean(engine)
 

@@ -267,6 +267,25 @@ def test_merged_tokens_differ_from_the_base_models(tiny_llama_dir, adapter_dirs,
         assert peft.greedy(peft.merged, name, prompt, 12) != base, name
 
 
+def test_adapters_on_the_vocabulary_are_never_merged(tiny_llama_dir, tmp_path):
+    """LoRA on embed_tokens or lm_head is served unmerged (no credit, no merge), the same
+    tokens as PEFT; the policy still merges the next decoder-only adapter."""
+    from peft import PeftModel
+
+    vocab = save_random_adapter(tiny_llama_dir, tmp_path / "vocab", r=4, seed=404,
+                                target_modules=["embed_tokens", "q_proj"])
+    engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, merge_policy="auto")
+    engine.core.merging = MergePolicy("auto", merge_after_steps=0)
+    engine.add_adapter("vocab", vocab)
+    prompt = random_prompt(9, seed=8)
+    out = engine.generate([prompt], ["vocab"], greedy(10), progress=False)[0]
+    assert not any(s["merged"] for s in steps_of(engine))
+    assert engine.stats()["merge"]["merges"] == 0
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(base, vocab).eval()
+    assert out.token_ids == Peft.greedy(None, {"vocab": ref}, "vocab", prompt, 10)
+
+
 # -- switching leaves the base weights as loaded --------------------------------------------------
 
 

@@ -84,7 +84,7 @@ def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone():
     out = sched.drop_failed(sched.schedule(),
                             {"gone": "adapter 'gone' cannot be loaded: source missing"})
     assert out.failed == [a] and a.finish_reason == "error"
-    assert a.error == "request 0: adapter 'gone' cannot be loaded: source missing"
+    assert a.error == "adapter 'gone' cannot be loaded: source missing"
     assert [s.request for s in out.scheduled] == [b, c] and sched.waiting == []
     assert sched.kv.blocks_of(a) == []
     assert alloc.num_used("kv") == 2 + 2  # one block (2 layers) for b, c
@@ -131,7 +131,9 @@ def test_request_that_can_never_fit_fails_at_once():
     sched, _, _ = make(num_pages=4, block_size=4)
     r = req(0, 9)  # 10 tokens with its first output -> 3 blocks * 2 layers = 6 > 4 pages
     sched.add(r)
-    assert r.finish_reason == "error" and "needs 6 pages" in r.error
+    assert r.finish_reason == "error" and r.error == (
+        "the prompt (9 tokens) and its adapter need 6 pages, more than the pool of 4 pages can "
+        "hold")
     assert not sched.has_unfinished()
 
 
@@ -145,9 +147,35 @@ def test_request_that_outgrows_the_pool_next_to_its_adapter_fails_alone():
     assert r.num_tokens == 9 and r.num_computed_tokens == 8 and not r.is_finished
     out = sched.schedule()
     assert out.failed == [r] and r.finish_reason == "error"
-    assert r.error == ("request 0 cannot get the 6 KV pages of 9 tokens next to its adapter's "
-                       "6 pages even alone in the pool of 10 pages")
+    assert r.error == ("the 6 KV pages of 9 tokens next to its adapter's 6 pages do not fit "
+                       "even alone in the pool of 10 pages")
     assert alloc.num_used("kv") == 0 and not adapters.pins["x"]
     other = req(1, 5)
     sched.add(other)
     assert [s.request.request_id for s in sched.schedule().scheduled] == [1]
+
+
+def test_prompt_logprobs_read_the_cache_only_where_they_have_entries():
+    """A request asking prompt logprobs is not served cached blocks whose positions it has no
+    entries for; one that has them (as after a preemption) is served those blocks only; the
+    runner's entries are appended by update, next to the sampled token's."""
+    from pagedlora.scheduler import RunnerOutput, TokenLogprobs
+
+    sched, _, _ = make(enable_prefix_caching=True)
+    warm = req(0, 13)  # 3 full blocks of 4 join the cache
+    sched.add(warm)
+    run_step(sched, sched.schedule())
+    fresh, resumed = req(1, 13), req(2, 13)
+    fresh.needs_prompt_logprobs = resumed.needs_prompt_logprobs = True
+    entry = TokenLogprobs(token_id=1, logprob=-0.5, rank=1)
+    resumed.prompt_logprobs = [entry] * 9  # positions 0..8 scored: 2 whole blocks' worth
+    sched.add(fresh)
+    sched.add(resumed)
+    out = sched.schedule()
+    assert {s.request.request_id: s.request.num_computed_tokens for s in out.scheduled} == \
+        {0: 13, 1: 0, 2: 8}
+    sample = TokenLogprobs(token_id=7, logprob=-1.0, rank=2, top=((3, -0.2),))
+    sched.update(out, RunnerOutput((0, 1, 2), (7, 7, 7), (None, sample, None),
+                                   ((1, (entry,) * 12), (2, (entry,) * 3))))
+    assert fresh.output_logprobs == [sample] and warm.output_logprobs == []
+    assert len(fresh.prompt_logprobs) == 12 and len(resumed.prompt_logprobs) == 12

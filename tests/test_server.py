@@ -187,7 +187,29 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the message must hol
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, 400,
      ["frobnicate", "unsupported field"]),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 200}, 400,
-     ["max_model_len is 128"]),
+     ["prompt has 201 tokens", "no room", "max_model_len 128"]),
+    # prompt + max_tokens above max_model_len: a 400 naming both numbers, not a silent cut
+    ("/v1/completions", {"model": "tiny", "prompt": [5] * 120}, 400,
+     ["prompt has 120 tokens and max_tokens is 16", "136 tokens", "max_model_len 128",
+      "at most 8"]),
+    ("/v1/completions", {"model": "a1", "prompt": [[5], [5] * 100], "max_tokens": 40}, 400,
+     ["prompt[1] has 100 tokens and max_tokens is 40", "max_model_len 128", "'a1'"]),
+    ("/v1/chat/completions", {"model": "tiny", "max_completion_tokens": 500,
+                              "messages": [{"role": "user", "content": "x"}]}, 400,
+     ["messages has", "max_completion_tokens is 500", "max_model_len 128"]),
+    ("/invocations", {"inputs": ["a", "b"], "model": "tiny",
+                      "parameters": {"max_new_tokens": 128}}, 400,
+     ["inputs[0] has 1 token and parameters.max_new_tokens is 128", "at most 127"]),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+     400, ["messages.0.role", "'system', 'user', 'assistant' or 'tool'"]),
+    ("/invocations", {"inputs": "a", "model": "tiny", "parameters": {"max_tokens": 8}}, 400,
+     ["parameters.max_tokens: unsupported field; did you mean 'max_new_tokens'?"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_new_tokens": 8}, 400,
+     ["max_new_tokens: unsupported field; did you mean 'max_tokens'?"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400,
+     ["did you mean 'temperature'?"]),
+    ("/invocations", {"inputs": "a", "model": "tiny", "adapters": "tiny"}, 404,
+     ["adapters: adapter 'tiny' is not loaded", "'tiny' is a base model"]),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, ["empty"]),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 10**9]}, 400, ["vocabulary"]),
     ("/v1/completions", {"model": "tiny", "prompt": ["ok"] * (MAX_QUEUE + 1)}, 400,
@@ -199,7 +221,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the message must hol
     ("/invocations", {"inputs": "a", "adapters": "b1", "model": "tiny"}, 400,
      ["'b1'", "do not belong", "'tiny'"]),
     ("/invocations", {"inputs": "a"}, 400, ["several base models", "X-Amzn"]),
-    ("/invocations", {"inputs": "a", "adapters": "zzz"}, 404, ["'zzz'"]),
+    ("/invocations", {"inputs": "a", "adapters": "zzz"}, 404, ["adapters: adapter 'zzz'"]),
     ("/invocations", {"inputs": "a", "model": "nobase"}, 404, ["'nobase'"]),
     ("/invocations", {"inputs": "a", "model": "tiny", "parameters": {"max_new_tokens": -1}},
      400, ["max_tokens"]),
@@ -227,6 +249,41 @@ def test_bad_input_gets_a_clear_error(server, path, body, status, words):
     message = r.json()["error"]["message"]
     for w in words:
         assert w in message, message
+
+
+def test_errors_are_logged_in_one_line_without_the_prompt(server):
+    def why(body) -> list[str]:
+        before = len(server.log_text().splitlines())
+        assert server.post("/v1/completions", json=body).status_code == 400
+        time.sleep(0.2)  # the log line is written before the response; the file may lag
+        return [x for x in server.log_text().splitlines()[before:] if " -> 400: " in x]
+
+    (line,) = why({"model": "tiny", "prompt": "zebra " * 150})
+    assert re.search(r"WARNING .*POST /v1/completions -> 400: prompt has \d+ tokens, which "
+                     r"leaves no room for output in max_model_len 128 of model 'tiny'", line)
+    (line,) = why({"model": "tiny", "prompt": "giraffe", "top_p": 9})
+    assert "POST /v1/completions -> 400: invalid sampling parameters: top_p" in line
+    assert "zebra" not in server.log_text() and "giraffe" not in server.log_text()
+
+
+def test_load_lora_adapter_twice_needs_load_inplace(server, offline, files):
+    """vLLM's semantics: a name already loaded is a 400 unless load_inplace replaces it."""
+    def load(path, **extra):
+        return server.post("/v1/load_lora_adapter", json={
+            "lora_name": "twice", "lora_path": str(path), "model": "tiny", **extra})
+
+    def answer():
+        return server.openai().completions.create(model="twice", prompt="Which weights",
+                                                  max_tokens=8, temperature=0).choices[0].text
+
+    assert load(files["a3"]).status_code == 200
+    again = load(files["a4"])
+    assert again.status_code == 400 and "already loaded" in again.text \
+        and "load_inplace" in again.text, again.text
+    assert answer() == expected(offline["tiny"], ["Which weights"], ["a3"])[0]  # unchanged
+    assert load(files["a4"], load_inplace=True).status_code == 200
+    assert answer() == expected(offline["tiny"], ["Which weights"], ["a4"])[0]
+    assert server.post("/v1/unload_lora_adapter", json={"lora_name": "twice"}).status_code == 200
 
 
 def test_load_lora_adapter_refuses_missing_and_invalid_adapters(server, files, tmp_path):
@@ -337,6 +394,68 @@ def test_metrics_per_model_and_adapter(server, offline):
         assert metric(text, "pagedlora_queue_length", model=model) == 0
     assert sum(metric(text, "pagedlora_adapters", model="tiny", tier=t)
                for t in ("pool", "host", "disk", "source")) == len(ADAPTERS)
+
+
+def vllm_series(text: str, model: str) -> dict:
+    """The vLLM-named series of base model ``model`` in a /metrics text, read with
+    prometheus_client's own parser: name -> samples (each a (labels, value) pair)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:") and sample.labels.get("model_name") == model:
+                found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_vllm_metrics_name_the_running_and_waiting_adapters(server):
+    # 40 prompts for a1, 8 run at a time; then one for a3 behind them: while 33 wait, a1's
+    # run and a1's and a3's wait (nothing else is submitted to "tiny")
+    flood = {"model": "a1", "prompt": [f"Busy {i}" for i in range(MAX_QUEUE - 1)],
+             "max_tokens": 120, "ignore_eos": True, "stream": True}
+    behind = {"model": "a3", "prompt": "Behind", "max_tokens": 4, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{server.url}/v1/completions", json=flood) as r1:
+            lines = r1.iter_lines()  # kept: closing the iterator would close the stream
+            assert next(lines).startswith("data: ")
+            with client.stream("POST", f"{server.url}/v1/completions", json=behind) as r2:
+                deadline = time.monotonic() + 30
+                while True:
+                    before = time.time()
+                    text = server.metrics()
+                    series = vllm_series(text, "tiny")
+                    (_, waiting), = series["vllm:num_requests_waiting"]
+                    if waiting == MAX_QUEUE - MAX_NUM_SEQS:
+                        break
+                    assert time.monotonic() < deadline, f"never {MAX_QUEUE - 8} waiting: {series}"
+                (labels, stamp), = series["vllm:lora_requests_info"]
+                assert labels["running_lora_adapters"] == "a1"
+                assert labels["waiting_lora_adapters"] == "a1,a3"
+                assert labels["max_lora"] == "8"  # the default max_loras
+                assert before - 1 <= stamp <= time.time() + 1  # a reading time, in seconds
+                assert series["vllm:num_requests_running"] == [({"model_name": "tiny"},
+                                                                 MAX_NUM_SEQS)]
+                usage = series["vllm:kv_cache_usage_perc"][0][1]
+                assert series["vllm:gpu_cache_usage_perc"][0][1] == usage
+                held = metric(text, "pagedlora_pool_pages", model="tiny", kind="kv")
+                total = sum(metric(text, "pagedlora_pool_pages", model="tiny", kind=k)
+                            for k in ("kv", "kv_cached", "adapter", "free"))
+                adapter = metric(text, "pagedlora_pool_pages", model="tiny", kind="adapter")
+                # in pages: 8 running requests' KV blocks, plus at most the adapters'
+                assert 0 < held <= round(usage * total) <= held + adapter
+                assert r2.status_code == 200
+    deadline = time.monotonic() + 30  # the streams closed: their requests are aborted
+    while True:
+        series = vllm_series(server.metrics(), "tiny")
+        if series["vllm:num_requests_running"][0][1] == 0 and \
+                series["vllm:num_requests_waiting"][0][1] == 0:
+            break
+        assert time.monotonic() < deadline, "the requests were never aborted"
+        time.sleep(0.05)
+    (labels, _), = series["vllm:lora_requests_info"]  # one series: the latest label set
+    assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
+    assert series["vllm:kv_cache_usage_perc"][0][1] == 0
 
 
 def test_sigterm_aborts_what_outlasts_the_grace_period_and_exits_cleanly(files, tmp_path):

@@ -231,10 +231,14 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter):
     dirs = {"r8": make_adapter(tiny_llama_dir, "r8", r=8, target_modules=ALL, seed=1),
             "r3": make_adapter(tiny_llama_dir, "r3", r=3, seed=2,
-                               target_modules=["q_proj", "v_proj", "down_proj"])}
-    prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 9, 25, 3)]
-    adapters = ["r8", None, "r3", "r8", "r3", None]
-    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+                               target_modules=["q_proj", "v_proj", "down_proj"]),
+            # vocabulary modules: torch ops on rows read out of the pool, on either backend
+            "v4": make_adapter(tiny_llama_dir, "v4", r=4, seed=3,
+                               target_modules=["embed_tokens", "lm_head", "k_proj"])}
+    prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 9, 25, 3, 12)]
+    adapters = ["r8", None, "r3", "r8", "r3", None, "v4"]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    logprobs = {}
     tokens = {}
     for backend in ("torch", "triton"):
         # 24 tokens a step: the 40- and 25-token prompts are prefilled in chunks next to decodes
@@ -247,5 +251,7 @@ def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_ad
         outs = engine.generate(prompts, adapters=adapters, sampling_params=greedy,
                                progress=False)
         tokens[backend] = [o.token_ids for o in outs]
+        logprobs[backend] = torch.tensor([[e.logprob for e in o.logprobs] for o in outs])
     assert tokens["triton"] == tokens["torch"]
     assert tokens["torch"][0] != tokens["torch"][5]  # the adapter changes the tokens
+    torch.testing.assert_close(logprobs["triton"], logprobs["torch"], atol=1e-3, rtol=0)

@@ -23,7 +23,7 @@ from pagedlora.server.engine_loop import EngineLoop, LoopStopped
 from pagedlora.server.metrics import ServerMetrics
 from pagedlora.server.protocol import ApiError
 from pagedlora.server.registry import ModelRegistry
-from pagedlora.server.state import ServerState
+from pagedlora.server.state import ServerState, log_error
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,21 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format: requests, tokens, TTFT/TPOT histograms per model and
-        adapter, HTTP errors, pool pages by kind, adapters per tier, queue length."""
+        adapter, HTTP errors, pool pages by kind, adapters per tier, queue length; and vLLM's
+        series that Kubernetes' inference gateways route by (see ``VllmGauges``)."""
         for name, loop in loops.items():
             try:
                 stats = await asyncio.wrap_future(loop.call(Engine.stats))
             except LoopStopped:
                 continue  # /health reports it
-            state.metrics.observe_engine(name, stats, loop.num_waiting)
+            state.metrics.observe_engine(name, stats, loop.num_waiting,
+                                         loop.engine.config.max_loras)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def error_response(request: Request, error: ApiError) -> Response:
         route = request.scope.get("route")
         state.metrics.observe_error(getattr(route, "path", "unmatched"), error.status)
+        log_error(request.method, request.url.path, error)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)

@@ -224,6 +224,23 @@ class EngineLoop:
             self._commands.put(Call(fn, fut))
         return fut
 
+    async def add_adapter(self, name: str, path: str, preload: bool = False) -> None:
+        """``Engine.add_adapter`` in a worker thread (fetching, reading and validating the
+        weights), while the loop keeps stepping.
+
+        Raises:
+            AdapterError, UnsupportedAdapterError, OSError: as ``Engine.add_adapter``.
+        """
+        await asyncio.to_thread(self.engine.add_adapter, name, path, preload)
+
+    async def remove_adapter(self, name: str) -> None:
+        """``Engine.remove_adapter`` in a worker thread.
+
+        Raises:
+            ValueError: as ``Engine.remove_adapter`` (requests for it wait or run).
+        """
+        await asyncio.to_thread(self.engine.remove_adapter, name)
+
     async def open(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
                    params: Sequence[SamplingParams]) -> Generation:
         """Submits the prompts and waits until the engine has queued them; the returned
@@ -320,6 +337,10 @@ class EngineLoop:
             self._release(n)
             self._deliver(sub, e)
             return
+        except (ValueError, TypeError) as e:  # a body the route let through: its client's
+            self._release(n)
+            self._deliver(sub, PromptRejected(str(e)))
+            return
         sub.request_ids = ids
         self._unstarted.update(ids)
         self._live.update(dict.fromkeys(ids, sub))
@@ -343,7 +364,10 @@ class EngineLoop:
         try:
             sub.deliver(item)
         except RuntimeError:  # the handler's event loop is closed: nobody is listening
-            sub.cancelled = True
+            if not sub.cancelled:
+                sub.cancelled = True
+                for rid in sub.request_ids:  # so they do not run on to max_tokens
+                    self.engine.abort(rid)
 
     def _abort_live(self) -> int:
         for rid in self._live:
@@ -399,6 +423,20 @@ class Generation:
             raise item
         self.remaining -= item.finished
         return item
+
+    async def next_batch(self) -> list[StreamOutput]:
+        """Waits for the next StreamOutput and returns it with every one already delivered
+        behind it (one message per step rather than per token, for callers that forward
+        them: a Ray Serve replica).
+
+        Raises:
+            StopAsyncIteration: every request has finished.
+            LoopStopped: as iteration.
+        """
+        batch = [await self.__anext__()]
+        while self.remaining and not self._inbox.empty():
+            batch.append(await self.__anext__())
+        return batch
 
     async def outputs(self) -> list[RequestOutput]:
         """Waits for every request; their RequestOutputs in prompt order."""

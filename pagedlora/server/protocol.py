@@ -3,12 +3,18 @@
 Bodies are validated strictly (no string-to-number coercion) and unknown fields are refused
 with a 400 naming them, so a client never gets a silent default for an option it asked for.
 Fields that OpenAI defines but pagedlora does not implement are accepted only at their
-neutral value (``n=1``, penalties 0, no logprobs...).
+neutral value (``n=1``, penalties 0...). Log-probabilities (``logprobs``, ``top_logprobs``,
+vLLM's ``prompt_logprobs``, LMI's ``top_n_tokens``) take at most the engine's
+``max_logprobs`` top tokens (``--max-logprobs``, 20 by default); above it is a 400 naming the
+field.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import types
+import typing
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +62,46 @@ def _where(loc: tuple) -> str:
                     if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
 
 
+# Other APIs' names for a field (HF generate and TGI, LMI, OpenAI), suggested when a body uses
+# one where the other is this body's name.
+_OTHER_NAMES = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_tokens",
+                "max_completion_tokens": "max_new_tokens", "stop_sequences": "stop",
+                "adapter": "adapters", "adapter_id": "adapters", "lora": "adapters",
+                "prompt": "inputs", "inputs": "prompt", "lora_id": "lora_name"}
+
+
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The body model that holds the field at ``path`` (list indices skipped), or None."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        todo, model = [field.annotation], None
+        while todo and model is None:  # the first BaseModel inside Optional/list/Union
+            t = todo.pop(0)
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+            elif isinstance(t, types.UnionType) or typing.get_origin(t) is not None:
+                todo.extend(typing.get_args(t))
+        if model is None:
+            return None
+    return model
+
+
+def _suggestion(model: type[BaseModel], loc: tuple) -> str:
+    """'; did you mean X?' for an unsupported field that is another API's name for field X, or
+    close to the spelling of one; else ''."""
+    holder = _model_at(model, loc[:-1])
+    if holder is None or not isinstance(loc[-1], str):
+        return ""
+    known = list(holder.model_fields)
+    other = _OTHER_NAMES.get(loc[-1])
+    close = [other] if other in known else difflib.get_close_matches(loc[-1], known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) -> Any:
     """Validates a JSON request body as ``model``.
 
@@ -65,7 +111,9 @@ def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) ->
     Raises:
         ApiError: 400 for malformed JSON (with the position), a body that is not a JSON object,
             a field given both in the query string and the body, or fields that fail
-            validation (each named with its reason).
+            validation (each named with its reason; an unsupported field with the supported
+            one it likely means, e.g. ``max_tokens`` -> ``max_new_tokens`` in SageMaker's
+            ``parameters``).
     """
     try:
         data = {} if query is not None and not raw.strip() else json.loads(raw)
@@ -85,7 +133,8 @@ def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) ->
         for err in e.errors():
             where = _where(err["loc"])
             first = first or where or None
-            msg = ("unsupported field" if err["type"] == "extra_forbidden"
+            msg = ("unsupported field" + _suggestion(model, err["loc"])
+                   if err["type"] == "extra_forbidden"
                    else err["msg"].removeprefix("Value error, "))
             problem = f"{where}: {msg}" if where else msg
             if problem not in problems:
@@ -148,6 +197,7 @@ class _OpenAIRequest(_Neutral):
     top_k: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The request's SamplingParams; ``max_tokens`` defaults to ``default_max_tokens``.
@@ -163,7 +213,35 @@ class _OpenAIRequest(_Neutral):
         return sampling_params(max_tokens=max_tokens, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                stop=[] if self.stop is None else self.stop,
-                               stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
+                               stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                               logprobs=self.sample_logprobs,
+                               prompt_logprobs=self.prompt_logprob_count)
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        """Top tokens per generated token (``SamplingParams.logprobs``), None for none."""
+        return None
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        """Top tokens per prompt token (``SamplingParams.prompt_logprobs``), None for none."""
+        return self.prompt_logprobs
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 naming the first field asking more top tokens than
+        ``limit`` (the engine's ``max_logprobs``)."""
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            k = getattr(self, name, None)
+            if isinstance(k, int) and not isinstance(k, bool) and k > limit:
+                raise ApiError(400, f"{name}={k} exceeds the largest number of log-probabilities "
+                               f"this server returns, {limit} (--max-logprobs)", param=name)
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The body's name for the output length it asked for (for messages)."""
+        if self.max_tokens is None and getattr(self, "max_completion_tokens", None) is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
 
     @property
     def include_usage(self) -> bool:
@@ -173,16 +251,31 @@ class _OpenAIRequest(_Neutral):
 
 class CompletionRequest(_OpenAIRequest):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or a list
-    of token-id lists (one choice per prompt)."""
+    of token-id lists (one choice per prompt). ``logprobs=k``: each generated token's
+    log-probability and the k most likely tokens'; ``echo``: the prompt before the text (and,
+    with ``logprobs``, its tokens' entries first, the first one null), as lm-evaluation-harness
+    scores continuations; ``prompt_logprobs=k`` (vLLM's): vLLM's per-prompt-token object in
+    each choice."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "echo": False,
-                                            "suffix": None, "best_of": None, "logprobs": None}
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "suffix": None,
+                                            "best_of": None}
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0)
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        """vLLM's: with ``echo``, the prompt's entries come with ``logprobs`` top tokens."""
+        asked = [k for k in (self.prompt_logprobs,
+                             self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per choice.
@@ -191,11 +284,17 @@ class CompletionRequest(_OpenAIRequest):
             ApiError: 400 for an empty list.
         """
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
+        if not self.listed:
             return [p]
         if not p:
             raise ApiError(400, "prompt is an empty list", param="prompt")
         return list(p)
+
+    @property
+    def listed(self) -> bool:
+        """Whether ``prompt`` is a list of prompts (not one string or one list of ids)."""
+        p = self.prompt
+        return not (isinstance(p, str) or (p and isinstance(p[0], int)))
 
 
 class TextPart(_Strict):
@@ -204,7 +303,9 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    """One chat message; the roles are OpenAI's (a chat template knows no others)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
@@ -218,16 +319,27 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_OpenAIRequest):
     """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template.
     ``max_tokens`` (or ``max_completion_tokens``) defaults to the room left in
-    ``max_model_len``."""
+    ``max_model_len``. ``logprobs: true`` returns each generated token's log-probability,
+    with the ``top_logprobs`` most likely tokens (which needs ``logprobs``, as OpenAI's)."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "tools": None,
-                                            "logprobs": False, "top_logprobs": None}
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "tools": None}
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
     tools: list[dict] | None = None
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 for ``top_logprobs`` without ``logprobs``, or as
+        :meth:`_OpenAIRequest.check_logprobs`."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        super().check_logprobs(limit)
 
 
 class RegisterAdapterRequest(_Neutral):
@@ -246,11 +358,13 @@ class RegisterAdapterRequest(_Neutral):
 
 class LoadAdapterRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's body); ``model`` names the base model, needed
-    when several are served."""
+    when several are served; ``load_inplace`` (vLLM's) replaces the weights of a name already
+    loaded, which is otherwise refused."""
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     model: str | None = None
+    load_inplace: bool = False
 
 
 class UnloadAdapterRequest(_Strict):
@@ -264,13 +378,14 @@ class InvocationParameters(_Neutral):
     """SageMaker LMI's ``parameters`` (its input/output schema's GenerationParameters). As in
     LMI (and HF ``generate``), decoding is greedy unless ``do_sample`` is true;
     ``temperature``, ``top_p`` and ``top_k`` apply only when sampling. ``details`` adds LMI's
-    ``details`` object to each result, ``return_full_text`` puts the input before the text.
+    ``details`` object to each result (each generated token's ``log_prob``; with
+    ``top_n_tokens`` also its most likely alternatives, with ``decoder_input_details`` the
+    input tokens' as ``prefill``), ``return_full_text`` puts the input before the text.
     ``stop_sequences`` (LMI's name) and ``stop`` both end the output. LMI's parameters that
     pagedlora does not implement are accepted only at their neutral value."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {"repetition_penalty": 1.0,
-                                            "decoder_input_details": False, "top_n_tokens": 0,
-                                            "n": 1, "best_of": 1, "num_beams": 1}
+    NEUTRAL: ClassVar[dict[str, object]] = {"repetition_penalty": 1.0, "n": 1, "best_of": 1,
+                                            "num_beams": 1}
 
     max_new_tokens: int = 30  # LMI's default
     do_sample: bool = False
@@ -286,7 +401,7 @@ class InvocationParameters(_Neutral):
     return_full_text: bool = False
     repetition_penalty: float = 1.0
     decoder_input_details: bool = False
-    top_n_tokens: int = 0
+    top_n_tokens: int = Field(default=0, ge=0)
     n: int = 1
     best_of: int = 1
     num_beams: int = 1
@@ -305,7 +420,17 @@ class InvocationParameters(_Neutral):
                                top_p=self.top_p if sample else 1.0,
                                top_k=self.top_k if sample else 0, seed=self.seed,
                                stop=self.stop_strings, stop_token_ids=self.stop_token_ids,
-                               ignore_eos=self.ignore_eos_token)
+                               ignore_eos=self.ignore_eos_token,
+                               logprobs=self.top_n_tokens if self.details else None,
+                               prompt_logprobs=0 if self.details and self.decoder_input_details
+                               else None)
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 when ``top_n_tokens`` exceeds ``limit`` (``max_logprobs``)."""
+        if self.top_n_tokens > limit:
+            raise ApiError(400, f"parameters.top_n_tokens={self.top_n_tokens} exceeds the "
+                           f"largest number of log-probabilities this server returns, {limit} "
+                           f"(--max-logprobs)", param="parameters.top_n_tokens")
 
 
 class InvocationRequest(_Strict):

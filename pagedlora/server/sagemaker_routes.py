@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedlora.detokenizer import Detokenizer
 from pagedlora.outputs import RequestOutput
+from pagedlora.server.logprobs import TokenTexts, lmi_token
+from pagedlora.server.prompts import PromptTokens
 from pagedlora.server.protocol import ApiError, InvocationParameters, InvocationRequest
 from pagedlora.server.registry import ModelRegistry
 from pagedlora.server.state import ServerState, client_gone
@@ -39,14 +41,17 @@ async def invocations(request: Request) -> Response:
     400. The base model: the one the ``X-Amzn-SageMaker-Inference-Component`` header or the
     ``model`` field names; the only one served (the header then names this container's
     component); or the one all the named adapters belong to. Each adapter must belong to that
-    base model (400 otherwise; 404 for an unknown one).
+    base model (400 otherwise; 404 for an unknown one). An unknown adapter is a 404 naming
+    the ``adapters`` field. Each input's tokens plus ``max_new_tokens`` must fit in
+    ``max_model_len`` (400 naming both numbers otherwise).
     """
     state = ServerState.of(request)
     body = await state.body(request, InvocationRequest)
     inputs, adapters = body.prompts_and_adapters()
     adapters = _header_adapters(request, body, adapters)
     registry = state.registry
-    owners = {a: registry.resolve(a)[0].name for a in dict.fromkeys(adapters) if a is not None}
+    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(adapters)
+              if a is not None}
     base = _base_model(request, body, registry, owners, adapters)
     wrong = {a: b for a, b in owners.items() if b != base}
     if wrong:
@@ -54,7 +59,12 @@ async def invocations(request: Request) -> Response:
                        f"model {base!r}", param="adapters")
     params = body.parameters
     loop = registry.loops[base]
-    gen = await state.open(loop, inputs, adapters, params.to_sampling_params())
+    params.check_logprobs(loop.engine.config.max_logprobs)
+    sampling = params.to_sampling_params()
+    tokens = await PromptTokens.of(loop.engine, base, "inputs", inputs,
+                                   not isinstance(body.inputs, str))
+    tokens.check_room(sampling.max_tokens, "parameters.max_new_tokens")
+    gen = await state.open(loop, tokens.ids, adapters, sampling, adapter_field="adapters")
     outs = await state.outputs(request, gen)
     if outs is None:
         return client_gone()
@@ -86,14 +96,33 @@ def lmi_result(out: RequestOutput, prompt: str, params: InvocationParameters,
     """LMI's result object for one input: ``generated_text`` (after the input with
     ``return_full_text``) and, with ``details``, ``details``: ``finish_reason`` ("length",
     "eos_token", "stop_sequence" or "abort"), ``generated_tokens``, ``inputs`` and ``tokens``
-    (``id``, ``text``, ``log_prob``, and ``special_token`` for special tokens). pagedlora does
-    not compute log probabilities yet: ``log_prob`` is null."""
+    (``id``, ``text``, ``log_prob``: the token's log-probability under the adapter, and
+    ``special_token`` for special tokens); with ``top_n_tokens``, ``top_tokens`` (per token,
+    the most likely ones, each ``{"id", "text", "log_prob"}``); with
+    ``decoder_input_details``, ``prefill`` (the input tokens, the first one's ``log_prob``
+    null)."""
     text = prompt + out.text if params.return_full_text else out.text
     result: dict = {"generated_text": text}
     if params.details:
-        result["details"] = {"finish_reason": _finish_reason(out, params, tokenizer),
-                             "generated_tokens": len(out.token_ids), "inputs": prompt,
-                             "tokens": _tokens(out.token_ids, tokenizer)}
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        logprobs = out.logprobs or [None] * len(out.token_ids)
+        details = {"finish_reason": _finish_reason(out, params, tokenizer),
+                   "generated_tokens": len(out.token_ids), "inputs": prompt,
+                   "tokens": [lmi_token(t, None if e is None else e.logprob, text, special)
+                              for t, e, text in zip(out.token_ids, logprobs,
+                                                    _texts(out.token_ids, tokenizer),
+                                                    strict=True)]}
+        if params.top_n_tokens:
+            texts = TokenTexts(tokenizer)
+            details["top_tokens"] = [[lmi_token(t, lp, texts(t), special) for t, lp in e.top]
+                                     for e in out.logprobs]
+        if params.decoder_input_details and out.prompt_logprobs is not None:
+            ids = out.prompt_token_ids
+            details["prefill"] = [
+                lmi_token(t, None if e is None else e.logprob, text, special)
+                for t, e, text in zip(ids, out.prompt_logprobs, _texts(ids, tokenizer),
+                                      strict=True)]
+        result["details"] = details
     return result
 
 
@@ -145,18 +174,14 @@ def _finish_reason(out: RequestOutput, params: InvocationParameters, tokenizer) 
     return "stop_sequence" if by_sequence else "eos_token"
 
 
-def _tokens(token_ids: list[int], tokenizer) -> list[dict]:
-    """One ``{"id", "text", "log_prob"}`` per token; the texts, decoded incrementally, add up
-    to the decoded output (a token that ends inside a UTF-8 character has text "" and the
-    next one carries the character)."""
+def _texts(token_ids: list[int], tokenizer) -> list[str]:
+    """Each token's text, decoded incrementally, so that they add up to the decoded text (a
+    token that ends inside a UTF-8 character has text "" and the next one carries the
+    character)."""
     detok = Detokenizer(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    tokens = []
+    texts = []
     for token in token_ids:
         before = len(detok.text)
         detok.push(token)
-        item = {"id": token, "text": detok.text[before:], "log_prob": None}
-        if token in special:
-            item["special_token"] = True
-        tokens.append(item)
-    return tokens
+        texts.append(detok.text[before:])
+    return texts
