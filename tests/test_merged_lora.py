@@ -144,6 +144,9 @@ def test_policy_credit_pauses_on_mixed_steps_and_never_merges_base_or_mixes():
     assert [p.decide(k) for k in [["y"]] * 3 + [["x"], [None, None], ["x"], [None], ["x"]]] == [
         None, None, "y", None, None, None, None, "x"]
     assert MergePolicy("auto", merge_after_steps=0).decide(["z", "z"]) == "z"
+    p = MergePolicy("auto", merge_after_steps=0)
+    assert p.decide(["v"], mergeable=lambda key: key != "v") is None
+    assert p.stats.merges == 0 and p.decide(["z"], mergeable=lambda key: key != "v") == "z"
     never = MergePolicy()
     assert never.policy == "never"
     assert [never.decide(["x"]) for _ in range(50)] == [None] * 50
