@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import SCENARIOS, prepare  # noqa: E402
+from throughput import SCENARIOS, prepare, request_adapters  # noqa: E402
 
 MODES = ("unmerged", "merged", "base")
 
@@ -43,7 +43,7 @@ def run_mode(engine, job, mode: str) -> dict:
 
     engine.core.drop_merged()
     engine.core.merging = MergePolicy("auto" if mode == "merged" else "never")
-    names = [None if mode == "base" or a is None else f"a{a}" for a in job.adapters]
+    names = [None] * len(job.prompts) if mode == "base" else request_adapters(job)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
               for n in job.output_lens]
     before, steps_before = engine.stats()["merge"], engine.stats()["num_steps"]
@@ -71,7 +71,7 @@ def run_scenario(args, name: str) -> None:
     for i, path in enumerate(job.adapter_paths):
         engine.add_adapter(f"a{i}", path)
     warm = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    engine.generate(job.prompts[:2], [f"a{a}" for a in job.adapters[:2]], warm, progress=False)
+    engine.generate(job.prompts[:2], request_adapters(job)[:2], warm, progress=False)
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.rounds):
         for mode in MODES[r % 3:] + MODES[: r % 3]:  # rotate, so no mode always runs first

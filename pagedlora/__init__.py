@@ -11,6 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterMix": "pagedlora.adapter_mix",
+    "AdapterMixError": "pagedlora.errors",
     "Engine": "pagedlora.engine",
     "EngineConfig": "pagedlora.config",
     "SamplingParams": "pagedlora.sampling_params",

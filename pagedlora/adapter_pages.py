@@ -8,17 +8,25 @@ from dataclasses import dataclass
 import torch
 
 from pagedlora.kernels.lora import PagedRows
-from pagedlora.lora_adapter import LORA_MODULES, TARGET_MODULES, AdapterWeights, LoraAdapter
+from pagedlora.lora_adapter import (
+    LORA_MODULES,
+    TARGET_MODULES,
+    AdapterWeights,
+    LoraAdapter,
+    ModuleWeights,
+)
 from pagedlora.pool import UnifiedPool, row_pieces, rows_per_page
 
 
 @dataclass(frozen=True)
 class ResidentModule:
-    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale."""
+    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale, and for DoRA the row
+    of its output scale (``out_features`` wide, packed with the lora_B^T rows)."""
 
     a: PagedRows
     b: PagedRows
     scale: float
+    dora: PagedRows | None = None
 
 
 @dataclass(frozen=True)
@@ -45,15 +53,16 @@ class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
     For each layer, the rank rows of every target module are grouped by row width
-    (``in_features`` for lora_A, ``out_features`` for lora_B^T) and packed into pages of that
-    width, so an adapter of rank r takes pages in proportion to r, with no padding to
-    max_lora_rank, and a decoder projection's row never straddles two pages (kernels read
-    those rows in place). The vocabulary modules (``embed_tokens``, ``lm_head``; "layer"
-    ``VOCAB_LAYER``) have rows of ``vocab_size`` elements (the embedding's lora_A, lm_head's
-    lora_B^T), often wider than a page: such a row is split into page-wide pieces, one page
-    each (the last one's tail unused), and read back out of the pool whole
-    (:meth:`UnifiedPool.read_rows`). The allocator may charge more (``adapter_footprint``: a
-    whole max-rank slot in the static layout); the rows then fill the first pages it hands out.
+    (``in_features`` for lora_A, ``out_features`` for lora_B^T and a DoRA module's output
+    scale, one row) and packed into pages of that width, so an adapter of rank r takes pages
+    in proportion to r, with no padding to max_lora_rank, and a decoder projection's row never
+    straddles two pages (kernels read those rows in place). The vocabulary modules
+    (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
+    elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
+    is split into page-wide pieces, one page each (the last one's tail unused), and read back
+    out of the pool whole (:meth:`UnifiedPool.read_rows`). The allocator may charge more
+    (``adapter_footprint``: a whole max-rank slot in the static layout); the rows then fill
+    the first pages it hands out.
 
     Args:
         pool: the unified pool.
@@ -99,7 +108,7 @@ class AdapterPacker:
             rpp = self.pool.rows_per_page(stored)
             group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
             next_page += num_pages
-            tensors = [getattr(weights[(layer, module)], "a" if which == "a" else "b_t")
+            tensors = [_row_tensor(weights[(layer, module)], which)
                        for module, which, _ in rows]
             data = torch.cat(tensors).to(device)  # [num_rows, width]
             if pieces > 1:  # [num_rows * pieces, stored]
@@ -118,30 +127,39 @@ class AdapterPacker:
                 placed.setdefault((layer, module), {})[which] = PagedRows(
                     pages=group_pages[idx // rpp], slots=idx % rpp)
                 row += rank
-        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
+        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
+                                      dora=p.get("m"))
                    for lm, p in placed.items()}
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
                                modules=modules)
 
     def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
-        return _groups(ranks, self.module_shapes, self.pool.page_numel)
+        dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
+        return _groups(ranks, self.module_shapes, self.pool.page_numel, dora)
+
+
+def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:
+    """The rows of kind ``which`` ("a", "b" or "m", DoRA's output scale as one row)."""
+    return w.a if which == "a" else w.b_t if which == "b" else w.dora.unsqueeze(0)
 
 
 def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
                  page_numel: int) -> int:
     """Pages that LoRA rows of ``ranks`` (``(layer, module) -> rank``) take when packed as
     :class:`AdapterPacker` packs them, before any padding the allocator adds; e.g. max_lora_rank
-    on every module of every layer sizes a static layout's adapter slot. Rows wider than a page
-    are split (see :class:`AdapterPacker`).
+    on every module of every layer sizes a static layout's adapter slot (a DoRA adapter takes
+    one more row per module). Rows wider than a page are split (see :class:`AdapterPacker`).
     """
     return sum(n for *_, n in _groups(ranks, module_shapes, page_numel))
 
 
 def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
-            page_numel: int) -> Iterator[tuple[int, int, list, int]]:
-    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
-    fixed order (by module, then A before B^T)."""
+            page_numel: int, dora: frozenset | set = frozenset()
+            ) -> Iterator[tuple[int, int, list, int]]:
+    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b"|"m", rank)`` in
+    a fixed order (by module, then A before B^T before a DoRA module's one scale row, for the
+    ``(layer, module)`` in ``dora``)."""
     for layer in sorted({layer for layer, _ in ranks}):
         by_width: dict[int, list] = {}
         for module in LORA_MODULES:
@@ -151,6 +169,8 @@ def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple
             in_f, out_f = module_shapes[module]
             by_width.setdefault(in_f, []).append((module, "a", rank))
             by_width.setdefault(out_f, []).append((module, "b", rank))
+            if (layer, module) in dora:
+                by_width[out_f].append((module, "m", 1))
         for width, rows in sorted(by_width.items()):
             pieces, stored = row_pieces(page_numel, width)
             num_rows = sum(r for *_, r in rows) * pieces

@@ -79,7 +79,8 @@ class EngineConfig:
             may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
         merge_policy: "never" (the default): every step adds each sequence's LoRA to the base
             model's output (unmerged: any mix of adapters per step). "auto": a step whose
-            requests all use one adapter (no base request) runs on that adapter's weights merged
+            requests all use one adapter at weight 1 (no base request, mix or scaled
+            adapter; DoRA adapters included) runs on that adapter's weights merged
             into copies of the base weights, at the base model's speed, once the adapter has run
             a few such steps unmerged (dLoRA's dynamic merge, Wu et al. OSDI 2024); the next
             step with another adapter or a base request runs unmerged again. The merged copies

@@ -267,7 +267,8 @@ class EngineCore:
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
-            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers))
+            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers),
+            base_weight=m.base_weight)
         scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
                               allocator=pool.allocator, adapters=adapters)
         runner = ModelRunner(m, pool, sampler or Sampler(device))
@@ -340,8 +341,7 @@ class EngineCore:
         """The accounting now, composed of each part's own."""
         with self._lock:
             queued = len(self._new)
-            queued_adapters = dict(Counter(r.adapter_key for r in self._new
-                                           if r.adapter_key is not None))
+            queued_adapters = dict(Counter(k for r in self._new for k in r.adapter_keys))
         scheduler = self.scheduler.stats()
         keys = {*scheduler.running_adapters, *scheduler.waiting_adapters, *queued_adapters}
         return EngineStats(

@@ -30,3 +30,9 @@ class SourceError(OSError):
     """A model or adapter source that cannot be had as given: a missing path, bucket, key or
     cached model id, an unreachable or refusing S3 endpoint, a download that fails its size or
     integrity check, an unreadable or unsafe archive. The message names the URL or path."""
+
+
+class AdapterMixError(ValueError):
+    """An :class:`~pagedlora.AdapterMix` that cannot be served: empty, a weight that is not a
+    finite number, more adapters than ``AdapterMix.MAX_ADAPTERS``, or a DoRA adapter scaled or
+    combined with others. The message names the mix and the offending adapter or weight."""

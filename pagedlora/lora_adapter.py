@@ -1,10 +1,12 @@
-"""LoraAdapter: a PEFT LoRA directory read, validated against the base model, and hashed."""
+"""LoraAdapter: a PEFT LoRA (or DoRA) directory read, validated against the base model, and
+hashed."""
 
 from __future__ import annotations
 
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +26,10 @@ LORA_MODULES = TARGET_MODULES + VOCAB_MODULES
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 # PEFT saves "base_model.model." + the module path in the base model + ".lora_A.weight"
-# (".lora_embedding_A" for an embedding).
+# (".lora_B.weight"; DoRA adds ".lora_magnitude_vector", older PEFT with ".weight"; and
+# ".lora_embedding_A" for an embedding).
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
-                  r"\.lora_([AB])\.weight$")
+                  r"\.(?:lora_([AB])\.weight|lora_magnitude_(vector)(?:\.weight)?)$")
 _VOCAB_KEY = re.compile(r"^base_model\.model\.(?:model\.(embed_tokens)\.lora_embedding_([AB])"
                         r"|(lm_head)\.lora_([AB])\.weight)$")
 # PEFT (save_embedding_layers="auto") also saves the base model's own embedding and output
@@ -45,8 +48,12 @@ _FORWARD_CHANGING_OPTIONS = (
 _PEFT_DEFAULT_ALPHA = 8  # LoraConfig().lora_alpha, used when a config omits lora_alpha
 
 __all__ = ["LORA_MODULES", "TARGET_MODULES", "VOCAB_LAYER", "VOCAB_MODULES", "AdapterError",
-           "AdapterWeights", "BaseVocab", "LoraAdapter", "ModuleSpec", "ModuleWeights",
-           "UnsupportedAdapterError", "content_key", "read_lora_adapter"]
+           "AdapterWeights", "BaseVocab", "BaseWeight", "LoraAdapter", "ModuleSpec",
+           "ModuleWeights", "UnsupportedAdapterError", "content_key", "read_lora_adapter"]
+
+BaseWeight = Callable[[int, str], torch.Tensor]
+"""``(layer, module) -> [out_features, in_features]``: a base projection's weight (DoRA's weight
+norm needs it)."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,12 @@ class ModuleSpec:
     Attributes:
         rank: r, the number of rank rows of lora_A and of lora_B^T.
         scale: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA, Kalajdzievski 2023).
+        dora: whether the module is DoRA (weight-decomposed: a magnitude rescales the output).
     """
 
     rank: int
     scale: float
+    dora: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,10 +96,18 @@ class ModuleWeights:
     Attributes:
         a: ``[r, in_features]``, lora_A.
         b_t: ``[r, out_features]``, lora_B transposed so that both are stored as rank rows.
+        dora: for a DoRA module, ``[out_features]`` ``m / ||W + scale * B A||`` (see
+            :func:`dora_scale`), applied to the output; None for plain LoRA.
     """
 
     a: torch.Tensor
     b_t: torch.Tensor
+    dora: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors."""
+        return self.a.nbytes + self.b_t.nbytes + (0 if self.dora is None else self.dora.nbytes)
 
 
 AdapterWeights = dict[tuple[int, str], ModuleWeights]
@@ -105,9 +122,9 @@ class LoraAdapter:
         name: the name it was added under.
         path: its PEFT directory (the source the weights are re-read from).
         key: xxhash (XXH3-128, hex) of its content (module names, scales, dtype, shapes and
-            weights in the engine's dtype): the identity that pages and caches are keyed by, so
-            re-adding a name with new weights never reuses stale state and two names with the
-            same weights share it.
+            weights in the engine's dtype, DoRA's output scales): the identity that pages and
+            caches are keyed by, so re-adding a name with new weights never reuses stale state
+            and two names with the same weights share it.
         modules: ``(layer, module) -> ModuleSpec``.
         num_bytes: bytes of its weights in host memory (engine dtype).
     """
@@ -124,6 +141,11 @@ class LoraAdapter:
         return max(m.rank for m in self.modules.values())
 
     @property
+    def is_dora(self) -> bool:
+        """Whether it is a DoRA adapter (``use_dora``)."""
+        return any(m.dora for m in self.modules.values())
+
+    @property
     def target_modules(self) -> list[str]:
         """Modules the adapter targets (in at least one layer), in LORA_MODULES order."""
         return [t for t in LORA_MODULES if any(m == t for _, m in self.modules)]
@@ -131,9 +153,14 @@ class LoraAdapter:
 
 def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
                       module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
-                      dtype: torch.dtype, base_vocab: BaseVocab | None = None
+                      dtype: torch.dtype, base_vocab: BaseVocab | None = None,
+                      base_weight: BaseWeight | None = None
                       ) -> tuple[LoraAdapter, AdapterWeights]:
-    """Reads, validates and hashes a PEFT LoRA directory.
+    """Reads, validates and hashes a PEFT LoRA directory (plain LoRA or DoRA).
+
+    A DoRA adapter (``use_dora``; Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+    Adaptation") gets, per module, the output scale ``m / ||W + scale * B A||`` computed here
+    once from the base weight (:func:`dora_scale`), stored and hashed with its A and B.
 
     Every check runs here, on every read (registration reads once to hash, a reload from the
     source reads again), so an adapter that registered is one that loads.
@@ -162,6 +189,7 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
         dtype: dtype the weights are converted to (and hashed in).
         base_vocab: the base model's vocabulary weights (checks of saved copies, weight tying);
             None refuses adapters that need them.
+        base_weight: the base projections' weights; needed for DoRA adapters only.
     Returns:
         ``(adapter, weights)``; vocabulary modules are keyed ``(VOCAB_LAYER, module)``.
     Raises:
@@ -172,11 +200,13 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
             ``max_lora_rank``, a weight dtype other than float16/bfloat16/float32/float64,
             NaN/Inf weights (also after conversion to ``dtype``), no LoRA module at all,
             saved base embedding or output weights that differ from the base model's, lm_head
-            weights that contradict ``ensure_weight_tying``.
-        UnsupportedAdapterError: use_dora, bias other than "none", modules_to_save,
-            fan_in_fan_out, lora_bias, and the options that change the forward pass (aLoRA,
-            QA-LoRA, layer_replication, BD-LoRA, Arrow, KaSA, VeLoRA, MonteCLoRA,
-            trainable_token_indices, target_parameters); a vocabulary LoRA without
+            weights that contradict ``ensure_weight_tying``; for DoRA a module without its
+            magnitude vector or with one of another shape, a zero weight norm; a magnitude
+            vector without ``use_dora``.
+        UnsupportedAdapterError: bias other than "none", modules_to_save, fan_in_fan_out,
+            lora_bias, DoRA on embed_tokens or lm_head, and the options that change the
+            forward pass (aLoRA, QA-LoRA, layer_replication, BD-LoRA, Arrow, KaSA, VeLoRA,
+            MonteCLoRA, trainable_token_indices, target_parameters); a vocabulary LoRA without
             ``module_shapes`` or ``base_vocab`` for it.
     """
     path = Path(path)
@@ -188,7 +218,7 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
         if match is None:
             _vocab_weight(name, key, tensor, pairs, module_shapes, base_vocab)
             continue
-        layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+        layer, parent, module = int(match[1]), match[2], match[3]
         if module not in module_shapes or _PARENT.get(module) != parent:
             raise AdapterError(f"adapter {name!r}: target module {parent}.{module} of layer "
                                f"{layer} is not in the model (it has "
@@ -196,17 +226,31 @@ def read_lora_adapter(name: str, path: str | Path, *, num_layers: int,
         if layer >= num_layers:
             raise AdapterError(f"adapter {name!r}: layer {layer} ({module}) is beyond the "
                                f"model's {num_layers} layers")
-        pairs.setdefault((layer, module), {})[which] = tensor
+        pairs.setdefault((layer, module), {})[match[4] or "m"] = tensor
     if not pairs:
         raise AdapterError(f"adapter {name!r}: no LoRA weights in {path}")
+    use_dora = bool(config.get("use_dora"))
+    if use_dora and base_weight is None:
+        raise ValueError(f"adapter {name!r} is a DoRA adapter: base_weight is needed")
     specs, weights = {}, {}
     for (layer, module), pair in sorted(pairs.items()):
-        specs[(layer, module)], weights[(layer, module)] = _module_weights(
-            name, config, layer, module, pair, module_shapes[module], max_lora_rank, dtype)
+        where = _where(name, layer, module)
+        magnitude = pair.pop("m", None)
+        if (magnitude is None) == use_dora:
+            raise AdapterError(f"{where}: lora_magnitude_vector without use_dora=True" if
+                               magnitude is not None else f"{where}: use_dora=True but no "
+                               f"lora_magnitude_vector")
+        spec, w = _module_weights(name, config, layer, module, pair, module_shapes[module],
+                                  max_lora_rank, dtype)
+        if use_dora:
+            spec = ModuleSpec(spec.rank, spec.scale, dora=True)
+            w = ModuleWeights(w.a, w.b_t, _dora_module(where, magnitude, w, spec.scale,
+                                                       base_weight(layer, module), dtype))
+        specs[(layer, module)], weights[(layer, module)] = spec, w
     if config.get("ensure_weight_tying") and base_vocab is not None and base_vocab.tied:
         _tie_lm_head(name, config, specs, weights)
     _check_finite(name, weights, dtype)
-    num_bytes = sum(w.a.nbytes + w.b_t.nbytes for w in weights.values())
+    num_bytes = sum(w.nbytes for w in weights.values())
     adapter = LoraAdapter(name=name, path=path, key=content_key(specs, weights), modules=specs,
                           num_bytes=num_bytes)
     return adapter, weights
@@ -226,8 +270,6 @@ def _read_config(name: str, path: Path) -> dict:
     if peft_type != "LORA":
         raise AdapterError(f"adapter {name!r}: peft_type is {peft_type!r}, only LORA is served")
     unsupported = []
-    if config.get("use_dora"):
-        unsupported.append("use_dora=True (DoRA)")
     if config.get("bias", "none") != "none":
         unsupported.append(f"bias={config['bias']!r}")
     if config.get("modules_to_save"):
@@ -245,6 +287,10 @@ def _read_config(name: str, path: Path) -> dict:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterError(f"adapter {name!r}: {config_path} has target_modules="
                            f"{config.get('target_modules')!r}, expected a string or strings")
+    vocab_targets = [t for t in targets if any(v in t for v in VOCAB_MODULES)]
+    if config.get("use_dora") and vocab_targets:
+        unsupported.append(f"target_modules {vocab_targets} (DoRA on embed_tokens or "
+                           f"lm_head)")
     for option in ("r", "lora_alpha"):
         value = config.get(option, 1)
         if not _positive_number(value):
@@ -427,24 +473,68 @@ def _check_finite(name: str, weights: AdapterWeights, dtype: torch.dtype) -> Non
     NaN or Inf; finite float32 values cannot overflow a float64 sum). One sum per tensor, not
     over one concatenation: small reductions run on one thread, and a parallel one on a busy
     CPU cost 7 ms per 2 MB adapter (isfinite per tensor cost ~7 ms too; this ~1 ms)."""
+    def tensors(w: ModuleWeights) -> tuple[torch.Tensor, ...]:
+        return (w.a, w.b_t) if w.dora is None else (w.a, w.b_t, w.dora)
     sums = torch.stack([t.sum(dtype=torch.float64) for w in weights.values()
-                        for t in (w.a, w.b_t)])
+                        for t in tensors(w)])
     if torch.isfinite(sums.sum()):
         return
     for (layer, module), w in weights.items():
-        if not (torch.isfinite(w.a).all() and torch.isfinite(w.b_t).all()):
+        if not all(torch.isfinite(t).all() for t in tensors(w)):
             raise AdapterError(f"{_where(name, layer, module)}: weights contain NaN or Inf "
                                f"(in {dtype})")
 
 
 def content_key(modules: dict[tuple[int, str], ModuleSpec], weights: AdapterWeights) -> str:
     """XXH3-128 (hex) of an adapter's content: per module in sorted order, its name, scale,
-    dtype and shape, then the bytes of lora_A and lora_B^T. Hashes the tensors' memory in place
-    (the buffer protocol), without copies."""
+    dtype and shape, then the bytes of lora_A and lora_B^T (and for DoRA a marker and the bytes
+    of its output scale). Hashes the tensors' memory in place (the buffer protocol), without
+    copies."""
     h = xxhash.xxh3_128()
     for (layer, module), spec in sorted(modules.items()):
         w = weights[(layer, module)]
         h.update(f"{layer}.{module}:{spec.scale!r}:{w.a.dtype}:{tuple(w.a.shape)}".encode())
         h.update(w.a.contiguous().view(torch.uint8).numpy())
         h.update(w.b_t.contiguous().view(torch.uint8).numpy())
+        if spec.dora:
+            h.update(b":dora:")
+            h.update(w.dora.contiguous().view(torch.uint8).numpy())
     return h.hexdigest()
+
+
+def dora_scale(magnitude: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, scale: float,
+               base: torch.Tensor) -> torch.Tensor:
+    """DoRA's output scale of one projection: ``m / ||W + scale * B A||`` with the norm of each
+    output row (``dim=1`` of the ``[out, in]`` weight: PEFT's "column-wise" norm in its
+    transposed convention), as PEFT's ``DoraLinearLayer.get_weight_norm`` computes it; the norm
+    is a constant (detached, DoRA section 4.3), so it is computed once. The forward is then
+    ``y = g * (W x + scale * B A x) + bias`` for ``g`` this scale (PEFT's
+    ``(g - 1) * (base - bias) + g * scale * lora`` added to ``base``).
+
+    Args:
+        magnitude: ``[out]`` DoRA's magnitude vector m.
+        a: ``[r, in]`` lora_A. b_t: ``[r, out]`` lora_B^T.
+        scale: the module's LoRA scaling.
+        base: ``[out, in]`` the base projection's weight.
+    Returns:
+        ``[out]`` float32, on ``magnitude``'s device; computed in float32 on ``base``'s device.
+    """
+    device = base.device
+    weight = base.float() + scale * (b_t.to(device).float().t() @ a.to(device).float())
+    norm = torch.linalg.norm(weight, dim=1)
+    return (magnitude.to(device).float() / norm).to(magnitude.device)
+
+
+def _dora_module(where: str, magnitude: torch.Tensor, w: ModuleWeights, scale: float,
+                 base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The module's DoRA output scale in ``dtype``, ``[out_features]``; AdapterError for a
+    magnitude vector of the wrong shape or dtype, a zero weight norm."""
+    out_f = w.b_t.shape[1]
+    if magnitude.shape != (out_f,) or magnitude.dtype not in _WEIGHT_DTYPES:
+        raise AdapterError(f"{where}: lora_magnitude_vector is {tuple(magnitude.shape)} "
+                           f"{magnitude.dtype}; expected ({out_f},) of a float dtype")
+    g = dora_scale(magnitude, w.a, w.b_t, scale, base)
+    if not torch.isfinite(g).all():
+        raise AdapterError(f"{where}: DoRA's weight norm ||W + scale * B A|| is 0 or the "
+                           f"magnitude not finite")
+    return g.to(dtype).contiguous()

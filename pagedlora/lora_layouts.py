@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from pagedlora.adapter_pages import ResidentAdapter, ResidentModule
-from pagedlora.kernels.lora import BGMV_MIN_ADAPTERS, DENSE_MAX_TOKENS, LoraBatch, PagedRows
+from pagedlora.kernels.lora import (
+    BGMV_MIN_ADAPTERS,
+    DENSE_MAX_TOKENS,
+    DoraScales,
+    LoraBatch,
+    PagedRows,
+    TokenRange,
+)
 from pagedlora.lora_adapter import VOCAB_MODULES
 from pagedlora.pool import UnifiedPool
 
@@ -28,27 +35,61 @@ class ModuleRows:
             owns rows ``[col_start, col_end)``.
         pieces: per such adapter, its rows read out of the pool, or None (kernels that read
             pages in place).
+        dora: the set's DoRA adapters among them, by index (empty when none).
+        dora_rows: the page table of their scale rows, in ``dora`` order (None when none).
+        dora_pieces: ``[len(dora), out_features]`` their scale rows read out of the pool, or
+            None (no DoRA adapter, or kernels that read pages in place).
     """
 
     a: PagedRows
     b: PagedRows
     cols: tuple[tuple[int, int, int, float], ...]
     pieces: tuple[Rows, ...] | None
+    dora: tuple[int, ...] = ()
+    dora_rows: PagedRows | None = None
+    dora_pieces: torch.Tensor | None = None
 
     @classmethod
     def build(cls, modules: Sequence[tuple[int, ResidentModule]],
-              pieces: Sequence[Rows] | None) -> ModuleRows:
-        """From ``(adapter index, its module)`` pairs in order (and their read-out rows)."""
+              pieces: Sequence[Rows] | None,
+              read_scale: Callable[[PagedRows], torch.Tensor] | None = None) -> ModuleRows:
+        """From ``(adapter index, its module)`` pairs in order (and their read-out rows;
+        ``read_scale`` reads a DoRA scale row out of the pool, None: not read)."""
         cols, start = [], 0
         for i, m in modules:
             rank = m.a.pages.shape[0]
             cols.append((i, start, start + rank, m.scale))
             start += rank
+        scaled = [(i, m.dora) for i, m in modules if m.dora is not None]
+        dora_rows = dora_pieces = None
+        if scaled:
+            dora_rows = PagedRows(torch.cat([r.pages for _, r in scaled]),
+                                  torch.cat([r.slots for _, r in scaled]))
+            if read_scale is not None:
+                dora_pieces = read_scale(dora_rows)
         return cls(PagedRows(torch.cat([m.a.pages for _, m in modules]),
                              torch.cat([m.a.slots for _, m in modules])),
                    PagedRows(torch.cat([m.b.pages for _, m in modules]),
                              torch.cat([m.b.slots for _, m in modules])),
-                   tuple(cols), None if pieces is None else tuple(pieces))
+                   tuple(cols), None if pieces is None else tuple(pieces),
+                   tuple(i for i, _ in scaled), dora_rows, dora_pieces)
+
+    def dora_scales(self, uses: Sequence[Sequence[TokenRange]]) -> DoraScales | None:
+        """The step's DoRA rescaling of this module (None without DoRA adapters).
+
+        Raises:
+            ValueError: a DoRA adapter's tokens at a weight other than 1 (DoRA is not scaled
+                nor mixed; ``AdapterMix.resolve`` refuses it).
+        """
+        if not self.dora:
+            return None
+        ranges = []
+        for k, i in enumerate(self.dora):
+            for start, end, w in uses[i]:
+                if w != 1.0:
+                    raise ValueError(f"DoRA adapter {i} of the step has tokens at weight {w}")
+                ranges.append((start, end, k))
+        return DoraScales(tuple(ranges), self.dora_rows, self.dora_pieces)
 
     def concatenated(self) -> Rows:
         """``(a [R, in], b [R, out])`` in column order (the dense form)."""
@@ -104,17 +145,20 @@ class LoraLayouts:
         self._forms: dict[LayerModule, tuple[str, Rows]] = {}  # one layout per module
         self._pieces: dict[int, dict[LayerModule, Rows]] = {}  # placement id -> read-out rows
 
-    def batches(self, placements: Sequence[ResidentAdapter], ranges: Sequence[tuple[int, int]],
-                num_tokens: int, *, logit_ranges: Sequence[tuple[int, int]] = (),
-                num_logits: int = 0) -> dict[LayerModule, LoraBatch]:
+    def batches(self, placements: Sequence[ResidentAdapter],
+                uses: Sequence[Sequence[TokenRange]], num_tokens: int, *,
+                logit_uses: Sequence[Sequence[TokenRange]] = (), num_logits: int = 0
+                ) -> dict[LayerModule, LoraBatch]:
         """One LoraBatch per (layer, module) that any of the adapters targets.
 
         Args:
-            placements: the step's adapters, one per segment, in segment order.
-            ranges: each segment's tokens ``(start, end)``, same order.
+            placements: the step's adapters (distinct), in a fixed order (the layouts are
+                kept while the same placements repeat in the same order).
+            uses: per adapter, same order, its tokens and their weights (a token of a mix is
+                in the ranges of each of its adapters).
             num_tokens: tokens in the step.
-            logit_ranges: each segment's rows of the step's logits ``(start, end)``, same
-                order (an lm_head LoRA applies there).
+            logit_uses: per adapter, same order, its rows of the step's logits and their
+                weights (an lm_head LoRA applies there).
             num_logits: rows of the step's logits (0: no lm_head batch).
         """
         if not placements:
@@ -130,7 +174,7 @@ class LoraLayouts:
             on_logits = module == "lm_head"
             if on_logits and not num_logits:
                 continue
-            spans, n = (logit_ranges, num_logits) if on_logits else (ranges, num_tokens)
+            spans, n = (logit_uses, num_logits) if on_logits else (uses, num_tokens)
             if (rows.cols, on_logits) not in scales:
                 scales[(rows.cols, on_logits)] = LoraBatch.token_scales(
                     rows.cols, spans, n, dtype=dtype, device=device)
@@ -143,7 +187,8 @@ class LoraLayouts:
                 gathered = self._form(layer_module, rows, "concatenated")
             batches[layer_module] = LoraBatch.build(rows.a, rows.b, rows.cols, spans,
                                                     scales[(rows.cols, on_logits)],
-                                                    gathered=gathered, stacked=stacked)
+                                                    gathered=gathered, stacked=stacked,
+                                                    dora=rows.dora_scales(spans))
         return batches
 
     def _use(self, placements: Sequence[ResidentAdapter]) -> None:
@@ -157,9 +202,14 @@ class LoraLayouts:
         for i, placement in enumerate(placements):
             for layer_module, m in placement.modules.items():
                 parts.setdefault(layer_module, []).append((i, m))
+
+        def read_scale(layer_module: LayerModule) -> Callable[[PagedRows], torch.Tensor]:
+            return lambda rows: self.pool.read_rows(self.module_shapes[layer_module[1]][1],
+                                                    rows)
         self._modules = {
             lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
-                                 if self.gather_rows or lm[1] in VOCAB_MODULES else None)
+                                 if self.gather_rows or lm[1] in VOCAB_MODULES else None,
+                                 read_scale(lm) if self.gather_rows else None)
             for lm, ms in parts.items()}
         self._forms = {}
         self._set = ids

@@ -58,8 +58,12 @@ class MergePolicy:
     threshold, credits against starvation); here the scheduler's batches are kept as they are
     (merged mode changes how a step computes, never which requests run), so:
 
-    - A step is merged only when every scheduled request uses one adapter (no base request),
-      and unmerged exactly when another adapter or a base request joins.
+    - A step is merged only when every scheduled request uses one adapter at weight 1 (no
+      base request, no mix, no request scaling it by ``AdapterMix({name: w})``, w != 1: a
+      merged copy holds one adapter at one weight, and scaled or mixed requests are the
+      varied traffic merging does not pay for), and unmerged exactly when another adapter, a
+      mix, a scaled request or a base request joins. DoRA adapters are merged too
+      (``g * (W + scale * B A)``, see :class:`~pagedlora.merged_weights.MergedWeights`).
     - Entering has hysteresis: an adapter earns one credit per single-adapter step it runs
       unmerged (steps of other batches pause, not reset, its credit; a single-adapter step of
       another adapter moves the credit to that one) and is merged once it has run
@@ -108,7 +112,8 @@ class MergePolicy:
         """The adapter to run this step merged with, or None (unmerged).
 
         Args:
-            adapter_keys: each scheduled request's adapter content key (None: the base model).
+            adapter_keys: each scheduled request's adapter content key at weight 1 (None: the
+                base model, a weighted mix or a scaled adapter, none of which is merged).
             mergeable: whether an adapter can be merged at all (one with LoRA on
                 ``embed_tokens`` or ``lm_head`` cannot); None: every adapter can. A step of an
                 adapter that cannot runs unmerged and earns no credit.

@@ -43,7 +43,12 @@ class MergedWeights:
     in place and unmerging by subtracting ``scale * B A`` again, as PEFT's ``unmerge`` and
     dLoRA's engine do). The rows are PEFT's merged weight, ``W + (B @ A) * scaling``
     (``merge_and_unload``), computed in one ``addmm`` in float32 and rounded once to the
-    model's dtype (PEFT rounds the delta to a half dtype before adding it).
+    model's dtype (PEFT rounds the delta to a half dtype before adding it). A DoRA module's
+    rows are PEFT's merged DoRA weight, ``g * (W + scaling * B A)`` with ``g = m / ||W +
+    scaling * B A||`` per output row (Liu et al. 2024, DoRA, eq. 5; PEFT's ``merge`` of a
+    ``use_dora`` layer): ``g`` is the output scale kept in the adapter's pool rows (computed at
+    registration from the base weight), the bias untouched, as the unmerged path applies it
+    (:func:`~pagedlora.kernels.lora.dora_rescale`).
 
     Memory: one copy of each fused weight the adapter touches, on the model's device, outside
     the unified pool. A GEMM reads a weight as one strided ``[out, in]`` matrix, which pages
@@ -106,14 +111,15 @@ class MergedWeights:
     @torch.inference_mode()
     def _merge(self, adapter: ResidentAdapter) -> None:
         m = self.model
-        touched: dict[tuple[int, str], list[tuple[int, int, torch.Tensor, torch.Tensor, float]]]
+        touched: dict[tuple[int, str], list[tuple]]  # (start, end, a, b, scale, g)
         touched = {}
         for (layer, module), rows in adapter.modules.items():
             name, start, end = m.fused_rows[module]
             in_f, out_f = m.module_shapes[module]
             a = gather_rows(self.pool.rows(in_f), rows.a)       # [r, in]
             b = gather_rows(self.pool.rows(out_f), rows.b).t()  # [out, r]
-            touched.setdefault((layer, name), []).append((start, end, a, b, rows.scale))
+            g = None if rows.dora is None else gather_rows(self.pool.rows(out_f), rows.dora)[0]
+            touched.setdefault((layer, name), []).append((start, end, a, b, rows.scale, g))
         old, self._copies = self._copies, {}
         self._layers = [dict(w) for w in m.layers]
         for (layer, name), deltas in touched.items():
@@ -122,9 +128,9 @@ class MergedWeights:
             if copy is None:
                 copy = torch.empty_like(base)
             done = 0
-            for start, end, a, b, scale in sorted(deltas, key=lambda d: d[0]):
+            for start, end, a, b, scale, g in sorted(deltas, key=lambda d: d[0]):
                 copy[done:start] = base[done:start]
-                _fold(copy[start:end], base[start:end], a, b, scale)
+                _fold(copy[start:end], base[start:end], a, b, scale, g)
                 done = end
             copy[done:] = base[done:]
             self._copies[(layer, name)] = copy
@@ -132,14 +138,21 @@ class MergedWeights:
 
 
 def _fold(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-          scale: float) -> None:
-    """``out = base + scale * (b @ a)``, computed in float32 and rounded once to ``out``'s dtype.
+          scale: float, g: torch.Tensor | None = None) -> None:
+    """``out = base + scale * (b @ a)``, times ``g`` per row for DoRA, computed in float32 and
+    rounded once to ``out``'s dtype.
 
     Args:
         out, base: ``[out_features, in_features]`` rows of a merged copy and of the base weight.
         a: ``[r, in_features]`` lora_A. b: ``[out_features, r]`` lora_B.
+        g: ``[out_features]`` DoRA's output scale ``m / ||W + scale * B A||``, or None.
     """
     if out.dtype == torch.float32:
         torch.addmm(base, b, a, alpha=scale, out=out)
-    else:
-        out.copy_(torch.addmm(base.float(), b.float(), a.float(), alpha=scale))
+        if g is not None:
+            out.mul_(g.unsqueeze(1))
+        return
+    merged = torch.addmm(base.float(), b.float(), a.float(), alpha=scale)
+    if g is not None:
+        merged.mul_(g.float().unsqueeze(1))
+    out.copy_(merged)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.backend import select_kernels
-from pagedlora.kernels.lora import LoraBatch, lora_embedding, lora_shrink_expand
+from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
 from pagedlora.pool import UnifiedPool
@@ -76,7 +76,8 @@ class LlamaModel:
 
     Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
     biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
-    deltas are added per module through the kernels' ``lora_shrink_expand``, and on
+    deltas are added per module through the kernels' ``lora_shrink_expand``, then DoRA
+    adapters' tokens are rescaled (:func:`~pagedlora.kernels.lora.dora_rescale`); on
     ``embed_tokens`` (a row lookup, :func:`lora_embedding`) and ``lm_head`` (on the logits
     rows) through the torch ops on rows read out of the pool, whatever the backend. With tied
     embeddings (SmolLM2) ``lm_head`` is the embedding matrix, and a LoRA on either applies where
@@ -158,6 +159,28 @@ class LlamaModel:
                 "down": take(p + "mlp.down_proj.weight"),
             })
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
+        self._qkv_modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """``[out_features, in_features]`` weight of one projection of ``layer`` (a view into
+        the fused q/k/v or gate/up weight), e.g. for DoRA's weight norm.
+
+        Raises:
+            KeyError: an unknown module.
+        """
+        w = self.layers[layer]
+        if module in self._qkv_modules:
+            return w["qkv"].split(self._split_qkv)[self._qkv_modules[module]]
+        if module in ("gate_proj", "up_proj"):
+            return w["gate_up"].chunk(2)[module == "up_proj"]
+        return w[{"o_proj": "o", "down_proj": "down"}[module]]
+
+    def base_bias(self, layer: int, module: str) -> torch.Tensor | None:
+        """``[out_features]`` bias of one projection of ``layer`` (Qwen2's q/k/v), or None."""
+        bias = self.layers[layer]["qkv_bias"]
+        if bias is None or module not in self._qkv_modules:
+            return None
+        return bias.split(self._split_qkv)[self._qkv_modules[module]]
 
     @property
     def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
@@ -213,6 +236,8 @@ class LlamaModel:
                 if work is not None:
                     in_f, out_f = self.module_shapes[module]
                     ops.lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
+                    if work.dora is not None:
+                        dora_rescale(y, self.base_bias(n, module), work.dora, rows(out_f))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedlora.kernels.lora import TokenRange
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.logprobs import token_logprobs
 from pagedlora.lora_layouts import LoraLayouts
@@ -36,13 +37,14 @@ class _LogitRows:
 class ModelRunner:
     """Builds the flattened batch of a step (no padding), runs the forward pass and samples.
 
-    Sequences are ordered by adapter so that each adapter's tokens form one contiguous segment
-    (the SGMV layout, Punica section 4); decodes (one new token) and prefills are attended in
-    two groups so a long prompt does not pad every decode. Logits are computed only where they
-    are used: the last position of each sequence that samples, and the positions whose
-    prompt log-probabilities a request asked for; log-probabilities only for the requests that
-    asked (:func:`pagedlora.logprobs.token_logprobs`). A step marked ``merged`` runs on that
-    adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
+    Sequences are ordered by adapter (and weight) so that each adapter's tokens form few
+    contiguous ranges (the SGMV layout, Punica section 4; a request of a mix has its tokens in
+    a range of each of its adapters, at its weight); decodes (one new token) and prefills are
+    attended in two groups so a long prompt does not pad every decode. Logits are computed
+    only where they are used: the last position of each sequence that samples, and the
+    positions whose prompt log-probabilities a request asked for; log-probabilities only for
+    the requests that asked (:func:`pagedlora.logprobs.token_logprobs`). A step marked
+    ``merged`` runs on that adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
@@ -68,7 +70,7 @@ class ModelRunner:
         self.sampler.forget(step.finished_request_ids)
         if not step.sequences:
             return RunnerOutput()
-        order = sorted(step.sequences, key=lambda s: s.adapter_key or "")
+        order = sorted(step.sequences, key=lambda s: s.lora_terms)
         batch, rows = self._build(order, step)
         logits = self.model.forward(batch, self.pool)                  # [rows, vocab_size]
         sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
@@ -120,8 +122,9 @@ class ModelRunner:
         sampled: list[SequenceInput] = []
         prompt_rows: list[tuple[SequenceInput, int]] = []
         groups_of = {True: [], False: []}  # is_decode -> [(q_start, q_len, ctx_len, blocks)]
-        # (start, end, logit row start, logit row end, adapter key), one per adapter
-        segments: list[tuple[int, int, int, int, str]] = []
+        # adapter key -> its tokens, and its rows of the logits, with their weights
+        uses: dict[str, list[TokenRange]] = {}
+        logit_uses: dict[str, list[TokenRange]] = {}
         for s in order:
             start, n = len(input_ids), len(s.token_ids)
             row_start = len(logits_index)
@@ -138,13 +141,9 @@ class ModelRunner:
                 sample_rows.append(len(logits_index))
                 logits_index.append(start + n - 1)
                 sampled.append(s)
-            key = s.adapter_key
-            if key is not None:
-                if segments and segments[-1][4] == key:  # extend the adapter's segment
-                    first, _, first_row, _, _ = segments[-1]
-                    segments[-1] = (first, start + n, first_row, len(logits_index), key)
-                else:
-                    segments.append((start, start + n, row_start, len(logits_index), key))
+            for key, weight in s.lora_terms:
+                _extend(uses.setdefault(key, []), start, start + n, weight)
+                _extend(logit_uses.setdefault(key, []), row_start, len(logits_index), weight)
 
         def t(x) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.long, device=device)
@@ -160,9 +159,9 @@ class ModelRunner:
                 meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
                                         t([m[2] for m in members]), width * bs)))
         if step.merged is None:
-            lora = self.lora.batches([step.adapters[seg[4]] for seg in segments],
-                                     [(a, b) for a, b, *_ in segments], len(input_ids),
-                                     logit_ranges=[(c, d) for _, _, c, d, _ in segments],
+            keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
+            lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
+                                     len(input_ids), logit_uses=[logit_uses[k] for k in keys],
                                      num_logits=len(logits_index))
             layers = None
         else:
@@ -173,3 +172,12 @@ class ModelRunner:
             groups=groups, sample_index=t(logits_index), lora=lora, layers=layers)
         only_samples = not prompt_rows
         return batch, _LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
+
+
+def _extend(ranges: list[TokenRange], start: int, end: int, weight: float) -> None:
+    """Adds ``[start, end)`` at ``weight`` to an adapter's ranges, extending the last one when
+    it ends at ``start`` with the same weight (consecutive requests of one adapter)."""
+    if ranges and ranges[-1][1] == start and ranges[-1][2] == weight:
+        ranges[-1] = (ranges[-1][0], end, weight)
+    else:
+        ranges.append((start, end, weight))

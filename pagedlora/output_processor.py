@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pagedlora.detokenizer import Detokenizer
+from pagedlora.input_processor import Adapter
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.scheduler import Request, TokenLogprobs
 
@@ -20,7 +21,7 @@ class _Live:
     request: Request
     index: int  # position in the submitting call
     prompt: object
-    adapter: str | None
+    adapter: Adapter
     detokenizer: Detokenizer
     sink: Sink
     num_streamed: int = 0  # output tokens already handed out
@@ -53,14 +54,14 @@ class OutputProcessor:
         # its requests through drop()
         self._lock = threading.RLock()
 
-    def add(self, request: Request, *, index: int, prompt: object, adapter: str | None,
+    def add(self, request: Request, *, index: int, prompt: object, adapter: Adapter,
             stop: Sequence[str], sink: Sink) -> None:
         """Starts routing ``request``'s outputs to ``sink``."""
         with self._lock:
             self._live[request.request_id] = _Live(request, index, prompt, adapter,
                                                    Detokenizer(self.tokenizer, stop), sink)
 
-    def reject(self, request_id: int, *, index: int, prompt: object, adapter: str | None,
+    def reject(self, request_id: int, *, index: int, prompt: object, adapter: Adapter,
                error: str, sink: Sink) -> None:
         """Queues the one, finished, "error" output of a prompt that failed validation; it is
         handed to ``sink`` by the next :meth:`process` (after the submitting call has its

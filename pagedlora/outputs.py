@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pagedlora.adapter_mix import AdapterMix
 
 from pagedlora.scheduler import TokenLogprobs
 
@@ -20,7 +24,8 @@ class RequestOutput:
         finish_reason: "stop" (EOS, stop token or string), "length" (max_tokens or
             max_model_len), "abort" (``Engine.abort``, a closed stream, or a missed deadline),
             or "error" (see ``error``).
-        adapter: the adapter name, None for the base model.
+        adapter: the adapter name or :class:`~pagedlora.AdapterMix` it ran with, None for the
+            base model.
         error: why the request failed, when finish_reason is "error".
         queue_time: seconds from arrival to first scheduled.
         ttft: time to first token, seconds from arrival.
@@ -39,7 +44,7 @@ class RequestOutput:
     text: str
     token_ids: list[int]
     finish_reason: str
-    adapter: str | None
+    adapter: str | AdapterMix | None
     error: str | None = None
     queue_time: float | None = None
     ttft: float | None = None

@@ -162,7 +162,8 @@ def test_missing_half_of_a_pair(engine, tmp_path):
 
 
 @pytest.mark.parametrize("config, feature", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True, "target_modules": ["q_proj", "embed_tokens"]},
+     "DoRA on embed_tokens or lm_head"),
     ({"bias": "all"}, "bias='all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
@@ -231,7 +232,8 @@ def test_mismatched_list_lengths(engine):
     ({"sampling_params": {"max_tokens": 2}}, "sampling_params must be one value"),
     ({"sampling_params": [SamplingParams(), {"max_tokens": 2}]},
      r"sampling_params\[1\] has type dict"),
-    ({"adapters": [None, 3]}, r"adapters\[1\] has type int; expected a name or None"),
+    ({"adapters": [None, 3]},
+     r"adapters\[1\] has type int; expected a name, an AdapterMix or None"),
 ])
 def test_wrong_argument_types_name_the_argument(engine, call, match):
     kwargs = {"prompts": ["a", "b"], **call}

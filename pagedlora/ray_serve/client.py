@@ -26,7 +26,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from pagedlora.errors import UnknownAdapterError
+from pagedlora.errors import AdapterMixError, UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.ray_serve.messages import (
     Accepted,
@@ -141,7 +141,14 @@ class ReplicaClient:
         Raises:
             QueueFull, PromptRejected, UnknownAdapterError, AdapterError, LoopStopped: as
                 ``EngineLoop.open`` (the accepted calls are then cancelled).
+            AdapterMixError: an ``AdapterMix`` (replicas are routed by one adapter name; a
+                mix is served by ``pagedlora serve`` without Ray).
         """
+        mixed = [a for a in adapters if a is not None and not isinstance(a, str)]
+        if mixed:
+            raise AdapterMixError(f"{mixed[0]!r}: adapter mixes are not served through Ray "
+                                  f"Serve replicas (they are routed by one adapter name); "
+                                  f"serve them with 'pagedlora serve'")
         groups: dict[str | None, list[int]] = {}
         for i, a in enumerate(adapters):
             groups.setdefault(a, []).append(i)

@@ -20,7 +20,8 @@ class ServerMetrics:
     prometheus_client's global one, so several apps can live in one process).
 
     Labels: ``model`` is the base model's served name; ``adapter`` the adapter's name, empty
-    for the base model.
+    for the base model; for an ``AdapterMix`` its names joined by "+" in the order given,
+    without the weights (which would make a series per weight).
     """
 
     def __init__(self) -> None:
@@ -55,6 +56,8 @@ class ServerMetrics:
     def observe_finished(self, model: str, out: RequestOutput) -> None:
         """Counts a finished request (thread-safe; the engine loops call it)."""
         adapter = out.adapter or ""
+        if not isinstance(adapter, str):  # an AdapterMix
+            adapter = "+".join(adapter.names)
         self.requests.labels(model, adapter, out.finish_reason).inc()
         self.prompt_tokens.labels(model, adapter).inc(len(out.prompt_token_ids))
         self.generation_tokens.labels(model, adapter).inc(len(out.token_ids))

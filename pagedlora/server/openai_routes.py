@@ -1,5 +1,9 @@
 """OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions, and vLLM's
-/v1/load_lora_adapter and /v1/unload_lora_adapter."""
+/v1/load_lora_adapter and /v1/unload_lora_adapter.
+
+Extension: a completion or chat body may carry ``"adapters": {name: weight, ...}``, a scaled
+adapter or weighted mix of adapters (:class:`~pagedlora.AdapterMix`) of the base model that
+``model`` names (the openai client sends it with ``extra_body={"adapters": {...}}``)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from pagedlora.adapter_mix import AdapterMix
 from pagedlora.outputs import StreamOutput
+from pagedlora.server.engine_loop import EngineLoop
 from pagedlora.server.logprobs import (
     TokenTexts,
     chat_logprobs,
@@ -24,6 +30,7 @@ from pagedlora.server.protocol import (
     LoadAdapterRequest,
     UnloadAdapterRequest,
 )
+from pagedlora.server.registry import ModelRegistry
 from pagedlora.server.state import ServerState, Usage, client_gone
 
 router = APIRouter()
@@ -45,7 +52,7 @@ async def completions(request: Request) -> Response:
     fit in ``max_model_len`` (400 naming both numbers otherwise)."""
     state = ServerState.of(request)
     body = await state.body(request, CompletionRequest)
-    loop, adapter = state.registry.resolve(body.model)
+    loop, adapter = _resolve(state.registry, body)
     body.check_logprobs(loop.engine.config.max_logprobs)
     prompts = body.prompts()
     params = body.to_sampling_params(COMPLETION_MAX_TOKENS)
@@ -106,7 +113,7 @@ async def chat_completions(request: Request) -> Response:
     ``prompt_logprobs`` at the top level."""
     state = ServerState.of(request)
     body = await state.body(request, ChatCompletionRequest)
-    loop, adapter = state.registry.resolve(body.model)
+    loop, adapter = _resolve(state.registry, body)
     body.check_logprobs(loop.engine.config.max_logprobs)
     tokenizer = loop.engine.tokenizer
     if tokenizer is None or not tokenizer.chat_template:
@@ -174,6 +181,25 @@ async def unload_lora_adapter(request: Request) -> Response:
     body = await state.body(request, UnloadAdapterRequest)
     await state.unload_adapter(body.lora_name)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _resolve(registry: ModelRegistry, body: CompletionRequest | ChatCompletionRequest
+             ) -> tuple[EngineLoop, str | AdapterMix | None]:
+    """The engine loop and adapter of ``body``: ``model``'s, or with the ``adapters``
+    extension the mix of adapters of base model ``model``.
+
+    Raises:
+        ApiError: 404 for an unknown model or adapter; 400 when ``model`` names an adapter
+            next to ``adapters``, or for a mix that cannot be served (see
+            :meth:`ModelRegistry.mix`).
+    """
+    loop, adapter = registry.resolve(body.model)
+    if body.adapters is None:
+        return loop, adapter
+    if adapter is not None:
+        raise ApiError(400, f"with 'adapters', 'model' names the base model; {body.model!r} "
+                       f"is an adapter of {loop.name!r}", param="model")
+    return loop, registry.mix(body.adapters, loop.name)
 
 
 def _decode(tokenizer, token_ids: list[int]) -> str:

@@ -197,6 +197,9 @@ class _OpenAIRequest(_Neutral):
     top_k: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    # pagedlora's extension: a scaled adapter or weighted mix of adapters of the base model
+    # that ``model`` names, {name: weight} (the openai client: extra_body={"adapters": ...})
+    adapters: dict[str, float] | None = None
     prompt_logprobs: int | None = Field(default=None, ge=0)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
@@ -433,19 +436,24 @@ class InvocationParameters(_Neutral):
                            f"(--max-logprobs)", param="parameters.top_n_tokens")
 
 
+MixWeights = dict[str, float]
+"""A weighted mix of adapters in a request body, ``{name: weight}`` (``AdapterMix``)."""
+
+
 class InvocationRequest(_Strict):
     """``POST /invocations`` (SageMaker LMI): ``inputs`` one string or a list; ``adapters``
-    one name for all inputs or one per input (absent, null or ``""``: the base model, as in
-    LMI); ``model`` picks the base model when several are served and no
-    ``X-Amzn-SageMaker-Inference-Component`` header does."""
+    one for all inputs or one per input: a name (absent, null or ``""``: the base model, as
+    in LMI) or, pagedlora's extension, a weighted mix ``{name: weight}``; ``model`` picks
+    the base model when several are served and no ``X-Amzn-SageMaker-Inference-Component``
+    header does."""
 
     inputs: str | list[str]
-    adapters: str | list[str | None] | None = None
+    adapters: str | MixWeights | list[str | MixWeights | None] | None = None
     parameters: InvocationParameters = Field(default_factory=InvocationParameters)
     model: str | None = None
 
-    def prompts_and_adapters(self) -> tuple[list[str], list[str | None]]:
-        """One adapter name (or None) per input.
+    def prompts_and_adapters(self) -> tuple[list[str], list[str | MixWeights | None]]:
+        """One adapter name, mix (or None) per input.
 
         Raises:
             ApiError: 400 for no inputs or a count of adapters that differs from the inputs'.
@@ -454,9 +462,15 @@ class InvocationRequest(_Strict):
         if not inputs:
             raise ApiError(400, "inputs is an empty list", param="inputs")
         adapters = self.adapters
-        if adapters is None or isinstance(adapters, str):
-            return inputs, [adapters or None] * len(inputs)
+        if adapters is None or isinstance(adapters, (str, dict)):
+            return inputs, [_adapter(adapters)] * len(inputs)
         if len(adapters) != len(inputs):
             raise ApiError(400, f"adapters has {len(adapters)} entries for {len(inputs)} "
                            f"inputs; give one name for all or one per input", param="adapters")
-        return inputs, [a or None for a in adapters]
+        return inputs, [_adapter(a) for a in adapters]
+
+
+def _adapter(value: str | MixWeights | None) -> str | MixWeights | None:
+    """An adapter of /invocations: ``""`` is the base model (as in LMI); a mix, even empty,
+    stays a mix (an empty one is refused, naming it)."""
+    return value if isinstance(value, dict) else (value or None)

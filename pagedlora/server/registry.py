@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from pagedlora.errors import AdapterError, UnsupportedAdapterError
+from pagedlora.adapter_mix import AdapterMix
+from pagedlora.errors import AdapterError, AdapterMixError, UnsupportedAdapterError
 from pagedlora.server.engine_loop import EngineLoop
 from pagedlora.server.protocol import ApiError
 from pagedlora.sources import as_source
@@ -63,6 +64,27 @@ class ModelRegistry:
         raise ApiError(404, f"model {model!r} does not exist; served: base models "
                        f"{sorted(self.loops)}, adapters {sorted(self.adapters)}", param="model")
 
+    def mix(self, weights: dict[str, float], base: str, param: str = "adapters") -> AdapterMix:
+        """The :class:`AdapterMix` of a request body's ``{name: weight}``, its adapters all of
+        base model ``base``.
+
+        Raises:
+            ApiError: 404 for an unknown adapter; 400 for a base model's name, an adapter of
+                another base model, or a mix AdapterMix refuses (empty, a weight that is not
+                finite, too many adapters), each named.
+        """
+        for name in weights:
+            if name in self.loops:
+                raise ApiError(400, f"{param}: {name!r} is a base model, not an adapter",
+                               param=param)
+            owner = self.adapter_base(name, param)  # 404 for an unknown one
+            if owner != base:
+                raise ApiError(400, f"{param}: adapter {name!r} belongs to base model "
+                               f"{owner!r}, not {base!r}", param=param)
+        try:
+            return AdapterMix(weights)
+        except (AdapterMixError, TypeError) as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from None
     def adapter_base(self, name: str, field: str) -> str:
         """The base model of adapter ``name``, given in the body's ``field``.
 

@@ -34,8 +34,9 @@ async def invocations(request: Request) -> Response:
     ``{"generated_text", "details"?}`` for one input string, a list of those (input order)
     for a list.
 
-    The adapter: the body's ``adapters`` (``""`` or null: the base model), or for every input
-    the one named by the ``X-Amzn-SageMaker-Adapter-Identifier`` header, an ``adapter=NAME``
+    The adapter: the body's ``adapters`` (``""`` or null: the base model; a ``{name: weight}``
+    object: a weighted mix of adapters, pagedlora's extension), or for every input the one
+    named by the ``X-Amzn-SageMaker-Adapter-Identifier`` header, an ``adapter=NAME``
     pair of the ``X-Amzn-SageMaker-Custom-Attributes`` header (``key=value`` pairs split by
     ``;``, as LMI reads them) or the ``?adapter=`` query parameter; places that disagree are a
     400. The base model: the one the ``X-Amzn-SageMaker-Inference-Component`` header or the
@@ -50,8 +51,8 @@ async def invocations(request: Request) -> Response:
     inputs, adapters = body.prompts_and_adapters()
     adapters = _header_adapters(request, body, adapters)
     registry = state.registry
-    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(adapters)
-              if a is not None}
+    names = [n for a in adapters if a is not None for n in ([a] if isinstance(a, str) else a)]
+    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(names)}
     base = _base_model(request, body, registry, owners, adapters)
     wrong = {a: b for a, b in owners.items() if b != base}
     if wrong:
@@ -60,6 +61,7 @@ async def invocations(request: Request) -> Response:
     params = body.parameters
     loop = registry.loops[base]
     params.check_logprobs(loop.engine.config.max_logprobs)
+    adapters = [registry.mix(a, base) if isinstance(a, dict) else a for a in adapters]
     sampling = params.to_sampling_params()
     tokens = await PromptTokens.of(loop.engine, base, "inputs", inputs,
                                    not isinstance(body.inputs, str))
@@ -144,6 +146,9 @@ def _header_adapters(request: Request, body: InvocationRequest,
         named["the adapter query parameter"] = request.query_params["adapter"]
     if not named:
         return adapters
+    if any(isinstance(a, dict) for a in adapters):
+        raise ApiError(400, f"the body's adapters hold a mix, and {sorted(named)} name an "
+                       f"adapter too", param="adapters")
     values = {v or None for v in named.values()}
     if body.adapters is not None:
         named["the body's adapters"] = body.adapters
