@@ -3,18 +3,26 @@
 requests that span switches against PEFT's unmerged tokens.
 
 Tiny random Llama, random PEFT adapters (``init_lora_weights=False``) whose targets cover part
-of a fused weight (q and v of qkv, gate of gate_up), per-layer ranks and alphas, and one
-adapter on one layer only.
+of a fused weight (q and v of qkv, gate of gate_up), per-layer ranks and alphas, one adapter on
+one layer only, and a DoRA adapter (merged as PEFT merges DoRA: ``g * (W + scale * B A)``).
+Mixes and scaled requests are never merged; preemption and the prefix cache work across
+merged steps.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from support import assert_no_leaks, random_prompt, save_random_adapter
+from support import (
+    assert_no_leaks,
+    engine_with,
+    random_prompt,
+    save_random_adapter,
+    save_random_dora_adapter,
+)
 from transformers import AutoModelForCausalLM
 
-from pagedlora import Engine, EngineConfig, SamplingParams
+from pagedlora import AdapterMix, Engine, EngineConfig, SamplingParams
 from pagedlora.cli import build_parser, server_config
 from pagedlora.merge_policy import MERGE_AFTER_STEPS, MergePolicy
 
@@ -25,6 +33,8 @@ ADAPTERS = {
                 alpha_pattern={"layers.1.mlp.down_proj": 3}, seed=302),
     "gate1": dict(r=6, target_modules=["gate_proj", "o_proj"], layers_to_transform=[1],
                   seed=303),
+    "dora": dict(r=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                 seed=304, dora=True),
 }
 MARGIN = 1e-4  # fp32: merged and unmerged logits differ by ~1e-6; a flip needs a smaller margin
 
@@ -32,8 +42,12 @@ MARGIN = 1e-4  # fp32: merged and unmerged logits differ by ~1e-6; a flip needs 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("merged-lora")
-    return {name: save_random_adapter(tiny_llama_dir, root / name, **dict(options))
-            for name, options in ADAPTERS.items()}
+    dirs = {}
+    for name, options in ADAPTERS.items():
+        options = dict(options)
+        save = save_random_dora_adapter if options.pop("dora", False) else save_random_adapter
+        dirs[name] = save(tiny_llama_dir, root / name, **options)
+    return dirs
 
 
 class Peft:
@@ -61,18 +75,33 @@ class Peft:
                         v.copy_(v.to(torch.bfloat16).float())
             self.merged_bf16[name] = rounded.merge_and_unload().eval()
 
-    @torch.inference_mode()
     def greedy(self, models: dict, name: str | None, prompt: list[int], n: int) -> list[int]:
-        out = models[name].generate(input_ids=torch.tensor([prompt]), do_sample=False,
-                                    max_new_tokens=n, min_new_tokens=n, eos_token_id=None,
-                                    pad_token_id=0)
-        return out[0, len(prompt):].tolist()
+        return hf_greedy(models[name], prompt, n)
 
     @torch.inference_mode()
     def margin(self, name: str | None, token_ids: list[int]) -> float:
         """Top-1 minus top-2 logit of the unmerged reference at the last position."""
         top = self.unmerged[name](input_ids=torch.tensor([token_ids])).logits[0, -1].topk(2)
         return (top.values[0] - top.values[1]).item()
+
+
+@torch.inference_mode()
+def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """``n`` greedy tokens of an HF or PEFT model after ``prompt``."""
+    out = model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                         min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def fused_reference(state: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    """Layer ``n``'s fused weights (``qkv``, ``o``, ``gate_up``, ``down``) from an HF state
+    dict (e.g. PEFT's ``merge_and_unload()`` model's)."""
+    p = f"model.layers.{n}."
+    return {"qkv": torch.cat([state[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
+            "o": state[p + "self_attn.o_proj.weight"],
+            "gate_up": torch.cat([state[p + "mlp.gate_proj.weight"],
+                                  state[p + "mlp.up_proj.weight"]]),
+            "down": state[p + "mlp.down_proj.weight"]}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +209,7 @@ def test_merged_steps_give_merge_and_unload_greedy_tokens(tiny_llama_dir, adapte
     again for each adapter (a stale copy would give the previous adapter's tokens)."""
     engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=0)
     n = 12
-    for i, name in enumerate(["qv", "all", "gate1", "qv"]):
+    for i, name in enumerate(["qv", "all", "dora", "gate1", "qv"]):
         prompts = [random_prompt(5 + 7 * j + i, seed=40 + 3 * i + j) for j in range(3)]
         before = engine.stats()["num_steps"]
         outs = engine.generate(prompts, [name] * 3, greedy(n), progress=False)
@@ -189,7 +218,7 @@ def test_merged_steps_give_merge_and_unload_greedy_tokens(tiny_llama_dir, adapte
         for j, (prompt, out) in enumerate(zip(prompts, outs, strict=True)):
             assert out.token_ids == peft.greedy(peft.merged, name, prompt, n), (name, j)
     merge = engine.stats()["merge"]
-    assert (merge["merges"], merge["reuses"], merge["unmerges"]) == (4, 0, 0)
+    assert (merge["merges"], merge["reuses"], merge["unmerges"]) == (5, 0, 0)
     assert merge["merge_seconds"] > 0
     # "qv" last: one copy of each layer's qkv, float32
     assert merge["merged_bytes"] == 2 * (64 + 32 + 32) * 64 * 4
@@ -197,15 +226,18 @@ def test_merged_steps_give_merge_and_unload_greedy_tokens(tiny_llama_dir, adapte
     assert engine.stats()["merge"]["merged_bytes"] == 0
     out = engine.generate([prompts[0]], ["qv"], greedy(n), progress=False)[0]
     assert out.token_ids == peft.greedy(peft.merged, "qv", prompts[0], n)
-    assert engine.stats()["merge"]["merges"] == 5
+    assert engine.stats()["merge"]["merges"] == 6
     assert_no_leaks(engine)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_merged_copies_are_peft_merged_weights(tiny_llama_dir, adapter_dirs, peft, dtype):
-    """Each fused copy, row for row, is PEFT's merge_and_unload() weight (in bfloat16: PEFT's
-    float32 merge of the bf16-rounded weights the engine serves, rounded once, so within half
-    a bf16 ulp); fused weights the adapter does not touch are not copied."""
+    """Each fused copy, row for row, is PEFT's merge_and_unload() weight, DoRA's included (in
+    bfloat16: PEFT's float32 merge of the bf16-rounded weights the engine serves, rounded once,
+    so within half a bf16 ulp; a DoRA row within two ulps: its output scale ``g`` is computed
+    at registration from the adapter's own weights and stored in bfloat16, then the product
+    rounded again, each rounding 2**-9 relative); fused weights the adapter does not touch are
+    not copied. (In float32 the copies are PEFT's bit for bit, DoRA's included.)"""
     engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, dtype=dtype)
     merged = engine.core.runner.merged
     for name, path in adapter_dirs.items():
@@ -214,19 +246,14 @@ def test_merged_copies_are_peft_merged_weights(tiny_llama_dir, adapter_dirs, pef
         key = engine.adapters.key_of(name)
         layers = merged.layers_for(key, engine.adapters.resident(key))
         ref = (peft.merged if dtype == "float32" else peft.merged_bf16)[name].state_dict()
+        ulps = 2**-6 if ADAPTERS[name].get("dora") else 2**-8
         for n, w in enumerate(layers):
-            p = f"model.layers.{n}."
-            want = {"qkv": torch.cat([ref[p + f"self_attn.{m}_proj.weight"] for m in "qkv"]),
-                    "o": ref[p + "self_attn.o_proj.weight"],
-                    "gate_up": torch.cat([ref[p + "mlp.gate_proj.weight"],
-                                          ref[p + "mlp.up_proj.weight"]]),
-                    "down": ref[p + "mlp.down_proj.weight"]}
-            for fused, expected in want.items():
+            for fused, expected in fused_reference(ref, n).items():
                 got, base = w[fused], engine.model.layers[n][fused]
                 targeted = any(lm[0] == n and engine.model.fused_rows[lm[1]][0] == fused
                                for lm in engine.adapters.resident(key).modules)
                 assert (got is not base) == targeted, (name, n, fused)
-                tol = 1e-6 if dtype == "float32" else expected.abs() * 2**-8 + 1e-6
+                tol = 1e-6 if dtype == "float32" else expected.abs() * ulps + 1e-6
                 err = (got.float() - expected).abs()
                 assert (err <= tol).all(), (name, n, fused, err.max().item())
     assert merged.stats.merges == len(adapter_dirs)
@@ -270,23 +297,103 @@ def test_merged_tokens_differ_from_the_base_models(tiny_llama_dir, adapter_dirs,
         assert peft.greedy(peft.merged, name, prompt, 12) != base, name
 
 
-def test_adapters_on_the_vocabulary_are_never_merged(tiny_llama_dir, tmp_path):
-    """LoRA on embed_tokens or lm_head is served unmerged (no credit, no merge), the same
-    tokens as PEFT; the policy still merges the next decoder-only adapter."""
+@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head", "v_proj"]])
+def test_adapters_on_the_vocabulary_are_never_merged(tiny_llama_dir, adapter_dirs, tmp_path,
+                                                     targets):
+    """LoRA on embed_tokens or lm_head is served unmerged (no credit, no merge), its tokens
+    PEFT's (which differ from the base model's, so a vocabulary LoRA dropped would show); the
+    policy still merges the next decoder-only adapter."""
     from peft import PeftModel
 
     vocab = save_random_adapter(tiny_llama_dir, tmp_path / "vocab", r=4, seed=404,
-                                target_modules=["embed_tokens", "q_proj"])
-    engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, merge_policy="auto")
-    engine.core.merging = MergePolicy("auto", merge_after_steps=0)
+                                target_modules=targets)
+    engine = make_engine(tiny_llama_dir, {"qv": adapter_dirs["qv"]}, merge_after_steps=0)
     engine.add_adapter("vocab", vocab)
     prompt = random_prompt(9, seed=8)
     out = engine.generate([prompt], ["vocab"], greedy(10), progress=False)[0]
     assert not any(s["merged"] for s in steps_of(engine))
     assert engine.stats()["merge"]["merges"] == 0
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    ref = PeftModel.from_pretrained(base, vocab).eval()
-    assert out.token_ids == Peft.greedy(None, {"vocab": ref}, "vocab", prompt, 10)
+    base_tokens = hf_greedy(base, prompt, 10)  # before PEFT wraps base's layers in place
+    want = hf_greedy(PeftModel.from_pretrained(base, vocab).eval(), prompt, 10)
+    assert out.token_ids == want and want != base_tokens
+    engine.generate([prompt], ["qv"], greedy(2), progress=False)
+    assert engine.stats()["merge"]["merges"] == 1 and steps_of(engine)[-1]["merged"]
+
+
+def test_a_dora_adapter_added_while_merged_reads_the_unmerged_base(tiny_llama_dir,
+                                                                   adapter_dirs, peft):
+    """DoRA's output scale is computed at registration from ``LlamaModel.base_weight``, which
+    must stay the loaded weight while another adapter's merged copies are live; the DoRA
+    adapter then merges to PEFT's merged DoRA weights and gives their greedy tokens."""
+    engine = make_engine(tiny_llama_dir, {"all": adapter_dirs["all"]}, merge_after_steps=0)
+    model = engine.model
+    loaded = {m: model.base_weight(0, m).clone() for m in ALL}
+    prompt = random_prompt(13, seed=21)
+    engine.generate([prompt], ["all"], greedy(4), progress=False)
+    assert steps_of(engine)[-1]["merged"] and engine.stats()["merge"]["merged_bytes"] > 0
+    for m in ALL:
+        assert torch.equal(model.base_weight(0, m), loaded[m]), m
+    engine.add_adapter("dora", adapter_dirs["dora"])
+    out = engine.generate([prompt], ["dora"], greedy(12), progress=False)[0]
+    assert steps_of(engine)[-1]["merged"]
+    assert out.token_ids == peft.greedy(peft.merged, "dora", prompt, 12)
+    key = engine.adapters.key_of("dora")
+    ref = peft.merged["dora"].state_dict()
+    for n, w in enumerate(engine.core.runner.merged.layers_for(key, engine.adapters.resident(key))):
+        for fused, expected in fused_reference(ref, n).items():
+            err = (w[fused] - expected).abs().max().item()
+            assert err <= 1e-6, (n, fused, err)
+
+
+def test_mixes_and_scaled_adapters_are_never_merged(tiny_llama_dir, adapter_dirs, tmp_path):
+    """Only requests of one adapter at weight 1 run merged: a batch all of one scaled adapter
+    (``AdapterMix({"qv": 0.5})``, PEFT's tokens with lora_alpha halved) or all of one mix runs
+    unmerged; ``AdapterMix({"qv": 1.0})`` is "qv" itself and merges."""
+    import json
+    import shutil
+
+    from peft import PeftModel
+
+    half = shutil.copytree(adapter_dirs["qv"], tmp_path / "qv-half")
+    config = json.loads((half / "adapter_config.json").read_text())
+    config["lora_alpha"] /= 2
+    (half / "adapter_config.json").write_text(json.dumps(config))
+    engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=0)
+    ps = [random_prompt(6 + 5 * j, seed=130 + j) for j in range(3)]
+
+    def run_all(adapter) -> tuple[list[bool], list]:
+        """Every prompt on ``adapter``: whether each step ran merged, the outputs."""
+        before = engine.stats()["num_steps"]
+        outs = engine.generate(ps, [adapter] * len(ps), greedy(8), progress=False)
+        return [s["merged"] for s in steps_of(engine)[before:]], outs
+
+    modes, outs = run_all(AdapterMix({"qv": 0.5}))
+    assert not any(modes)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    ref = PeftModel.from_pretrained(base, half).eval()
+    assert [o.token_ids for o in outs] == [hf_greedy(ref, p, 8) for p in ps]
+    assert not any(run_all(AdapterMix({"qv": 0.6, "all": 0.4}))[0])
+    assert engine.stats()["merge"]["merges"] == 0
+    modes, _ = run_all(AdapterMix({"qv": 1.0}))
+    assert all(modes) and engine.stats()["merge"]["merges"] == 1
+    assert_no_leaks(engine)
+
+
+def test_preemption_in_merged_steps_keeps_merge_and_unload_tokens(tiny_llama_dir, adapter_dirs,
+                                                                  peft):
+    """A pool too small for every request: requests preempted and recomputed, all on one
+    adapter, every step merged; the greedy tokens stay PEFT's merge_and_unload() ones."""
+    engine = engine_with(tiny_llama_dir, 48, max_lora_rank=16, merge_policy="auto")
+    engine.core.merging = MergePolicy("auto", merge_after_steps=0)
+    engine.add_adapter("all", adapter_dirs["all"])
+    ps = [random_prompt(20 + 3 * j, seed=140 + j) for j in range(8)]
+    outs = engine.generate(ps, ["all"] * len(ps), greedy(24), progress=False)
+    assert sum(o.num_preemptions for o in outs) > 0
+    assert all(s["merged"] for s in steps_of(engine))
+    for p, o in zip(ps, outs, strict=True):
+        assert o.token_ids == peft.greedy(peft.merged, "all", p, 24)
+    assert_no_leaks(engine)
 
 
 # -- switching leaves the base weights as loaded --------------------------------------------------
