@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -41,6 +42,22 @@ class ResidentAdapter:
     modules: dict[tuple[int, str], ResidentModule]
 
 
+class AdapterPages(Protocol):
+    """Where the adapter store's adapters go in the pool: :class:`AdapterPacker` in this
+    process, or a tensor-parallel engine's workers
+    (:class:`pagedlora.parallel.executor.ShardedAdapterPages`)."""
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """Pages ``adapter`` takes in the pool."""
+
+    def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> ResidentAdapter:
+        """Puts the adapter's rows into ``pages``; returns the placement."""
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """The form in which host memory holds ``weights`` (the host tier's one copy)."""
+
+
 class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
@@ -74,19 +91,15 @@ class AdapterPacker:
         """Copies the adapter's rows into ``pages`` (allocated for it: :meth:`num_pages` of
         them), host -> pool.
 
+        Args:
+            weights: the rows to copy, of the widths this packer packs (under tensor
+                parallelism a rank's shard, ``Shard.shard_lora``; strided views are fine).
         Raises:
             ValueError: ``pages`` has another length than :meth:`num_pages`.
         """
-        if len(pages) != self.num_pages(adapter):
-            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
-                             f"given {len(pages)}")
-        return self._copy_in(adapter, weights, list(self._groups(adapter)), pages, placement_id)
-
-    def _copy_in(self, adapter: LoraAdapter, weights: AdapterWeights, groups: list,
-                 pages: list[int], placement_id: int) -> ResidentAdapter:
+        groups = self._checked_groups(adapter, pages)
         device = self.pool.tensor.device
-        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        used, next_page = 0, 0
+        next_page = 0
         for layer, width, rows, num_pages in groups:
             rpp = self.pool.rows_per_page(width)
             group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
@@ -97,13 +110,45 @@ class AdapterPacker:
             padded = data.new_zeros(num_pages * rpp, width)
             padded[: data.shape[0]] = data
             self.pool.rows(width)[group_pages] = padded.view(num_pages, rpp, width)
-            used += data.numel()
+        return self._place(adapter, groups, pages, placement_id, device)
+
+    def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
+              ) -> ResidentAdapter:
+        """Where :meth:`fill` puts the adapter's rows in ``pages``, copying nothing (the
+        driver of a tensor-parallel engine, whose workers fill their pools; the page tables
+        are on the CPU).
+
+        Raises:
+            ValueError: as :meth:`fill`.
+        """
+        groups = self._checked_groups(adapter, pages)
+        return self._place(adapter, groups, pages, placement_id, torch.device("cpu"))
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """How host memory holds weights for this packer: as read."""
+        return weights
+
+    def _checked_groups(self, adapter: LoraAdapter, pages: list[int]) -> list:
+        if len(pages) != self.num_pages(adapter):
+            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
+                             f"given {len(pages)}")
+        return list(self._groups(adapter))
+
+    def _place(self, adapter: LoraAdapter, groups: list, pages: list[int], placement_id: int,
+               device: torch.device) -> ResidentAdapter:
+        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
+        used, next_page = 0, 0
+        for layer, width, rows, num_pages in groups:
+            rpp = self.pool.rows_per_page(width)
+            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
+            next_page += num_pages
             row = 0
             for module, which, rank in rows:
                 idx = torch.arange(row, row + rank, device=device)
                 placed.setdefault((layer, module), {})[which] = PagedRows(
                     pages=group_pages[idx // rpp], slots=idx % rpp)
                 row += rank
+            used += row * width
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
                    for lm, p in placed.items()}
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
