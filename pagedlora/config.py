@@ -71,6 +71,20 @@ class EngineConfig:
             each other's files; a killed process leaves its directory behind). A directory
             that cannot be written (full, read-only) only costs speed: adapters are re-read
             from their sources.
+        tensor_parallel_size: devices the model is split over (Megatron-LM sharding; S-LoRA
+            section 6 for the adapters): that many worker processes, rank r on device
+            ``cuda:r`` (counted from ``device``'s index) with NCCL, or on the CPU with gloo and
+            ``torch.get_num_threads() // tensor_parallel_size`` threads each. Each rank holds
+            its shard of the weights and a pool of ``pool_gb`` GiB (per device) whose pages
+            hold its KV heads and its rows of each adapter; the driver process keeps the
+            scheduler, the page accounting and the adapters' host and disk tiers (host memory
+            holds one shared copy of each adapter for all ranks). The model's heads,
+            intermediate and hidden sizes must be multiples of it, and its KV heads a multiple
+            or a divisor (they are then replicated). 1 (the default): one process, no workers.
+        worker_timeout_s: seconds the driver waits for a tensor-parallel worker to start, or
+            to answer one step, before it declares the worker hung; the workers' collectives
+            time out after as long. A worker that dies or hangs fails the running requests
+            with "error" naming its rank, and the engine must be rebuilt.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -96,6 +110,8 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
+    tensor_parallel_size: int = 1
+    worker_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -138,6 +154,15 @@ class EngineConfig:
         ):
             raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
                              f"got {self.host_cache_gb!r}")
+        if not isinstance(self.tensor_parallel_size, int) \
+                or isinstance(self.tensor_parallel_size, bool) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, "
+                             f"got {self.tensor_parallel_size!r}")
+        if isinstance(self.worker_timeout_s, bool) \
+                or not isinstance(self.worker_timeout_s, (int, float)) \
+                or not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be a number > 0, "
+                             f"got {self.worker_timeout_s!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")

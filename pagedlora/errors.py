@@ -30,3 +30,9 @@ class SourceError(OSError):
     """A model or adapter source that cannot be had as given: a missing path, bucket, key or
     cached model id, an unreachable or refusing S3 endpoint, a download that fails its size or
     integrity check, an unreadable or unsafe archive. The message names the URL or path."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot run any more: a tensor-parallel worker died, failed or hung (the
+    message names the rank), or the engine was closed. Every later call raises it; make a new
+    Engine."""

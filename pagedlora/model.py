@@ -11,6 +11,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from pagedlora.kernels.backend import select_kernels
 from pagedlora.kernels.lora import LoraBatch
 from pagedlora.kernels.paged_attention import AttentionMetadata
+from pagedlora.parallel.comm import TPComm
+from pagedlora.parallel.shard import ROW_PARALLEL, Shard
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -69,54 +71,81 @@ class LlamaModel:
 
     Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
     biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
-    deltas are added per module through :func:`lora_sgmv`.
+    deltas are added per module through the kernels' ``lora_shrink_expand``.
+
+    Under tensor parallelism each rank builds the model from its :class:`Shard` of the weights
+    (Megatron-LM, Shoeybi et al. 2019, section 3) and runs the same forward pass over its
+    heads, intermediate features and vocabulary rows, with these collectives (T tokens in the
+    step, S sampled, H hidden size, V vocabulary, N ranks):
+
+    - per step: the vocab-parallel embedding's all-reduce of ``[T, H]``; the gather of
+      ``[S, V / N]`` logits from every rank to rank 0;
+    - per layer, base model: one all-reduce of ``[T, H]`` after o_proj, one after down_proj;
+    - per layer, LoRA (S-LoRA, Sheng et al. 2023, section 6): nothing for the column-parallel
+      q/k/v/gate/up (whole lora_A, this rank's columns of lora_B); for each row-parallel
+      module (o_proj, down_proj) that an adapter of the step targets in the layer, one
+      all-reduce of the shrink's output before the expand (this rank's columns of lora_A see
+      only its columns of x): ``[T', R]`` in the dense form (T' tokens of the module's
+      adapters, R the sum of their ranks), ``sum(len_s * r_s)`` elements in the segment loop,
+      ``[S_a, width, r_max]`` in BGMV, ``[T, r_max]`` float32 with Triton. Each rank then
+      expands with its ``H / N`` columns of lora_B into its columns of the output, which the
+      base all-reduce sums. So LoRA adds up to two all-reduces per layer, of ``T * R``
+      elements each against the base's ``T * H`` (R = 64 and H = 4096: 1.6% more bytes),
+      but on latency-bound decode steps each collective's fixed cost counts as much as the
+      base's. (vLLM's default ``RowParallelLinearWithLoRA`` instead keeps all of lora_B on
+      every rank and adds its partial delta before the base all-reduce: no extra collective,
+      N times the memory for lora_B; BD-LoRA, arXiv 2510.23346, restricts the adapter to
+      remove the extra communication.)
 
     Args:
         config: a transformers ``PretrainedConfig`` of a supported model type.
-        weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...).
+        weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...);
+            under tensor parallelism this rank's slices of them (``Shard.weight_range``).
         dtype, device: of the weights and activations.
         max_model_len: longest sequence; sizes the RoPE table.
         kernel_backend: "auto", "torch" or "triton" (see :class:`pagedlora.EngineConfig`).
+        shard: this rank's part; None: the whole model (one rank).
+        comm: the collectives of this rank's group; None with one rank.
 
     Raises:
         ValueError: an unsupported model type, rope type, or a missing weight (named); a
             kernel backend that cannot run on ``device`` (see
-            :func:`pagedlora.kernels.backend.select_kernels`).
+            :func:`pagedlora.kernels.backend.select_kernels`); a shard of another size than
+            ``comm``'s group.
     """
 
     def __init__(self, config, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, kernel_backend: str = "auto"
-                 ) -> None:
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {config.model_type!r} is not supported; "
-                             f"supported: {SUPPORTED_MODEL_TYPES}")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+                 device: torch.device, max_model_len: int, kernel_backend: str = "auto",
+                 shard: Shard | None = None, comm: TPComm | None = None) -> None:
+        self.check_config(config)
+        shard = shard or Shard.of(config)
+        if (comm.size if comm is not None else 1) != shard.size:
+            raise ValueError(f"a shard of {shard.size} ranks needs a group of as many")
         self.config = config
+        self.shard, self.comm = shard, comm
         self.dtype, self.device = dtype, device
         self.kernels = select_kernels(kernel_backend, device)
         self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
+        self.head_dim = shard.head_dim
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
-        h, d, i = self.hidden_size, self.head_dim, config.intermediate_size
-        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
-        self.module_shapes = {
-            "q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out),
-            "o_proj": (q_out, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        self._split_qkv = [q_out, kv_out, kv_out]
+        self.module_shapes = shard.module_shapes
+        self.lora_widths = shard.lora_widths
+        d = self.head_dim
+        self._split_qkv = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
                 raise ValueError(f"weight {name!r} is missing from the model files")
             return weights[name].to(device=device, dtype=dtype)
 
-        self.embed = take("model.embed_tokens.weight")
+        self.embed = self._vocab_rows(take("model.embed_tokens.weight"))
         self.norm = take("model.norm.weight")
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
-        self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.lm_head = self.embed if tied else self._vocab_rows(take("lm_head.weight"))
+        self.vocab_size = shard.vocab_size if comm is not None else self.embed.shape[0]
         self.layers = []
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
@@ -134,6 +163,22 @@ class LlamaModel:
                 "down": take(p + "mlp.down_proj.weight"),
             })
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Raises ValueError for a model type or activation this model does not implement."""
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"supported: {SUPPORTED_MODEL_TYPES}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+
+    def _vocab_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's embedding or LM head rows, zero-padded to ``vocab_per_rank``."""
+        missing = self.shard.vocab_per_rank - rows.shape[0]
+        if self.comm is None or missing == 0:
+            return rows
+        return torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
 
     def _rope_tables(self, config, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[max_model_len, head_dim]`` float32 cos and sin, as transformers computes them."""
@@ -156,25 +201,34 @@ class LlamaModel:
                 (emb.sin() * attention_scaling).to(self.device))
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor | None:
         """Runs the batch, writing its K/V into the pool.
 
         Returns:
-            ``[S, vocab_size]`` float32 logits of the tokens in ``batch.sample_index``.
+            ``[S, vocab_size]`` float32 logits of the tokens in ``batch.sample_index`` (under
+            tensor parallelism on rank 0; None on the other ranks).
         """
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
-        h = self.embed[batch.input_ids]                                    # [T, H]
+        h = self._embed(batch.input_ids)                                   # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
         ops = self.kernels
+        comm = self.comm
+        hidden = slice(*self.shard.hidden)
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
                 work = batch.lora.get((n, module))
-                if work is not None:
-                    in_f, out_f = self.module_shapes[module]
-                    ops.lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
+                if work is None:
+                    return
+                a_width, b_width = self.lora_widths[module]
+                if comm is None or module not in ROW_PARALLEL:
+                    ops.lora_shrink_expand(y, x, work, rows(a_width), rows(b_width))
+                    return
+                shrunk = ops.lora_shrink(x, work, rows(a_width))  # partial: x's columns here
+                comm.all_reduce(shrunk)
+                ops.lora_expand(y[:, hidden], shrunk, work, rows(b_width))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
@@ -196,6 +250,8 @@ class LlamaModel:
             attn = attn.reshape(t, self.num_heads * d)
             o = F.linear(attn, w["o"])
             lora("o_proj", o, attn)
+            if comm is not None:
+                comm.all_reduce(o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
             gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
@@ -204,6 +260,21 @@ class LlamaModel:
             a = F.silu(gate) * up
             down = F.linear(a, w["down"])
             lora("down_proj", down, a)
+            if comm is not None:
+                comm.all_reduce(down)
             h = h + down
         h = _rms_norm(h[batch.sample_index], self.norm, self.eps)
-        return F.linear(h, self.lm_head).float()
+        logits = F.linear(h, self.lm_head).float()                         # [S, V / N]
+        return logits if comm is None else comm.gather_vocab(logits, self.vocab_size)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``[T, H]`` embeddings; under tensor parallelism each rank looks up the ids of its
+        vocabulary rows, zeros for the others, and the all-reduce sums them."""
+        if self.comm is None:
+            return self.embed[input_ids]
+        lo, hi = self.shard.vocab
+        outside = (input_ids < lo) | (input_ids >= hi)
+        h = self.embed[(input_ids - lo).masked_fill(outside, 0)]
+        h.masked_fill_(outside[:, None], 0)
+        self.comm.all_reduce(h)
+        return h

@@ -23,14 +23,25 @@ class ModelRunner:
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
         pool: the unified pool the model reads and writes.
-        sampler: chooses the tokens (a test may pass its own).
+        sampler: chooses the tokens (a test may pass its own); None on a tensor-parallel rank
+            that only runs the forward pass (:meth:`forward`).
     """
 
-    def __init__(self, model: LlamaModel, pool: UnifiedPool, sampler: Sampler) -> None:
+    def __init__(self, model: LlamaModel, pool: UnifiedPool, sampler: Sampler | None) -> None:
         self.model = model
         self.pool = pool
         self.sampler = sampler
-        self.lora = LoraLayouts(pool, model.module_shapes, model.kernels.reads_gathered_rows)
+        self.lora = LoraLayouts(pool, model.lora_widths, model.kernels.reads_gathered_rows)
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of the logits (token ids a prompt may hold)."""
+        return self.model.vocab_size
+
+    @property
+    def kernel_backend(self) -> str:
+        """The kernels the model runs: "torch" or "triton"."""
+        return self.model.kernels.backend
 
     def run(self, step: StepInput) -> RunnerOutput:
         """Runs one step.
@@ -42,11 +53,23 @@ class ModelRunner:
         self.sampler.forget(step.finished_request_ids)
         if not step.sequences:
             return RunnerOutput()
-        order = sorted(step.sequences, key=lambda s: s.adapter_key or "")
-        batch, sampled = self._build(order, step)
-        logits = self.model.forward(batch, self.pool)
+        logits, sampled = self.forward(step)
         tokens = self.sampler.sample(logits, sampled)
         return RunnerOutput(tuple(s.request_id for s in sampled), tuple(tokens))
+
+    def forward(self, step: StepInput) -> tuple[torch.Tensor | None, list[SequenceInput]]:
+        """The step's forward pass without sampling (``step.sequences`` not empty).
+
+        Returns:
+            ``[S, vocab_size]`` float32 logits (None on tensor-parallel ranks other than 0)
+            and the S sequences they belong to, row by row.
+        """
+        order = sorted(step.sequences, key=lambda s: s.adapter_key or "")
+        batch, sampled = self._build(order, step)
+        return self.model.forward(batch, self.pool), sampled
+
+    def close(self) -> None:
+        """Nothing to release: the model and the pool are this process's memory."""
 
     def _build(self, order: list[SequenceInput], step: StepInput
                ) -> tuple[ForwardBatch, list[SequenceInput]]:

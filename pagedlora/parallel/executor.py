@@ -1,0 +1,384 @@
+"""TensorParallelExecutor: the engine's runner when the model is split over worker processes."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp  # registers torch's reductions: tensors cross as shared memory
+
+from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter
+from pagedlora.config import EngineConfig
+from pagedlora.errors import EngineDeadError
+from pagedlora.lora_adapter import AdapterWeights, LoraAdapter
+from pagedlora.parallel.host_weights import SharedWeights, share
+from pagedlora.parallel.messages import (
+    LoadAdapter,
+    Ready,
+    RunStep,
+    Shutdown,
+    StepDone,
+    WorkerError,
+    WorkerSpec,
+)
+from pagedlora.parallel.shard import Shard
+from pagedlora.parallel.worker import worker_main
+from pagedlora.pool import UnifiedPool
+from pagedlora.sampler import Sampler
+from pagedlora.scheduler import RunnerOutput
+from pagedlora.step_input import StepInput
+
+log = logging.getLogger(__name__)
+
+STOP_TIMEOUT_S = 10.0  # how long close() lets a worker leave the group before killing it
+
+
+class TensorParallelExecutor:
+    """The model runner of a tensor-parallel engine: ``N`` worker processes (``spawn``; one
+    per device, on the CPU one per group of ``torch.get_num_threads() // N`` cores), rank r
+    holding its :class:`Shard` of the model and a pool of the driver's page geometry, joined
+    by ``torch.distributed`` (NCCL on CUDA, gloo on the CPU) for the forward pass's
+    collectives. The driver keeps the scheduler, the allocator, the adapter registry and the
+    host and disk tiers (vLLM's multiprocessing executor has the same split).
+
+    One step is one message, pickled once and written to every worker's pipe: the step's
+    sequences (token ids, positions, block tables: page ids) and each adapter's placement
+    id; adapter rows travel once per load (:meth:`load`), as a shared-memory buffer that each
+    worker maps and slices. Every rank answers; rank 0's answer holds the sampled tokens (or,
+    with a sampler in the driver, the logits).
+
+    Faults: a worker that dies (its process sentinel fires), fails (it reports its
+    traceback) or does not answer within ``worker_timeout_s`` (hung; collectives time out
+    after as long) makes :meth:`run` and :meth:`load` raise :class:`EngineDeadError` naming
+    the rank; every worker is then stopped, and every later call raises the same error.
+    Ctrl-C while a step runs lets the step finish (within the timeout) before the
+    KeyboardInterrupt goes on (SIGINT is held back meanwhile), so the pipes stay in step.
+    :meth:`close` (also run when the executor is garbage-collected or the interpreter exits)
+    stops the workers and kills those that do not leave within :data:`STOP_TIMEOUT_S`; a
+    driver killed outright leaves no worker behind either (they watch their parent, see
+    :func:`worker_main`).
+
+    Args:
+        procs, conns: the started workers and the driver's end of their pipes, by rank.
+        store: the ``TCPStore`` the ranks met at (kept for the executor's life).
+        timeout_s: ``worker_timeout_s``.
+        sampler: a sampler that runs in the driver (rank 0 then returns the logits), or None
+            (rank 0 samples).
+        vocab_size: columns of the logits.
+        kernel_backend: the workers' kernels ("torch" or "triton").
+    """
+
+    model = None  # the workers hold it
+
+    def __init__(self, procs: list, conns: list[Connection], store, *, timeout_s: float,
+                 sampler: Sampler | None, vocab_size: int, kernel_backend: str) -> None:
+        self.procs = procs
+        self.conns = conns
+        self.timeout_s = timeout_s
+        self.sampler = sampler
+        self.vocab_size = vocab_size
+        self.kernel_backend = kernel_backend
+        self.error: str | None = None  # why the workers are gone; set once
+        self._store = store
+        self._finished: tuple[int, ...] = ()  # finished request ids not sent yet
+        self._stop = weakref.finalize(self, _stop_workers, procs, conns)
+
+    @classmethod
+    def start(cls, config: EngineConfig, model_dir: Path, *, num_pages: int,
+              static_slot_pages: int, max_model_len: int, vocab_size: int,
+              sampler: Sampler | None) -> TensorParallelExecutor:
+        """Spawns ``config.tensor_parallel_size`` workers and waits until each has built its
+        shard (at most ``config.worker_timeout_s``).
+
+        Raises:
+            RuntimeError: a worker failed to start (naming its rank and its error), or did
+                not start in time; every worker is stopped then.
+            ValueError: a CUDA device count below ``tensor_parallel_size``.
+        """
+        size = config.tensor_parallel_size
+        device = torch.device(config.device)
+        if device.type == "cuda" and (device.index or 0) + size > torch.cuda.device_count():
+            raise ValueError(f"tensor_parallel_size={size} from device {config.device!r} needs "
+                             f"{(device.index or 0) + size} CUDA devices; "
+                             f"{torch.cuda.device_count()} are visible")
+        timeout = datetime.timedelta(seconds=config.worker_timeout_s)
+        store = dist.TCPStore("127.0.0.1", 0, size + 1, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        spec = WorkerSpec(model_dir=Path(model_dir), config=config, max_model_len=max_model_len,
+                          num_pages=num_pages, static_slot_pages=static_slot_pages,
+                          size=size, driver_samples=sampler is not None,
+                          threads=max(1, torch.get_num_threads() // size),
+                          store_port=store.port, driver_pid=os.getpid())
+        ctx = mp.get_context("spawn")
+        procs, conns = [], []
+        try:
+            for rank in range(size):
+                parent, child = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=worker_main, args=(spec, rank, child), daemon=True,
+                                   name=f"pagedlora-tp{rank}")
+                proc.start()
+                child.close()
+                procs.append(proc)
+                conns.append(parent)
+            executor = cls(procs, conns, store, timeout_s=config.worker_timeout_s,
+                           sampler=sampler, vocab_size=vocab_size,
+                           kernel_backend=_backend(config))
+        except BaseException:
+            _stop_workers(procs, conns)
+            raise
+        try:
+            executor._answers(range(size), Ready, "start")
+        except EngineDeadError as e:
+            raise RuntimeError(str(e)) from None
+        return executor
+
+    @property
+    def pids(self) -> list[int]:
+        """The workers' process ids, by rank."""
+        return [p.pid for p in self.procs]
+
+    def adapter_pages(self, pool: UnifiedPool, shard: Shard) -> ShardedAdapterPages:
+        """The adapter store's pages on these workers (rank 0's geometry is every rank's)."""
+        return ShardedAdapterPages(AdapterPacker(pool, module_shapes=shard.lora_widths), self)
+
+    def load(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> None:
+        """Sends every worker the adapter, to fill ``pages`` with its shard (in order before
+        the step that uses it; a failure surfaces at that step).
+
+        Raises:
+            EngineDeadError: a worker is gone.
+        """
+        self._check_alive()
+        shared = SharedWeights.of(weights)
+        with self._exchange("adapter load"):
+            for rank, conn in enumerate(self.conns):
+                # pickled per rank: a shared buffer's file descriptor is handed out once
+                self._send(rank, conn, LoadAdapter(adapter, pages, placement_id, shared))
+
+    def run(self, step: StepInput) -> RunnerOutput:
+        """Runs one step on every rank.
+
+        Returns:
+            rank 0's sampled tokens (or the driver's sampler's, from rank 0's logits).
+        Raises:
+            EngineDeadError: a worker died, failed or did not answer in time.
+        """
+        self._check_alive()
+        if self.sampler is not None:
+            self.sampler.forget(step.finished_request_ids)
+        finished = (*self._finished, *step.finished_request_ids)
+        if not step.sequences:
+            self._finished = finished  # for rank 0's sampler, with the next step
+            return RunnerOutput()
+        self._finished = ()
+        msg = RunStep(step.sequences, {k: p.placement_id for k, p in step.adapters.items()},
+                      finished)
+        data = ForkingPickler.dumps(msg)  # once, for every rank
+        with self._exchange("step"):
+            for rank, conn in enumerate(self.conns):
+                self._send(rank, conn, data)
+            first = self._answers(range(len(self.conns)), StepDone, "step")[0]
+        if self.sampler is None:
+            return first.output
+        rows = {s.request_id: s for s in step.sequences}
+        tokens = self.sampler.sample(torch.from_numpy(first.logits),
+                                     [rows[rid] for rid in first.request_ids])
+        return RunnerOutput(first.request_ids, tuple(tokens))
+
+    def close(self) -> None:
+        """Stops the workers (Shutdown, then kill after :data:`STOP_TIMEOUT_S`) and closes
+        the pipes. Idempotent."""
+        self._stop()
+        self.error = self.error or "the engine was closed"
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.error is not None:
+            raise EngineDeadError(f"the tensor-parallel engine cannot run: {self.error}; make a "
+                                  f"new Engine")
+
+    def _send(self, rank: int, conn: Connection, msg: object) -> None:
+        """Writes ``msg`` (bytes: already pickled) to rank ``rank``; a broken pipe means the
+        worker is gone."""
+        try:
+            if isinstance(msg, (bytes, memoryview)):
+                conn.send_bytes(msg)
+            else:
+                conn.send(msg)
+        except OSError:
+            self._die(f"tensor-parallel worker rank {rank} (pid {self.procs[rank].pid}) is "
+                      f"gone: {self._exit_words(rank)}")
+
+    @contextmanager
+    def _exchange(self, what: str) -> Iterator[None]:
+        """One conversation with the ranks (a step's message and answers, or a load's
+        messages), which must not stop halfway: the pipes would then hold half of it. In the
+        main thread, with Python's default SIGINT handler, a Ctrl-C meanwhile is held back and
+        raised as KeyboardInterrupt when the conversation ends (at most ``worker_timeout_s``
+        later; in other threads Ctrl-C does not interrupt the engine). Any other exception in
+        the middle makes the workers unusable (they are stopped)."""
+        held: list = []
+        restore = threading.current_thread() is threading.main_thread() \
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        if restore:
+            signal.signal(signal.SIGINT, lambda *args: held.append(args))
+        try:
+            yield
+        except EngineDeadError:
+            raise
+        except BaseException as e:
+            self._record(f"{type(e).__name__} in the middle of a {what}: {e}")
+            raise
+        finally:
+            if restore:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt
+
+    def _answers(self, ranks: Sequence[int], kind: type, what: str) -> list:
+        """Waits for one ``kind`` message from each of ``ranks`` (at most ``timeout_s``);
+        returns them by rank.
+
+        Raises:
+            EngineDeadError: a worker died, reported an error, sent something else, or did
+                not answer in time (all workers are stopped then).
+        """
+        pending = set(ranks)
+        got: dict[int, object] = {}
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            waitables = {self.conns[r]: r for r in pending}
+            waitables.update({self.procs[r].sentinel: r for r in pending})
+            ready = wait(list(waitables), timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks_ = ", ".join(str(r) for r in sorted(pending))
+                self._die(f"tensor-parallel worker rank {ranks_} did not answer the {what} "
+                          f"within worker_timeout_s={self.timeout_s:g} s (hung)")
+            for obj in sorted(ready, key=lambda o: not isinstance(o, Connection)):
+                rank = waitables[obj]
+                if rank not in pending:
+                    continue
+                conn = self.conns[rank]
+                if isinstance(obj, Connection) or conn.poll():  # a last message before exiting
+                    got[rank] = self._receive(rank, conn, kind, what)
+                    pending.discard(rank)
+                else:
+                    self._die(f"tensor-parallel worker rank {rank} (pid "
+                              f"{self.procs[rank].pid}) {self._exit_words(rank)} during the "
+                              f"{what}")
+        return [got[r] for r in sorted(got)]
+
+    def _receive(self, rank: int, conn: Connection, kind: type, what: str) -> object:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            self._die(f"tensor-parallel worker rank {rank} (pid {self.procs[rank].pid}) "
+                      f"{self._exit_words(rank)} during the {what}")
+        if isinstance(msg, WorkerError):
+            self._die(f"tensor-parallel worker rank {rank} failed during the {what}:\n"
+                      f"{msg.message.rstrip()}")
+        if not isinstance(msg, kind):
+            self._die(f"tensor-parallel worker rank {rank} answered the {what} with "
+                      f"{type(msg).__name__}, expected {kind.__name__}")
+        return msg
+
+    def _exit_words(self, rank: int) -> str:
+        proc = self.procs[rank]
+        proc.join(0.5)
+        code = proc.exitcode
+        if code is None:
+            return "closed its pipe"
+        return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+    def _die(self, message: str) -> None:
+        """:meth:`_record`, then raises EngineDeadError."""
+        self._record(message)
+        self._check_alive()
+
+    def _record(self, message: str) -> None:
+        """Records why the workers are gone (the first reason wins) and kills them at once: a
+        hung or half-informed worker cannot be asked to leave."""
+        if self.error is None:
+            self.error = message
+            log.error("%s; stopping every worker", message)
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        self._stop()
+
+
+class ShardedAdapterPages:
+    """The adapter store's pages (``AdapterPages``) on a tensor-parallel engine: placements
+    are computed in the driver (the same page tables as every rank's, which the driver needs
+    for its accounting only), rows are written by the workers, each its shard; host memory
+    holds each adapter once, in shared memory (:func:`share`), for all ranks.
+
+    Args:
+        packer: the placement arithmetic at a rank's row widths (over the driver's pool,
+            which has no tensor).
+        executor: the workers.
+    """
+
+    def __init__(self, packer: AdapterPacker, executor: TensorParallelExecutor) -> None:
+        self.packer = packer
+        self.executor = executor
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """Pages ``adapter`` takes on each rank."""
+        return self.packer.num_pages(adapter)
+
+    def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> ResidentAdapter:
+        """Sends the adapter to every worker to fill ``pages``; returns the placement.
+
+        Raises:
+            ValueError: ``pages`` has another length than :meth:`num_pages`.
+            EngineDeadError: a worker is gone.
+        """
+        placement = self.packer.place(adapter, pages, placement_id)
+        self.executor.load(adapter, weights, pages, placement_id)
+        return placement
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """``weights`` in shared memory (one copy per machine that every rank maps)."""
+        return share(weights)
+
+
+def _backend(config: EngineConfig) -> str:
+    """The workers' kernel backend name (as ``select_kernels`` resolves "auto")."""
+    if config.kernel_backend != "auto":
+        return config.kernel_backend
+    return "triton" if config.device.startswith("cuda") else "torch"
+
+
+def _stop_workers(procs: list, conns: list[Connection]) -> None:
+    """Asks every worker to leave, kills those still there after :data:`STOP_TIMEOUT_S`,
+    closes the pipes. Safe to call again."""
+    for conn in conns:
+        try:
+            conn.send(Shutdown())
+        except (OSError, ValueError):  # gone, or the pipe is closed already
+            pass
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    for conn in conns:
+        conn.close()

@@ -1,0 +1,111 @@
+"""What the driver of a tensor-parallel engine and its workers send each other (one pipe per
+worker; everything plain Python or small, except adapter buffers, which travel as file
+descriptors of shared memory)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pagedlora.config import EngineConfig
+from pagedlora.lora_adapter import LoraAdapter
+from pagedlora.parallel.host_weights import SharedWeights
+from pagedlora.scheduler import RunnerOutput
+from pagedlora.step_input import SequenceInput
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker needs to build its shard (sent once, at spawn).
+
+    Attributes:
+        model_dir: the HF model directory (each rank reads its slices of the weights).
+        config: the engine's options (dtype, device, kernels, block size...).
+        max_model_len: sizes the RoPE tables.
+        num_pages: pages of each rank's pool (the driver's allocator hands out their ids).
+        static_slot_pages: pages of an adapter slot with ``memory_layout="static"``.
+        size: ranks.
+        driver_samples: rank 0 returns the logits, not tokens (a sampler passed to the
+            engine runs in the driver).
+        threads: torch intra-op threads per worker (CPU).
+        store_port: the driver's ``TCPStore`` on the loopback, where the ranks meet.
+        driver_pid: a worker exits when its parent is no longer this process.
+    """
+
+    model_dir: Path
+    config: EngineConfig
+    max_model_len: int
+    num_pages: int
+    static_slot_pages: int
+    size: int
+    driver_samples: bool
+    threads: int
+    store_port: int
+    driver_pid: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A worker built its shard and its pool."""
+
+    rank: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class LoadAdapter:
+    """Fill ``pages`` of the pool with this rank's shard of an adapter (no answer: a failure
+    is reported as :class:`WorkerError` instead of the next step's answer).
+
+    Attributes:
+        adapter: its description (ranks, scales per module).
+        pages: the pages the driver's allocator gave it (the same on every rank).
+        placement_id: the placement's id, by which steps name it.
+        weights: the whole adapter, in shared memory.
+    """
+
+    adapter: LoraAdapter
+    pages: list[int]
+    placement_id: int
+    weights: SharedWeights
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """One step: the runner's ``StepInput`` with each adapter named by its placement id
+    (placed by an earlier :class:`LoadAdapter`), so a step carries ids and block tables only.
+
+    Attributes:
+        sequences: the step's requests, as ``StepInput.sequences``.
+        placements: adapter content key -> placement id.
+        finished_request_ids: requests finished since the last step sent.
+    """
+
+    sequences: tuple[SequenceInput, ...]
+    placements: dict[str, int]
+    finished_request_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """A rank ran the step. Rank 0 answers with its ``output`` (tokens), or with the
+    ``logits`` (``[S, vocab]`` float32 numpy array) and their ``request_ids`` when the driver
+    samples; the others with neither."""
+
+    rank: int
+    output: RunnerOutput | None = None
+    request_ids: tuple[int, ...] = ()
+    logits: object = None
+
+
+@dataclass(frozen=True)
+class WorkerError:
+    """A worker failed (its traceback in ``message``) and is exiting."""
+
+    rank: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """Leave the process group and exit."""
