@@ -92,6 +92,30 @@ def peft_greedy(base, adapter_dir: Path | None, prompt: list[int], n: int) -> li
     return out[0, len(prompt):].tolist()
 
 
+def save_adapters(model_dir: Path, root: Path, specs: dict[str, dict]) -> dict[str, Path]:
+    """``name -> save_random_adapter(model_dir, root / name, **spec)`` for every spec."""
+    return {n: save_random_adapter(model_dir, root / n, **dict(o)) for n, o in specs.items()}
+
+
+def peft_oracle(model_dir: Path, dirs: dict[str, Path]) -> Callable:
+    """``(adapter name or None, token_ids) -> [vocab]`` float32 last-position logits of HF
+    (None) or of ``PeftModel`` with each adapter of ``dirs`` (one model each): the reference
+    of :func:`drive`."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def base():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    models = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
+                               for n, d in dirs.items()}}
+
+    @torch.inference_mode()
+    def logits(name, ids):
+        return models[name](input_ids=torch.tensor([ids])).logits[0, -1].float()
+    return logits
+
+
 def prompts(n, seed=0, lo=3, hi=30) -> list[list[int]]:
     """``n`` random token-id prompts of ``lo..hi`` tokens (ids 3..48999)."""
     rng = random.Random(seed)
@@ -307,6 +331,48 @@ def assert_kv_released(engine: Engine) -> None:
     engine.core.scheduler.kv.check_invariants(engine.core.scheduler.running)
     stats = engine.stats()
     assert stats["pages_kv"] == stats["pages_kv_cached"], stats
+
+
+# -- processes (tensor parallelism) ------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (read from ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from ``/proc``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_gone(pids, timeout_s: float = 20.0) -> list[int]:
+    """Waits until none of ``pids`` is alive; returns those still alive at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in pids if process_alive(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def shm_of(pids) -> list[str]:
+    """Shared-memory files in ``/dev/shm`` that name one of ``pids`` (torch names them
+    ``torch_<pid>_...``)."""
+    return sorted(f.name for f in Path("/dev/shm").iterdir()
+                  if any(f"_{p}_" in f.name or f.name.endswith(f"_{p}") for p in pids))
 
 
 # -- the scheduler alone (pure Python) -------------------------------------------------------------
