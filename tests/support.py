@@ -358,6 +358,17 @@ def child_pids(pid: int) -> list[int]:
     return found
 
 
+def spawned_workers(pid: int) -> list[int]:
+    """The children of ``pid`` that multiprocessing's ``spawn`` started (tensor-parallel
+    workers), in pid order (not its resource tracker)."""
+    def cmdline(child: int) -> bytes:
+        try:
+            return Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            return b""
+    return sorted(c for c in child_pids(pid) if b"spawn_main" in cmdline(c))
+
+
 def wait_gone(pids, timeout_s: float = 20.0) -> list[int]:
     """Waits until none of ``pids`` is alive; returns those still alive at the timeout."""
     deadline = time.monotonic() + timeout_s

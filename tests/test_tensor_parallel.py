@@ -158,6 +158,26 @@ def test_prefix_cache_hits_give_the_same_tokens(tp2, hf_base, dirs):
                                                                    prompt, 10)
 
 
+def test_triton_kernels_under_the_interpreter_give_the_torch_kernels_tokens(
+        tiny_llama_dir, dirs, monkeypatch):
+    """kernel_backend="triton" in the workers (the interpreter: TRITON_INTERPRET=1 in their
+    environment): the row-parallel modules' shrink, all-reduce and expand run on the Triton
+    kernels; the tokens are the torch kernels' in one process."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    few = {n: dirs[n] for n in ("r1", "pat", "rs")}
+    names = ["pat", None, "rs", "r1"]
+    prompts = [random_prompt(4 + 3 * i, seed=80 + i) for i in range(len(names))]
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    with _engine(tiny_llama_dir, few, tensor_parallel_size=2, kernel_backend="triton") as tp:
+        assert tp.core.runner.kernel_backend == "triton"
+        got = [o.token_ids for o in tp.generate(prompts, adapters=names, sampling_params=sp,
+                                                progress=False)]
+    with _engine(tiny_llama_dir, few) as single:
+        want = [o.token_ids for o in single.generate(prompts, adapters=names,
+                                                     sampling_params=sp, progress=False)]
+    assert got == want
+
+
 # -- page pressure: preemption, eviction and reload, chunked prefill, prefix caching ----------
 
 PRESSURE = {"p2": dict(r=2, target_modules=["q_proj", "v_proj"], seed=11),

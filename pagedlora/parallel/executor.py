@@ -34,7 +34,7 @@ from pagedlora.parallel.messages import (
     WorkerSpec,
 )
 from pagedlora.parallel.shard import Shard
-from pagedlora.parallel.worker import worker_main
+from pagedlora.parallel.worker import start_timeout_s, worker_main
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
 from pagedlora.scheduler import RunnerOutput
@@ -43,6 +43,9 @@ from pagedlora.step_input import StepInput
 log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # how long close() lets a worker leave the group before killing it
+# Past worker_timeout_s, how long a step waits for ranks whose collectives timed out waiting
+# for a hung peer to say so, so that the silent one is named.
+COLLECTIVE_GRACE_S = 3.0
 
 
 class TensorParallelExecutor:
@@ -60,9 +63,11 @@ class TensorParallelExecutor:
     with a sampler in the driver, the logits).
 
     Faults: a worker that dies (its process sentinel fires), fails (it reports its
-    traceback) or does not answer within ``worker_timeout_s`` (hung; collectives time out
-    after as long) makes :meth:`run` and :meth:`load` raise :class:`EngineDeadError` naming
-    the rank; every worker is then stopped, and every later call raises the same error.
+    traceback) or does not answer within ``worker_timeout_s`` plus
+    :data:`COLLECTIVE_GRACE_S` (hung; its peers' collectives time out after
+    ``worker_timeout_s`` and they say so) makes :meth:`run` and :meth:`load` raise
+    :class:`EngineDeadError` naming the rank; every worker is then stopped, and every later
+    call raises the same error.
     Ctrl-C while a step runs lets the step finish (within the timeout) before the
     KeyboardInterrupt goes on (SIGINT is held back meanwhile), so the pipes stay in step.
     :meth:`close` (also run when the executor is garbage-collected or the interpreter exits)
@@ -77,19 +82,22 @@ class TensorParallelExecutor:
         sampler: a sampler that runs in the driver (rank 0 then returns the logits), or None
             (rank 0 samples).
         vocab_size: columns of the logits.
-        kernel_backend: the workers' kernels ("torch" or "triton").
+
+    Attributes:
+        kernel_backend: the workers' kernels ("torch" or "triton"), as rank 0 reports them.
+        error: why the workers are gone (the first reason), or None while they run.
     """
 
     model = None  # the workers hold it
 
     def __init__(self, procs: list, conns: list[Connection], store, *, timeout_s: float,
-                 sampler: Sampler | None, vocab_size: int, kernel_backend: str) -> None:
+                 sampler: Sampler | None, vocab_size: int) -> None:
         self.procs = procs
         self.conns = conns
         self.timeout_s = timeout_s
         self.sampler = sampler
         self.vocab_size = vocab_size
-        self.kernel_backend = kernel_backend
+        self.kernel_backend = ""  # the workers', once they are ready
         self.error: str | None = None  # why the workers are gone; set once
         self._store = store
         self._finished: tuple[int, ...] = ()  # finished request ids not sent yet
@@ -100,7 +108,7 @@ class TensorParallelExecutor:
               static_slot_pages: int, max_model_len: int, vocab_size: int,
               sampler: Sampler | None) -> TensorParallelExecutor:
         """Spawns ``config.tensor_parallel_size`` workers and waits until each has built its
-        shard (at most ``config.worker_timeout_s``).
+        shard (at most :func:`~pagedlora.parallel.worker.start_timeout_s`).
 
         Raises:
             RuntimeError: a worker failed to start (naming its rank and its error), or did
@@ -113,7 +121,7 @@ class TensorParallelExecutor:
             raise ValueError(f"tensor_parallel_size={size} from device {config.device!r} needs "
                              f"{(device.index or 0) + size} CUDA devices; "
                              f"{torch.cuda.device_count()} are visible")
-        timeout = datetime.timedelta(seconds=config.worker_timeout_s)
+        timeout = datetime.timedelta(seconds=start_timeout_s(config))
         store = dist.TCPStore("127.0.0.1", 0, size + 1, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         spec = WorkerSpec(model_dir=Path(model_dir), config=config, max_model_len=max_model_len,
@@ -133,15 +141,16 @@ class TensorParallelExecutor:
                 procs.append(proc)
                 conns.append(parent)
             executor = cls(procs, conns, store, timeout_s=config.worker_timeout_s,
-                           sampler=sampler, vocab_size=vocab_size,
-                           kernel_backend=_backend(config))
+                           sampler=sampler, vocab_size=vocab_size)
         except BaseException:
             _stop_workers(procs, conns)
             raise
         try:
-            executor._answers(range(size), Ready, "start")
+            ready = executor._answers(range(size), Ready, "start",
+                                      timeout_s=start_timeout_s(config))
         except EngineDeadError as e:
             raise RuntimeError(str(e)) from None
+        executor.kernel_backend = ready[0].kernel_backend
         return executor
 
     @property
@@ -208,8 +217,8 @@ class TensorParallelExecutor:
 
     def _check_alive(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"the tensor-parallel engine cannot run: {self.error}; make a "
-                                  f"new Engine")
+            raise EngineDeadError(f"{self.error}; the tensor-parallel engine cannot run any "
+                                  f"more: make a new Engine")
 
     def _send(self, rank: int, conn: Connection, msg: object) -> None:
         """Writes ``msg`` (bytes: already pickled) to rank ``rank``; a broken pipe means the
@@ -249,9 +258,14 @@ class TensorParallelExecutor:
         if held:
             raise KeyboardInterrupt
 
-    def _answers(self, ranks: Sequence[int], kind: type, what: str) -> list:
-        """Waits for one ``kind`` message from each of ``ranks`` (at most ``timeout_s``);
-        returns them by rank.
+    def _answers(self, ranks: Sequence[int], kind: type, what: str,
+                 timeout_s: float | None = None) -> list:
+        """Waits for one ``kind`` message from each of ``ranks``; returns them by rank.
+
+        A rank whose collective lost a peer (``WorkerError.peer_lost``) points at another
+        one: the wait goes on, so that the rank that died, failed, or stays silent past
+        ``timeout_s + COLLECTIVE_GRACE_S`` (its peers' collectives time out after
+        ``timeout_s``) is the one named.
 
         Raises:
             EngineDeadError: a worker died, reported an error, sent something else, or did
@@ -259,41 +273,52 @@ class TensorParallelExecutor:
         """
         pending = set(ranks)
         got: dict[int, object] = {}
-        deadline = time.monotonic() + self.timeout_s
+        lost: dict[int, str] = {}  # rank -> its collective's error
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s + COLLECTIVE_GRACE_S
         while pending:
             waitables = {self.conns[r]: r for r in pending}
             waitables.update({self.procs[r].sentinel: r for r in pending})
             ready = wait(list(waitables), timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                ranks_ = ", ".join(str(r) for r in sorted(pending))
-                self._die(f"tensor-parallel worker rank {ranks_} did not answer the {what} "
-                          f"within worker_timeout_s={self.timeout_s:g} s (hung)")
+                self._die(f"tensor-parallel worker rank {_ranks(pending)} did not answer the "
+                          f"{what} within {timeout_s:g} s (hung)"
+                          + _lost_words(lost))
             for obj in sorted(ready, key=lambda o: not isinstance(o, Connection)):
                 rank = waitables[obj]
                 if rank not in pending:
                     continue
                 conn = self.conns[rank]
-                if isinstance(obj, Connection) or conn.poll():  # a last message before exiting
-                    got[rank] = self._receive(rank, conn, kind, what)
-                    pending.discard(rank)
-                else:
+                if not (isinstance(obj, Connection) or conn.poll()):  # no last message
                     self._die(f"tensor-parallel worker rank {rank} (pid "
                               f"{self.procs[rank].pid}) {self._exit_words(rank)} during the "
-                              f"{what}")
+                              f"{what}" + _lost_words(lost))
+                msg = self._receive(rank, conn, what, lost)
+                pending.discard(rank)
+                if isinstance(msg, WorkerError):
+                    lost[rank] = msg.message
+                elif not isinstance(msg, kind):
+                    self._die(f"tensor-parallel worker rank {rank} answered the {what} with "
+                              f"{type(msg).__name__}, expected {kind.__name__}")
+                else:
+                    got[rank] = msg
+        if lost:
+            self._die(f"tensor-parallel workers lost each other in a collective during the "
+                      f"{what}" + _lost_words(lost))
         return [got[r] for r in sorted(got)]
 
-    def _receive(self, rank: int, conn: Connection, kind: type, what: str) -> object:
+    def _receive(self, rank: int, conn: Connection, what: str, lost: dict[int, str]
+                 ) -> object:
+        """Rank ``rank``'s next message; a WorkerError is raised as EngineDeadError unless it
+        is a lost peer's (returned)."""
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             self._die(f"tensor-parallel worker rank {rank} (pid {self.procs[rank].pid}) "
-                      f"{self._exit_words(rank)} during the {what}")
-        if isinstance(msg, WorkerError):
+                      f"{self._exit_words(rank)} during the {what}" + _lost_words(lost))
+        if isinstance(msg, WorkerError) and not msg.peer_lost:
             self._die(f"tensor-parallel worker rank {rank} failed during the {what}:\n"
                       f"{msg.message.rstrip()}")
-        if not isinstance(msg, kind):
-            self._die(f"tensor-parallel worker rank {rank} answered the {what} with "
-                      f"{type(msg).__name__}, expected {kind.__name__}")
         return msg
 
     def _exit_words(self, rank: int) -> str:
@@ -358,11 +383,16 @@ class ShardedAdapterPages:
         return share(weights)
 
 
-def _backend(config: EngineConfig) -> str:
-    """The workers' kernel backend name (as ``select_kernels`` resolves "auto")."""
-    if config.kernel_backend != "auto":
-        return config.kernel_backend
-    return "triton" if config.device.startswith("cuda") else "torch"
+def _ranks(ranks) -> str:
+    return ", ".join(str(r) for r in sorted(ranks))
+
+
+def _lost_words(lost: dict[int, str]) -> str:
+    """What the ranks whose collectives lost a peer said."""
+    if not lost:
+        return ""
+    return "; " + "; ".join(f"rank {r}'s collective failed waiting for it ({m})"
+                            for r, m in sorted(lost.items()))
 
 
 def _stop_workers(procs: list, conns: list[Connection]) -> None:

@@ -46,10 +46,11 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class Ready:
-    """A worker built its shard and its pool."""
+    """A worker built its shard and its pool; its kernels are ``kernel_backend``."""
 
     rank: int
     pid: int
+    kernel_backend: str
 
 
 @dataclass(frozen=True)
@@ -100,10 +101,13 @@ class StepDone:
 
 @dataclass(frozen=True)
 class WorkerError:
-    """A worker failed (its traceback in ``message``) and is exiting."""
+    """A worker failed (its traceback in ``message``) and is exiting; ``peer_lost``: in a
+    collective that lost a peer or timed out waiting for one (a symptom of another rank's
+    fault, which the driver looks for before it blames this one)."""
 
     rank: int
     message: str
+    peer_lost: bool = False
 
 
 @dataclass(frozen=True)

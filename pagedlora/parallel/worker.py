@@ -15,11 +15,12 @@ import torch
 import torch.distributed as dist
 
 from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter
+from pagedlora.config import EngineConfig
 from pagedlora.lora_adapter import ModuleWeights
 from pagedlora.model import LlamaModel
 from pagedlora.model_files import load_weights
 from pagedlora.model_runner import ModelRunner
-from pagedlora.parallel.comm import TPComm
+from pagedlora.parallel.comm import CollectiveError, TPComm
 from pagedlora.parallel.messages import (
     LoadAdapter,
     Ready,
@@ -35,6 +36,13 @@ from pagedlora.sampler import Sampler
 from pagedlora.step_input import StepInput
 
 ORPHAN_CHECK_S = 0.5  # how often a worker checks that its driver is still its parent
+START_TIMEOUT_S = 600.0  # the least a worker gets to start (imports, reading its shard)
+
+
+def start_timeout_s(config: EngineConfig) -> float:
+    """Seconds a worker may take to start: ``worker_timeout_s``, at least
+    :data:`START_TIMEOUT_S` (a step's bound is no bound for reading a model)."""
+    return max(config.worker_timeout_s, START_TIMEOUT_S)
 
 
 def worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
@@ -56,7 +64,7 @@ def worker_main(spec: WorkerSpec, rank: int, conn: Connection) -> None:
     except BaseException:  # noqa: BLE001 - the driver reports it, naming the rank
         _send(conn, WorkerError(rank, traceback.format_exc()))
         return
-    conn.send(Ready(rank, os.getpid()))
+    conn.send(Ready(rank, os.getpid(), worker.runner.kernel_backend))
     try:
         worker.serve(conn)
     finally:
@@ -90,7 +98,8 @@ class Worker:
     @classmethod
     def start(cls, spec: WorkerSpec, rank: int) -> Worker:
         """Joins the group (NCCL on CUDA, gloo on the CPU; collectives time out after
-        ``spec.config.worker_timeout_s``) and builds the shard.
+        ``spec.config.worker_timeout_s``) and builds the shard (all within
+        :func:`start_timeout_s`).
 
         Raises:
             whatever the group, the model files or the model raise (reported to the driver).
@@ -102,17 +111,21 @@ class Worker:
         if device.type == "cuda":  # rank r on the r-th device from the one configured
             device = torch.device("cuda", (device.index or 0) + rank)
             torch.cuda.set_device(device)
-        timeout = datetime.timedelta(seconds=config.worker_timeout_s)
-        store = dist.TCPStore("127.0.0.1", spec.store_port, is_master=False, timeout=timeout)
+        # Meeting the other ranks may take as long as their imports; their collectives
+        # then wait at most worker_timeout_s (a group of their own with that timeout).
+        joining = datetime.timedelta(seconds=start_timeout_s(config))
+        store = dist.TCPStore("127.0.0.1", spec.store_port, is_master=False, timeout=joining)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
-                                rank=rank, world_size=spec.size, timeout=timeout)
+                                rank=rank, world_size=spec.size, timeout=joining)
+        group = dist.new_group(list(range(spec.size)),
+                               timeout=datetime.timedelta(seconds=config.worker_timeout_s))
         hf_config = AutoConfig.from_pretrained(spec.model_dir)
         shard = Shard.of(hf_config, rank, spec.size)
         dtype = getattr(torch, config.dtype)
         model = LlamaModel(hf_config, load_weights(spec.model_dir, shard), dtype=dtype,
                            device=device, max_model_len=spec.max_model_len,
                            kernel_backend=config.kernel_backend, shard=shard,
-                           comm=TPComm(rank, spec.size))
+                           comm=TPComm(rank, spec.size, group))
         pool = UnifiedPool.for_config(config, num_layers=shard.num_layers,
                                       num_kv_heads=shard.num_kv_heads, head_dim=shard.head_dim,
                                       static_slot_pages=spec.static_slot_pages, device=device)
@@ -135,6 +148,9 @@ class Worker:
                 return
             try:
                 reply = self.handle(msg)
+            except CollectiveError as e:  # another rank died or hung
+                _send(conn, WorkerError(self.rank, str(e), peer_lost=True))
+                return
             except BaseException:  # noqa: BLE001 - the driver reports it, naming the rank
                 _send(conn, WorkerError(self.rank, traceback.format_exc()))
                 return
