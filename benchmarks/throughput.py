@@ -10,6 +10,10 @@ meaningful only within one run: the machine's speed drifts between runs.
 
 Systems:
     pagedlora       all requests at t=0 (offline), one ``Engine.generate`` call.
+    pagedlora-tp    the same, with ``tensor_parallel_size=--tensor-parallel-size`` (default
+                    2): that many worker processes, ``--threads / N`` threads each, against
+                    ``pagedlora``'s one process of ``--threads`` (the model must split: see
+                    ``--random-llama``).
     pagedlora-base  the same prompts on the base model alone: the LoRA overhead.
     pagedlora-online  requests added at their trace arrival times (``--rate``, ``--cv``);
                     reports the fraction whose TTFT meets ``--slo-ttft``.
@@ -29,6 +33,12 @@ max_cpu_loras=64). Every system decodes greedily.
     python benchmarks/throughput.py --scenario mixed-4
     python benchmarks/throughput.py --dtype bfloat16 --vllm-python /tmp/vllm/bin/python
     python benchmarks/throughput.py --scenario many --systems pagedlora,pagedlora-base
+    python benchmarks/throughput.py --random-llama smollm2-even --scenario mixed-4,many \
+        --systems pagedlora,pagedlora-tp --threads 2
+
+``--random-llama NAME`` serves a random Llama of one of :data:`RANDOM_LLAMAS`' shapes (written
+once next to the adapters, with SmolLM2's tokenizer) instead of ``--model``: SmolLM2's 9 query
+and 3 KV heads do not split over 2 ranks.
 """
 
 from __future__ import annotations
@@ -95,7 +105,18 @@ SCENARIOS = {
         ranks=tuple(range(4, 17)), module_sets=(QV,), cycle=False,
         max_loras=64, max_lora_rank=16, max_cpu_loras=64),
 }
-SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "peft", "vllm", "pagedlora-online")
+SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "peft", "vllm", "pagedlora-online",
+           "pagedlora-tp")
+# Random Llama shapes for tensor parallelism (LlamaConfig fields over SmolLM2's vocabulary):
+# "smollm2-even" is SmolLM2-135M's size with heads that split over 2 or 4 ranks (8 query heads
+# of 72, 2 KV heads); "wide" is a model whose weights dominate a step (1.5 GB in float32,
+# 4 KV heads of 128).
+RANDOM_LLAMAS = {
+    "smollm2-even": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=72),
+    "wide": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, head_dim=128),
+}
 
 
 @dataclass
@@ -116,6 +137,7 @@ class Job:
     max_cpu_loras: int | None
     pool_gb: float
     threads: int
+    tensor_parallel_size: int = 1
 
 
 @dataclass
@@ -142,12 +164,26 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False) -> Re
     """Offline: all requests in one ``Engine.generate`` call (t=0). Online: each request is
     added (``Engine.add_request``) when its trace arrival time has passed, and the engine
     steps while it has work; TTFT counts from the trace arrival time."""
-    from pagedlora import Engine, SamplingParams
+    from pagedlora import Engine
 
     engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
                     max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
                     max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False,
+                    tensor_parallel_size=job.tensor_parallel_size)
+    try:
+        result = _timed_pagedlora(engine, job, base_only, online)
+    finally:
+        engine.close()  # the tensor-parallel workers, if any
+    if job.tensor_parallel_size > 1:  # peak_rss_mib is the driver's; the largest worker's:
+        result.extra["worker_peak_rss_mib"] = resource.getrusage(
+            resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def _timed_pagedlora(engine, job: Job, base_only: bool, online: bool) -> Result:
+    from pagedlora import SamplingParams
+
     names: list[str | None] = [None] * len(job.prompts)
     if not base_only:
         for i, path in enumerate(job.adapter_paths):
@@ -174,7 +210,8 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False) -> Re
     return Result(job.system, seconds, sum(len(o.token_ids) for o in outs), ttft,
                   [o.tpot for o in outs], _peak_rss_mib(), [o.token_ids for o in outs],
                   extra={"mean_batch": statistics.fmean(s["batch_size"] for s in steps)
-                         if steps else 0.0})
+                         if steps else 0.0,
+                         "tensor_parallel_size": job.tensor_parallel_size})
 
 
 def _drive_online(engine, job: Job, names, params, start: float) -> tuple[list, list[float]]:
@@ -310,7 +347,7 @@ def worker(job_path: Path, result_path: Path) -> None:
     import torch
 
     torch.set_num_threads(job.threads)
-    run = {"pagedlora": lambda: run_pagedlora(job),
+    run = {"pagedlora": lambda: run_pagedlora(job), "pagedlora-tp": lambda: run_pagedlora(job),
            "pagedlora-online": lambda: run_pagedlora(job, online=True),
            "pagedlora-base": lambda: run_pagedlora(job, base_only=True),
            "peft": lambda: run_peft(job), "gemm-limit": lambda: run_gemm_limit(job)}
@@ -374,6 +411,10 @@ def main() -> None:
                         help="run the systems round-robin this many times and keep each "
                              "one's fastest run (noise on a shared machine only slows)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--tensor-parallel-size", type=int, default=2,
+                        help="pagedlora-tp: worker processes the model is split over")
+    parser.add_argument("--random-llama", choices=sorted(RANDOM_LLAMAS),
+                        help="serve a random Llama of this shape instead of --model")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -391,6 +432,9 @@ def main() -> None:
     for name in scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
+    if args.random_llama:
+        args.model = str(random_llama(args.adapters_dir / f"llama-{args.random_llama}",
+                                      RANDOM_LLAMAS[args.random_llama]))
     jobs = {name: prepare(args, name) for name in scenarios}
     results: dict[str, dict[str, Result]] = {name: {} for name in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
@@ -399,7 +443,9 @@ def main() -> None:
                 for s in systems:
                     print(f"running {name} / {s} ({rep + 1}/{args.repeat}) ...",
                           file=sys.stderr, flush=True)
-                    r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s}), Path(tmp),
+                    tp = args.tensor_parallel_size if s == "pagedlora-tp" else 1
+                    r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s,
+                                             "tensor_parallel_size": tp}), Path(tmp),
                                    args.vllm_python)
                     done = results[name]
                     r.extra["runs_s"] = done[s].extra["runs_s"] if s in done else []
@@ -416,6 +462,34 @@ def main() -> None:
              "date": time.strftime("%Y-%m-%d %H:%M"),
              "scenarios": {n: {"spec": asdict(jobs[n][0]), "rows": list(report_all[n].values())}
                            for n in scenarios}}, indent=1))
+
+
+def random_llama(out: Path, shape: dict) -> Path:
+    """A random LlamaForCausalLM of SmolLM2's vocabulary and ``shape`` (float32, seed 0) with
+    SmolLM2's tokenizer, written to ``out`` once."""
+    if (out / "config.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from pagedlora.model_files import resolve_model
+
+    smol = resolve_model(None)
+    base = AutoConfig.from_pretrained(smol).to_dict()
+    keep = ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: base[k] for k in keep if k in base}, **shape,
+                                         initializer_range=0.02))
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in smol.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
 
 
 def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:

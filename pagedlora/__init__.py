@@ -17,6 +17,7 @@ _EXPORTS = {
     "RequestOutput": "pagedlora.outputs",
     "AdapterError": "pagedlora.errors",
     "AdapterUnavailableError": "pagedlora.errors",
+    "EngineDeadError": "pagedlora.errors",
     "UnsupportedAdapterError": "pagedlora.errors",
 }
 __all__ = sorted(_EXPORTS)
