@@ -172,3 +172,30 @@ def test_shared_weights_are_one_buffer_that_round_trips():
     assert back.keys() == weights.keys()
     for key, w in weights.items():
         assert torch.equal(back[key].a, w.a) and torch.equal(back[key].b_t, w.b_t)
+
+
+def test_a_step_sends_a_sequence_its_new_blocks_only_until_its_table_changes():
+    from pagedlora.parallel.messages import SequenceUpdate
+    from pagedlora.sampler import RequestSampling
+    from pagedlora.sampling_params import SamplingParams
+    from pagedlora.step_input import SequenceInput
+
+    blocks = [[1, 2], [3, 4], [5, 6]]
+    sampling = RequestSampling(SamplingParams(), 7)
+
+    def seq(table):
+        return SequenceInput(0, (9,), 20, tuple(table), None, True, sampling)
+
+    first = SequenceUpdate.of(seq(blocks[:2]), None)
+    assert (first.first_block, first.new_blocks, first.sampling) == (0, tuple(blocks[:2]),
+                                                                     sampling)
+    grown = SequenceUpdate.of(seq(blocks), tuple(blocks[:2]))
+    assert (grown.first_block, grown.new_blocks, grown.sampling) == (2, ([5, 6],), None)
+    same = SequenceUpdate.of(seq(blocks), tuple(blocks))
+    assert (same.first_block, same.new_blocks) == (3, ())
+    # preempted and readmitted: a new block object in the middle (even with equal pages)
+    redone = [blocks[0], [3, 4], blocks[2]]
+    again = SequenceUpdate.of(seq(redone), tuple(blocks))
+    assert (again.first_block, again.new_blocks, again.sampling) == (0, tuple(redone), sampling)
+    shorter = SequenceUpdate.of(seq(blocks[:1]), tuple(blocks))
+    assert shorter.first_block == 0

@@ -28,6 +28,7 @@ from pagedlora.parallel.messages import (
     LoadAdapter,
     Ready,
     RunStep,
+    SequenceUpdate,
     Shutdown,
     StepDone,
     WorkerError,
@@ -57,10 +58,11 @@ class TensorParallelExecutor:
     host and disk tiers (vLLM's multiprocessing executor has the same split).
 
     One step is one message, pickled once and written to every worker's pipe: the step's
-    sequences (token ids, positions, block tables: page ids) and each adapter's placement
-    id; adapter rows travel once per load (:meth:`load`), as a shared-memory buffer that each
-    worker maps and slices. Every rank answers; rank 0's answer holds the sampled tokens (or,
-    with a sampler in the driver, the logits).
+    sequences (token ids, positions, the blocks added to their tables since the last step:
+    page ids) and each adapter's placement id; adapter rows travel once per load
+    (:meth:`load`), as a shared-memory buffer that each worker maps and slices. Every rank
+    answers; rank 0's answer holds the sampled tokens (or, with a sampler in the driver, the
+    logits).
 
     Faults: a worker that dies (its process sentinel fires), fails (it reports its
     traceback) or does not answer within ``worker_timeout_s`` plus
@@ -101,6 +103,7 @@ class TensorParallelExecutor:
         self.error: str | None = None  # why the workers are gone; set once
         self._store = store
         self._finished: tuple[int, ...] = ()  # finished request ids not sent yet
+        self._tables: dict[int, tuple[list[int], ...]] = {}  # request id -> table sent
         self._stop = weakref.finalize(self, _stop_workers, procs, conns)
 
     @classmethod
@@ -193,7 +196,13 @@ class TensorParallelExecutor:
             self._finished = finished  # for rank 0's sampler, with the next step
             return RunnerOutput()
         self._finished = ()
-        msg = RunStep(step.sequences, {k: p.placement_id for k, p in step.adapters.items()},
+        for rid in finished:
+            self._tables.pop(rid, None)
+        updates = []
+        for s in step.sequences:
+            updates.append(SequenceUpdate.of(s, self._tables.get(s.request_id)))
+            self._tables[s.request_id] = s.block_table
+        msg = RunStep(tuple(updates), {k: p.placement_id for k, p in step.adapters.items()},
                       finished)
         data = ForkingPickler.dumps(msg)  # once, for every rank
         with self._exchange("step"):

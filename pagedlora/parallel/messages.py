@@ -10,6 +10,7 @@ from pathlib import Path
 from pagedlora.config import EngineConfig
 from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.parallel.host_weights import SharedWeights
+from pagedlora.sampler import RequestSampling
 from pagedlora.scheduler import RunnerOutput
 from pagedlora.step_input import SequenceInput
 
@@ -72,17 +73,57 @@ class LoadAdapter:
 
 
 @dataclass(frozen=True)
-class RunStep:
-    """One step: the runner's ``StepInput`` with each adapter named by its placement id
-    (placed by an earlier :class:`LoadAdapter`), so a step carries ids and block tables only.
+class SequenceUpdate:
+    """One request's part of a step as the workers receive it: a ``SequenceInput`` whose block
+    table and sampling options the workers already hold, except for what changed (vLLM's
+    scheduler sends its workers new block ids only, for the same reason: a long sequence's
+    table is ``blocks x layers`` page ids, every step).
 
     Attributes:
-        sequences: the step's requests, as ``StepInput.sequences``.
-        placements: adapter content key -> placement id.
-        finished_request_ids: requests finished since the last step sent.
+        request_id, token_ids, start, adapter_key, sample: as ``SequenceInput``.
+        first_block: index of ``new_blocks[0]`` in the request's table; 0 replaces the whole
+            table (a new request, or one whose table changed: preempted and readmitted).
+        new_blocks: the table's blocks from ``first_block`` on (one page id per layer each).
+        sampling: the request's sampling, sent with ``first_block == 0``; else None (as held).
     """
 
-    sequences: tuple[SequenceInput, ...]
+    request_id: int
+    token_ids: tuple[int, ...]
+    start: int
+    adapter_key: str | None
+    sample: bool
+    first_block: int
+    new_blocks: tuple[list[int], ...]
+    sampling: RequestSampling | None
+
+    @classmethod
+    def of(cls, s: SequenceInput, known: tuple[list[int], ...] | None) -> SequenceUpdate:
+        """The update of ``s`` for workers that hold ``known`` (the table sent before; None:
+        nothing). Blocks are compared by identity: the KV block manager never changes a
+        block, and a table only grows until it is freed."""
+        table = s.block_table
+        if known is not None and len(table) >= len(known) \
+                and all(a is b for a, b in zip(table, known)):  # noqa: B905 - a prefix
+            return cls(s.request_id, s.token_ids, s.start, s.adapter_key, s.sample,
+                       len(known), tuple(table[len(known):]), None)
+        return cls(s.request_id, s.token_ids, s.start, s.adapter_key, s.sample, 0,
+                   tuple(table), s.sampling)
+
+
+@dataclass(frozen=True)
+class RunStep:
+    """One step: the runner's ``StepInput`` with each adapter named by its placement id
+    (placed by an earlier :class:`LoadAdapter`) and each sequence as its
+    :class:`SequenceUpdate`, so a step carries ids and new blocks only.
+
+    Attributes:
+        sequences: the step's requests, in ``StepInput.sequences`` order.
+        placements: adapter content key -> placement id.
+        finished_request_ids: requests finished since the last step sent (the workers drop
+            their tables).
+    """
+
+    sequences: tuple[SequenceUpdate, ...]
     placements: dict[str, int]
     finished_request_ids: tuple[int, ...]
 

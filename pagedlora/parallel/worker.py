@@ -32,8 +32,8 @@ from pagedlora.parallel.messages import (
 )
 from pagedlora.parallel.shard import Shard
 from pagedlora.pool import UnifiedPool
-from pagedlora.sampler import Sampler
-from pagedlora.step_input import StepInput
+from pagedlora.sampler import RequestSampling, Sampler
+from pagedlora.step_input import SequenceInput, StepInput
 
 ORPHAN_CHECK_S = 0.5  # how often a worker checks that its driver is still its parent
 START_TIMEOUT_S = 600.0  # the least a worker gets to start (imports, reading its shard)
@@ -94,6 +94,8 @@ class Worker:
         self.runner = runner
         self.packer = packer
         self.placements: dict[int, ResidentAdapter] = {}
+        # request id -> (its block table, its sampling), as the driver's updates build them
+        self.requests: dict[int, tuple[list[list[int]], RequestSampling]] = {}
 
     @classmethod
     def start(cls, spec: WorkerSpec, rank: int) -> Worker:
@@ -181,7 +183,19 @@ class Worker:
         self.placements[msg.placement_id] = placement
 
     def _step(self, msg: RunStep) -> StepDone:
-        step = StepInput(msg.sequences,
+        for rid in msg.finished_request_ids:
+            self.requests.pop(rid, None)
+        sequences = []
+        for u in msg.sequences:
+            if u.first_block == 0:
+                table, sampling = list(u.new_blocks), u.sampling
+            else:
+                table, sampling = self.requests[u.request_id]
+                table.extend(u.new_blocks)
+            self.requests[u.request_id] = (table, sampling)
+            sequences.append(SequenceInput(u.request_id, u.token_ids, u.start, tuple(table),
+                                           u.adapter_key, u.sample, sampling))
+        step = StepInput(tuple(sequences),
                          {key: self.placements[pid] for key, pid in msg.placements.items()},
                          msg.finished_request_ids)
         if self.runner.sampler is not None:  # rank 0, sampling here
