@@ -27,6 +27,12 @@ Run it from the repository root, e.g. with the adapters of ``examples/train_adap
         > /tmp/out.jsonl
     python examples/offline_batch.py /tmp/requests.jsonl --model path/to/hf_dir --pool-gb 2 \\
         --adapter upper=adapters/upper --output results.jsonl
+    python examples/offline_batch.py /tmp/requests.jsonl --adapters-dir adapters \\
+        --dtype bfloat16 --max-model-len 4096 --max-num-seqs 128 --max-loras 16 --max-lora-rank 32
+
+Every engine option of ``pagedlora serve`` is an option here too, spelled the same
+(``--dtype``, ``--max-model-len``, ``--max-num-seqs``, ``--max-loras``, ``--max-lora-rank``,
+``--policy``...; ``--help`` lists them).
 """
 
 from __future__ import annotations
@@ -168,6 +174,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "under its folder name")
     p.add_argument("--output", "-o", default="-",
                    help="where the JSONL results go (default: stdout)")
+    from pagedlora.cli import add_engine_options  # no torch: --help stays fast
+
+    add_engine_options(p.add_argument_group("engine (pagedlora.EngineConfig, as pagedlora serve)"))
     return p.parse_args(argv)
 
 
@@ -217,6 +226,13 @@ def read_jobs(source: str, adapter_names: set[str]) -> list[Job]:
 
 
 def run(args: argparse.Namespace) -> None:
+    from pagedlora.cli import engine_options
+    from pagedlora.config import EngineConfig
+
+    try:  # bad engine options are reported before the input is read or the model loaded
+        EngineConfig.from_options(args.pool_gb, **engine_options(args))
+    except (TypeError, ValueError) as e:
+        raise CliError(str(e)) from None
     adapters = collect_adapters(args)
     jobs = read_jobs(args.input, set(adapters))
 
@@ -225,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         from pagedlora import AdapterError, Engine, UnsupportedAdapterError
 
         try:
-            engine = Engine(args.model, pool_gb=args.pool_gb)
+            engine = Engine(args.model, pool_gb=args.pool_gb, **engine_options(args))
         except (FileNotFoundError, ValueError) as e:
             raise CliError(f"cannot load the model: {e}") from None
         for name, path in adapters.items():

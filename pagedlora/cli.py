@@ -2,7 +2,8 @@
 
 Every :class:`~pagedlora.EngineConfig` field but ``pool_gb`` is an option of ``serve``
 (``max_num_seqs`` -> ``--max-num-seqs``), with the field's documentation as its help, so the
-two never drift apart.
+two never drift apart; :func:`add_engine_options` and :func:`engine_options` give other scripts
+(``examples/offline_batch.py``) the same options with the same spelling.
 
 ``serve --model-dir`` (and ``--sagemaker``) read SageMaker LMI's configuration: a model
 directory's ``serving.properties`` and the ``OPTION_*`` environment. Precedence: explicit
@@ -15,32 +16,39 @@ import argparse
 import logging
 import os
 import re
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from pagedlora.config import EngineConfig
-from pagedlora.sources import as_source
+from pagedlora import __version__
+from pagedlora.config import DTYPES, KERNEL_BACKENDS, MEMORY_LAYOUTS, POLICIES, EngineConfig
+from pagedlora.sources import as_source, is_s3_url
 
 DEFAULT_HOST, SAGEMAKER_HOST = "127.0.0.1", "0.0.0.0"
 DEFAULT_PORT, SAGEMAKER_PORT = 8000, 8080
 DEFAULT_MAX_QUEUE, DEFAULT_MAX_BODY_MB, DEFAULT_POOL_GB = 256, 4.0, 1.0
 
 _CONVERTERS = {"int": int, "float": float, "str": str}
+_CHOICES = {"dtype": DTYPES, "kernel_backend": KERNEL_BACKENDS, "memory_layout": MEMORY_LAYOUTS,
+            "policy": POLICIES}
+# What `pagedlora serve` imports beyond the base install: the "serve" extra
+_SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs ``pagedlora`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(parser, args)
+    return args.run(args.command_parser, args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``pagedlora`` and its ``serve`` subcommand."""
     parser = argparse.ArgumentParser(prog="pagedlora", description="Serve one base LLM with "
                                      "many LoRA adapters from one unified paged memory pool.")
+    parser.add_argument("--version", action="version", version=f"pagedlora {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve", help="run the OpenAI- and SageMaker-compatible HTTP server",
@@ -49,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/unload_lora_adapter, SageMaker LMI's /invocations, /ping and "
         "/models/{model}/adapters, /health, /metrics. Models and adapters may be local paths, "
         "s3:// URLs or Hugging Face ids in the local Hugging Face cache.")
-    serve.set_defaults(run=_serve)
+    serve.set_defaults(run=_serve, command_parser=serve)
     what = serve.add_argument_group("what to serve")
     what.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                       help="a base model (HF directory or .gguf file) served as NAME; repeat "
@@ -94,22 +102,36 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--pool-gb", type=float, metavar="G",
                         help="GiB of unified pool in all, split evenly between the base models "
                         f"(default: {DEFAULT_POOL_GB}, or LMI's gpu_memory_utilization on CUDA)")
-    _add_engine_options(engine)
+    add_engine_options(engine)
     return parser
 
 
 def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from pagedlora.server.app import build_app, run
-
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """``pagedlora serve``: checks what it can before loading models (arguments, paths, the
+    port, the serve extra), printing the subcommand's usage for a bad argument; 1 when a model
+    or adapter cannot load."""
     try:
         config = server_config(args, os.environ)
-    except (ValueError, TypeError) as e:
+        _check_paths(config)
+    except (ValueError, TypeError, FileNotFoundError) as e:
         parser.error(str(e))
     except OSError as e:  # an LMI model directory or model that cannot be had
         print(f"pagedlora serve: error: {e}", file=sys.stderr)
         return 1
+    try:
+        from pagedlora.server.app import build_app, run
+    except ModuleNotFoundError as e:
+        if e.name not in _SERVE_MODULES:
+            raise
+        print(f"pagedlora serve: error: the HTTP server needs the 'serve' extra ({e.name} is "
+              f"missing): pip install 'pagedlora[serve]' (in a clone: pip install -e "
+              f"'.[serve]')", file=sys.stderr)
+        return 1
+    problem = _port_problem(config.host, config.port)
+    if problem:
+        parser.error(problem)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         app = build_app(config)
     except (OSError, ValueError, NotImplementedError) as e:  # a model or adapter cannot load
@@ -117,6 +139,34 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 1
     run(app, log_level=args.log_level)
     return 0
+
+
+def _check_paths(config) -> None:
+    """Raises FileNotFoundError naming the option whose model or adapter path is missing, so
+    that it is reported before minutes of model loading."""
+    for name, path in config.models.items():
+        if isinstance(path, Path) and not path.exists():
+            raise FileNotFoundError(f"--model {name}={path}: no such file or directory")
+    for a in config.adapters:
+        if isinstance(a.path, Path) and not is_s3_url(str(a.path)) and not a.path.exists():
+            option = f"--adapter {a.name}={a.path}" if a.name else f"--adapters-dir {a.path}"
+            hint = " (make demo trains the demo's adapters into ./adapters)" \
+                if a.name is None and a.path.name == "adapters" else ""
+            raise FileNotFoundError(f"{option}: no such file or directory{hint}")
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address of this machine), or
+    None. Bound and released at once, as uvicorn binds it later (SO_REUSEADDR as it does)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        reason = e.strerror or str(e)
+        return f"cannot listen on {host}:{port}: {reason} (--host, --port)"
+    return None
 
 
 def server_config(args: argparse.Namespace, env: Mapping[str, str] | None = None):
@@ -145,8 +195,7 @@ def server_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
     for text in args.adapters_dir:
         model, _, path = text.partition("=") if "=" in text else ("", "", text)
         adapters.append(AdapterSource(model or None, as_source(path)))
-    options = {f.name: getattr(args, f.name) for f in _engine_fields()
-               if getattr(args, f.name) is not None}
+    options = engine_options(args)
     server: dict = {}
     pool_gb = args.pool_gb
     model_options: dict[str, dict] = {}
@@ -230,22 +279,41 @@ def _engine_fields():
     return [f for f in fields(EngineConfig) if f.name != "pool_gb"]
 
 
-def _add_engine_options(group: argparse._ArgumentGroup) -> None:
-    """One option per EngineConfig field; not given (None) keeps the field's default."""
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields given on the command line (as added by
+    :func:`add_engine_options`), for ``Engine(model, pool_gb, **options)``."""
+    return {f.name: getattr(args, f.name) for f in _engine_fields()
+            if getattr(args, f.name) is not None}
+
+
+def add_engine_options(group: argparse._ArgumentGroup) -> None:
+    """Adds one option per EngineConfig field but ``pool_gb`` to ``group`` (a parser or an
+    argument group), help from the field's docs; not given (None) keeps the field's default."""
     docs = _attribute_docs(EngineConfig.__doc__ or "")
     for f in _engine_fields():
         kind = str(f.type).replace(" | None", "").strip()
-        doc = docs.get(f.name, "").replace("``", "")
-        if "default" not in doc:
-            doc += f" (default: {None if f.default is MISSING else f.default})"
+        doc = _for_the_command_line(docs.get(f.name, ""))
+        if "default" not in doc and f.default not in (MISSING, None):
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            doc += f" (default: {shown})"
         flag, help_text = "--" + f.name.replace("_", "-"), doc.replace("%", "%%")
         if kind == "bool":
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
+        elif f.name in _CHOICES:
+            group.add_argument(flag, choices=_CHOICES[f.name], default=None, help=help_text)
         else:
             group.add_argument(flag, type=_CONVERTERS.get(kind, str), default=None,
                                metavar=kind.upper() if kind in _CONVERTERS else "PATH",
                                help=help_text)
+
+
+def _for_the_command_line(doc: str) -> str:
+    """A field's docstring as option help: no reST quotes, and Python's None (an option not
+    given) in words."""
+    doc = doc.replace("``", "")
+    doc = re.sub(r"(^|\. )None\b", r"\1Not given", doc)
+    return re.sub(r"\bNone\b", "not given", doc)
 
 
 def _attribute_docs(doc: str) -> dict[str, str]:

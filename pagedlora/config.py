@@ -7,9 +7,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pagedlora.kernels.backend import KERNEL_BACKENDS
-from pagedlora.scheduler import MEMORY_LAYOUTS, SchedulerConfig
+from pagedlora.scheduler import MEMORY_LAYOUTS, POLICIES, SchedulerConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")
+# The option choices, where the CLI and the LMI options find them.
+__all__ = ["DTYPES", "KERNEL_BACKENDS", "MEMORY_LAYOUTS", "POLICIES", "EngineConfig"]
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,8 @@ class EngineConfig:
         if self.dtype is None:
             cpu = self.device.split(":")[0] == "cpu"
             object.__setattr__(self, "dtype", "float32" if cpu else "bfloat16")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
                              f"got {self.kernel_backend!r}")

@@ -169,7 +169,7 @@ class Engine:
                     bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - start):.1f}",
                                     refresh=False)
         except BaseException:  # leave nothing behind for a later call
-            self._abort_now(ids)
+            self._abort_now(ids, wait=True)
             raise
         finally:
             bar.close()
@@ -190,8 +190,8 @@ class Engine:
         ids = self._submit(prompts, adapters, sampling_params, inbox.append)
         try:
             yield from self._drive(inbox, len(ids))
-        finally:
-            self._abort_now(ids)
+        finally:  # also when garbage-collected, in whatever thread and state that happens
+            self._abort_now(ids, wait=False)
 
     def add_request(self, prompt: Prompt, adapter: str | None = None,
                     sampling_params: SamplingParams | None = None,
@@ -274,15 +274,17 @@ class Engine:
     def stats(self, history: bool = False) -> dict:
         """Pool accounting and scheduling metrics between two steps (safe from any thread):
         :meth:`EngineCore.summary` (pages by kind, fragmentation, requests, prefix cache,
-        adapters, the last step, the peak of the last ``generate`` call), and with
-        ``history=True`` also ``steps``, the last 1,024 steps, oldest first."""
+        adapters, the last step, the peak of the last ``generate`` call); ``steps`` holds the
+        last step only, or with ``history=True`` the last 1,024, oldest first."""
         with self._turn.held():
             return self.core.summary(history)
 
     def close(self) -> None:
         """Stops the adapter prefetcher, removes a private spill directory and stops the
-        tensor-parallel workers, if any. Idempotent."""
-        self.core.close()
+        tensor-parallel workers, if any, after a step in progress in another thread.
+        Idempotent."""
+        with self._turn.held():
+            self.core.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -314,6 +316,9 @@ class Engine:
     def _drive(self, inbox: deque[StreamOutput], n: int) -> Iterator[StreamOutput]:
         """Yields ``n`` requests' StreamOutputs from ``inbox`` until all have finished,
         stepping the engine when the inbox is empty and no other thread steps."""
+        if self._turn.mine:
+            raise RuntimeError("generate/stream cannot run inside a step (from an output "
+                               "callback): queue with add_request instead")
         remaining = n
         while remaining:
             if inbox:
@@ -327,16 +332,42 @@ class Engine:
                 finally:
                     self._turn.release()
 
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """The token ids the engine would run for ``prompt`` (a string as is, chat messages
+        through the model's chat template with the generation prompt, token ids checked
+        against the vocabulary), without queueing anything: for a caller that validates
+        lengths first, like the HTTP server (prompt + max_tokens against max_model_len).
+        Reads only the tokenizer, so any thread may call it.
+
+        Raises:
+            InvalidPromptError (a ValueError): token ids outside the vocabulary, a text prompt
+                on a model without a tokenizer, a chat message without string role and
+                content, or not a prompt.
+            Exception: what the chat template raises (e.g. jinja2's TemplateError).
+        """
+        return self.processor.tokenize(prompt)
+
     def _step(self) -> list[StreamOutput]:
         """One step in the thread holding the turn; routes its outputs to their sinks."""
         return self.outputs.process(self.core.step().requests, self.core.finish)
 
-    def _abort_now(self, ids: list[int]) -> None:
-        """Finishes the unfinished ones of ``ids`` with "abort" now and forgets them."""
+    def _abort_now(self, ids: list[int], wait: bool) -> None:
+        """Forgets the unfinished ones of ``ids`` and finishes them with "abort", freeing
+        their pages: now if this thread can have the turn (``wait``: waiting for a step in
+        another thread to end), else at the next step. Never while this thread is inside a
+        step (a stream finalized by the garbage collector there, or from an output callback),
+        and without waiting unless ``wait``, since a finalizer may run while its thread holds
+        a lock the stepping thread needs."""
         live = {rid for rid in ids if self.outputs.is_live(rid)}
         if not live:
             return
         self.outputs.drop(live)
-        with self._turn.held():
-            self.core.abort_now(live)
+        if not self._turn.mine and (self._turn.try_take() or (wait and self._turn.take())):
+            try:
+                self.core.abort_now(live)
+            finally:
+                self._turn.release()
+            return
+        for rid in live:
+            self.core.abort(rid)
 

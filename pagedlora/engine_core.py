@@ -93,6 +93,8 @@ class EngineStats:
         kv: the KV cache's (the KV block manager's).
         scheduler: request counts and counters (the scheduler's).
         adapters: tiers and counters per adapter (the adapter store's).
+        queued: requests added but not yet handed to the scheduler (they join at the next
+            step; ``requests_waiting`` counts them).
         page_numel: elements per page.
         page_bytes: bytes per page.
         block_size: tokens per KV block.
@@ -102,6 +104,7 @@ class EngineStats:
     kv: KVStats
     scheduler: SchedulerStats
     adapters: AdapterStoreStats
+    queued: int
     page_numel: int
     page_bytes: int
     block_size: int
@@ -136,7 +139,7 @@ class EngineStats:
             "internal_fragmentation": self.internal_fragmentation,
             "adapters_resident": list(self.adapters.resident),
             "requests_running": self.scheduler.requests_running,
-            "requests_waiting": self.scheduler.requests_waiting,
+            "requests_waiting": self.scheduler.requests_waiting + self.queued,
             "admissions_refused": self.scheduler.admissions_refused,
             "preemptions": self.scheduler.preemptions,
             "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
@@ -202,6 +205,7 @@ class EngineCore:
         self._lock = threading.Lock()  # guards the two queues below
         self._new: list[Request] = []
         self._aborts: list[int] = []
+        self._unforgotten: list[int] = []  # finished ids not yet in a step that returned
         self._steps: deque[StepStats] = deque(maxlen=self.HISTORY)
         self._num_steps = 0
         self._peak: EngineStats | None = None
@@ -265,12 +269,14 @@ class EngineCore:
     # -- any thread ------------------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        """Queues ``request`` for the scheduler (it joins at the next step).
+        """Queues ``request`` for the scheduler (it joins at the next step); its adapter hold
+        is taken now, so its weights outlive a removal or re-add of the name meanwhile.
 
         Raises:
             EngineDeadError: the engine cannot run any more (see :meth:`check_alive`).
         """
         self.check_alive()
+        self.scheduler.take_hold(request)
         with self._lock:
             self._new.append(request)
 
@@ -314,13 +320,15 @@ class EngineCore:
             load = self.adapters.load(out)
             out = self.scheduler.drop_failed(out, load.failed)
             self.adapters.start_prefetch(out.upcoming_adapters)
-            inputs = StepInput.build(out, load.placements)
+            inputs = StepInput.build(out, load.placements, self._finished_since_run(out))
             result = self.runner.run(inputs)
             updated = self.scheduler.update(out, result)
             self.adapters.warm(out.upcoming_adapters)
         except EngineDeadError as e:
-            return self._die(out, str(e))
-        return self._output(out, inputs, [*out.aborted, *out.failed, *updated], started)
+            return self._die(str(e))
+        # Every request the scheduler finished since the last step that returned (a step that
+        # raised midway loses none), then those that got a token.
+        return self._output(out, inputs, [*self.scheduler.take_finished(), *updated], started)
 
     def finish(self, request: Request, reason: str) -> None:
         """Ends ``request`` now (a stop string; an abort whose caller is gone), freeing its
@@ -330,15 +338,20 @@ class EngineCore:
     def abort_now(self, request_ids: set[int]) -> None:
         """Aborts these requests now, queued ones included (their caller is gone)."""
         with self._lock:
+            queued = [r for r in self._new if r.request_id in request_ids]
             self._new = [r for r in self._new if r.request_id not in request_ids]
+        for request in queued:
+            self.scheduler.finish(request, "abort")  # drops the hold add_request took
         for rid in request_ids:
             self.scheduler.abort(rid)
 
     def stats(self) -> EngineStats:
         """The accounting now, composed of each part's own."""
+        with self._lock:
+            queued = len(self._new)
         return EngineStats(
             pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
-            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(),
+            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(), queued=queued,
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_bytes,
             block_size=self.pool.block_size)
@@ -353,15 +366,15 @@ class EngineCore:
             ``admissions_refused``, ``preemptions``, ``prefix_cache``, ``adapters``), and
             ``num_steps`` (since the start), ``last_step`` (a :class:`StepStats` as a dict;
             None before the first step), ``peak`` (:meth:`EngineStats.pool_dict` at the step
-            since :meth:`reset_peak` with the fewest free pages) and, with ``history``,
-            ``steps`` (the last :attr:`HISTORY` steps as dicts, oldest first).
+            since :meth:`reset_peak` with the fewest free pages) and ``steps``: with
+            ``history``, the last :attr:`HISTORY` steps as dicts, oldest first; without, only
+            the last one (an empty list before the first step).
         """
         steps = list(self._steps)
         out = {**self.stats().as_dict(), "num_steps": self._num_steps,
                "last_step": asdict(steps[-1]) if steps else None,
                "peak": {} if self._peak is None else self._peak.pool_dict()}
-        if history:
-            out["steps"] = [asdict(s) for s in steps]
+        out["steps"] = [asdict(s) for s in (steps if history else steps[-1:])]
         return out
 
     @property
@@ -392,6 +405,12 @@ class EngineCore:
 
     # -- internals -------------------------------------------------------------------------------
 
+    def _finished_since_run(self, out: SchedulerOutput) -> tuple[int, ...]:
+        """Requests finished since the last step that returned, for the runner to drop (a
+        step that raised passes them on to the next)."""
+        self._unforgotten.extend(out.finished_request_ids)
+        return tuple(self._unforgotten)
+
     def _take_queued(self) -> None:
         """Hands queued requests to the scheduler and applies queued aborts (the next
         ``schedule()`` reports what they finished)."""
@@ -403,19 +422,18 @@ class EngineCore:
         for rid in aborts:
             self.scheduler.abort(rid)
 
-    def _die(self, out: SchedulerOutput, error: str) -> EngineCoreOutput:
+    def _die(self, error: str) -> EngineCoreOutput:
         """Fails every request with ``error`` (the runner is gone); the engine is dead."""
         self.dead = error
         self._take_queued()
-        doomed = [*self.scheduler.running, *self.scheduler.waiting]
-        for r in doomed:
+        for r in [*self.scheduler.running, *self.scheduler.waiting]:
             self.scheduler.finish(r, "error", error=f"request {r.request_id}: {error}")
-        late = self.scheduler.schedule()  # what _take_queued finished (nothing to schedule)
-        return EngineCoreOutput(_unique([*out.aborted, *out.failed, *late.aborted,
-                                         *late.failed, *doomed]), None)
+        self._unforgotten = []
+        return EngineCoreOutput(_unique(self.scheduler.take_finished()), None)
 
     def _output(self, out: SchedulerOutput, inputs: StepInput, changed: list[Request],
                 started: float) -> EngineCoreOutput:
+        self._unforgotten = []
         if not out.scheduled:
             if not changed and self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress: no request fits the pool")

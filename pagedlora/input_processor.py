@@ -95,7 +95,7 @@ class InputProcessor:
                 a model without a tokenizer for text, a failing chat template, or one that
                 could never fit the pool next to its adapter; the message names ``index``.
         """
-        where = f"prompt {index} (request {request_id})"
+        where = f"prompt {index}"
         try:
             tokens = self.tokenize(prompt)
         except InvalidPromptError as e:
@@ -109,7 +109,7 @@ class InputProcessor:
                                      f"max_model_len is {self.max_model_len}")
         reason = self.rejection(len(tokens), adapter_key)
         if reason is not None:
-            raise InvalidPromptError(f"request {request_id} {reason}")
+            raise InvalidPromptError(f"{where}: {reason}")
         now = self.clock()
         deadline_s = params.deadline_s or self.ttft_deadline_s
         seed = params.seed

@@ -48,7 +48,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self._live: dict[int, _Live] = {}
         self._rejected: list[tuple[StreamOutput, Sink]] = []  # made at add time, not yet sent
-        self._lock = threading.Lock()
+        # re-entrant: a stream finalized (garbage-collected) while this thread holds it drops
+        # its requests through drop()
+        self._lock = threading.RLock()
 
     def add(self, request: Request, *, index: int, prompt: object, adapter: str | None,
             stop: Sequence[str], sink: Sink) -> None:

@@ -53,10 +53,10 @@ class StepInput:
     finished_request_ids: tuple[int, ...] = ()
 
     @classmethod
-    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter]
-              ) -> StepInput:
+    def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter],
+              finished_request_ids: tuple[int, ...] | None = None) -> StepInput:
         """From the scheduler's output (after ``drop_failed``) and the adapter store's
-        placements of its adapters.
+        placements of its adapters; ``finished_request_ids`` defaults to the output's.
 
         Raises:
             KeyError: an adapter of ``out`` without a placement.
@@ -71,4 +71,5 @@ class StepInput:
                 block_table=s.block_table, adapter_key=r.adapter_key,
                 sample=first + n == r.num_tokens, sampling=r.sampling))
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
-                   out.finished_request_ids)
+                   out.finished_request_ids if finished_request_ids is None
+                   else finished_request_ids)

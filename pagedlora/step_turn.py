@@ -32,13 +32,26 @@ class StepTurn:
         if self.mine:
             yield
             return
-        with self._cond:
-            self._cond.wait_for(lambda: self._holder is None)
-            self._holder = threading.get_ident()
+        self.take()
         try:
             yield
         finally:
             self.release()
+
+    def take(self) -> bool:
+        """Waits until nobody holds the turn, then takes it (:meth:`release` later); True."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._holder is None)
+            self._holder = threading.get_ident()
+        return True
+
+    def try_take(self) -> bool:
+        """Takes the turn if nobody holds it, without waiting (True: :meth:`release` later)."""
+        with self._cond:
+            if self._holder is not None:
+                return False
+            self._holder = threading.get_ident()
+            return True
 
     def take_or_wait(self, ready: Callable[[], bool]) -> bool:
         """Takes the turn if nobody holds it (True: the caller steps, then :meth:`release`);

@@ -43,7 +43,8 @@ class Request:
         first_scheduled_time, first_token_time, finished_time: seconds, scheduler's clock.
         num_cached_tokens: prompt tokens whose K/V came from the prefix cache at admission.
         holds_adapter: whether the adapter store counted this request as a holder of its
-            adapter's content (so that exactly the holds taken are dropped).
+            adapter's content (so that exactly the holds taken are dropped); None before
+            :meth:`Scheduler.take_hold` or :meth:`Scheduler.add` asked.
     """
 
     request_id: int
@@ -64,7 +65,7 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
-    holds_adapter: bool = False
+    holds_adapter: bool | None = None
 
     @property
     def num_tokens(self) -> int:

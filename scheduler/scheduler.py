@@ -185,6 +185,7 @@ class Scheduler:
         self._failed: list[Request] = []
         self._aborted: list[Request] = []
         self._finished_ids: list[int] = []  # every finish since the last schedule()
+        self._finished: list[Request] = []  # every finish since the last take_finished()
         self._num_refused = 0
         self._num_preemptions = 0
 
@@ -198,23 +199,30 @@ class Scheduler:
         adapter_need = 0 if adapter_key is None else self.adapters.footprint(adapter_key)
         if self.allocator.could_ever_fit(kv_need, adapter_need):
             return None
-        return (f"needs {kv_need + adapter_need} pages for its prompt and adapter, more than "
-                f"{self._pool_words()} can hold")
+        return (f"the prompt ({num_prompt_tokens} tokens) and its adapter need "
+                f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
+
+    def take_hold(self, request: Request) -> None:
+        """Counts ``request`` as a holder of its adapter's content now, so that a later
+        ``remove_adapter`` or re-add of the name cannot take the weights from under it while
+        it waits to be added. Safe from any thread for a request not yet added (it touches
+        only that request and the thread-safe adapter store)."""
+        if request.adapter_key is not None and request.holds_adapter is None:
+            request.holds_adapter = self.adapters.hold(request.adapter_key)
 
     def add(self, request: Request) -> None:
-        """Queues ``request``. One that can never fit the pool, or whose adapter is no longer
-        registered, is finished with "error" at once and reported by the next
+        """Queues ``request`` (taking its adapter hold, if :meth:`take_hold` did not). One that
+        can never fit the pool, or whose adapter was no longer registered when the hold was
+        asked for, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
-        rid, key = request.request_id, request.adapter_key
-        reason = self.rejection(len(request.prompt_token_ids), key)
-        error = None if reason is None else f"request {rid} {reason}"
+        key = request.adapter_key
+        error = self.rejection(len(request.prompt_token_ids), key)
         if error is None and key is not None:
-            request.holds_adapter = self.adapters.hold(key)
+            self.take_hold(request)
             if not request.holds_adapter:
-                error = (f"request {rid}: adapter with content key {key} is no longer "
-                         f"registered (removed or re-added with other weights while the "
-                         f"request waited)")
+                error = (f"adapter with content key {key} is no longer registered (removed "
+                         f"or re-added with other weights while the request waited)")
         if error is not None:
             self.finish(request, "error", error=error)
             self._failed.append(request)
@@ -256,6 +264,13 @@ class Scheduler:
         self._unhold(request)
         self._unfinished.pop(request.request_id, None)
         self._finished_ids.append(request.request_id)
+        self._finished.append(request)
+
+    def take_finished(self) -> list[Request]:
+        """Every request finished since the last call, in order (whatever finished it:
+        update, abort, failure, ``finish``), so that a step that raised midway loses none."""
+        finished, self._finished = self._finished, []
+        return finished
 
     # -- one step ----------------------------------------------------------------------------
 
@@ -301,7 +316,7 @@ class Scheduler:
             return out
         dropped = [s.request for s in out.scheduled if s.request.adapter_key in failed]
         for r in dropped:
-            self.finish(r, "error", error=f"request {r.request_id}: {failed[r.adapter_key]}")
+            self.finish(r, "error", error=failed[r.adapter_key])
         return replace(out, scheduled=[s for s in out.scheduled
                                        if s.request.adapter_key not in failed],
                        failed=[*out.failed, *dropped],
@@ -379,8 +394,8 @@ class Scheduler:
             steps = -(-(request.num_tokens - request.num_computed_tokens)
                       // self.config.max_num_batched_tokens)
             if now + steps * (self.step_seconds or 0.0) > request.deadline:
-                self.finish(request, "abort", error=f"request {request.request_id} could not "
-                            f"get its first token before its deadline")
+                self.finish(request, "abort",
+                            error="the first token could not come before the deadline")
                 self._aborted.append(request)
 
     def _admit(self, step: _Step, budget: int, now: float) -> list[Request]:
@@ -438,8 +453,8 @@ class Scheduler:
                 adapter = "" if key is None else (
                     f" next to its adapter's {self.adapters.footprint(key)} pages")
                 self.finish(request, "error", error=(
-                    f"request {request.request_id} cannot get the {self.kv.pages_for(target)} "
-                    f"KV pages of {target} tokens{adapter} even alone in {self._pool_words()}"))
+                    f"the {self.kv.pages_for(target)} KV pages of {target} tokens{adapter} do "
+                    f"not fit even alone in {self._pool_words()}"))
                 step.failed.append(request)
                 return False
             # A request already given tokens in this step is not a candidate: its step's

@@ -51,3 +51,75 @@ def test_defaults_serve_the_embedded_model_and_give_adapters_to_it():
 def test_bad_arguments_name_the_problem(argv, match):
     with pytest.raises(ValueError, match=match):
         config(*argv)
+
+
+# -- the command itself (no model is loaded: every check below comes first) -------------------
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    from pagedlora.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_version(capsys):
+    from pagedlora import __version__
+
+    assert run_main(capsys, "--version") == (0, f"pagedlora {__version__}\n", "")
+
+
+def test_help_shows_choices_and_no_python_none(capsys):
+    code, out, _ = run_main(capsys, "serve", "--help")
+    assert code == 0
+    for choices in ("--policy {fcfs,cluster,fair}", "--dtype {float32,bfloat16,float16}",
+                    "--memory-layout {unified,static}", "--kernel-backend {auto,torch,triton}",
+                    "--log-level {debug,info,warning,error}"):
+        assert choices in out, choices
+    assert "None" not in out and "(default: on)" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-num-seqs", "0"], "max_num_seqs must be a positive int"),
+    (["--policy", "lifo"], "invalid choice: 'lifo'"),
+    (["--model", "a"], "expected NAME=PATH"),
+])
+def test_errors_print_the_subcommand_usage(capsys, argv, message):
+    code, _, err = run_main(capsys, "serve", *argv)
+    assert code == 2 and err.startswith("usage: pagedlora serve ") and message in err, err
+
+
+def test_missing_paths_are_reported_before_any_model_loads(capsys, tmp_path):
+    code, _, err = run_main(capsys, "serve", "--adapters-dir", str(tmp_path / "adapters"))
+    assert code == 2 and f"--adapters-dir {tmp_path / 'adapters'}: no such file" in err, err
+    assert "make demo" in err
+    code, _, err = run_main(capsys, "serve", "--model", f"m={tmp_path / 'm'}")
+    assert code == 2 and f"--model m={tmp_path / 'm'}: no such file" in err, err
+
+
+def test_a_port_in_use_is_reported_before_any_model_loads(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = run_main(capsys, "serve", "--port", str(port))
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}" in err, err
+    assert "in use" in err
+
+
+def test_serve_without_the_serve_extra_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['fastapi'] = None; from pagedlora.cli import main; "
+            "sys.exit(main(['serve']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr
+    assert "pip install 'pagedlora[serve]'" in r.stderr and "fastapi" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -187,3 +187,16 @@ def test_add_request_on_output_gets_every_output_and_failures_at_once(engine):
     assert [got[ids[i]][-1].output.token_ids for i in (0, 3)] == [want[0], want[2]]
     assert got[ids[2]][-1].output.finish_reason == "abort"
     assert_kv_released(engine)
+
+
+def test_tokenize_is_what_generate_runs(engine):
+    """Engine.tokenize gives the prompt_token_ids generate reports, for text, chat and ids,
+    and queues nothing."""
+    prompts = ["Hello there", [{"role": "user", "content": "Hi"}], [5, 6, 7]]
+    ids = [engine.tokenize(p) for p in prompts]
+    assert not engine.has_unfinished()
+    outs = engine.generate(prompts, sampling_params=SamplingParams(max_tokens=1),
+                           progress=False)
+    assert [o.prompt_token_ids for o in outs] == ids
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.tokenize([1, 10**9])

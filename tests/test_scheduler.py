@@ -84,7 +84,7 @@ def test_an_adapter_that_cannot_be_loaded_fails_its_request_alone():
     out = sched.drop_failed(sched.schedule(),
                             {"gone": "adapter 'gone' cannot be loaded: source missing"})
     assert out.failed == [a] and a.finish_reason == "error"
-    assert a.error == "request 0: adapter 'gone' cannot be loaded: source missing"
+    assert a.error == "adapter 'gone' cannot be loaded: source missing"
     assert [s.request for s in out.scheduled] == [b, c] and sched.waiting == []
     assert sched.kv.blocks_of(a) == []
     assert alloc.num_used("kv") == 2 + 2  # one block (2 layers) for b, c
@@ -131,7 +131,9 @@ def test_request_that_can_never_fit_fails_at_once():
     sched, _, _ = make(num_pages=4, block_size=4)
     r = req(0, 9)  # 10 tokens with its first output -> 3 blocks * 2 layers = 6 > 4 pages
     sched.add(r)
-    assert r.finish_reason == "error" and "needs 6 pages" in r.error
+    assert r.finish_reason == "error" and r.error == (
+        "the prompt (9 tokens) and its adapter need 6 pages, more than the pool of 4 pages can "
+        "hold")
     assert not sched.has_unfinished()
 
 
@@ -145,8 +147,8 @@ def test_request_that_outgrows_the_pool_next_to_its_adapter_fails_alone():
     assert r.num_tokens == 9 and r.num_computed_tokens == 8 and not r.is_finished
     out = sched.schedule()
     assert out.failed == [r] and r.finish_reason == "error"
-    assert r.error == ("request 0 cannot get the 6 KV pages of 9 tokens next to its adapter's "
-                       "6 pages even alone in the pool of 10 pages")
+    assert r.error == ("the 6 KV pages of 9 tokens next to its adapter's 6 pages do not fit "
+                       "even alone in the pool of 10 pages")
     assert alloc.num_used("kv") == 0 and not adapters.pins["x"]
     other = req(1, 5)
     sched.add(other)

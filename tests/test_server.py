@@ -187,7 +187,29 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the message must hol
     ("/v1/completions", {"model": "tiny", "prompt": "x", "frobnicate": 1}, 400,
      ["frobnicate", "unsupported field"]),
     ("/v1/completions", {"model": "tiny", "prompt": "word " * 200}, 400,
-     ["max_model_len is 128"]),
+     ["prompt has 201 tokens", "no room", "max_model_len 128"]),
+    # prompt + max_tokens above max_model_len: a 400 naming both numbers, not a silent cut
+    ("/v1/completions", {"model": "tiny", "prompt": [5] * 120}, 400,
+     ["prompt has 120 tokens and max_tokens is 16", "136 tokens", "max_model_len 128",
+      "at most 8"]),
+    ("/v1/completions", {"model": "a1", "prompt": [[5], [5] * 100], "max_tokens": 40}, 400,
+     ["prompt[1] has 100 tokens and max_tokens is 40", "max_model_len 128", "'a1'"]),
+    ("/v1/chat/completions", {"model": "tiny", "max_completion_tokens": 500,
+                              "messages": [{"role": "user", "content": "x"}]}, 400,
+     ["messages has", "max_completion_tokens is 500", "max_model_len 128"]),
+    ("/invocations", {"inputs": ["a", "b"], "model": "tiny",
+                      "parameters": {"max_new_tokens": 128}}, 400,
+     ["inputs[0] has 1 token and parameters.max_new_tokens is 128", "at most 127"]),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "x"}]},
+     400, ["messages.0.role", "'system', 'user', 'assistant' or 'tool'"]),
+    ("/invocations", {"inputs": "a", "model": "tiny", "parameters": {"max_tokens": 8}}, 400,
+     ["parameters.max_tokens: unsupported field; did you mean 'max_new_tokens'?"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "max_new_tokens": 8}, 400,
+     ["max_new_tokens: unsupported field; did you mean 'max_tokens'?"]),
+    ("/v1/completions", {"model": "tiny", "prompt": "x", "temprature": 0}, 400,
+     ["did you mean 'temperature'?"]),
+    ("/invocations", {"inputs": "a", "model": "tiny", "adapters": "tiny"}, 404,
+     ["adapters: adapter 'tiny' is not loaded", "'tiny' is a base model"]),
     ("/v1/completions", {"model": "tiny", "prompt": ""}, 400, ["empty"]),
     ("/v1/completions", {"model": "tiny", "prompt": [5, 10**9]}, 400, ["vocabulary"]),
     ("/v1/completions", {"model": "tiny", "prompt": ["ok"] * (MAX_QUEUE + 1)}, 400,
@@ -199,7 +221,7 @@ BAD_REQUESTS = [  # (path, body or raw bytes, status, words the message must hol
     ("/invocations", {"inputs": "a", "adapters": "b1", "model": "tiny"}, 400,
      ["'b1'", "do not belong", "'tiny'"]),
     ("/invocations", {"inputs": "a"}, 400, ["several base models", "X-Amzn"]),
-    ("/invocations", {"inputs": "a", "adapters": "zzz"}, 404, ["'zzz'"]),
+    ("/invocations", {"inputs": "a", "adapters": "zzz"}, 404, ["adapters: adapter 'zzz'"]),
     ("/invocations", {"inputs": "a", "model": "nobase"}, 404, ["'nobase'"]),
     ("/invocations", {"inputs": "a", "model": "tiny", "parameters": {"max_new_tokens": -1}},
      400, ["max_tokens"]),
@@ -227,6 +249,41 @@ def test_bad_input_gets_a_clear_error(server, path, body, status, words):
     message = r.json()["error"]["message"]
     for w in words:
         assert w in message, message
+
+
+def test_errors_are_logged_in_one_line_without_the_prompt(server):
+    def why(body) -> list[str]:
+        before = len(server.log_text().splitlines())
+        assert server.post("/v1/completions", json=body).status_code == 400
+        time.sleep(0.2)  # the log line is written before the response; the file may lag
+        return [x for x in server.log_text().splitlines()[before:] if " -> 400: " in x]
+
+    (line,) = why({"model": "tiny", "prompt": "zebra " * 150})
+    assert re.search(r"WARNING .*POST /v1/completions -> 400: prompt has \d+ tokens, which "
+                     r"leaves no room for output in max_model_len 128 of model 'tiny'", line)
+    (line,) = why({"model": "tiny", "prompt": "giraffe", "top_p": 9})
+    assert "POST /v1/completions -> 400: invalid sampling parameters: top_p" in line
+    assert "zebra" not in server.log_text() and "giraffe" not in server.log_text()
+
+
+def test_load_lora_adapter_twice_needs_load_inplace(server, offline, files):
+    """vLLM's semantics: a name already loaded is a 400 unless load_inplace replaces it."""
+    def load(path, **extra):
+        return server.post("/v1/load_lora_adapter", json={
+            "lora_name": "twice", "lora_path": str(path), "model": "tiny", **extra})
+
+    def answer():
+        return server.openai().completions.create(model="twice", prompt="Which weights",
+                                                  max_tokens=8, temperature=0).choices[0].text
+
+    assert load(files["a3"]).status_code == 200
+    again = load(files["a4"])
+    assert again.status_code == 400 and "already loaded" in again.text \
+        and "load_inplace" in again.text, again.text
+    assert answer() == expected(offline["tiny"], ["Which weights"], ["a3"])[0]  # unchanged
+    assert load(files["a4"], load_inplace=True).status_code == 200
+    assert answer() == expected(offline["tiny"], ["Which weights"], ["a4"])[0]
+    assert server.post("/v1/unload_lora_adapter", json={"lora_name": "twice"}).status_code == 200
 
 
 def test_load_lora_adapter_refuses_missing_and_invalid_adapters(server, files, tmp_path):

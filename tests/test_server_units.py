@@ -9,7 +9,13 @@ import pytest
 
 from pagedlora import SamplingParams
 from pagedlora.server.engine_loop import EngineLoop, LoopStopped, Stop
-from pagedlora.server.protocol import ApiError, ChatCompletionRequest, parse_body
+from pagedlora.server.protocol import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    InvocationRequest,
+    parse_body,
+)
 
 
 class _IdleEngine:
@@ -57,3 +63,26 @@ def test_max_completion_tokens_zero_is_refused_not_replaced():
     with pytest.raises(ApiError):
         sp = req.to_sampling_params(100)
         raise AssertionError(f"accepted as max_tokens={sp.max_tokens}")
+
+
+@pytest.mark.parametrize("model, body, hint", [
+    (InvocationRequest, {"inputs": "x", "parameters": {"max_tokens": 8}},
+     "parameters.max_tokens: unsupported field; did you mean 'max_new_tokens'?"),
+    (InvocationRequest, {"inputs": "x", "parameters": {"stop_seqences": ["."]}},
+     "did you mean 'stop_sequences'?"),  # LMI's name is supported; a misspelling is not
+    (InvocationRequest, {"inputs": "x", "adapter": "a"}, "did you mean 'adapters'?"),
+    (InvocationRequest, {"prompt": "x"}, "prompt: unsupported field; did you mean 'inputs'?"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "max_new_tokens": 8},
+     "did you mean 'max_tokens'?"),
+    (ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x",
+                                                         "contnet": 1}]},
+     "messages.0.contnet: unsupported field; did you mean 'content'?"),
+    (CompletionRequest, {"model": "m", "prompt": "x", "frobnicate": 1},
+     "frobnicate: unsupported field"),  # nothing close: no suggestion
+])
+def test_unsupported_fields_suggest_the_supported_one(model, body, hint):
+    with pytest.raises(ApiError) as e:
+        parse_body(model, json.dumps(body).encode())
+    assert hint in e.value.message
+    if "did you mean" not in hint:
+        assert "did you mean" not in e.value.message

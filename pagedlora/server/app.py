@@ -23,7 +23,7 @@ from pagedlora.server.engine_loop import EngineLoop, LoopStopped
 from pagedlora.server.metrics import ServerMetrics
 from pagedlora.server.protocol import ApiError
 from pagedlora.server.registry import ModelRegistry
-from pagedlora.server.state import ServerState
+from pagedlora.server.state import ServerState, log_error
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def create_app(state: ServerState) -> FastAPI:
     def error_response(request: Request, error: ApiError) -> Response:
         route = request.scope.get("route")
         state.metrics.observe_error(getattr(route, "path", "unmatched"), error.status)
+        log_error(request.method, request.url.path, error)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(ApiError)

@@ -323,6 +323,10 @@ class EngineLoop:
             self._release(n)
             self._deliver(sub, e)
             return
+        except (ValueError, TypeError) as e:  # a body the route let through: its client's
+            self._release(n)
+            self._deliver(sub, PromptRejected(str(e)))
+            return
         sub.request_ids = ids
         self._unstarted.update(ids)
         self._live.update(dict.fromkeys(ids, sub))
@@ -346,7 +350,10 @@ class EngineLoop:
         try:
             sub.deliver(item)
         except RuntimeError:  # the handler's event loop is closed: nobody is listening
-            sub.cancelled = True
+            if not sub.cancelled:
+                sub.cancelled = True
+                for rid in sub.request_ids:  # so they do not run on to max_tokens
+                    self.engine.abort(rid)
 
     def _abort_live(self) -> int:
         for rid in self._live:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from pagedlora.outputs import StreamOutput
+from pagedlora.server.prompts import PromptTokens
 from pagedlora.server.protocol import (
     ApiError,
     ChatCompletionRequest,
@@ -32,13 +33,17 @@ async def models(request: Request) -> dict:
 
 @router.post("/v1/completions")
 async def completions(request: Request) -> Response:
-    """OpenAI's text completions; one choice per prompt, ``stream`` as server-sent events."""
+    """OpenAI's text completions; one choice per prompt, ``stream`` as server-sent events.
+    Each prompt's tokens plus ``max_tokens`` (default 16) must fit in ``max_model_len`` (400
+    naming both numbers otherwise)."""
     state = ServerState.of(request)
     body = await state.body(request, CompletionRequest)
     loop, adapter = state.registry.resolve(body.model)
     prompts = body.prompts()
     params = body.to_sampling_params(COMPLETION_MAX_TOKENS)
-    gen = await state.open(loop, prompts, [adapter] * len(prompts), params)
+    tokens = await PromptTokens.of(loop.engine, body.model, "prompt", prompts, body.listed)
+    tokens.check_room(params.max_tokens, body.max_tokens_field)
+    gen = await state.open(loop, tokens.ids, [adapter] * len(prompts), params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
             "created": int(time.time()), "model": body.model}
 
@@ -52,7 +57,8 @@ async def completions(request: Request) -> Response:
             reason = d.output.finish_reason if d.finished else None
             return {**head, "choices": [choice(d.index, d.new_text, reason)]}
 
-        return state.stream(gen, chunk, last=_usage_chunk(head) if body.include_usage else None)
+        return state.stream(request, gen, chunk,
+                            last=_usage_chunk(head) if body.include_usage else None)
     outs = await state.outputs(request, gen)
     if outs is None:
         return client_gone()
@@ -64,7 +70,8 @@ async def completions(request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     """OpenAI's chat completions: ``messages`` rendered with the base model's chat template
-    (400 naming the model when it has none)."""
+    (400 naming the model when it has none); ``max_tokens`` defaults to the room left in
+    ``max_model_len``, and more than that is a 400 naming both numbers."""
     state = ServerState.of(request)
     body = await state.body(request, ChatCompletionRequest)
     loop, adapter = state.registry.resolve(body.model)
@@ -73,8 +80,10 @@ async def chat_completions(request: Request) -> Response:
         raise ApiError(400, f"model {body.model!r} (base model {loop.name!r}) has no chat "
                        f"template; use /v1/completions with a prompt string", param="model")
     messages = [m.as_dict() for m in body.messages]
-    params = body.to_sampling_params(loop.engine.max_model_len)
-    gen = await state.open(loop, [messages], [adapter], params)
+    tokens = await PromptTokens.of(loop.engine, body.model, "messages", [messages], False)
+    params = body.to_sampling_params(tokens.room)
+    tokens.check_room(params.max_tokens, body.max_tokens_field)
+    gen = await state.open(loop, tokens.ids, [adapter], params)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
             "created": int(time.time()), "model": body.model}
     if body.stream:
@@ -88,7 +97,7 @@ async def chat_completions(request: Request) -> Response:
 
         first = {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                       "logprobs": None, "finish_reason": None}]}
-        return state.stream(gen, chunk, first=first,
+        return state.stream(request, gen, chunk, first=first,
                             last=_usage_chunk(head) if body.include_usage else None)
     outs = await state.outputs(request, gen)
     if outs is None:
@@ -107,7 +116,8 @@ async def load_lora_adapter(request: Request) -> Response:
     when the adapter cannot be served."""
     state = ServerState.of(request)
     body = await state.body(request, LoadAdapterRequest)
-    base = await state.load_adapter(body.lora_name, body.lora_path, body.model)
+    base = await state.load_adapter(body.lora_name, body.lora_path, body.model,
+                                    replace=body.load_inplace)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully "
                              f"to base model '{base}'.")
 

@@ -8,7 +8,10 @@ neutral value (``n=1``, penalties 0, no logprobs...).
 
 from __future__ import annotations
 
+import difflib
 import json
+import types
+import typing
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -56,6 +59,46 @@ def _where(loc: tuple) -> str:
                     if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
 
 
+# Other APIs' names for a field (HF generate and TGI, LMI, OpenAI), suggested when a body uses
+# one where the other is this body's name.
+_OTHER_NAMES = {"max_tokens": "max_new_tokens", "max_new_tokens": "max_tokens",
+                "max_completion_tokens": "max_new_tokens", "stop_sequences": "stop",
+                "adapter": "adapters", "adapter_id": "adapters", "lora": "adapters",
+                "prompt": "inputs", "inputs": "prompt", "lora_id": "lora_name"}
+
+
+def _model_at(model: type[BaseModel], path: tuple) -> type[BaseModel] | None:
+    """The body model that holds the field at ``path`` (list indices skipped), or None."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        todo, model = [field.annotation], None
+        while todo and model is None:  # the first BaseModel inside Optional/list/Union
+            t = todo.pop(0)
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                model = t
+            elif isinstance(t, types.UnionType) or typing.get_origin(t) is not None:
+                todo.extend(typing.get_args(t))
+        if model is None:
+            return None
+    return model
+
+
+def _suggestion(model: type[BaseModel], loc: tuple) -> str:
+    """'; did you mean X?' for an unsupported field that is another API's name for field X, or
+    close to the spelling of one; else ''."""
+    holder = _model_at(model, loc[:-1])
+    if holder is None or not isinstance(loc[-1], str):
+        return ""
+    known = list(holder.model_fields)
+    other = _OTHER_NAMES.get(loc[-1])
+    close = [other] if other in known else difflib.get_close_matches(loc[-1], known, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) -> Any:
     """Validates a JSON request body as ``model``.
 
@@ -65,7 +108,9 @@ def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) ->
     Raises:
         ApiError: 400 for malformed JSON (with the position), a body that is not a JSON object,
             a field given both in the query string and the body, or fields that fail
-            validation (each named with its reason).
+            validation (each named with its reason; an unsupported field with the supported
+            one it likely means, e.g. ``max_tokens`` -> ``max_new_tokens`` in SageMaker's
+            ``parameters``).
     """
     try:
         data = {} if query is not None and not raw.strip() else json.loads(raw)
@@ -85,7 +130,8 @@ def parse_body(model: type[BaseModel], raw: bytes, query: dict | None = None) ->
         for err in e.errors():
             where = _where(err["loc"])
             first = first or where or None
-            msg = ("unsupported field" if err["type"] == "extra_forbidden"
+            msg = ("unsupported field" + _suggestion(model, err["loc"])
+                   if err["type"] == "extra_forbidden"
                    else err["msg"].removeprefix("Value error, "))
             problem = f"{where}: {msg}" if where else msg
             if problem not in problems:
@@ -166,6 +212,13 @@ class _OpenAIRequest(_Neutral):
                                stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
 
     @property
+    def max_tokens_field(self) -> str:
+        """The body's name for the output length it asked for (for messages)."""
+        if self.max_tokens is None and getattr(self, "max_completion_tokens", None) is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
+
+    @property
     def include_usage(self) -> bool:
         """Whether a stream ends with a chunk holding ``usage``."""
         return self.stream_options is not None and self.stream_options.include_usage
@@ -191,11 +244,17 @@ class CompletionRequest(_OpenAIRequest):
             ApiError: 400 for an empty list.
         """
         p = self.prompt
-        if isinstance(p, str) or (p and isinstance(p[0], int)):
+        if not self.listed:
             return [p]
         if not p:
             raise ApiError(400, "prompt is an empty list", param="prompt")
         return list(p)
+
+    @property
+    def listed(self) -> bool:
+        """Whether ``prompt`` is a list of prompts (not one string or one list of ids)."""
+        p = self.prompt
+        return not (isinstance(p, str) or (p and isinstance(p[0], int)))
 
 
 class TextPart(_Strict):
@@ -204,7 +263,9 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: str
+    """One chat message; the roles are OpenAI's (a chat template knows no others)."""
+
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart]
 
     def as_dict(self) -> dict[str, str]:
@@ -246,11 +307,13 @@ class RegisterAdapterRequest(_Neutral):
 
 class LoadAdapterRequest(_Strict):
     """``POST /v1/load_lora_adapter`` (vLLM's body); ``model`` names the base model, needed
-    when several are served."""
+    when several are served; ``load_inplace`` (vLLM's) replaces the weights of a name already
+    loaded, which is otherwise refused."""
 
     lora_name: str = Field(min_length=1)
     lora_path: str = Field(min_length=1)
     model: str | None = None
+    load_inplace: bool = False
 
 
 class UnloadAdapterRequest(_Strict):

@@ -63,6 +63,20 @@ class ModelRegistry:
         raise ApiError(404, f"model {model!r} does not exist; served: base models "
                        f"{sorted(self.loops)}, adapters {sorted(self.adapters)}", param="model")
 
+    def adapter_base(self, name: str, field: str) -> str:
+        """The base model of adapter ``name``, given in the body's ``field``.
+
+        Raises:
+            ApiError: 404 naming ``field`` and the loaded adapters (and saying so when
+                ``name`` is a base model's).
+        """
+        if name in self.adapters:
+            return self.adapters[name][0]
+        hint = (f"; {name!r} is a base model (null in {field} runs the base model)"
+                if name in self.loops else "")
+        raise ApiError(404, f"{field}: adapter {name!r} is not loaded{hint}; loaded: "
+                       f"{sorted(self.adapters)}", param=field)
+
     def base(self, name: str | None, how: str = "'model'") -> str:
         """The base model named ``name``; None picks the only one served.
 
@@ -92,25 +106,31 @@ class ModelRegistry:
         return bases + [{"id": name, **common, "root": str(a.source), "parent": a.base}
                         for name, a in sorted(self.adapters.items())]
 
-    async def load(self, name: str, path: str, base: str | None, preload: bool = False) -> str:
+    async def load(self, name: str, path: str, base: str | None, preload: bool = False,
+                   replace: bool = False) -> str:
         """Adds the PEFT adapter at ``path`` (a directory, archive, ``s3://`` URL or cached
         model id: ``Engine.add_adapter``) to base model ``base`` (None: the only one) as
-        ``name``. Loading a name again on the same base replaces its weights for later
-        requests (requests already queued keep the old ones). The adapter is fetched, read and
-        validated in a worker thread; the engine keeps stepping meanwhile. ``preload`` keeps
-        its weights in host memory.
+        ``name``. A name already loaded is refused unless ``replace`` (vLLM's
+        ``load_inplace``): then its weights are replaced for later requests (requests already
+        queued keep the old ones). The adapter is fetched, read and validated in a worker
+        thread; the engine keeps stepping meanwhile. ``preload`` keeps its weights in host
+        memory.
 
         Returns:
             the base model's name.
         Raises:
             ApiError: 400 with the engine's validation message (missing path, a source that
                 cannot be had, bad config, shapes that do not fit, rank too high, unsupported
-                PEFT features), or for a name taken by a base model or another base's adapter;
-                404 for an unknown base.
+                PEFT features), for a name already loaded without ``replace``, or for a name
+                taken by a base model or another base's adapter; 404 for an unknown base.
         """
         base = self.base(base, "'model' (the base model to add the adapter to)")
         async with self._lock:
             self._check_free(name, base, ApiError)
+            if name in self.adapters and not replace:
+                raise ApiError(400, f"adapter {name!r} is already loaded (from "
+                               f"{str(self.adapters[name][1])!r}); send \"load_inplace\": true "
+                               f"to replace its weights, or unload it first", param="lora_name")
             engine = self.loops[base].engine
             try:
                 await asyncio.to_thread(engine.add_adapter, name, path, preload)

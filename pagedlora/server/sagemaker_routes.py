@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedlora.detokenizer import Detokenizer
 from pagedlora.outputs import RequestOutput
+from pagedlora.server.prompts import PromptTokens
 from pagedlora.server.protocol import ApiError, InvocationParameters, InvocationRequest
 from pagedlora.server.registry import ModelRegistry
 from pagedlora.server.state import ServerState, client_gone
@@ -39,14 +40,17 @@ async def invocations(request: Request) -> Response:
     400. The base model: the one the ``X-Amzn-SageMaker-Inference-Component`` header or the
     ``model`` field names; the only one served (the header then names this container's
     component); or the one all the named adapters belong to. Each adapter must belong to that
-    base model (400 otherwise; 404 for an unknown one).
+    base model (400 otherwise; 404 for an unknown one). An unknown adapter is a 404 naming
+    the ``adapters`` field. Each input's tokens plus ``max_new_tokens`` must fit in
+    ``max_model_len`` (400 naming both numbers otherwise).
     """
     state = ServerState.of(request)
     body = await state.body(request, InvocationRequest)
     inputs, adapters = body.prompts_and_adapters()
     adapters = _header_adapters(request, body, adapters)
     registry = state.registry
-    owners = {a: registry.resolve(a)[0].name for a in dict.fromkeys(adapters) if a is not None}
+    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(adapters)
+              if a is not None}
     base = _base_model(request, body, registry, owners, adapters)
     wrong = {a: b for a, b in owners.items() if b != base}
     if wrong:
@@ -54,7 +58,11 @@ async def invocations(request: Request) -> Response:
                        f"model {base!r}", param="adapters")
     params = body.parameters
     loop = registry.loops[base]
-    gen = await state.open(loop, inputs, adapters, params.to_sampling_params())
+    sampling = params.to_sampling_params()
+    tokens = await PromptTokens.of(loop.engine, base, "inputs", inputs,
+                                   not isinstance(body.inputs, str))
+    tokens.check_room(sampling.max_tokens, "parameters.max_new_tokens")
+    gen = await state.open(loop, tokens.ids, adapters, sampling, adapter_field="adapters")
     outs = await state.outputs(request, gen)
     if outs is None:
         return client_gone()

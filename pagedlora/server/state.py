@@ -62,7 +62,7 @@ class ServerState:
         return JSONResponse({"status": "healthy"})
 
     async def load_adapter(self, name: str, src: str, base: str | None,
-                           preload: bool = False) -> str:
+                           preload: bool = False, replace: bool = False) -> str:
         """Loads an adapter at run time (:meth:`ModelRegistry.load`) and records it in the
         state directory, if any; returns its base model's name. A record that cannot be
         written is logged: the adapter serves, but a restart will not bring it back.
@@ -70,7 +70,7 @@ class ServerState:
         Raises:
             ApiError: as ``ModelRegistry.load``.
         """
-        base = await self.registry.load(name, src, base, preload)
+        base = await self.registry.load(name, src, base, preload, replace)
         if self.adapter_state is not None:
             try:
                 self.adapter_state.loaded(AdapterEntry(base, name, str(src), preload))
@@ -114,14 +114,16 @@ class ServerState:
         return parse_body(model, bytes(raw), query)
 
     async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
-                   adapters: Sequence[str | None], params: SamplingParams) -> Generation:
+                   adapters: Sequence[str | None], params: SamplingParams,
+                   adapter_field: str = "model") -> Generation:
         """Queues the prompts on ``loop`` (one SamplingParams for all) and waits until the
         engine has them.
 
         Raises:
             ApiError: 503 with Retry-After for a full queue or a stopping loop; 400 for a
                 prompt the engine refuses (empty, too long, more prompts than the queue
-                holds...); 404 for an adapter removed meanwhile.
+                holds...); 404 for an adapter removed meanwhile (named by the body's
+                ``adapter_field``).
         """
         try:
             return await loop.open(prompts, adapters, [params] * len(prompts))
@@ -132,7 +134,7 @@ class ServerState:
         except PromptRejected as e:
             raise ApiError(400, str(e), param="prompt") from None
         except UnknownAdapterError as e:  # unloaded since resolve()
-            raise ApiError(404, str(e), param="model") from None
+            raise ApiError(404, f"{adapter_field}: {e}", param=adapter_field) from None
 
     async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:
         """Every request's RequestOutput, in prompt order; None if the client went away first
@@ -164,13 +166,17 @@ class ServerState:
                 raise ApiError(500, f"request failed: {o.error}")
         return outs
 
-    def stream(self, gen: Generation, chunk: Callable[[StreamOutput], dict | None],
-               first: dict | None = None, last: Callable[[Usage], dict] | None = None
-               ) -> StreamingResponse:
+    def stream(self, request: Request, gen: Generation,
+               chunk: Callable[[StreamOutput], dict | None], first: dict | None = None,
+               last: Callable[[Usage], dict] | None = None) -> StreamingResponse:
         """Server-sent events: ``first``, then ``chunk(d)`` for each StreamOutput (skipped
         when None), then ``last(usage)`` if given, then ``data: [DONE]``. A request that
-        fails in the engine sends ``data: {"error": ...}`` instead. Closing the connection
-        aborts the requests still running."""
+        fails in the engine sends ``data: {"error": ...}`` instead (and logs why, as
+        :func:`log_error`). Closing the connection aborts the requests still running."""
+
+        def error_event(error: ApiError) -> str:
+            log_error(request.method, request.url.path, error)
+            return _event(error.body())
 
         async def events():
             usage = Usage()
@@ -179,7 +185,7 @@ class ServerState:
                     yield _event(first)
                 async for d in gen:
                     if d.finished and d.output.finish_reason == "error":
-                        yield _event(ApiError(500, f"request failed: {d.output.error}").body())
+                        yield error_event(ApiError(500, f"request failed: {d.output.error}"))
                         break
                     if d.finished:
                         usage.add(d.output)
@@ -190,7 +196,7 @@ class ServerState:
                     if last is not None:
                         yield _event(last(usage))
             except LoopStopped as e:
-                yield _event(ApiError(503, str(e)).body())
+                yield error_event(ApiError(503, str(e)))
             finally:
                 gen.cancel()  # the client went away, or a request failed: abort the rest
             yield "data: [DONE]\n\n"
@@ -214,6 +220,17 @@ class Usage:
     def body(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def log_error(method: str, path: str, error: ApiError) -> None:
+    """One log line saying why a request got ``error``: method, path, status and the message
+    sent to the client (which names fields, models, adapters and token counts, never the
+    prompt's text), cut to one line of at most 500 characters. 4xx at WARNING, 5xx at ERROR."""
+    message = " ".join(error.message.split())
+    if len(message) > 500:
+        message = message[:497] + "..."
+    level = logging.ERROR if error.status >= 500 else logging.WARNING
+    log.log(level, "%s %s -> %d: %s", method, path, error.status, message)
 
 
 def client_gone() -> Response:
