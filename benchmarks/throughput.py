@@ -509,7 +509,10 @@ def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
     online = make_trace(WorkloadSpec(**{**asdict(spec), "rate": args.rate, "cv": args.cv}),
                         config.vocab_size, special)  # the same requests, spaced out
     t0 = time.perf_counter()
-    paths = write_adapters(args.adapters_dir / f"{name}-{config.hidden_size}", config,
+    kv_out = config.num_key_value_heads * (getattr(config, "head_dim", None)
+                                           or config.hidden_size // config.num_attention_heads)
+    shape = f"{config.hidden_size}-{kv_out}-{config.intermediate_size}"  # what adapters fit
+    paths = write_adapters(args.adapters_dir / f"{name}-{shape}", config,
                            spec.num_adapters, ranks=sc.ranks, module_sets=sc.module_sets,
                            cycle=sc.cycle, seed=spec.seed)
     print(f"{name}: {len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s",

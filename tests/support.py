@@ -226,6 +226,14 @@ def logits_rtol(config, dtype: torch.dtype = torch.float32) -> float:
     raise ValueError(f"no tolerance derived for {dtype}")
 
 
+def model_config(engine: Engine):
+    """The engine's HF config (read from its model directory: under tensor parallelism the
+    model lives in the workers, ``engine.model`` is None)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(engine.model_dir)
+
+
 def row_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| over a logits row, as a fraction of the row's largest |ref| (NaN for a
     NaN anywhere, which fails every comparison)."""
@@ -295,7 +303,7 @@ def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_to
     sampler = engine.core.runner.sampler
     assert isinstance(sampler, OracleSampler), "make the engine with sampler=OracleSampler()"
     sampler.oracle = oracle
-    sampler.compare = compare or logits_within(logits_rtol(engine.model.config))
+    sampler.compare = compare or logits_within(logits_rtol(model_config(engine)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     result, tags = Drive(), {}
     step = 0

@@ -34,9 +34,7 @@ from pagedlora.parallel.messages import (
     WorkerError,
     WorkerSpec,
 )
-from pagedlora.parallel.shard import Shard
 from pagedlora.parallel.worker import start_timeout_s, worker_main
-from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
 from pagedlora.scheduler import RunnerOutput
 from pagedlora.step_input import StepInput
@@ -160,10 +158,6 @@ class TensorParallelExecutor:
     def pids(self) -> list[int]:
         """The workers' process ids, by rank."""
         return [p.pid for p in self.procs]
-
-    def adapter_pages(self, pool: UnifiedPool, shard: Shard) -> ShardedAdapterPages:
-        """The adapter store's pages on these workers (rank 0's geometry is every rank's)."""
-        return ShardedAdapterPages(AdapterPacker(pool, module_shapes=shard.lora_widths), self)
 
     def load(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
              placement_id: int) -> None:
