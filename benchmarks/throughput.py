@@ -14,6 +14,8 @@ Systems:
                     2): that many worker processes, ``--threads / N`` threads each, against
                     ``pagedlora``'s one process of ``--threads`` (the model must split: see
                     ``--random-llama``).
+    pagedlora-tp-base  pagedlora-base with tensor parallelism (what the base sharding costs,
+                    without LoRA's extra all-reduces).
     pagedlora-base  the same prompts on the base model alone: the LoRA overhead.
     pagedlora-online  requests added at their trace arrival times (``--rate``, ``--cv``);
                     reports the fraction whose TTFT meets ``--slo-ttft``.
@@ -106,7 +108,7 @@ SCENARIOS = {
         max_loras=64, max_lora_rank=16, max_cpu_loras=64),
 }
 SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "peft", "vllm", "pagedlora-online",
-           "pagedlora-tp")
+           "pagedlora-tp", "pagedlora-tp-base")
 # Random Llama shapes for tensor parallelism (LlamaConfig fields over SmolLM2's vocabulary):
 # "smollm2-even" is SmolLM2-135M's size with heads that split over 2 or 4 ranks (8 query heads
 # of 72, 2 KV heads); "wide" is a model whose weights dominate a step (1.5 GB in float32,
@@ -348,6 +350,7 @@ def worker(job_path: Path, result_path: Path) -> None:
 
     torch.set_num_threads(job.threads)
     run = {"pagedlora": lambda: run_pagedlora(job), "pagedlora-tp": lambda: run_pagedlora(job),
+           "pagedlora-tp-base": lambda: run_pagedlora(job, base_only=True),
            "pagedlora-online": lambda: run_pagedlora(job, online=True),
            "pagedlora-base": lambda: run_pagedlora(job, base_only=True),
            "peft": lambda: run_peft(job), "gemm-limit": lambda: run_gemm_limit(job)}
@@ -443,7 +446,7 @@ def main() -> None:
                 for s in systems:
                     print(f"running {name} / {s} ({rep + 1}/{args.repeat}) ...",
                           file=sys.stderr, flush=True)
-                    tp = args.tensor_parallel_size if s == "pagedlora-tp" else 1
+                    tp = args.tensor_parallel_size if s.startswith("pagedlora-tp") else 1
                     r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s,
                                              "tensor_parallel_size": tp}), Path(tmp),
                                    args.vllm_python)
@@ -560,6 +563,14 @@ def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) 
               f"{1000 * row['tpot_p90']:.0f} | {r.peak_rss_mib:.0f} | "
               f"{f(row['vs_peft'], '.2f')}{'x' if row['vs_peft'] else ''} | "
               f"{f(row['of_limit'], '.0%')} |")
+    for with_tp, without in (("pagedlora-tp", "pagedlora"),
+                             ("pagedlora-tp-base", "pagedlora-base")):
+        if with_tp in results and without in results:
+            a, b = results[with_tp], results[without]
+            print(f"\n{with_tp} / {without}: "
+                  f"{(a.output_tokens / a.seconds) / (b.output_tokens / b.seconds):.1%} of its "
+                  f"tokens/s; greedy outputs equal for "
+                  f"{agreement(a.token_ids, b.token_ids):.0%} of requests")
     if "pagedlora" in results and "pagedlora-base" in results:
         a, b = results["pagedlora"], results["pagedlora-base"]
         print(f"\npagedlora / its base-only run: "
