@@ -56,6 +56,12 @@ async def one_request(client: httpx.AsyncClient, i: int, model: str, args) -> Re
         path, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
     else:
         path, body["prompt"] = "/v1/completions", text
+    return await stream_request(client, path, body)
+
+
+async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> Result:
+    """Sends one streamed request (``body`` with ``stream_options.include_usage``) and
+    measures its TTFT and TPOT as the module docstring says."""
     sent = time.perf_counter()
     first = last = None
     tokens = 0

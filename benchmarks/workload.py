@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,19 +151,24 @@ def module_shapes(config) -> dict[str, tuple[int, int]]:
 
 def write_adapter(path: Path, config, *, rank: int, target_modules: tuple[str, ...],
                   generator: torch.Generator, alpha: float | None = None,
-                  dtype: torch.dtype = torch.float32) -> Path:
+                  dtype: torch.dtype = torch.float32,
+                  dora_base: Callable[[int, str], torch.Tensor] | None = None) -> Path:
     """Writes one random LoRA adapter of ``config``'s model as a PEFT directory
     (``adapter_config.json`` + ``adapter_model.safetensors``), without importing PEFT.
 
     Weights are random and nonzero in both factors (like PEFT's ``init_lora_weights=False``):
     ``lora_A [r, in]`` and ``lora_B [out, r]`` normal with std ``1/sqrt(in)`` and
     ``1/sqrt(r)`` times 0.1, so the adapter changes the output without swamping the base.
+    With ``dora_base`` it is a DoRA adapter (``use_dora``): each module's
+    ``lora_magnitude_vector`` is the norm of each row of ``W + scale * B A`` (where PEFT starts
+    it) times ``1 + 0.1 * N(0, 1)``.
 
     Args:
         path: directory to create (parents too).
         config: the base model's transformers config (Llama family).
         rank: LoRA rank r. target_modules: projections to adapt (names in ALL_MODULES).
         alpha: lora_alpha (default 2r). dtype: of the stored tensors.
+        dora_base: ``(layer, module) -> [out, in]`` base weight, for a DoRA adapter.
     Raises:
         ValueError: an unknown module name or a rank < 1.
     """
@@ -180,24 +186,32 @@ def write_adapter(path: Path, config, *, rank: int, target_modules: tuple[str, .
                                                * (0.1 / in_f ** 0.5)).to(dtype)
             tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=generator)
                                                * (0.1 / rank ** 0.5)).to(dtype)
+            if dora_base is not None:
+                a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+                w = dora_base(layer, module).float() + (alpha or 2 * rank) / rank * (
+                    b.float() @ a.float())
+                noise = 1 + 0.1 * torch.randn(out_f, generator=generator)
+                tensors[f"{key}.lora_magnitude_vector"] = (w.norm(dim=1) * noise).to(dtype)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path / "adapter_model.safetensors")
     (path / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank, "bias": "none",
         "target_modules": list(target_modules), "task_type": "CAUSAL_LM",
-        "lora_dropout": 0.0}))
+        "lora_dropout": 0.0, "use_dora": dora_base is not None}))
     return path
 
 
 def write_adapters(out: Path, config, num: int, *, ranks: tuple[int, ...],
                    module_sets: tuple[tuple[str, ...], ...], seed: int = 0,
-                   cycle: bool = False) -> list[Path]:
+                   cycle: bool = False, dora: tuple[int, ...] = (),
+                   dora_base: Callable[[int, str], torch.Tensor] | None = None) -> list[Path]:
     """Writes ``num`` random adapters ``out/a0000``, ``out/a0001``... (see
     :func:`write_adapter`); an existing directory whose config matches is kept as is.
 
     Args:
         ranks, module_sets: adapter i takes ``ranks[i % len]`` and ``module_sets[i % len]``
             when ``cycle``, else one of each drawn at random (seeded).
+        dora: indices of the adapters written as DoRA adapters (``dora_base`` needed).
     Returns:
         the directories, index i for adapter i.
     """
@@ -209,10 +223,13 @@ def write_adapters(out: Path, config, num: int, *, ranks: tuple[int, ...],
         path = out / f"a{i:04d}"
         cfg = path / "adapter_config.json"
         kept = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        is_dora = i in dora
         if not ((path / "adapter_model.safetensors").is_file() and kept.get("r") == rank
-                and kept.get("target_modules") == list(modules)):
+                and kept.get("target_modules") == list(modules)
+                and kept.get("use_dora", False) == is_dora):
             write_adapter(path, config, rank=rank, target_modules=modules,
-                          generator=torch.Generator().manual_seed(seed * 100_003 + i))
+                          generator=torch.Generator().manual_seed(seed * 100_003 + i),
+                          dora_base=dora_base if is_dora else None)
         paths.append(path)
     return paths
 

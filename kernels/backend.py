@@ -26,8 +26,9 @@ class Kernels:
         paged_attention: as :func:`pagedlora.kernels.paged_attention.paged_attention`.
         lora_shrink_expand: as :func:`pagedlora.kernels.lora.lora_shrink_expand`.
         lora_shrink, lora_expand: its two halves, as :func:`pagedlora.kernels.lora.lora_shrink`
-            and :func:`pagedlora.kernels.lora.lora_expand` (a tensor-parallel row-parallel
-            module all-reduces the shrink's output in between).
+            and :func:`pagedlora.kernels.lora.lora_expand` (Triton: their grouped forms, for
+            a mix's overlapping segments) (a tensor-parallel row-parallel module all-reduces
+            the shrink's output in between).
     """
 
     backend: str
@@ -62,5 +63,5 @@ def select_kernels(backend: str, device: torch.device) -> Kernels:
 
     check_device(device)  # fail at construction, not in the first step
     return Kernels("triton", False, triton_attention.write_kv, triton_attention.paged_attention,
-                   triton_lora.lora_shrink_expand, triton_lora.lora_shrink,
-                   triton_lora.lora_expand)
+                   triton_lora.lora_shrink_expand, triton_lora.lora_shrink_grouped,
+                   triton_lora.lora_expand_grouped)

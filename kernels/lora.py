@@ -1,4 +1,5 @@
-"""LoRA shrink/expand over adapter rows read from pool pages (torch reference, the CPU path)."""
+"""LoRA shrink/expand over adapter rows read from pool pages (torch reference, the CPU path),
+and DoRA's output rescaling."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+TokenRange = tuple[int, int, float]
+"""``(start, end, weight)``: tokens ``[start, end)`` of a step use an adapter at ``weight`` (1
+for a plain adapter; a request's weight for it in a scaled adapter or mix)."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,9 @@ class PagedRows:
 @dataclass(frozen=True)
 class LoraSegment:
     """Tokens ``[start, end)`` of a batch using the adapter whose rows are columns
-    ``[col_start, col_end)`` of the batch's concatenated rank rows, with its scale."""
+    ``[col_start, col_end)`` of the batch's concatenated rank rows, with its scale (the
+    adapter's scaling times the tokens' weight for it). Segments of different adapters may
+    cover the same tokens: a token of a mix is in a segment of each of its adapters."""
 
     start: int
     end: int
@@ -39,35 +46,66 @@ class StackedTokens:
     """Where the tokens of a BGMV batch sit in its adapter-major layout.
 
     Attributes:
-        index: ``[N]`` int64 tokens of the batch that use one of the adapters.
-        entry: ``[N]`` int64 their adapter (segment) among the stacked ones.
+        index: ``[N]`` int64 (token, adapter) pairs' token (a token of a mix appears once per
+            adapter).
+        entry: ``[N]`` int64 their adapter among the stacked ones.
         position: ``[N]`` int64 their place among that adapter's tokens.
         width: the most tokens any one adapter has.
+        weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
+            every weight is 1.
     """
 
     index: torch.Tensor
     entry: torch.Tensor
     position: torch.Tensor
     width: int
+    weight: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, segments: Sequence[LoraSegment], device: torch.device) -> StackedTokens | None:
-        """The layout of ``segments`` (one per stacked adapter, in order); None when segment
-        k is exactly the token ``segments[0].start + k`` (one decode token per adapter)."""
-        lo = segments[0].start
-        if all((s.start, s.end) == (lo + k, lo + k + 1) for k, s in enumerate(segments)):
+    def of(cls, ranges: Sequence[Sequence[TokenRange]], *, dtype: torch.dtype,
+           device: torch.device) -> StackedTokens | None:
+        """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in order);
+        None when adapter k's tokens are exactly the token ``ranges[0][0][0] + k`` at weight
+        1 (one decode token per adapter)."""
+        lo = ranges[0][0][0]
+        if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0) for k, r in enumerate(ranges)):
             return None
-        index, entry, position, width = [], [], [], 0
-        for k, s in enumerate(segments):
-            n = s.end - s.start
-            index.extend(range(s.start, s.end))
+        index, entry, position, weight, width = [], [], [], [], 0
+        for k, adapter_ranges in enumerate(ranges):
+            n = 0
+            for start, end, w in adapter_ranges:
+                index.extend(range(start, end))
+                weight.extend([w] * (end - start))
+                position.extend(range(n, n + end - start))
+                n += end - start
             entry.extend([k] * n)
-            position.extend(range(n))
             width = max(width, n)
 
         def t(v: list[int]) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.long, device=device)
-        return cls(t(index), t(entry), t(position), width)
+        weights = None if all(w == 1.0 for w in weight) else torch.tensor(
+            weight, dtype=dtype, device=device)
+        return cls(t(index), t(entry), t(position), width, weights)
+
+
+@dataclass(frozen=True)
+class DoraScales:
+    """DoRA's output rescaling of one module in one step (Liu et al. 2024, "DoRA:
+    Weight-Decomposed Low-Rank Adaptation", eq. 5, as PEFT computes it): for every token t of
+    a DoRA adapter k, ``y[t] <- g_k * (y[t] - bias) + bias`` after the LoRA delta was added,
+    ``g_k = m_k / ||W + scale_k * B_k A_k||`` per output feature (computed once per adapter).
+
+    Attributes:
+        ranges: ``(start, end, k)``: tokens ``[start, end)`` use DoRA adapter ``k``.
+        rows: the page table of the ``n`` DoRA adapters' scale rows (``out_features`` wide,
+            in the lora_B^T rows' view of the pool), adapter k's row k.
+        gathered: ``[n, out_features]`` those rows read out of the pool, or None (read them
+            through ``rows``).
+    """
+
+    ranges: tuple[tuple[int, int, int], ...]
+    rows: PagedRows
+    gathered: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -77,9 +115,11 @@ class LoraBatch:
     Attributes:
         a: ``R`` rows of lora_A (``[R, in_features]``), the batch's adapters one after another.
         b: ``R`` rows of lora_B transposed (``[R, out_features]``), in the same order.
-        segments: disjoint token ranges and the rows each one uses.
-        token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where token
-            t's adapter owns row r, else 0 (tokens of the base model have an all-zero row).
+        segments: token ranges and the rows each one uses; ranges of one adapter are disjoint,
+            those of different adapters may overlap (tokens of a mix).
+        token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where one
+            of token t's adapters owns row r, else 0 (tokens of the base model have an
+            all-zero row).
         gathered: ``(a [R, in_features], b [R, out_features])``, the rows already read out of
             the pool (the CPU path keeps them while the step's adapters repeat), or None: read
             them through the page tables.
@@ -89,6 +129,8 @@ class LoraBatch:
             elsewhere, for the S adapters of ``segments`` in order. ``tokens`` is None when
             the batch's tokens ``segments[0].start + k`` are exactly one per adapter k (the
             common decode case); else :class:`StackedTokens`.
+        dora: the DoRA rescaling of the module's output, when one of its adapters is DoRA
+            (applied by :func:`dora_rescale`, after :func:`lora_shrink_expand`).
     """
 
     a: PagedRows
@@ -97,38 +139,45 @@ class LoraBatch:
     token_scale: torch.Tensor
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
     stacked: tuple[torch.Tensor, torch.Tensor, StackedTokens | None] | None = None
+    dora: DoraScales | None = None
 
     @classmethod
     def build(cls, a: PagedRows, b: PagedRows, cols: Sequence[tuple[int, int, int, float]],
-              ranges: Sequence[tuple[int, int]], token_scale: torch.Tensor, *,
+              uses: Sequence[Sequence[TokenRange]], token_scale: torch.Tensor, *,
               gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
-              stacked: tuple[torch.Tensor, torch.Tensor] | None = None) -> LoraBatch:
+              stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
+              dora: DoraScales | None = None) -> LoraBatch:
         """One module's batch from its parts.
 
         Args:
             a, b: the module's ``R`` rows of every adapter that targets it, concatenated.
             cols: per such adapter, ``(i, col_start, col_end, scale)``: it is the step's
                 adapter ``i`` and owns rows ``[col_start, col_end)``.
-            ranges: per adapter of the step, its tokens ``(start, end)``.
+            uses: per adapter of the step, its tokens and their weights (:data:`TokenRange`).
             token_scale: ``[T, R]`` as the attribute (see :meth:`token_scales`).
             gathered, stacked: the rows already read out of the pool, as the attributes
                 (``stacked`` without its token layout, which is derived here).
+            dora: as the attribute.
         """
-        segments = tuple(LoraSegment(ranges[i][0], ranges[i][1], c0, c1, scale)
-                         for i, c0, c1, scale in cols)
+        segments = tuple(LoraSegment(start, end, c0, c1, scale * w)
+                         for i, c0, c1, scale in cols for start, end, w in uses[i])
         if stacked is not None:
-            stacked = (*stacked, StackedTokens.of(segments, token_scale.device))
-        return cls(a, b, segments, token_scale, gathered, stacked)
+            stacked = (*stacked, StackedTokens.of([uses[i] for i, *_ in cols],
+                                                  dtype=token_scale.dtype,
+                                                  device=token_scale.device))
+        return cls(a, b, segments, token_scale, gathered, stacked, dora)
 
     @staticmethod
     def token_scales(cols: Sequence[tuple[int, int, int, float]],
-                     ranges: Sequence[tuple[int, int]], num_tokens: int, *,
+                     uses: Sequence[Sequence[TokenRange]], num_tokens: int, *,
                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``[num_tokens, R]`` (``R = cols[-1][2]``): each adapter's scale over its tokens and
-        its rows, 0 elsewhere (``cols`` and ``ranges`` as for :meth:`build`)."""
+        """``[num_tokens, R]`` (``R = cols[-1][2]``): each adapter's scale times the tokens'
+        weight over its tokens and its rows, 0 elsewhere (``cols`` and ``uses`` as for
+        :meth:`build`)."""
         scale = torch.zeros(num_tokens, cols[-1][2], dtype=dtype, device=device)
         for i, c0, c1, value in cols:
-            scale[ranges[i][0]:ranges[i][1], c0:c1] = value
+            for start, end, w in uses[i]:
+                scale[start:end, c0:c1] = value * w
         return scale
 
 
@@ -158,8 +207,9 @@ BGMV_MIN_ADAPTERS = 8
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
                        a_view: torch.Tensor, b_view: torch.Tensor) -> None:
-    """Multi-adapter LoRA, in place: ``y[t] += scale_t * (x[t] @ A_t^T) @ B_t^T`` for every
-    token t, with ``A_t, B_t, scale_t`` the adapter of t's segment (none for base tokens).
+    """Multi-adapter LoRA, in place: ``y[t] += sum_s scale_s * (x[t] @ A_s^T) @ B_s^T`` over
+    the segments s holding token t (one for a plain adapter, one per adapter of a mix, none
+    for base tokens).
 
     Shrink to rank r, scale, expand to out_features, for a batch whose tokens use different
     adapters of different ranks (Punica, Chen et al. 2023, section 4, SGMV/BGMV; S-LoRA
@@ -167,10 +217,11 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     pages once per call (unless ``batch.gathered`` already holds them). Decode-sized batches
     over few adapters run as one dense shrink against every adapter's rows with a per-token
     column scale (``x @ A^T * token_scale``: few large ops instead of many small ones, which is
-    what a CPU rewards); over many adapters (``batch.stacked``) as two batched matmuls, each
-    token against its own adapter's rows (BGMV), since the dense form's work grows with the
-    number of adapters; larger batches loop over the segments so no token multiplies another
-    adapter's rows.
+    what a CPU rewards; a token of a mix has a weighted scale in each of its adapters'
+    columns); over many adapters
+    (``batch.stacked``) as two batched matmuls, each token against its own adapters' rows
+    (BGMV), since the dense form's work grows with the number of adapters; larger batches
+    loop over the segments so no token multiplies another adapter's rows.
 
     Args:
         y: ``[T, out_features]`` output of the base projection, updated in place.
@@ -195,6 +246,11 @@ def _form(num_tokens: int, batch: LoraBatch) -> str:
     if num_tokens <= DENSE_MAX_TOKENS or len(batch.segments) == 1:
         return "dense"
     return "segments"
+
+
+def _dense_span(batch: LoraBatch) -> tuple[int, int]:
+    """``[lo, hi)``: the tokens the dense form covers (segments may overlap: a mix's)."""
+    return min(s.start for s in batch.segments), max(s.end for s in batch.segments)
 
 
 def _rows(batch: LoraBatch, a_view: torch.Tensor | None, b_view: torch.Tensor | None
@@ -227,7 +283,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
         return _bgmv_shrink(x, batch)
     a, _ = _rows(batch, a_view, None)
     if form == "dense":
-        lo, hi = batch.segments[0].start, batch.segments[-1].end
+        lo, hi = _dense_span(batch)
         if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU
             return F.linear(x, a).mul_(batch.token_scale)
         return F.linear(x[lo:hi], a).mul_(batch.token_scale[lo:hi])
@@ -264,7 +320,7 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
         return
     _, b = _rows(batch, None, b_view)
     if form == "dense":
-        lo, hi = batch.segments[0].start, batch.segments[-1].end
+        lo, hi = _dense_span(batch)
         (y if (lo, hi) == (0, y.shape[0]) else y[lo:hi]).addmm_(shrunk, b)
         return
     offset = 0
@@ -276,14 +332,69 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
 
 
 def _bgmv_shrink(x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
-    """``x[t] @ a[e_t]^T`` for every token t of an adapter, ``e_t`` its adapter's entry of
-    ``batch.stacked``, as ``[S, width, r_max]`` (``width`` 1 for one token per adapter).
-    Tokens are laid out adapter-major (``[S, width, in]``, zero-padded) rather than copying
-    weights per token: an activation row is ``in`` elements, an adapter's rows ``r_max * in``."""
+    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and entry e of ``batch.stacked`` among
+    its adapters, as ``[S, width, r_max]`` (``width`` 1 for one token per adapter; the scale
+    is in ``b``; ``w`` is the token's weight for the adapter, 1 but in a mix). Tokens are
+    laid out adapter-major (``[S, width, in]``, zero-padded, a mix's token once per adapter,
+    its weight applied to its activation row) rather than copying weights per token: an
+    activation row is ``in`` elements, an adapter's rows ``r_max * in``."""
     a, _, tokens = batch.stacked
     if tokens is None:
         lo = batch.segments[0].start
         return torch.bmm(x[lo:lo + a.shape[0]].unsqueeze(1), a.transpose(1, 2))
     laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
-    laid[tokens.entry, tokens.position] = x[tokens.index]
+    rows = x[tokens.index]
+    laid[tokens.entry, tokens.position] = rows if tokens.weight is None else (
+        rows * tokens.weight[:, None])
     return torch.bmm(laid, a.transpose(1, 2))
+
+
+def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, dora: DoraScales,
+                 b_view: torch.Tensor) -> None:
+    """DoRA, in place: ``y[t] = g_k * (y[t] - bias) + bias`` for the tokens t of each DoRA
+    adapter k (see :class:`DoraScales`); other tokens untouched. With ``y`` the base output
+    plus the LoRA delta this is PEFT's ``DoraLinearLayer.forward`` added to the base result,
+    ``(g - 1) * (base - bias) + g * scale * B A x``. Elementwise torch ops: the same on every
+    device (no Triton kernel needed).
+
+    Args:
+        y: ``[T, out_features]`` the projection's output (bias and LoRA delta included).
+        bias: ``[out_features]`` the projection's bias, or None.
+        dora: the step's DoRA adapters of this module and their tokens.
+        b_view: ``[num_pages, rows_per_page, out_features]`` pool view of the scale rows.
+    """
+    g = dora.gathered if dora.gathered is not None else gather_rows(b_view, dora.rows)
+    for start, end, k in dora.ranges:
+        part = y[start:end]
+        if bias is not None:
+            part.sub_(bias)
+        part.mul_(g[k])
+        if bias is not None:
+            part.add_(bias)
+
+
+def lora_embedding(y: torch.Tensor, ids: torch.Tensor, batch: LoraBatch) -> None:
+    """Multi-adapter LoRA of an embedding, in place: ``y[t] += scale_t * A_t[:, ids[t]] @
+    B_t^T`` for every token t of a segment, with ``A_t [r, vocab_size]`` (PEFT's
+    ``lora_embedding_A``) and ``B_t^T [r, hidden]`` (``lora_embedding_B`` transposed) the
+    adapter of t's segment: the shrink is a row lookup in ``A^T``, the expand a matmul by
+    ``B^T`` (PEFT's ``Embedding`` layer: ``embedding(x, A^T) @ B^T * scaling``). One lookup and
+    one GEMM per segment: there is no work to share across adapters.
+
+    Args:
+        y: ``[T, hidden]`` embeddings of the batch's tokens, updated in place.
+        ids: ``[T]`` int64 the tokens.
+        batch: the step's rows and segments for the embedding; ``batch.gathered`` must hold
+            ``(A [R, vocab_size], B^T [R, hidden])``, the rows read out of the pool.
+    Raises:
+        ValueError: ``batch.gathered`` is None, or ``y`` and ``ids`` disagree on the tokens.
+    """
+    if batch.gathered is None:
+        raise ValueError("lora_embedding reads rows already gathered out of the pool")
+    if y.shape[0] != ids.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} tokens, ids {ids.shape[0]}")
+    a, b = batch.gathered
+    for s in batch.segments:
+        if s.end > s.start:
+            y[s.start:s.end].addmm_(a[s.col_start:s.col_end, ids[s.start:s.end]].t(),
+                                    b[s.col_start:s.col_end], alpha=s.scale)

@@ -9,11 +9,14 @@ tensors the kernels need the Triton interpreter (see :mod:`.triton_launch`).
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
-from pagedlora.kernels.lora import LoraBatch, PagedRows
+from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
 from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, tile
 
 
@@ -199,13 +202,35 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
         DOT=dot_dtype(y.dtype, _expand_kernel))
 
 
+def disjoint_groups(segments: Sequence[LoraSegment]) -> list[tuple[LoraSegment, ...]]:
+    """``segments`` split into as few groups as a greedy pass over their starts finds, each
+    group's token ranges disjoint: the kernels give a token one row of the shrink output, so
+    the segments of a mix's adapters, which cover the same tokens, go to different launches
+    (a step needs as many as the most adapters one token has; one without mixes)."""
+    groups: list[list[LoraSegment]] = []
+    ends: list[int] = []
+    for seg in sorted(segments, key=lambda s: (s.start, s.end)):
+        for g, end in enumerate(ends):
+            if end <= seg.start:
+                groups[g].append(seg)
+                ends[g] = seg.end
+                break
+        else:
+            groups.append([seg])
+            ends.append(seg.end)
+    return [tuple(g) for g in groups]
+
+
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
                        a_view: torch.Tensor, b_view: torch.Tensor) -> None:
-    """Multi-adapter LoRA, in place: ``y[t] += scale_t * (x[t] @ A_t^T) @ B_t^T`` for every
-    token t, with ``A_t, B_t, scale_t`` the adapter of t's segment (none for base tokens).
+    """Multi-adapter LoRA, in place: ``y[t] += sum_s scale_s * (x[t] @ A_s^T) @ B_s^T`` over
+    the segments s holding token t (one for a plain adapter, one per adapter of a mix, none
+    for base tokens).
 
     :func:`lora_shrink` then :func:`lora_expand` (SGMV, Punica section 4; rank-heterogeneous
     rows from the unified pool, S-LoRA section 5.1); rows are read in place from their pages.
+    Segments that overlap (a mix's tokens) run in successive launches over disjoint groups
+    (:func:`disjoint_groups`), each adding its adapters' deltas to ``y``.
 
     Args:
         y: ``[T, out_features]`` output of the base projection, updated in place.
@@ -222,5 +247,44 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
                          f"{batch.token_scale.shape[0]}")
     if not batch.segments or x.shape[0] == 0:
         return
-    table = segment_tensors(batch, x.shape[0], y.device)  # to the device once, not per kernel
-    lora_expand(y, lora_shrink(x, batch, a_view, table), batch, b_view, table)
+    groups = disjoint_groups(batch.segments)
+    for segments in groups:
+        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
+        table = segment_tensors(part, x.shape[0], y.device)  # to the device once per group
+        lora_expand(y, lora_shrink(x, part, a_view, table), part, b_view, table)
+
+
+def lora_shrink_grouped(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor
+                        ) -> torch.Tensor:
+    """:func:`lora_shrink` of each of the batch's disjoint groups (:func:`disjoint_groups`;
+    one without mixes), stacked for one collective: a tensor-parallel rank all-reduces the
+    result before :func:`lora_expand_grouped` (S-LoRA section 6).
+
+    Args:
+        x, batch, a_view: as :func:`lora_shrink`.
+    Returns:
+        ``[G, T, max_rank]`` float32, group g's shrink in ``[g]`` (zero past its ranks).
+    Raises:
+        ValueError: as :func:`lora_shrink`.
+    """
+    groups = disjoint_groups(batch.segments)
+    max_rank = max(s.col_end - s.col_start for s in batch.segments)
+    out = torch.zeros(len(groups), x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    for g, segments in enumerate(groups):
+        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
+        tmp = lora_shrink(x, part, a_view)
+        out[g, :, :tmp.shape[1]] = tmp
+    return out
+
+
+def lora_expand_grouped(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
+                        b_view: torch.Tensor) -> None:
+    """:func:`lora_expand` of each group of :func:`lora_shrink_grouped`'s result, in place.
+
+    Raises:
+        ValueError: as :func:`lora_expand`.
+    """
+    groups = disjoint_groups(batch.segments)
+    for g, segments in enumerate(groups):
+        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
+        lora_expand(y, shrunk[g], part, b_view)

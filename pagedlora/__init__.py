@@ -11,10 +11,14 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdapterMix": "pagedlora.adapter_mix",
+    "AdapterMixError": "pagedlora.errors",
     "Engine": "pagedlora.engine",
     "EngineConfig": "pagedlora.config",
     "SamplingParams": "pagedlora.sampling_params",
     "RequestOutput": "pagedlora.outputs",
+    "StreamOutput": "pagedlora.outputs",
+    "TokenLogprobs": "pagedlora.scheduler",
     "AdapterError": "pagedlora.errors",
     "AdapterUnavailableError": "pagedlora.errors",
     "EngineDeadError": "pagedlora.errors",

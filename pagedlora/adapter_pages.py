@@ -9,17 +9,25 @@ from typing import Protocol
 import torch
 
 from pagedlora.kernels.lora import PagedRows
-from pagedlora.lora_adapter import TARGET_MODULES, AdapterWeights, LoraAdapter
-from pagedlora.pool import UnifiedPool, rows_per_page
+from pagedlora.lora_adapter import (
+    LORA_MODULES,
+    TARGET_MODULES,
+    AdapterWeights,
+    LoraAdapter,
+    ModuleWeights,
+)
+from pagedlora.pool import UnifiedPool, row_pieces, rows_per_page
 
 
 @dataclass(frozen=True)
 class ResidentModule:
-    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale."""
+    """One module's LoRA in the pool: lora_A rows, lora_B^T rows, scale, and for DoRA the row
+    of its output scale (``out_features`` wide, packed with the lora_B^T rows)."""
 
     a: PagedRows
     b: PagedRows
     scale: float
+    dora: PagedRows | None = None
 
 
 @dataclass(frozen=True)
@@ -62,23 +70,35 @@ class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
     For each layer, the rank rows of every target module are grouped by row width
-    (``in_features`` for lora_A, ``out_features`` for lora_B^T) and packed into pages of that
-    width, so an adapter of rank r takes pages in proportion to r, with no padding to
-    max_lora_rank, and a row never straddles two pages (kernels read rows in place). The
-    allocator may charge more (``adapter_footprint``: a whole max-rank slot in the static
-    layout); the rows then fill the first pages it hands out.
+    (``in_features`` for lora_A, ``out_features`` for lora_B^T and a DoRA module's output
+    scale, one row) and packed into pages of that width, so an adapter of rank r takes pages
+    in proportion to r, with no padding to max_lora_rank, and a decoder projection's row never
+    straddles two pages (kernels read those rows in place). The vocabulary modules
+    (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
+    elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
+    is split into page-wide pieces, one page each (the last one's tail unused), and read back
+    out of the pool whole (:meth:`UnifiedPool.read_rows`). The allocator may charge more
+    (``adapter_footprint``: a whole max-rank slot in the static layout); the rows then fill
+    the first pages it hands out.
 
     Args:
         pool: the unified pool.
-        module_shapes: ``module -> (in_features, out_features)``.
+        module_shapes: ``module -> (in_features, out_features)``, decoder projections and
+            (optionally) the vocabulary modules: the widths of lora_A and lora_B^T rows (under
+            tensor parallelism a rank's, ``Shard.lora_widths``).
+        scale_widths: ``module -> width`` of a DoRA module's output scale row where it is not
+            ``out_features`` (a tensor-parallel rank's, ``Shard.dora_widths``).
     Raises:
-        ValueError: a row width exceeds a page (raise block_size).
+        ValueError: a decoder projection's row width exceeds a page (raise block_size).
     """
 
-    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]],
+                 scale_widths: dict[str, int] | None = None) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
-        for width in {w for shape in module_shapes.values() for w in shape}:
+        self.scale_widths = scale_widths or {}
+        for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
+                      for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
 
     def num_pages(self, adapter: LoraAdapter) -> int:
@@ -101,15 +121,21 @@ class AdapterPacker:
         device = self.pool.tensor.device
         next_page = 0
         for layer, width, rows, num_pages in groups:
-            rpp = self.pool.rows_per_page(width)
+            # a row of `width` is `pieces` stored rows of `stored` elements (1 unless split)
+            pieces, stored = row_pieces(self.pool.page_numel, width)
+            rpp = self.pool.rows_per_page(stored)
             group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
             next_page += num_pages
-            tensors = [getattr(weights[(layer, module)], "a" if which == "a" else "b_t")
+            tensors = [_row_tensor(weights[(layer, module)], which)
                        for module, which, _ in rows]
             data = torch.cat(tensors).to(device)  # [num_rows, width]
-            padded = data.new_zeros(num_pages * rpp, width)
+            if pieces > 1:  # [num_rows * pieces, stored]
+                split = data.new_zeros(data.shape[0], pieces * stored)
+                split[:, :width] = data
+                data = split.view(-1, stored)
+            padded = data.new_zeros(num_pages * rpp, stored)
             padded[: data.shape[0]] = data
-            self.pool.rows(width)[group_pages] = padded.view(num_pages, rpp, width)
+            self.pool.rows(stored)[group_pages] = padded.view(num_pages, rpp, stored)
         return self._place(adapter, groups, pages, placement_id, device)
 
     def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
@@ -139,51 +165,67 @@ class AdapterPacker:
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
         used, next_page = 0, 0
         for layer, width, rows, num_pages in groups:
-            rpp = self.pool.rows_per_page(width)
+            pieces, stored = row_pieces(self.pool.page_numel, width)
+            rpp = self.pool.rows_per_page(stored)
             group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
             next_page += num_pages
             row = 0
             for module, which, rank in rows:
                 idx = torch.arange(row, row + rank, device=device)
+                if pieces > 1:  # [rank, pieces]: one page per piece, each in slot 0
+                    idx = idx[:, None] * pieces + torch.arange(pieces, device=device)
                 placed.setdefault((layer, module), {})[which] = PagedRows(
                     pages=group_pages[idx // rpp], slots=idx % rpp)
                 row += rank
             used += row * width
-        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale)
+        modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
+                                      dora=p.get("m"))
                    for lm, p in placed.items()}
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
                                modules=modules)
 
     def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
-        return _groups(ranks, self.module_shapes, self.pool.page_numel)
+        dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
+        return _groups(ranks, self.module_shapes, self.pool.page_numel, dora,
+                       self.scale_widths)
+
+
+def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:
+    """The rows of kind ``which`` ("a", "b" or "m", DoRA's output scale as one row)."""
+    return w.a if which == "a" else w.b_t if which == "b" else w.dora.unsqueeze(0)
 
 
 def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
                  page_numel: int) -> int:
     """Pages that LoRA rows of ``ranks`` (``(layer, module) -> rank``) take when packed as
     :class:`AdapterPacker` packs them, before any padding the allocator adds; e.g. max_lora_rank
-    on every module of every layer sizes a static layout's adapter slot.
-
-    Raises:
-        ValueError: a row width exceeds ``page_numel`` elements.
+    on every module of every layer sizes a static layout's adapter slot (a DoRA adapter takes
+    one more row per module). Rows wider than a page are split (see :class:`AdapterPacker`).
     """
     return sum(n for *_, n in _groups(ranks, module_shapes, page_numel))
 
 
 def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
-            page_numel: int) -> Iterator[tuple[int, int, list, int]]:
-    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b", rank)`` in a
-    fixed order (by module, then A before B^T)."""
+            page_numel: int, dora: frozenset | set = frozenset(),
+            scale_widths: Mapping[str, int] | None = None
+            ) -> Iterator[tuple[int, int, list, int]]:
+    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b"|"m", rank)`` in
+    a fixed order (by module, then A before B^T before a DoRA module's one scale row, for the
+    ``(layer, module)`` in ``dora``, ``scale_widths[module]`` wide, else ``out_features``)."""
     for layer in sorted({layer for layer, _ in ranks}):
         by_width: dict[int, list] = {}
-        for module in TARGET_MODULES:
+        for module in LORA_MODULES:
             rank = ranks.get((layer, module))
             if rank is None:
                 continue
             in_f, out_f = module_shapes[module]
             by_width.setdefault(in_f, []).append((module, "a", rank))
             by_width.setdefault(out_f, []).append((module, "b", rank))
+            if (layer, module) in dora:
+                width = (scale_widths or {}).get(module, out_f)
+                by_width.setdefault(width, []).append((module, "m", 1))
         for width, rows in sorted(by_width.items()):
-            num_rows = sum(r for *_, r in rows)
-            yield layer, width, rows, -(-num_rows // rows_per_page(page_numel, width))
+            pieces, stored = row_pieces(page_numel, width)
+            num_rows = sum(r for *_, r in rows) * pieces
+            yield layer, width, rows, -(-num_rows // rows_per_page(page_numel, stored))

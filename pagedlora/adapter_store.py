@@ -29,7 +29,13 @@ from pathlib import Path
 from pagedlora.adapter_pages import AdapterPacker, AdapterPages, ResidentAdapter, ResidentModule
 from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
-from pagedlora.lora_adapter import AdapterWeights, LoraAdapter, read_lora_adapter
+from pagedlora.lora_adapter import (
+    AdapterWeights,
+    BaseVocab,
+    BaseWeight,
+    LoraAdapter,
+    read_lora_adapter,
+)
 from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
 from pagedlora.scheduler import ADAPTER, SchedulerOutput
@@ -46,7 +52,8 @@ class AdapterStats:
     """Counters of one content key (names sharing the content share them).
 
     Attributes:
-        requests: requests scheduled with it (counted at their first step).
+        requests: requests scheduled with it (counted at their first step; a mix's requests
+            count for each of its adapters).
         tokens: tokens computed with it (prompt, output, and recomputation after preemption).
         loads_from_disk: weights read from the spill directory into host memory.
         loads_from_source: weights re-read from the source directory after registration.
@@ -147,20 +154,28 @@ class AdapterStore:
             never takes what running requests may grow into.
         pages: where adapters go in the pool; None: an :class:`AdapterPacker` writing into
             ``pool`` (a tensor-parallel engine passes its workers').
+        base_vocab: the model's vocabulary weights, for adapters on embed_tokens/lm_head
+            (see :func:`read_lora_adapter`); None refuses those.
+        base_weight: the model's projection weights (``LlamaModel.base_weight``), from which
+            DoRA adapters' weight norms are computed when they are read; None refuses DoRA.
     """
 
     def __init__(self, pool: UnifiedPool, *, num_layers: int,
                  module_shapes: dict[str, tuple[int, int]], max_lora_rank: int,
                  max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
                  spill: SpillDir | None = None, keep_free_pages: int = 0,
+                 base_vocab: BaseVocab | None = None,
+                 base_weight: BaseWeight | None = None,
                  pages: AdapterPages | None = None) -> None:
         self.pool = pool
         self.allocator = pool.allocator
         self.num_layers = num_layers
         self.module_shapes = module_shapes
+        self.base_vocab = base_vocab
         self.packer = pages or AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
         self.keep_free_pages = keep_free_pages
+        self.base_weight = base_weight
         self.spill = spill or SpillDir(None)
         self._host = HostCache(self.spill, max_adapters=max_cpu_loras,
                                max_bytes=host_cache_bytes)
@@ -188,7 +203,9 @@ class AdapterStore:
         nothing pins them and no other name shares them.
 
         Raises:
-            AdapterError, UnsupportedAdapterError: see :func:`read_lora_adapter`.
+            AdapterError, UnsupportedAdapterError: see :func:`read_lora_adapter`; also an
+                adapter larger than a slot of the static layout (a DoRA adapter of
+                ``max_lora_rank`` on every projection).
             ValueError: an empty name.
         """
         return self.add_many([(name, path)], preload=preload)[0]
@@ -208,19 +225,27 @@ class AdapterStore:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
             adapter, weights = self._read_source(name, Path(path))
+            try:
+                num_pages = self.packer.num_pages(adapter)
+            except ValueError as e:  # a static layout's slot holds the decoder projections
+                raise AdapterError(f"adapter {name!r} cannot be placed in the pool: {e} "
+                                   f"(memory_layout='static' sizes a slot for max_lora_rank "
+                                   f"on every decoder projection of plain LoRA; a DoRA module "
+                                   f"takes one more row)") from e
             # hold no weights unless preloading
-            read.append((adapter, self.packer.host_form(weights) if preload else None))
+            read.append((adapter, self.packer.host_form(weights) if preload else None,
+                         num_pages))
         with self._lock:
-            for adapter, weights in read:
+            for adapter, weights, num_pages in read:
                 old = self._names.get(adapter.name)
                 self._names[adapter.name] = (adapter.key, adapter.path)
                 if adapter.key not in self._contents:
-                    self._contents[adapter.key] = _Content(adapter, self.packer.num_pages(adapter))
+                    self._contents[adapter.key] = _Content(adapter, num_pages)
                 if preload and adapter.key not in self._host:
                     self._host_put(adapter, weights)
                 if old is not None and old[0] != adapter.key:
                     self._drop_if_unused(old[0])
-        return [adapter for adapter, _ in read]
+        return [adapter for adapter, *_ in read]
 
     def remove(self, name: str) -> None:
         """Forgets ``name``; its content's pages, host copy and spill file are freed once no
@@ -278,6 +303,12 @@ class AdapterStore:
                 shown = known if len(known) <= 20 else [*known[:20], f"... {len(known)} in all"]
                 raise UnknownAdapterError(f"unknown adapter {name!r}; added adapters: "
                                           f"{shown}") from None
+
+    def is_dora(self, key: str) -> bool:
+        """Whether content ``key`` is a DoRA adapter (False for a key no longer registered)."""
+        with self._lock:
+            content = self._contents.get(key)
+            return content is not None and content.adapter.is_dora
 
     @property
     def names(self) -> list[str]:
@@ -551,18 +582,19 @@ class AdapterStore:
         now = time.time()
         with self._lock:
             for s in out.scheduled:
-                key = s.request.adapter_key
-                content = self._contents.get(key) if key is not None else None
-                if content is None or key in failed:
-                    continue
-                content.stats.tokens += s.num_new_tokens
-                content.stats.requests += s.first_step
-                content.stats.last_used = now
+                for key in s.request.adapter_keys:
+                    content = self._contents.get(key)
+                    if content is None or key in failed:
+                        continue
+                    content.stats.tokens += s.num_new_tokens
+                    content.stats.requests += s.first_step
+                    content.stats.last_used = now
 
     def _read_source(self, name: str, path: Path) -> tuple[LoraAdapter, AdapterWeights]:
         return read_lora_adapter(
             name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
-            max_lora_rank=self.max_lora_rank, dtype=self.pool.dtype)
+            max_lora_rank=self.max_lora_rank, dtype=self.pool.dtype,
+            base_vocab=self.base_vocab, base_weight=self.base_weight)
 
     def _sources(self, key: str) -> list[tuple[str, Path]]:
         """``(name, path)`` of every name registered with content ``key``, else the source it

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "they are aborted (default: %(default)s)")
     http.add_argument("--log-level", default="info",
                       choices=["debug", "info", "warning", "error"])
+    _add_replica_options(serve)
     engine = serve.add_argument_group("engine (pagedlora.EngineConfig, for every base model)")
     engine.add_argument("--pool-gb", type=float, metavar="G",
                         help="GiB of unified pool in all, split evenly between the base models "
@@ -118,6 +119,12 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except OSError as e:  # an LMI model directory or model that cannot be had
         print(f"pagedlora serve: error: {e}", file=sys.stderr)
         return 1
+    ray_config = None
+    if args.replicas is not None or args.max_replicas is not None:
+        try:
+            ray_config = replica_config(args, config)
+        except ValueError as e:
+            parser.error(str(e))
     try:
         from pagedlora.server.app import build_app, run
     except ModuleNotFoundError as e:
@@ -132,6 +139,8 @@ def _serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(problem)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if ray_config is not None:
+        return _serve_replicas(ray_config, args.ray_address)
     try:
         app = build_app(config)
     except (OSError, ValueError, NotImplementedError) as e:  # a model or adapter cannot load
@@ -236,6 +245,82 @@ def server_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
                         max_body_bytes=max_body,
                         shutdown_timeout_s=args.shutdown_timeout, engine_options=options,
                         model_options=model_options, state_dir=args.state_dir)
+
+
+def _serve_replicas(config, address: str | None) -> int:
+    """``pagedlora serve --replicas/--max-replicas``: Ray Serve until SIGTERM or Ctrl-C."""
+    try:
+        from pagedlora.ray_serve.deploy import serve_forever
+    except ModuleNotFoundError as e:
+        if e.name.split(".")[0] != "ray":
+            raise
+        print(f"pagedlora serve: error: replicas need the 'ray' extra ({e.name} is missing): "
+              f"pip install 'pagedlora[ray]' (in a clone: pip install -e '.[ray]')",
+              file=sys.stderr)
+        return 1
+    serve_forever(config, address)
+    return 0
+
+
+def _add_replica_options(serve: argparse.ArgumentParser) -> None:
+    """``serve``'s Ray Serve options (``--replicas`` or ``--max-replicas`` switch them on)."""
+    from pagedlora.ray_serve.config import ROUTINGS
+    from pagedlora.ray_serve.config import RayServeConfig as R
+
+    ray = serve.add_argument_group(
+        "replicas (Ray Serve; needs pip install 'pagedlora[ray]')",
+        "Serve each base model from several engine replicas behind one endpoint (the same "
+        "routes), routed by adapter with Ray Serve's model multiplexing. --pool-gb is then "
+        "each replica's pool.")
+    ray.add_argument("--replicas", type=int, metavar="N",
+                     help="replicas of each base model (a fixed number)")
+    ray.add_argument("--max-replicas", type=int, metavar="N",
+                     help="autoscale between --min-replicas and this many replicas")
+    ray.add_argument("--min-replicas", type=int, default=R.min_replicas, metavar="N",
+                     help="fewest replicas when autoscaling (default: %(default)s)")
+    ray.add_argument("--target-ongoing-requests", type=float,
+                     default=R.target_ongoing_requests, metavar="N",
+                     help="the autoscaler's target of ongoing requests per replica "
+                     "(default: %(default)s)")
+    ray.add_argument("--upscale-delay", type=float, default=R.upscale_delay_s, metavar="S",
+                     help="seconds above the target before adding a replica "
+                     "(default: %(default)s)")
+    ray.add_argument("--downscale-delay", type=float, default=R.downscale_delay_s,
+                     metavar="S", help="seconds below the target before removing a replica, "
+                     "which finishes its requests first (default: %(default)s)")
+    ray.add_argument("--cpus-per-replica", type=float, default=R.cpus_per_replica,
+                     metavar="N", help="CPU cores each replica reserves (default: %(default)s)")
+    ray.add_argument("--gpus-per-replica", type=float, default=R.gpus_per_replica,
+                     metavar="N", help="GPUs each replica reserves (default: %(default)s)")
+    ray.add_argument("--max-adapters-per-replica", type=int, metavar="N",
+                     help="adapters a replica advertises to the router as its own (default: "
+                     "max_loras + max_cpu_loras; no limit without --max-cpu-loras)")
+    ray.add_argument("--routing", choices=ROUTINGS, default=R.routing,
+                     help="adapter: to a replica holding the request's adapter; round_robin: "
+                     "adapter-blind (default: %(default)s)")
+    ray.add_argument("--ray-address", metavar="ADDRESS",
+                     help="the Ray cluster to join (default: RAY_ADDRESS, or a new local one)")
+
+
+def replica_config(args: argparse.Namespace, server):
+    """The :class:`~pagedlora.ray_serve.RayServeConfig` of parsed ``serve`` arguments
+    around ``server`` (:func:`server_config`'s).
+
+    Raises:
+        ValueError: as RayServeConfig, or both --replicas and --max-replicas.
+    """
+    from pagedlora.ray_serve.config import RayServeConfig
+
+    if args.replicas is not None and args.max_replicas is not None:
+        raise ValueError("--replicas (a fixed number) and --max-replicas (autoscaling) "
+                         "exclude each other")
+    return RayServeConfig(
+        server, num_replicas=1 if args.replicas is None else args.replicas,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests,
+        upscale_delay_s=args.upscale_delay, downscale_delay_s=args.downscale_delay,
+        cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+        max_adapters_per_replica=args.max_adapters_per_replica, routing=args.routing)
 
 
 def _first(*values):

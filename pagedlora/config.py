@@ -87,6 +87,8 @@ class EngineConfig:
             to answer one step, before it declares the worker hung; the workers' collectives
             time out after as long. A worker that dies or hangs fails the running requests
             with "error" naming its rank, and the engine must be rebuilt.
+        max_logprobs: the largest ``SamplingParams.logprobs`` and ``prompt_logprobs`` a request
+            may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -114,6 +116,7 @@ class EngineConfig:
     spill_dir: str | os.PathLike | None = None
     tensor_parallel_size: int = 1
     worker_timeout_s: float = 300.0
+    max_logprobs: int = 20
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -165,6 +168,9 @@ class EngineConfig:
                 or not self.worker_timeout_s > 0:
             raise ValueError(f"worker_timeout_s must be a number > 0, "
                              f"got {self.worker_timeout_s!r}")
+        if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
+                or self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")

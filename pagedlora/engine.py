@@ -13,7 +13,13 @@ from transformers import AutoConfig
 from pagedlora.adapter_dirs import adapter_dirs, fetch_adapter
 from pagedlora.config import EngineConfig
 from pagedlora.engine_core import EngineCore
-from pagedlora.input_processor import InputProcessor, Prompt, as_prompt_list, per_prompt
+from pagedlora.input_processor import (
+    Adapter,
+    InputProcessor,
+    Prompt,
+    as_prompt_list,
+    per_prompt,
+)
 from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.model_files import eos_token_ids, load_tokenizer, resolve_model
 from pagedlora.output_processor import OutputProcessor, Sink
@@ -23,7 +29,7 @@ from pagedlora.sampling_params import SamplingParams
 from pagedlora.scheduler import Request
 from pagedlora.step_turn import StepTurn
 
-__all__ = ["Engine", "Prompt"]
+__all__ = ["Adapter", "Engine", "Prompt"]
 
 
 class Engine:
@@ -81,7 +87,8 @@ class Engine:
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
-            rejection=scheduler.rejection, clock=scheduler.clock)
+            is_dora=self.adapters.is_dora, rejection=scheduler.rejection, clock=scheduler.clock,
+            max_logprobs=config.max_logprobs)
         self.outputs = OutputProcessor(self.tokenizer)
         self._for_step: deque[StreamOutput] = deque()  # add_request's outputs, for step()
         self._turn = StepTurn()  # one thread steps at a time
@@ -101,9 +108,10 @@ class Engine:
         Raises:
             AdapterError (a ValueError): a source that cannot be had (naming its URL), missing
                 files, bad config, shapes that do not fit the model, rank above max_lora_rank,
-                NaN/Inf, unknown dtype or target modules.
-            UnsupportedAdapterError (a NotImplementedError): DoRA, biases, modules_to_save,
-                embedding/lm_head LoRA.
+                NaN/Inf, unknown dtype or target modules, saved base embedding weights that
+                are not the model's (see :func:`pagedlora.lora_adapter.read_lora_adapter`).
+            UnsupportedAdapterError (a NotImplementedError): biases, modules_to_save, DoRA on
+                embed_tokens/lm_head, and the PEFT options that change the forward pass.
         """
         return self.adapters.add(name, fetch_adapter(path), preload=preload)
 
@@ -132,7 +140,7 @@ class Engine:
     # -- generation ----------------------------------------------------------------------------
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 adapters: str | None | Sequence[str | None] = None,
+                 adapters: Adapter | Sequence[Adapter] = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  progress: bool = True) -> list[RequestOutput]:
         """Generates for every prompt, batching them continuously; results in prompt order.
@@ -141,7 +149,9 @@ class Engine:
             prompts: one prompt or a list; a prompt is a string, a list of chat messages
                 (``{"role", "content"}`` dicts, rendered with the model's chat template), or a
                 list of token ids.
-            adapters: one adapter name (or None, the base model) per prompt, or one for all.
+            adapters: one adapter per prompt, or one for all: a name, an
+                :class:`~pagedlora.AdapterMix` (a scaled adapter or a weighted combination
+                of adapters, batched with the rest), or None (the base model).
             sampling_params: one for all, one per prompt, or None (defaults).
             progress: show a tqdm bar of finished requests and output tokens/s (False: none).
         Returns:
@@ -150,7 +160,9 @@ class Engine:
             is interrupted (an exception, Ctrl-C), its requests are aborted and their pages
             freed before the exception propagates.
         Raises:
-            UnknownAdapterError (a ValueError): an adapter name never added (before any work).
+            UnknownAdapterError (a ValueError): an adapter name never added, alone or in a mix
+                (before any work).
+            AdapterMixError (a ValueError): a DoRA adapter scaled or mixed (before any work).
             ValueError, TypeError: lists whose lengths or types do not fit the prompts.
         """
         inbox: deque[StreamOutput] = deque()
@@ -176,7 +188,7 @@ class Engine:
         return [done[rid] for rid in ids]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],
-               adapters: str | None | Sequence[str | None] = None,
+               adapters: Adapter | Sequence[Adapter] = None,
                sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[StreamOutput]:
         """Like :meth:`generate`, but yields each request's new tokens and text as the steps
@@ -193,7 +205,7 @@ class Engine:
         finally:  # also when garbage-collected, in whatever thread and state that happens
             self._abort_now(ids, wait=False)
 
-    def add_request(self, prompt: Prompt, adapter: str | None = None,
+    def add_request(self, prompt: Prompt, adapter: Adapter = None,
                     sampling_params: SamplingParams | None = None,
                     on_output: Sink | None = None) -> int:
         """Queues one request and returns its id at once, without stepping (vLLM's
@@ -204,12 +216,13 @@ class Engine:
 
         Raises:
             UnknownAdapterError (a ValueError): an adapter name never added.
+            AdapterMixError (a ValueError): a DoRA adapter scaled or mixed.
         """
         sink = self._for_step.append if on_output is None else (
             lambda d: (on_output(d), self._for_step.append(d)))
         return self._submit([prompt], [adapter], [sampling_params or SamplingParams()], sink)[0]
 
-    def add_requests(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
+    def add_requests(self, prompts: Sequence[Prompt], adapters: Sequence[Adapter],
                      sampling_params: Sequence[SamplingParams], on_output: Sink) -> list[int]:
         """Queues several requests, all or none, their StreamOutputs (``index`` = position
         here) going to ``on_output`` only, in the stepping thread (the HTTP server's engine
@@ -217,16 +230,17 @@ class Engine:
 
         Raises:
             UnknownAdapterError: an adapter name never added.
+            AdapterMixError: a DoRA adapter scaled or mixed.
             InvalidPromptError: the first invalid prompt (see :class:`InputProcessor`).
         """
         return self._submit(prompts, adapters, sampling_params, on_output, all_or_none=True)
 
-    def enqueue(self, request: Request, *, prompt: Prompt, adapter: str | None,
+    def enqueue(self, request: Request, *, prompt: Prompt, adapter: Adapter,
                 index: int = 0, sink: Sink | None = None) -> int:
         """Queues a Request made by ``engine.processor.process`` (validation and queueing
         apart, as vLLM's input processor and engine core are); its StreamOutputs go to
-        ``sink``, or, when None, to ``step()``'s return. ``prompt``, ``adapter`` (the name)
-        and ``index`` are reported in its outputs.
+        ``sink``, or, when None, to ``step()``'s return. ``prompt``, ``adapter`` (the name or
+        mix) and ``index`` are reported in its outputs.
 
         Returns:
             its request id.

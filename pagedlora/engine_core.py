@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from pagedlora.errors import EngineDeadError
 from pagedlora.model import LlamaModel
 from pagedlora.model_files import load_weights
 from pagedlora.model_runner import ModelRunner
+from pagedlora.parallel.base_files import BaseFiles, BaseWeights
 from pagedlora.parallel.executor import ShardedAdapterPages, TensorParallelExecutor
 from pagedlora.parallel.shard import Shard
 from pagedlora.pool import UnifiedPool
@@ -98,6 +99,9 @@ class EngineStats:
         page_numel: elements per page.
         page_bytes: bytes per page.
         block_size: tokens per KV block.
+        adapter_names: content key -> its registered names, for the adapters of the running,
+            waiting and queued requests.
+        queued_adapters: adapter content key -> queued requests that use it.
     """
 
     pool: PoolStats
@@ -108,6 +112,37 @@ class EngineStats:
     page_numel: int
     page_bytes: int
     block_size: int
+    adapter_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    queued_adapters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the pool's pages that a new request cannot have (0..1): KV blocks held
+        by requests and adapters pinned by them; free pages, cached KV blocks nobody holds
+        and unpinned adapters are available (vLLM's ``1 - free blocks / blocks``, where its
+        free queue also holds cached blocks). 0 for an empty pool."""
+        p = self.pool
+        if not p.num_pages:
+            return 0.0
+        available = p.free + p.reclaimable_kv + p.reclaimable_adapter
+        return 1 - available / p.num_pages
+
+    @property
+    def running_adapters(self) -> dict[str, int]:
+        """Adapter name -> running requests, by name (names sharing one adapter's weights
+        share its pages and are all listed)."""
+        return self._by_name(self.scheduler.running_adapters)
+
+    @property
+    def waiting_adapters(self) -> dict[str, int]:
+        """Adapter name -> waiting requests (in the scheduler or queued for it), as
+        :attr:`running_adapters`."""
+        return self._by_name(Counter(self.scheduler.waiting_adapters) + Counter(
+            self.queued_adapters))
+
+    def _by_name(self, by_key: dict[str, int]) -> dict[str, int]:
+        return {name: n for key, n in sorted(by_key.items())
+                for name in self.adapter_names.get(key, ())}
 
     @property
     def internal_fragmentation(self) -> float:
@@ -127,7 +162,9 @@ class EngineStats:
         pool under tensor parallelism);
         ``internal_fragmentation`` (fraction of the elements of used pages that hold
         nothing); ``adapters_resident`` (names); ``requests_running``; ``requests_waiting``;
-        ``admissions_refused`` and ``preemptions`` (for lack of pages, since the start);
+        ``running_adapters`` and ``waiting_adapters`` (adapter name -> requests);
+        ``kv_cache_usage`` (:attr:`kv_cache_usage`); ``admissions_refused`` and
+        ``preemptions`` (for lack of pages, since the start);
         ``prefix_cache`` (``hit_tokens``, ``queried_tokens``: prompt tokens served from the
         cache and looked up, since the start); ``adapters`` (per name: ``tier``,
         ``requests``, ``tokens``, ``loads_from_disk``, ``loads_from_source``,
@@ -140,6 +177,9 @@ class EngineStats:
             "adapters_resident": list(self.adapters.resident),
             "requests_running": self.scheduler.requests_running,
             "requests_waiting": self.scheduler.requests_waiting + self.queued,
+            "running_adapters": self.running_adapters,
+            "waiting_adapters": self.waiting_adapters,
+            "kv_cache_usage": self.kv_cache_usage,
             "admissions_refused": self.scheduler.admissions_refused,
             "preemptions": self.scheduler.preemptions,
             "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
@@ -241,14 +281,18 @@ class EngineCore:
             config, num_layers=shard.num_layers, num_kv_heads=shard.num_kv_heads,
             head_dim=shard.head_dim, static_slot_pages=static_slot_pages,
             device=device if tp == 1 else None)
-        packer = AdapterPacker(pool, module_shapes=shard.lora_widths)  # rows must fit pages
+        packer = AdapterPacker(pool, module_shapes=shard.lora_widths,  # rows must fit pages
+                               scale_widths=shard.dora_widths)
+        base: BaseWeights
         if tp == 1:
             model = LlamaModel(hf_config, load_weights(model_dir), dtype=dtype, device=device,
                                max_model_len=max_model_len,
                                kernel_backend=config.kernel_backend)
             runner: Runner = ModelRunner(model, pool, sampler or Sampler(device))
             pages: AdapterPages = packer
+            base = model
         else:
+            base = BaseFiles(model_dir, hf_config, dtype)  # what registration reads of the base
             runner = TensorParallelExecutor.start(
                 config, model_dir, num_pages=pool.num_pages,
                 static_slot_pages=static_slot_pages, max_model_len=max_model_len,
@@ -256,12 +300,13 @@ class EngineCore:
             pages = ShardedAdapterPages(packer, runner)
         scheduler_config = config.scheduler_config(max_model_len)
         adapters = AdapterStore(
-            pool, num_layers=shard.num_layers, module_shapes=shard.module_shapes,
+            pool, num_layers=shard.num_layers, module_shapes=shard.lora_module_shapes,
+            base_vocab=base.base_vocab,
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
             keep_free_pages=scheduler_config.watermark_pages(pool.allocator, shard.num_layers),
-            pages=pages)
+            base_weight=base.base_weight, pages=pages)
         scheduler = Scheduler(scheduler_config, pages_per_block=shard.num_layers,
                               allocator=pool.allocator, adapters=adapters)
         return cls(scheduler, adapters, runner, pool, scheduler.clock)
@@ -349,12 +394,17 @@ class EngineCore:
         """The accounting now, composed of each part's own."""
         with self._lock:
             queued = len(self._new)
+            queued_adapters = dict(Counter(k for r in self._new for k in r.adapter_keys))
+        scheduler = self.scheduler.stats()
+        keys = {*scheduler.running_adapters, *scheduler.waiting_adapters, *queued_adapters}
         return EngineStats(
             pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
-            scheduler=self.scheduler.stats(), adapters=self.adapters.stats(), queued=queued,
+            scheduler=scheduler, adapters=self.adapters.stats(), queued=queued,
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_bytes,
-            block_size=self.pool.block_size)
+            block_size=self.pool.block_size,
+            adapter_names={k: tuple(self.adapters.names_of(k)) for k in keys},
+            queued_adapters=queued_adapters)
 
     def summary(self, history: bool = False) -> dict:
         """The stats ``Engine.stats()`` returns, as plain values (between two steps).

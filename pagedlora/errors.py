@@ -36,3 +36,9 @@ class EngineDeadError(RuntimeError):
     """The engine cannot run any more: a tensor-parallel worker died, failed or hung (the
     message names the rank), or the engine was closed. Every later call raises it; make a new
     Engine."""
+
+
+class AdapterMixError(ValueError):
+    """An :class:`~pagedlora.AdapterMix` that cannot be served: empty, a weight that is not a
+    finite number, more adapters than ``AdapterMix.MAX_ADAPTERS``, or a DoRA adapter scaled or
+    combined with others. The message names the mix and the offending adapter or weight."""

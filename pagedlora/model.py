@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.backend import select_kernels
-from pagedlora.kernels.lora import LoraBatch
+from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
+from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
 from pagedlora.parallel.comm import TPComm
 from pagedlora.parallel.shard import ROW_PARALLEL, Shard
 from pagedlora.pool import UnifiedPool
@@ -41,8 +42,10 @@ class ForwardBatch:
         slot_pages: ``[num_layers, T]`` int64 page receiving each token's K/V in each layer.
         slot_offsets: ``[T]`` int64 slot of each token inside its block.
         groups: attention groups covering every sequence once.
-        sample_index: ``[S]`` int64 tokens whose logits are returned.
-        lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets.
+        sample_index: ``[S]`` int64 tokens whose logits are returned, in token order.
+        lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets;
+            ``(VOCAB_LAYER, "embed_tokens")`` over the tokens, ``(VOCAB_LAYER, "lm_head")``
+            over the ``S`` logits rows.
     """
 
     input_ids: torch.Tensor
@@ -71,7 +74,12 @@ class LlamaModel:
 
     Covers Llama 2/3, Mistral (without sliding windows beyond ``max_model_len``), Qwen2 (q/k/v
     biases) and SmolLM2. The projections q/k/v and gate/up are fused into one GEMM each; LoRA
-    deltas are added per module through the kernels' ``lora_shrink_expand``.
+    deltas are added per module through the kernels' ``lora_shrink_expand``, then DoRA
+    adapters' tokens are rescaled (:func:`~pagedlora.kernels.lora.dora_rescale`); on
+    ``embed_tokens`` (a row lookup, :func:`lora_embedding`) and ``lm_head`` (on the logits
+    rows) through the torch ops on rows read out of the pool, whatever the backend. With tied
+    embeddings (SmolLM2) ``lm_head`` is the embedding matrix, and a LoRA on either applies where
+    PEFT applies it: on the lookup for ``embed_tokens``, on the logits for ``lm_head``.
 
     Under tensor parallelism each rank builds the model from its :class:`Shard` of the weights
     (Megatron-LM, Shoeybi et al. 2019, section 3) and runs the same forward pass over its
@@ -79,7 +87,11 @@ class LlamaModel:
     step, S sampled, H hidden size, V vocabulary, N ranks):
 
     - per step: the vocab-parallel embedding's all-reduce of ``[T, H]``; the gather of
-      ``[S, V / N]`` logits from every rank to rank 0;
+      ``[S, V / N]`` logits from every rank to rank 0 (so rank 0 samples and computes
+      log-probabilities over the whole vocabulary); LoRA on ``embed_tokens`` and ``lm_head``
+      adds none: each rank holds its vocabulary columns of the embedding's lora_A and of
+      lm_head's lora_B^T (and all of the other half), adds its tokens' deltas before the
+      embedding's all-reduce and its logits columns' before the gather;
     - per layer, base model: one all-reduce of ``[T, H]`` after o_proj, one after down_proj;
     - per layer, LoRA (S-LoRA, Sheng et al. 2023, section 6): nothing for the column-parallel
       q/k/v/gate/up (whole lora_A, this rank's columns of lora_B); for each row-parallel
@@ -87,14 +99,17 @@ class LlamaModel:
       all-reduce of the shrink's output before the expand (this rank's columns of lora_A see
       only its columns of x): ``[T', R]`` in the dense form (T' tokens of the module's
       adapters, R the sum of their ranks), ``sum(len_s * r_s)`` elements in the segment loop,
-      ``[S_a, width, r_max]`` in BGMV, ``[T, r_max]`` float32 with Triton. Each rank then
+      ``[S_a, width, r_max]`` in BGMV, ``[G, T, r_max]`` float32 with Triton (G = 1 but
+      for mixes, whose overlapping segments take one group each). Each rank then
       expands with its ``H / N`` columns of lora_B into its columns of the output, which the
-      base all-reduce sums. So LoRA adds up to two all-reduces per layer, of ``T * R``
-      elements each against the base's ``T * H`` (R = 64 and H = 4096: 1.6% more bytes),
-      but on latency-bound decode steps each collective's fixed cost counts as much as the
-      base's. (vLLM's default ``RowParallelLinearWithLoRA`` instead keeps all of lora_B on
-      every rank and adds its partial delta before the base all-reduce: no extra collective,
-      N times the memory for lora_B; BD-LoRA, arXiv 2510.23346, restricts the adapter to
+      base all-reduce sums (a DoRA adapter's output scale is applied after that all-reduce,
+      every rank holding the module's whole ``[H]`` scale row; on a column-parallel module
+      each rank scales its own output features). So LoRA adds up to two all-reduces per
+      layer, of ``T * R`` elements each against the base's ``T * H`` (R = 64 and H = 4096:
+      1.6% more bytes), but on latency-bound decode steps each collective's fixed cost counts
+      as much as the base's. (vLLM's default ``RowParallelLinearWithLoRA`` instead keeps all
+      of lora_B on every rank and adds its partial delta before the base all-reduce: no extra
+      collective, N times the memory for lora_B; BD-LoRA, arXiv 2510.23346, restricts the adapter to
       remove the extra communication.)
 
     Args:
@@ -132,7 +147,9 @@ class LlamaModel:
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
         self.module_shapes = shard.module_shapes
-        self.lora_widths = shard.lora_widths
+        self.lora_module_shapes = shard.lora_module_shapes  # what an adapter must fit
+        self.lora_widths = shard.lora_widths  # this rank's rows of them
+        self.dora_widths = shard.dora_widths
         d = self.head_dim
         self._split_qkv = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
 
@@ -146,6 +163,7 @@ class LlamaModel:
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
         self.lm_head = self.embed if tied else self._vocab_rows(take("lm_head.weight"))
         self.vocab_size = shard.vocab_size if comm is not None else self.embed.shape[0]
+        self.tied_embeddings = tied
         self.layers = []
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
@@ -163,6 +181,35 @@ class LlamaModel:
                 "down": take(p + "mlp.down_proj.weight"),
             })
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
+        self._qkv_modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """``[out_features, in_features]`` weight of one projection of ``layer`` (a view into
+        the fused q/k/v or gate/up weight), e.g. for DoRA's weight norm; under tensor
+        parallelism this rank's part of it (a tensor-parallel driver reads the whole weight
+        from the files instead, :class:`pagedlora.parallel.base_files.BaseFiles`).
+
+        Raises:
+            KeyError: an unknown module.
+        """
+        w = self.layers[layer]
+        if module in self._qkv_modules:
+            return w["qkv"].split(self._split_qkv)[self._qkv_modules[module]]
+        if module in ("gate_proj", "up_proj"):
+            return w["gate_up"].chunk(2)[module == "up_proj"]
+        return w[{"o_proj": "o", "down_proj": "down"}[module]]
+
+    def base_bias(self, layer: int, module: str) -> torch.Tensor | None:
+        """``[out_features]`` bias of one projection of ``layer`` (Qwen2's q/k/v), or None."""
+        bias = self.layers[layer]["qkv_bias"]
+        if bias is None or module not in self._qkv_modules:
+            return None
+        return bias.split(self._split_qkv)[self._qkv_modules[module]]
+
+    @property
+    def base_vocab(self) -> BaseVocab:
+        """The embedding and output weights, for checking an adapter's saved copies."""
+        return BaseVocab(self.embed, self.lm_head, self.tied_embeddings)
 
     @staticmethod
     def check_config(config) -> None:
@@ -210,7 +257,7 @@ class LlamaModel:
         """
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
-        h = self._embed(batch.input_ids)                                   # [T, H]
+        h = self._embed(batch.input_ids, batch)                            # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
         ops = self.kernels
@@ -225,10 +272,20 @@ class LlamaModel:
                 a_width, b_width = self.lora_widths[module]
                 if comm is None or module not in ROW_PARALLEL:
                     ops.lora_shrink_expand(y, x, work, rows(a_width), rows(b_width))
-                    return
-                shrunk = ops.lora_shrink(x, work, rows(a_width))  # partial: x's columns here
-                comm.all_reduce(shrunk)
-                ops.lora_expand(y[:, hidden], shrunk, work, rows(b_width))
+                else:
+                    shrunk = ops.lora_shrink(x, work, rows(a_width))  # partial: x's columns
+                    comm.all_reduce(shrunk)
+                    ops.lora_expand(y[:, hidden], shrunk, work, rows(b_width))
+                if work.dora is not None and (comm is None or module not in ROW_PARALLEL):
+                    dora_rescale(y, self.base_bias(n, module), work.dora,
+                                 rows(self.dora_widths[module]))
+
+            def reduce(module: str, y: torch.Tensor, n: int = n) -> None:
+                """A row-parallel output's all-reduce, then its DoRA scale (whole rows)."""
+                comm.all_reduce(y)
+                work = batch.lora.get((n, module))
+                if work is not None and work.dora is not None:
+                    dora_rescale(y, None, work.dora, rows(self.dora_widths[module]))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
@@ -251,7 +308,7 @@ class LlamaModel:
             o = F.linear(attn, w["o"])
             lora("o_proj", o, attn)
             if comm is not None:
-                comm.all_reduce(o)
+                reduce("o_proj", o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
             gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
@@ -261,20 +318,32 @@ class LlamaModel:
             down = F.linear(a, w["down"])
             lora("down_proj", down, a)
             if comm is not None:
-                comm.all_reduce(down)
+                reduce("down_proj", down)
             h = h + down
-        h = _rms_norm(h[batch.sample_index], self.norm, self.eps)
-        logits = F.linear(h, self.lm_head).float()                         # [S, V / N]
+        h = _rms_norm(h[batch.sample_index], self.norm, self.eps)        # [S, H]
+        logits = F.linear(h, self.lm_head)                                 # [S, V / N]
+        head_lora = batch.lora.get((VOCAB_LAYER, "lm_head"))
+        if head_lora is not None:  # this rank's vocabulary columns of lora_B^T
+            lora_shrink_expand(logits, h, head_lora, None, None)  # rows are gathered
+        logits = logits.float()
         return logits if comm is None else comm.gather_vocab(logits, self.vocab_size)
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``[T, H]`` embeddings; under tensor parallelism each rank looks up the ids of its
-        vocabulary rows, zeros for the others, and the all-reduce sums them."""
+    def _embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """``[T, H]`` embeddings, with their ``embed_tokens`` LoRA deltas; under tensor
+        parallelism each rank looks up the ids of its vocabulary rows (and its columns of the
+        LoRA's lora_A), zeros for the others, and the all-reduce sums them."""
+        lora = batch.lora.get((VOCAB_LAYER, "embed_tokens"))
         if self.comm is None:
-            return self.embed[input_ids]
+            h = self.embed[input_ids]
+            if lora is not None:
+                lora_embedding(h, input_ids, lora)
+            return h
         lo, hi = self.shard.vocab
         outside = (input_ids < lo) | (input_ids >= hi)
-        h = self.embed[(input_ids - lo).masked_fill(outside, 0)]
+        local = (input_ids - lo).masked_fill(outside, 0)
+        h = self.embed[local]
+        if lora is not None:
+            lora_embedding(h, local, lora)
         h.masked_fill_(outside[:, None], 0)
         self.comm.all_reduce(h)
         return h

@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pagedlora.detokenizer import Detokenizer
+from pagedlora.input_processor import Adapter
 from pagedlora.outputs import RequestOutput, StreamOutput
-from pagedlora.scheduler import Request
+from pagedlora.scheduler import Request, TokenLogprobs
 
 Sink = Callable[[StreamOutput], None]
 
@@ -20,10 +21,11 @@ class _Live:
     request: Request
     index: int  # position in the submitting call
     prompt: object
-    adapter: str | None
+    adapter: Adapter
     detokenizer: Detokenizer
     sink: Sink
     num_streamed: int = 0  # output tokens already handed out
+    started: bool = False  # its first StreamOutput was made
 
 
 class OutputProcessor:
@@ -52,14 +54,14 @@ class OutputProcessor:
         # its requests through drop()
         self._lock = threading.RLock()
 
-    def add(self, request: Request, *, index: int, prompt: object, adapter: str | None,
+    def add(self, request: Request, *, index: int, prompt: object, adapter: Adapter,
             stop: Sequence[str], sink: Sink) -> None:
         """Starts routing ``request``'s outputs to ``sink``."""
         with self._lock:
             self._live[request.request_id] = _Live(request, index, prompt, adapter,
                                                    Detokenizer(self.tokenizer, stop), sink)
 
-    def reject(self, request_id: int, *, index: int, prompt: object, adapter: str | None,
+    def reject(self, request_id: int, *, index: int, prompt: object, adapter: Adapter,
                error: str, sink: Sink) -> None:
         """Queues the one, finished, "error" output of a prompt that failed validation; it is
         handed to ``sink`` by the next :meth:`process` (after the submitting call has its
@@ -115,7 +117,14 @@ class OutputProcessor:
 
     def _emit(self, live: _Live, finish: Callable[[Request, str], None]) -> StreamOutput:
         r = live.request
+        params = r.sampling.params
         new = r.output_token_ids[live.num_streamed:]
+        new_logprobs = None if params.logprobs is None else (
+            r.output_logprobs[live.num_streamed:])
+        first, live.started = not live.started, True
+        prompt_logprobs = None
+        if first and params.prompt_logprobs is not None:
+            prompt_logprobs = _prompt_logprobs(r)
         live.num_streamed = len(r.output_token_ids)
         for token in new:
             live.detokenizer.push(token)
@@ -127,7 +136,9 @@ class OutputProcessor:
                 self._live.pop(r.request_id, None)
         return StreamOutput(request_id=r.request_id, index=live.index, new_token_ids=new,
                             new_text=live.detokenizer.new_text(finished=finished),
-                            finished=finished, output=self._output(live) if finished else None)
+                            finished=finished, output=self._output(live) if finished else None,
+                            new_logprobs=new_logprobs, prompt_logprobs=prompt_logprobs,
+                            prompt_token_ids=r.prompt_token_ids if first else None)
 
     @staticmethod
     def _output(live: _Live) -> RequestOutput:
@@ -141,9 +152,18 @@ class OutputProcessor:
         # A stop string met by the token that also reached max_tokens still reads "stop"
         # (the text was cut), as in vLLM's output processor.
         reason = "stop" if live.detokenizer.stopped_at is not None else r.finish_reason
+        params = r.sampling.params
         return RequestOutput(
             request_id=r.request_id, prompt=live.prompt, prompt_token_ids=r.prompt_token_ids,
             text=live.detokenizer.final_text, token_ids=list(r.output_token_ids),
             finish_reason=reason, adapter=live.adapter, error=r.error, queue_time=queue,
             ttft=ttft, tpot=tpot, num_preemptions=r.num_preemptions,
-            num_cached_tokens=r.num_cached_tokens)
+            num_cached_tokens=r.num_cached_tokens,
+            logprobs=None if params.logprobs is None else list(r.output_logprobs),
+            prompt_logprobs=None if params.prompt_logprobs is None else _prompt_logprobs(r))
+
+
+def _prompt_logprobs(r: Request) -> list[TokenLogprobs | None]:
+    """vLLM's layout: None for the first prompt token, then one entry per prompt token (fewer
+    when the request ended before its prompt was computed)."""
+    return [None, *r.prompt_logprobs]

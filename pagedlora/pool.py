@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pagedlora.kernels.lora import PagedRows
 from pagedlora.scheduler import PageAllocator, StaticSplitAllocator
 
 if TYPE_CHECKING:
@@ -24,6 +25,16 @@ def rows_per_page(page_numel: int, width: int) -> int:
     return page_numel // width
 
 
+def row_pieces(page_numel: int, width: int) -> tuple[int, int]:
+    """How a rank row of ``width`` elements is stored: ``(pieces, stored_width)``. A row that
+    fits a page is one stored row of its own width; a wider one (a vocabulary-sized row) is
+    split into ``ceil(width / page_numel)`` pieces of ``page_numel`` elements, each filling a
+    page (the last one zero-padded)."""
+    if width <= page_numel:
+        return 1, width
+    return -(-width // page_numel), page_numel
+
+
 class UnifiedPool:
     """The engine's device memory for KV cache and adapter weights (S-LoRA, section 4.1).
 
@@ -31,7 +42,9 @@ class UnifiedPool:
     ``[2, block_size, num_kv_heads, head_dim]`` (K then V). An adapter page holds
     ``page_numel // width`` rank rows of one width (a row of lora_A is ``in_features`` wide, a
     row of lora_B^T ``out_features``), so a row never straddles two pages and kernels read rows in
-    place through ``(page, slot)`` tables.
+    place through ``(page, slot)`` tables; a row wider than a page (``vocab_size`` elements, for
+    LoRA on embed_tokens or lm_head) is split into page-wide pieces (:func:`row_pieces`) and
+    read out whole (:meth:`read_rows`).
 
     Under tensor parallelism (S-LoRA, section 6) the driver's pool is the accounting alone
     (``device=None``: the allocator and the page geometry, no tensor) and every worker holds a
@@ -155,6 +168,20 @@ class UnifiedPool:
     def rows_per_page(self, width: int) -> int:
         """Rank rows of ``width`` elements one page holds (see :func:`rows_per_page`)."""
         return rows_per_page(self.page_numel, width)
+
+    def read_rows(self, width: int, rows: PagedRows) -> torch.Tensor:
+        """Copies ``r`` rows of ``width`` elements out of the pool, whether stored whole
+        (``rows.pages`` is ``[r]``) or split into page-wide pieces (``[r, pieces]``, see
+        :func:`row_pieces`).
+
+        Returns:
+            ``[r, width]`` contiguous, the pool's dtype.
+        """
+        pieces, stored = row_pieces(self.page_numel, width)
+        out = self.rows(stored)[rows.pages, rows.slots]       # [r, stored] or [r, pieces, stored]
+        if pieces == 1:
+            return out
+        return out.reshape(out.shape[0], pieces * stored)[:, :width].contiguous()
 
     def rows(self, width: int) -> torch.Tensor:
         """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``.

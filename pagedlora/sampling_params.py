@@ -23,6 +23,17 @@ class SamplingParams:
         deadline_s: seconds after arrival by which the first token is due; a request still
             waiting that can no longer make it finishes with "abort" (S-LoRA section 5.2,
             early abort). None: the engine's ``ttft_deadline_s``.
+        logprobs: for each generated token, return its log-probability and those of the
+            ``logprobs`` most likely tokens (``RequestOutput.logprobs``); 0: the sampled
+            token's alone; None: none. Log-probabilities are ``log_softmax`` of the model's
+            logits (the adapter's, lm_head delta included) before temperature, top-k and top-p
+            (vLLM's default and OpenAI's), so they do not depend on how the token was chosen.
+            At most the engine's ``max_logprobs``.
+        prompt_logprobs: the same for every prompt token after the first
+            (``RequestOutput.prompt_logprobs``), or None. Such a request is served from the
+            prefix cache only where it already has the entries (after a preemption). The
+            logits of a step's prompt positions are made at once: up to
+            ``max_num_batched_tokens`` rows of ``vocab_size`` float32 per step.
 
     Raises:
         ValueError: naming the offending field, at construction.
@@ -37,6 +48,8 @@ class SamplingParams:
     stop_token_ids: list[int] | tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     deadline_s: float | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +82,11 @@ class SamplingParams:
                              f"got {self.stop_token_ids!r}")
         if self.deadline_s is not None and not self.deadline_s > 0:
             raise ValueError(f"deadline_s must be > 0 or None, got {self.deadline_s!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f"{name} must be an int >= 0 or None, got {value!r}")
 
     @property
     def greedy(self) -> bool:

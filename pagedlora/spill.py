@@ -76,6 +76,8 @@ class SpillDir:
             for (layer, module), w in weights.items():
                 tensors[f"{layer}.{module}.lora_A"] = w.a
                 tensors[f"{layer}.{module}.lora_B_t"] = w.b_t
+                if w.dora is not None:
+                    tensors[f"{layer}.{module}.dora_scale"] = w.dora
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{key}-", suffix=".tmp")
             os.close(fd)
             try:
@@ -104,10 +106,12 @@ class SpillDir:
         try:
             tensors = load_file(path)
             weights = {(layer, module): ModuleWeights(
-                a=tensors[f"{layer}.{module}.lora_A"], b_t=tensors[f"{layer}.{module}.lora_B_t"])
-                for layer, module in adapter.modules}
-            if len(tensors) != 2 * len(weights):
-                raise ValueError(f"{len(tensors)} tensors, expected {2 * len(weights)}")
+                a=tensors[f"{layer}.{module}.lora_A"], b_t=tensors[f"{layer}.{module}.lora_B_t"],
+                dora=tensors[f"{layer}.{module}.dora_scale"] if spec.dora else None)
+                for (layer, module), spec in adapter.modules.items()}
+            expected = sum(3 if spec.dora else 2 for spec in adapter.modules.values())
+            if len(tensors) != expected:
+                raise ValueError(f"{len(tensors)} tensors, expected {expected}")
             found = content_key(adapter.modules, weights)
             if found != adapter.key:
                 raise ValueError(f"content hash {found} differs")

@@ -6,7 +6,7 @@ Nothing here imports the rest of pagedlora: the engine hands the scheduler a
 
 from pagedlora.scheduler.config import SchedulerConfig
 from pagedlora.scheduler.kv_blocks import KVBlockManager, KVStats
-from pagedlora.scheduler.outputs import RunnerOutput
+from pagedlora.scheduler.outputs import RunnerOutput, TokenLogprobs
 from pagedlora.scheduler.page_allocator import (
     ADAPTER,
     KV,
@@ -15,7 +15,7 @@ from pagedlora.scheduler.page_allocator import (
     PoolStats,
 )
 from pagedlora.scheduler.policy import POLICIES, ClusterPolicy, FairPolicy, FcfsPolicy
-from pagedlora.scheduler.request import Request, RequestStatus
+from pagedlora.scheduler.request import AdapterTerms, Request, RequestStatus
 from pagedlora.scheduler.scheduler import (
     AdapterResidency,
     ScheduledRequest,
@@ -26,9 +26,9 @@ from pagedlora.scheduler.scheduler import (
 from pagedlora.scheduler.static_allocator import MEMORY_LAYOUTS, StaticSplitAllocator
 
 __all__ = [
-    "ADAPTER", "KV", "MEMORY_LAYOUTS", "POLICIES", "AdapterResidency", "ClusterPolicy",
-    "FairPolicy", "FcfsPolicy", "KVBlockManager", "KVStats", "OutOfPagesError",
-    "PageAllocator", "PoolStats", "Request", "RequestStatus", "RunnerOutput",
+    "ADAPTER", "KV", "MEMORY_LAYOUTS", "POLICIES", "AdapterResidency", "AdapterTerms",
+    "ClusterPolicy", "FairPolicy", "FcfsPolicy", "KVBlockManager", "KVStats",
+    "OutOfPagesError", "PageAllocator", "PoolStats", "Request", "RequestStatus", "RunnerOutput",
     "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput", "SchedulerStats",
-    "StaticSplitAllocator",
+    "StaticSplitAllocator", "TokenLogprobs",
 ]

@@ -42,9 +42,10 @@ class KVBlockManager:
     blocks have one writer; the scheduler hands them to the model runner in its output.
 
     A full block is keyed by an XXH3-128 over its parent block's key and its token ids; the
-    first block's parent is the request's adapter content hash (or "base"). The key thus names
-    the whole prefix *and* the weights that computed its K/V, so requests for different
-    adapters, or for a name re-added with different weights, never share KV (vLLM's automatic
+    first block's parent is the request's ``lora_key``: its adapter's content hash, its mix's
+    content hashes and weights, or "base". The key thus names the whole prefix *and* the
+    weights that computed its K/V, so requests for different adapters, mixes or scales, or
+    for a name re-added with different weights, never share KV (vLLM's automatic
     prefix caching, with the adapter in the key as S-LoRA's per-adapter KV requires).
 
     A block is shared by reference count. When the last request drops a cached block it stays
@@ -125,7 +126,7 @@ class KVBlockManager:
         keys = self._keys.setdefault(request.request_id, [])
         bs = self.block_size
         tokens = request.all_token_ids
-        parent = keys[-1] if keys else request.adapter_key or "base"
+        parent = keys[-1] if keys else request.lora_key or "base"
         for i in range(len(keys), len(tokens) // bs):
             h = xxhash.xxh3_128(str(parent).encode())
             h.update(array("q", tokens[i * bs:(i + 1) * bs]).tobytes())

@@ -17,8 +17,8 @@ class BatchView:
 
     Attributes:
         now: seconds, on the scheduler's clock.
-        running_keys: adapter keys of the running batch (None, the base model, included when
-            a base request runs).
+        running_keys: adapter keys of the running batch, every adapter of a mix included
+            (None, the base model, included when a base request runs).
         is_resident: whether an adapter's pages are in the pool now.
     """
 
@@ -49,7 +49,7 @@ class FcfsPolicy:
         """Records service given to ``request`` in a step (FCFS keeps no account)."""
 
     def on_arrival(self, request: Request, active_keys: Callable[[], set]) -> None:
-        """Notes a newly queued request; ``active_keys()`` gives the adapter keys of the
+        """Notes a newly queued request; ``active_keys()`` gives the ``lora_key`` of the
         requests waiting or running before it (computed only by a policy that asks: FCFS
         needs nothing)."""
 
@@ -57,7 +57,8 @@ class FcfsPolicy:
 class ClusterPolicy(FcfsPolicy):
     """Adapter clustering (S-LoRA, Sheng et al. 2023, section 5.2): prefer waiting requests
     whose adapter is already in the running batch, then those whose adapter is resident in the
-    pool, so a step touches few adapters and loads few; arrival order within each class. A
+    pool, so a step touches few adapters and loads few (a mix: all of its adapters);
+    arrival order within each class. A
     request waiting longer than ``max_wait_s`` is taken before all of them, oldest first, so no
     adapter starves.
 
@@ -74,9 +75,9 @@ class ClusterPolicy(FcfsPolicy):
         def rank(r: Request):
             if view.now - r.arrival_time > self.max_wait_s:
                 cls = 0
-            elif r.adapter_key in view.running_keys:
+            elif all(k in view.running_keys for k in r.adapter_keys or (None,)):
                 cls = 1
-            elif r.adapter_key is None or view.is_resident(r.adapter_key):
+            elif all(view.is_resident(k) for k in r.adapter_keys):
                 cls = 2
             else:
                 cls = 3
@@ -86,13 +87,14 @@ class ClusterPolicy(FcfsPolicy):
 
 class FairPolicy(FcfsPolicy):
     """Virtual token counters (VTC; Sheng et al. 2024, "Fairness in Serving Large Language
-    Models", section 4): each adapter (the base model is one client too) has a counter of the
-    service it received, ``input_weight * prefill tokens + output_weight * decode tokens``.
-    Admission repeatedly takes the oldest request of the backlogged client with the smallest
-    counter, so a flood of requests for one adapter cannot starve the others. A client that
-    becomes backlogged again is lifted to the smallest counter of the active clients (to the
-    highest counter when none is active), so idling earns no credit. The running request of
-    the most-served client is preempted first.
+    Models", section 4): each adapter (the base model is one client too, and so is each mix
+    or scale of adapters: ``Request.lora_key``) has a counter of the service it received,
+    ``input_weight * prefill tokens + output_weight * decode tokens``. Admission repeatedly
+    takes the oldest request of the backlogged client with the smallest counter, so a flood
+    of requests for one adapter cannot starve the others. A client that becomes backlogged
+    again is lifted to the smallest counter of the active clients (to the highest counter
+    when none is active), so idling earns no credit. The running request of the most-served
+    client is preempted first.
 
     Args:
         input_weight, output_weight: cost of a prefill and of a decode token (the paper uses
@@ -109,7 +111,7 @@ class FairPolicy(FcfsPolicy):
     def order(self, waiting: Iterable[Request], view: BatchView) -> list[Request]:
         queues: dict[str | None, list[Request]] = {}
         for r in sorted(waiting, key=_arrival):
-            queues.setdefault(r.adapter_key, []).append(r)
+            queues.setdefault(r.lora_key, []).append(r)
         # (counter, oldest arrival, client index, position in its queue); a heap, since a
         # step may look at thousands of requests over thousands of adapters
         clients = list(queues)
@@ -129,16 +131,16 @@ class FairPolicy(FcfsPolicy):
         return ordered
 
     def victim(self, running: list[Request]) -> Request:
-        most = max(self.counters.get(r.adapter_key, 0.0) for r in running)
-        return next(r for r in reversed(running) if self.counters.get(r.adapter_key, 0.0) == most)
+        most = max(self.counters.get(r.lora_key, 0.0) for r in running)
+        return next(r for r in reversed(running) if self.counters.get(r.lora_key, 0.0) == most)
 
     def charge(self, request: Request, num_prefill: int, num_decode: int) -> None:
-        key = request.adapter_key
+        key = request.lora_key
         self.counters[key] = self.counters.get(key, 0.0) + (
             self.input_weight * num_prefill + self.output_weight * num_decode)
 
     def on_arrival(self, request: Request, active_keys: Callable[[], set]) -> None:
-        key = request.adapter_key
+        key = request.lora_key
         keys = active_keys()
         if key in keys:
             return

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections import Counter
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -18,7 +19,8 @@ from pagedlora.scheduler.request import Request, RequestStatus
 
 class AdapterResidency(Protocol):
     """What the scheduler needs from the adapter store: page accounting only, no I/O (a fake
-    serves in tests)."""
+    serves in tests). Per content key: a request of a mix pins and holds each of its
+    adapters."""
 
     def footprint(self, key: str) -> int:
         """Pages ``key`` takes when resident, whether or not it is now (0 when unknown)."""
@@ -76,8 +78,9 @@ class SchedulerOutput:
             pool, outgrew it, or their adapter was removed or could not be loaded).
         aborted: requests finished with "abort" since the last step (asked for, or past their
             deadline).
-        adapter_keys: distinct adapters of the step (None, the base model, excluded); pinned
-            (their pages reserved if they were not resident) for as long as their requests run.
+        adapter_keys: distinct adapters of the step, every adapter of a mix included (None,
+            the base model, excluded); pinned (their pages reserved if they were not
+            resident) for as long as their requests run.
         upcoming_adapters: adapters of the next waiting requests in policy order that are not
             resident (what to prefetch), without duplicates, at most ``max_loras``.
         finished_request_ids: every request finished since the last step (the runner drops
@@ -109,12 +112,17 @@ class SchedulerStats:
             (plus the watermark) or its adapter's pages could not be had, since the start (at
             most one per step: admission stops there).
         preemptions: running requests preempted for lack of pages, since the start.
+        running_adapters: adapter content key -> running requests that use it, now (the base
+            model's requests are not counted).
+        waiting_adapters: adapter content key -> waiting requests that use it, now.
     """
 
     requests_running: int
     requests_waiting: int
     admissions_refused: int
     preemptions: int
+    running_adapters: dict[str, int] = field(default_factory=dict)
+    waiting_adapters: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -129,13 +137,17 @@ class Scheduler:
     plus a watermark of free pages and, if its adapter is not resident, the adapter's pages can
     all be had: one question to the allocator, whose answer counts reclaimable pages (cached KV
     blocks nobody holds, unpinned adapters). A request whose adapter would exceed ``max_loras``
-    distinct adapters in the step is passed over for this step (others behind it may go); one
-    short of pages stops admission (no overtaking by smaller requests). When a running request
+    distinct adapters in the step is passed over for this step (others behind it may go; each
+    adapter of a mix counts once, as it is pinned once per request); one short of pages stops
+    admission (no overtaking by smaller requests). When a running request
     cannot get a page for its next tokens, the allocator reclaims (cached blocks first, then
     unpinned adapters), and if that is not enough the policy's victim (by default the most
     recently admitted request) is preempted: its pages are freed and it is recomputed later
     (Orca, Yu et al. 2022; vLLM, Kwon et al. 2023, section 4.5, "recomputation"), usually from
-    its own blocks still in the prefix cache.
+    its own blocks still in the prefix cache. A request that asks for prompt log-probabilities
+    reads the prefix cache only up to the positions whose entries it already holds (none when
+    new; vLLM skips the cache for such requests altogether), since a cached block's positions
+    are not computed again; its blocks still join the cache for others.
 
     Scheduling only reserves an adapter's pages; the adapter store fills them before the step
     runs (:meth:`drop_failed` takes out the requests whose adapter could not be loaded), so
@@ -191,44 +203,60 @@ class Scheduler:
 
     # -- queue -------------------------------------------------------------------------------
 
-    def rejection(self, num_prompt_tokens: int, adapter_key: str | None) -> str | None:
-        """Why a request of ``num_prompt_tokens`` prompt tokens for ``adapter_key`` could never
-        run, or None when it could: its prompt, its first output token and its adapter must
-        fit the pool with every page free. Safe to call from any thread."""
+    def rejection(self, num_prompt_tokens: int, adapter_keys: Sequence[str]) -> str | None:
+        """Why a request of ``num_prompt_tokens`` prompt tokens for the adapters
+        ``adapter_keys`` (content keys; empty for the base model) could never run, or None when
+        it could: its adapters must be at most ``max_loras``, and its prompt, its first output
+        token and its adapters must fit the pool with every page free. Safe to call from any
+        thread."""
+        if len(adapter_keys) > self.config.max_loras:
+            return (f"uses {len(adapter_keys)} adapters, more than max_loras="
+                    f"{self.config.max_loras} allows in one step")
         kv_need = self.kv.pages_for(num_prompt_tokens + 1)
-        adapter_need = 0 if adapter_key is None else self.adapters.footprint(adapter_key)
+        adapter_need = sum(self.adapters.footprint(k) for k in adapter_keys)
         if self.allocator.could_ever_fit(kv_need, adapter_need):
             return None
-        return (f"the prompt ({num_prompt_tokens} tokens) and its adapter need "
+        words = "adapter" if len(adapter_keys) < 2 else "adapters"
+        return (f"the prompt ({num_prompt_tokens} tokens) and its {words} need "
                 f"{kv_need + adapter_need} pages, more than {self._pool_words()} can hold")
 
     def take_hold(self, request: Request) -> None:
-        """Counts ``request`` as a holder of its adapter's content now, so that a later
-        ``remove_adapter`` or re-add of the name cannot take the weights from under it while
-        it waits to be added. Safe from any thread for a request not yet added (it touches
-        only that request and the thread-safe adapter store)."""
-        if request.adapter_key is not None and request.holds_adapter is None:
-            request.holds_adapter = self.adapters.hold(request.adapter_key)
+        """Counts ``request`` as a holder of its adapters' content now (each adapter of a mix;
+        all or none), so that a later ``remove_adapter`` or re-add of a name cannot take the
+        weights from under it while it waits to be added. Safe from any thread for a request
+        not yet added (it touches only that request and the thread-safe adapter store)."""
+        keys = request.adapter_keys
+        if not keys or request.holds_adapter is not None:
+            return
+        for i, key in enumerate(keys):
+            if not self.adapters.hold(key):
+                for held in keys[:i]:
+                    self.adapters.unhold(held)
+                request.holds_adapter = False
+                return
+        request.holds_adapter = True
 
     def add(self, request: Request) -> None:
-        """Queues ``request`` (taking its adapter hold, if :meth:`take_hold` did not). One that
-        can never fit the pool, or whose adapter was no longer registered when the hold was
-        asked for, is finished with "error" at once and reported by the next
+        """Queues ``request`` (taking its adapter holds, if :meth:`take_hold` did not). One that
+        can never fit the pool, or one of whose adapters was no longer registered when the
+        hold was asked for, is finished with "error" at once and reported by the next
         :meth:`schedule` in ``failed``."""
         self._unfinished[request.request_id] = request
-        key = request.adapter_key
-        error = self.rejection(len(request.prompt_token_ids), key)
-        if error is None and key is not None:
+        keys = request.adapter_keys
+        error = self.rejection(len(request.prompt_token_ids), keys)
+        if error is None and keys:
             self.take_hold(request)
             if not request.holds_adapter:
-                error = (f"adapter with content key {key} is no longer registered (removed "
-                         f"or re-added with other weights while the request waited)")
+                which = (f"adapter with content key {keys[0]} is" if len(keys) == 1 else
+                         f"one of the adapters with content keys {list(keys)} is")
+                error = (f"{which} no longer registered (removed or re-added with other "
+                         f"weights while the request waited)")
         if error is not None:
             self.finish(request, "error", error=error)
             self._failed.append(request)
             return
         # A lazy set: only "fair" needs it, and building it per arrival is O(queue).
-        self.policy.on_arrival(request, lambda: {r.adapter_key
+        self.policy.on_arrival(request, lambda: {r.lora_key
                                                  for r in (*self.waiting, *self.running)})
         self.waiting.append(request)
 
@@ -309,18 +337,20 @@ class Scheduler:
         return out
 
     def drop_failed(self, out: SchedulerOutput, failed: Mapping[str, str]) -> SchedulerOutput:
-        """``out`` without the requests whose adapter could not be loaded (``failed``: adapter
-        key -> reason); they finish with "error" and the reason, their pages freed, and are
-        added to ``failed``. The other requests are untouched."""
+        """``out`` without the requests one of whose adapters could not be loaded
+        (``failed``: adapter key -> reason); they finish with "error" and the reason, their
+        pages freed, and are added to ``failed``. The other requests are untouched."""
         if not failed:
             return out
-        dropped = [s.request for s in out.scheduled if s.request.adapter_key in failed]
+
+        def reason(r: Request) -> str | None:
+            return next((failed[k] for k in r.adapter_keys if k in failed), None)
+        dropped = [s.request for s in out.scheduled if reason(s.request) is not None]
         for r in dropped:
-            self.finish(r, "error", error=failed[r.adapter_key])
-        return replace(out, scheduled=[s for s in out.scheduled
-                                       if s.request.adapter_key not in failed],
-                       failed=[*out.failed, *dropped],
-                       adapter_keys=out.adapter_keys - set(failed),
+            self.finish(r, "error", error=reason(r))
+        kept = [s for s in out.scheduled if s.request not in dropped]
+        return replace(out, scheduled=kept, failed=[*out.failed, *dropped],
+                       adapter_keys=frozenset(k for s in kept for k in s.request.adapter_keys),
                        finished_request_ids=(*out.finished_request_ids,
                                              *(r.request_id for r in dropped)))
 
@@ -328,22 +358,29 @@ class Scheduler:
         """Records that the step of ``out`` ran: its tokens' K/V are in the pool (the blocks
         they filled join the prefix cache), the sampled tokens are appended, and a request
         that sampled EOS or a stop token id, reached ``max_tokens`` or ``max_model_len``
-        finishes ("stop" or "length") and frees its pages.
+        finishes ("stop" or "length") and frees its pages. Log-probabilities the runner
+        computed are appended alongside (``output_logprobs``, ``prompt_logprobs``).
 
         Returns:
             the requests that got a token, in step order.
         """
         sampled = dict(zip(result.request_ids, result.token_ids, strict=True))
+        logprobs = (dict(zip(result.request_ids, result.logprobs, strict=True))
+                    if result.logprobs else {})
+        prompt_logprobs = dict(result.prompt_logprobs)
         now = self.clock()
         changed = []
         for s in out.scheduled:
             r = s.request
             r.num_computed_tokens += s.num_new_tokens
             self.kv.cache_full_blocks(r)
+            r.prompt_logprobs.extend(prompt_logprobs.get(r.request_id, ()))
             token = sampled.get(r.request_id)
             if token is None:
                 continue
             r.output_token_ids.append(token)
+            if logprobs.get(r.request_id) is not None:
+                r.output_logprobs.append(logprobs[r.request_id])
             if r.first_token_time is None:
                 r.first_token_time = now
             if token in r.stop_token_ids:
@@ -357,20 +394,20 @@ class Scheduler:
     def stats(self) -> SchedulerStats:
         """The counters now."""
         return SchedulerStats(len(self.running), len(self.waiting), self._num_refused,
-                              self._num_preemptions)
+                              self._num_preemptions, _count_adapters(self.running),
+                              _count_adapters(self.waiting))
 
     # -- internals ---------------------------------------------------------------------------
 
     def _view(self, now: float, step_keys: set) -> BatchView:
-        running = {r.adapter_key for r in self.running} | step_keys
+        running = {k for r in self.running for k in (r.adapter_keys or (None,))} | step_keys
         return BatchView(now=now, running_keys=frozenset(running),
                          is_resident=self.adapters.is_resident)
 
     def _schedule(self, request: Request, n: int, step: _Step, first: bool) -> None:
         step.scheduled.append(ScheduledRequest(request, n, tuple(self.kv.blocks_of(request)),
                                                first))
-        if request.adapter_key is not None:
-            step.adapter_keys.add(request.adapter_key)
+        step.adapter_keys.update(request.adapter_keys)
         prefill = max(0, min(n, len(request.prompt_token_ids) - request.num_computed_tokens))
         self.policy.charge(request, prefill, n - prefill)
 
@@ -382,9 +419,9 @@ class Scheduler:
         keys: list[str] = []
         waiting = [r for r in order if r.status is RequestStatus.WAITING]
         for r in waiting[:self.config.max_loras]:
-            key = r.adapter_key
-            if key is not None and key not in keys and not self.adapters.is_resident(key):
-                keys.append(key)
+            for key in r.adapter_keys:
+                if key not in keys and not self.adapters.is_resident(key):
+                    keys.append(key)
         return tuple(keys)
 
     def _abort_late(self, now: float) -> None:
@@ -404,26 +441,27 @@ class Scheduler:
         for request in order:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            key = request.adapter_key
-            if key is not None and key not in step.adapter_keys \
-                    and len(step.adapter_keys) >= self.config.max_loras:
-                continue  # another adapter would exceed max_loras; later ones may share one
+            keys = request.adapter_keys
+            new = [k for k in keys if k not in step.adapter_keys]
+            if new and len(step.adapter_keys) + len(new) > self.config.max_loras:
+                continue  # more adapters would exceed max_loras; later ones may share them
             hits = self.kv.match_prefix(request)
+            if request.needs_prompt_logprobs:  # only positions whose logprobs it has
+                hits = hits[:len(request.prompt_logprobs) // self.block_size]
             cached = len(hits) * self.block_size
             n = min(request.num_tokens - cached, budget)
             kv_need = self.kv.pages_for(cached + n) - len(hits) * self.pages_per_block
-            resident = key is None or self.adapters.is_resident(key)
-            adapter_need = 0 if resident else self.adapters.footprint(key)
+            adapter_need = sum(self.adapters.footprint(k) for k in keys
+                               if not self.adapters.is_resident(k))
             keeping = [self.kv.unit_of(b) for b in hits]
-            if key is not None:
-                keeping.append(self.adapters.unit_of(key))
+            keeping += [self.adapters.unit_of(k) for k in keys]
             reserve = self.watermark_pages if self.running else 0
             if not self.allocator.fits(kv_need + reserve, adapter_need, keeping=keeping):
                 self._num_refused += 1
                 break
             self.kv.take_prefix(request, hits)
             request.num_computed_tokens = cached
-            if key is not None and not self.adapters.pin(key):
+            if not self._pin_all(keys):
                 self._release(request, pinned=False)
                 self._num_refused += 1
                 break
@@ -449,9 +487,10 @@ class Scheduler:
         target = request.num_computed_tokens + n
         while not self._allocate(request, target):
             if len(self.running) == 1:
-                key = request.adapter_key
-                adapter = "" if key is None else (
-                    f" next to its adapter's {self.adapters.footprint(key)} pages")
+                keys = request.adapter_keys
+                whose = "its adapter's" if len(keys) == 1 else "its adapters'"
+                adapter = "" if not keys else (
+                    f" next to {whose} {sum(map(self.adapters.footprint, keys))} pages")
                 self.finish(request, "error", error=(
                     f"the {self.kv.pages_for(target)} KV pages of {target} tokens{adapter} do "
                     f"not fit even alone in {self._pool_words()}"))
@@ -485,18 +524,30 @@ class Scheduler:
         request.num_preemptions += 1
         self.waiting.append(request)
 
+    def _pin_all(self, keys: Sequence[str]) -> bool:
+        """Pins every adapter of ``keys``, or (False) none: those pinned are unpinned again
+        when one cannot get its pages."""
+        for i, key in enumerate(keys):
+            if not self.adapters.pin(key):
+                for pinned in keys[:i]:
+                    self.adapters.unpin(pinned)
+                return False
+        return True
+
     def _unhold(self, request: Request) -> None:
         if request.holds_adapter:
             request.holds_adapter = False
-            self.adapters.unhold(request.adapter_key)
+            for key in request.adapter_keys:
+                self.adapters.unhold(key)
 
     def _release(self, request: Request, pinned: bool = True) -> None:
         """Drops the KV blocks of ``request`` (nothing computed remains) and, if ``pinned``,
-        unpins its adapter."""
+        unpins its adapters."""
         self.kv.free(request)
         request.num_computed_tokens = 0
-        if pinned and request.adapter_key is not None:
-            self.adapters.unpin(request.adapter_key)
+        if pinned:
+            for key in request.adapter_keys:
+                self.adapters.unpin(key)
 
 
 class _Step:
@@ -507,3 +558,9 @@ class _Step:
         self.preempted: list[Request] = []
         self.failed: list[Request] = []
         self.adapter_keys: set[str] = set()
+
+
+def _count_adapters(requests) -> dict[str, int]:
+    """Adapter content key -> how many of ``requests`` use it (each adapter of a mix;
+    base-model requests left out)."""
+    return dict(Counter(k for r in requests for k in r.adapter_keys))

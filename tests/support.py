@@ -97,25 +97,6 @@ def save_adapters(model_dir: Path, root: Path, specs: dict[str, dict]) -> dict[s
     return {n: save_random_adapter(model_dir, root / n, **dict(o)) for n, o in specs.items()}
 
 
-def peft_oracle(model_dir: Path, dirs: dict[str, Path]) -> Callable:
-    """``(adapter name or None, token_ids) -> [vocab]`` float32 last-position logits of HF
-    (None) or of ``PeftModel`` with each adapter of ``dirs`` (one model each): the reference
-    of :func:`drive`."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-    models = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
-                               for n, d in dirs.items()}}
-
-    @torch.inference_mode()
-    def logits(name, ids):
-        return models[name](input_ids=torch.tensor([ids])).logits[0, -1].float()
-    return logits
-
-
 def prompts(n, seed=0, lo=3, hi=30) -> list[list[int]]:
     """``n`` random token-id prompts of ``lo..hi`` tokens (ids 3..48999)."""
     rng = random.Random(seed)
@@ -159,6 +140,178 @@ def save_random_adapter(model_dir: Path, out: Path, *, r: int, target_modules: l
                         task_type="CAUSAL_LM", **lora_kwargs)
     get_peft_model(base, config).save_pretrained(out)
     return out
+
+
+def save_random_dora_adapter(model_dir: Path, out: Path, *, r: int, target_modules: list[str],
+                             seed: int, noise: float = 0.3, **lora_kwargs) -> Path:
+    """Saves a PEFT DoRA adapter (``use_dora=True``) with random A and B
+    (``init_lora_weights=False``) and its magnitude vectors scaled by ``1 + noise * N(0, 1)``
+    (PEFT starts them at the weight norm, where DoRA's output scale is exactly 1)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=lora_kwargs.pop("lora_alpha", 2 * r),
+                        target_modules=target_modules, init_lora_weights=False, use_dora=True,
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + noise * torch.randn_like(p))
+    model.save_pretrained(out)
+    return out
+
+
+def randomize_qkv_biases(model, std: float = 0.5) -> None:
+    """Draws the q/k/v biases of an HF Qwen2 model (zero-initialized) from N(0, std)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, std)
+
+
+def save_random_qwen2(out: Path, seed: int = 0) -> Path:
+    """Saves a random Qwen2ForCausalLM of the tiny shape (float32), q/k/v biases random."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **TINY)).eval()
+    randomize_qkv_biases(model)
+    model.save_pretrained(out)
+    return out
+
+
+class PeftOracle:
+    """PEFT references from one ``PeftModel`` holding every adapter of ``dirs`` (switched with
+    ``set_adapter`` per call: PEFT refuses ``adapter_names`` batches with DoRA); None is the
+    base model (the adapters disabled), and a ``pagedlora.AdapterMix`` the adapter that
+    ``add_weighted_adapter(names, weights, combination_type="cat")`` makes of it (on first
+    use; its delta is exactly the weighted sum)."""
+
+    def __init__(self, model_dir, dirs: dict) -> None:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        names = list(dirs)
+        self.model = PeftModel.from_pretrained(base, dirs[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            self.model.load_adapter(dirs[name], adapter_name=name)
+        self.model.eval()
+        self._mixes: dict = {}
+        self._greedy: dict = {}
+
+    def adapter_name(self, adapter) -> str | None:
+        """PEFT's name for ``adapter`` (a mix's made on first use)."""
+        from pagedlora import AdapterMix
+
+        if not isinstance(adapter, AdapterMix):
+            return adapter
+        if adapter not in self._mixes:
+            name = f"mix{len(self._mixes)}"
+            self.model.add_weighted_adapter(adapter.names, [w for _, w in adapter.weights],
+                                            adapter_name=name, combination_type="cat")
+            self._mixes[adapter] = name
+        return self._mixes[adapter]
+
+    def _run(self, adapter, fn):
+        name = self.adapter_name(adapter)
+        if name is None:
+            with self.model.disable_adapter():
+                return fn()
+        self.model.set_adapter(name)
+        return fn()
+
+    @torch.inference_mode()
+    def logits(self, adapter, token_ids: list[int]) -> torch.Tensor:
+        """``[vocab]`` float32 logits of the last position of ``token_ids``."""
+        return self._run(adapter, lambda: self.model(
+            input_ids=torch.tensor([token_ids])).logits[0, -1].float())
+
+    @torch.inference_mode()
+    def greedy(self, adapter, prompt: list[int], n: int = 16) -> list[int]:
+        """``n`` greedy tokens after ``prompt`` (never stopping at eos)."""
+        key = (adapter, tuple(prompt), n)
+        if key not in self._greedy:
+            out = self._run(adapter, lambda: self.model.generate(
+                input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=n,
+                min_new_tokens=n, eos_token_id=None, pad_token_id=0))
+            self._greedy[key] = out[0, len(prompt):].tolist()
+        return self._greedy[key]
+
+
+# -- log-probabilities against PEFT -------------------------------------------------------------
+
+LOGPROBS_ATOL = 1e-4  # nats, fp32
+
+
+class PeftReference:
+    """``PeftModel`` per adapter (plain transformers for None) in one dtype."""
+
+    def __init__(self, model_dir, dirs, dtype=torch.float32):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        def base():
+            return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+
+        self.models = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
+                                        for n, d in dirs.items()}}
+
+    @torch.inference_mode()
+    def logprobs(self, name, ids: list[int]) -> torch.Tensor:
+        """``[len(ids), vocab]`` float32 log-softmax at every position."""
+        logits = self.models[name](input_ids=torch.tensor([ids])).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+def check_entries(entries, rows: torch.Tensor, targets: list[int], k: int, atol: float,
+                  where: str) -> float:
+    """Each entry against its reference row: the target's log-probability, a rank the
+    reference allows (ties within ``atol`` either way), and its k top tokens: each one's
+    log-probability is the reference's for that token and the reference's j-th largest.
+    Returns the largest error."""
+    assert len(entries) == len(targets) == rows.shape[0], where
+    worst = 0.0
+    for i, (e, row, t) in enumerate(zip(entries, rows, targets, strict=True)):
+        at = f"{where}, position {i}: "
+        assert e.token_id == t, at
+        err = abs(e.logprob - row[t].item())
+        assert err <= atol, f"{at}logprob {e.logprob} vs {row[t].item()}"
+        lo = int((row > row[t] + atol).sum()) + 1
+        hi = int((row >= row[t] - atol).sum())
+        assert lo <= e.rank <= hi, f"{at}rank {e.rank}, reference {lo}..{hi}"
+        assert len(e.top) == k, at
+        ref_top = row.topk(k).values
+        for j, (tid, lp) in enumerate(e.top):
+            err = max(err, abs(lp - row[tid].item()), abs(lp - ref_top[j].item()))
+            assert err <= atol, f"{at}top {j}: token {tid} {lp} vs {row[tid].item()}, " \
+                                f"{j}-th largest {ref_top[j].item()}"
+        worst = max(worst, err)
+    return worst
+
+
+def check_output(out, ref_rows: torch.Tensor, k: int = 3, atol: float = LOGPROBS_ATOL,
+                 prompt_k: int | None = 3) -> float:
+    """``out`` (a RequestOutput asking logprobs=k, prompt_logprobs=prompt_k) against the
+    reference's log-softmax rows of its whole sequence."""
+    p, n = len(out.prompt_token_ids), len(out.token_ids)
+    where = f"request {out.request_id} (adapter {out.adapter!r})"
+    err = check_entries(out.logprobs, ref_rows[p - 1:p - 1 + n], out.token_ids, k, atol,
+                        f"{where} generated")
+    if prompt_k is not None:
+        assert len(out.prompt_logprobs) == p and out.prompt_logprobs[0] is None, where
+        err = max(err, check_entries(out.prompt_logprobs[1:], ref_rows[:p - 1],
+                                     out.prompt_token_ids[1:], prompt_k, atol,
+                                     f"{where} prompt"))
+    return err
+
+
+def scored(ref: PeftReference, out) -> torch.Tensor:
+    """The reference's log-softmax rows of ``out``'s whole sequence (teacher forcing)."""
+    return ref.logprobs(out.adapter, out.prompt_token_ids + out.token_ids)
 
 
 @dataclass
@@ -372,15 +525,16 @@ def assert_no_leaks(engine):
 
 def check_step(engine: Engine, max_cpu_loras: int, max_loras: int) -> None:
     """Between steps: KV invariants, the host budget, one pin per running request of an
-    adapter, resident pages = adapter pages, at most ``max_loras`` adapters in the last step."""
+    adapter (of each adapter of a mix), resident pages = adapter pages, at most ``max_loras``
+    adapters in the last step."""
     sched, store = engine.core.scheduler, engine.adapters
     sched.kv.check_invariants(sched.running)
     assert len(store.host_keys) <= max_cpu_loras
     pins = store.pins
     want: dict = {}
     for r in sched.running:
-        if r.adapter_key is not None:
-            want[r.adapter_key] = want.get(r.adapter_key, 0) + 1
+        for key in r.adapter_keys:
+            want[key] = want.get(key, 0) + 1
     assert pins == want
     resident = sum(len(store.resident(k).pages) for k in store.resident_keys)
     assert resident == engine.pool.allocator.num_used("adapter")

@@ -9,7 +9,7 @@ import tarfile
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import assert_kv_released, write_peft_dir
+from support import VOCAB, assert_kv_released, write_peft_dir
 
 from pagedlora import AdapterError, Engine, SamplingParams, UnsupportedAdapterError
 
@@ -122,10 +122,15 @@ def test_no_lora_weights_at_all(engine, tmp_path):
         engine.add_adapter("empty", write_adapter(tmp_path / "empty", {}))
 
 
-def test_lm_head_weights_in_the_file(engine, tmp_path):
+def test_half_an_lm_head_or_embedding_lora(engine, tmp_path):
     tensors = {"base_model.model.lm_head.lora_A.weight": torch.randn(2, 64)}
-    with pytest.raises(UnsupportedAdapterError, match="'head': LoRA on embed_tokens/lm_head"):
+    with pytest.raises(AdapterError, match="'head', lm_head: has lora_A but not both"):
         engine.add_adapter("head", write_adapter(tmp_path / "head", tensors))
+    tensors = {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(2, VOCAB),
+               "base_model.model.model.embed_tokens.lora_embedding_B": torch.randn(32, 2)}
+    with pytest.raises(AdapterError, match=r"'emb', embed_tokens: lora_A \(2, 49152\) and "
+                                           r"lora_B \(32, 2\) do not fit"):
+        engine.add_adapter("emb", write_adapter(tmp_path / "emb", tensors))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -157,10 +162,10 @@ def test_missing_half_of_a_pair(engine, tmp_path):
 
 
 @pytest.mark.parametrize("config, feature", [
-    ({"use_dora": True}, "use_dora"),
+    ({"use_dora": True, "target_modules": ["q_proj", "embed_tokens"]},
+     "DoRA on embed_tokens or lm_head"),
     ({"bias": "all"}, "bias='all'"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"target_modules": ["q_proj", "embed_tokens"]}, "embed_tokens"),
     ({"fan_in_fan_out": True}, "fan_in_fan_out"), ({"lora_bias": True}, "lora_bias"),
     ({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens"),
     ({"layer_replication": [[0, 1], [0, 1]]}, "layer_replication"),
@@ -227,7 +232,8 @@ def test_mismatched_list_lengths(engine):
     ({"sampling_params": {"max_tokens": 2}}, "sampling_params must be one value"),
     ({"sampling_params": [SamplingParams(), {"max_tokens": 2}]},
      r"sampling_params\[1\] has type dict"),
-    ({"adapters": [None, 3]}, r"adapters\[1\] has type int; expected a name or None"),
+    ({"adapters": [None, 3]},
+     r"adapters\[1\] has type int; expected a name, an AdapterMix or None"),
 ])
 def test_wrong_argument_types_name_the_argument(engine, call, match):
     kwargs = {"prompts": ["a", "b"], **call}

@@ -53,6 +53,37 @@ def test_bad_arguments_name_the_problem(argv, match):
         config(*argv)
 
 
+def replicas(*argv):
+    from pagedlora.cli import replica_config
+
+    args = build_parser().parse_args(["serve", *argv])
+    return replica_config(args, server_config(args))
+
+
+def test_replica_flags_make_the_ray_serve_config():
+    r = replicas("--model", "a=/m/a", "--max-replicas", "4", "--min-replicas", "2",
+                 "--target-ongoing-requests", "3", "--upscale-delay", "1",
+                 "--downscale-delay", "5", "--cpus-per-replica", "2", "--routing",
+                 "round_robin", "--max-num-seqs", "6", "--max-cpu-loras", "10")
+    assert (r.autoscaling, r.min_replicas, r.max_replicas) == (True, 2, 4)
+    assert (r.target_ongoing_requests, r.upscale_delay_s, r.downscale_delay_s) == (3, 1, 5)
+    assert (r.cpus_per_replica, r.routing) == (2, "round_robin")
+    # a full batch is an overloaded replica; it advertises what its pool and host memory hold
+    assert r.ongoing_requests("a") == 6 and r.adapters_per_replica("a") == 8 + 10
+    fixed = replicas("--replicas", "3")
+    assert (fixed.autoscaling, fixed.num_replicas) == (False, 3)
+    assert fixed.adapters_per_replica("SmolLM2-135M-Instruct") == -1  # host memory unbounded
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--replicas", "2", "--max-replicas", "3"], "exclude each other"),
+    (["--max-replicas", "1", "--min-replicas", "2"], r"max_replicas \(1\) must be >= "),
+    (["--replicas", "0"], "num_replicas must be a positive int"),
+    (["--max-replicas", "2", "--target-ongoing-requests", "0"], "target_ongoing_requests"),
+])
+def test_bad_replica_flags_name_the_problem(argv, match):
+    with pytest.raises(ValueError, match=match):
+        replicas(*argv)
 # -- the command itself (no model is loaded: every check below comes first) -------------------
 
 

@@ -189,6 +189,33 @@ def test_add_request_on_output_gets_every_output_and_failures_at_once(engine):
     assert_kv_released(engine)
 
 
+def test_stats_name_the_adapters_of_running_and_waiting_requests(tiny_llama_dir, make_adapter):
+    # one sequence at a time: the first request runs, the others wait
+    engine = Engine(tiny_llama_dir, pool_gb=0.02, max_model_len=128, block_size=8,
+                    max_num_seqs=1)
+    path = make_adapter(tiny_llama_dir, "x", r=4, target_modules=["q_proj"], seed=41)
+    engine.add_adapter("x", path)
+    engine.add_adapter("x-too", path)  # the same weights under a second name
+    engine.add_adapter("y", make_adapter(tiny_llama_dir, "y", r=2, target_modules=["v_proj"],
+                                         seed=42))
+    for adapter in ("x", "y", None):
+        engine.add_request([5, 6, 7], adapter, GREEDY)
+    s = engine.stats()  # before any step: queued requests count as waiting
+    assert s["requests_waiting"] == 3 and s["requests_running"] == 0
+    assert s["running_adapters"] == {} and s["kv_cache_usage"] == 0
+    assert s["waiting_adapters"] == {"x": 1, "x-too": 1, "y": 1}  # the base model's: none
+    engine.step()
+    s = engine.stats()
+    assert s["running_adapters"] == {"x": 1, "x-too": 1} and s["waiting_adapters"] == {"y": 1}
+    # the running request's KV block and its pinned adapter, of all the pages
+    usage_pages = round(s["kv_cache_usage"] * s["pages_total"])
+    assert usage_pages == s["pages_kv"] - s["pages_kv_cached"] + engine.adapters.footprint(
+        engine.adapters.key_of("x"))
+    step_until_done(engine)
+    s = engine.stats()
+    assert s["running_adapters"] == s["waiting_adapters"] == {} and s["kv_cache_usage"] == 0
+
+
 def test_tokenize_is_what_generate_runs(engine):
     """Engine.tokenize gives the prompt_token_ids generate reports, for text, chat and ids,
     and queues nothing."""

@@ -147,7 +147,7 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     zero = torch.zeros(1, dtype=torch.long)
     rows = ModuleRows(PagedRows(zero, zero), PagedRows(zero, zero), tuple(cols),
                       tuple(zip(a_rows, b_rows, strict=True)))
-    batch = LoraBatch.build(rows.a, rows.b, rows.cols, [s[:2] for s in segments],
+    batch = LoraBatch.build(rows.a, rows.b, rows.cols, [[(*s[:2], 1.0)] for s in segments],
                             torch.zeros(num_tokens, c), stacked=rows.stacked())
     tokens = batch.stacked[2]
     assert (tokens is None) == (skip is None and max(tokens_per_adapter) == 1)

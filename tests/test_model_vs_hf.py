@@ -18,6 +18,7 @@ from support import (
     drive,
     logits_rtol,
     random_prompt,
+    randomize_qkv_biases,
     row_error,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,11 +184,7 @@ def save_variant(out, name: str):
     config = AutoConfig.for_model(model_type, **{**TINY, **overrides})
     model = AutoModelForCausalLM.from_config(config).eval()
     if model_type == "qwen2":  # biases are zero-initialized; make them matter
-        with torch.no_grad():
-            for layer in model.model.layers:
-                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
-                             layer.self_attn.v_proj):
-                    proj.bias.normal_(0, 0.5)
+        randomize_qkv_biases(model)
     model.save_pretrained(out)
     return out
 

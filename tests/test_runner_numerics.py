@@ -8,8 +8,8 @@ import pytest
 import torch
 from support import (
     OracleSampler,
+    PeftOracle,
     drive,
-    peft_oracle,
     random_prompt,
     save_adapters,
     save_random_adapter,
@@ -40,7 +40,7 @@ def dirs(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(tiny_llama_dir, dirs):
-    return peft_oracle(tiny_llama_dir, dirs)
+    return PeftOracle(tiny_llama_dir, dirs).logits
 
 
 def _engine(model_dir, dirs, **kw):

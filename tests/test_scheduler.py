@@ -153,3 +153,29 @@ def test_request_that_outgrows_the_pool_next_to_its_adapter_fails_alone():
     other = req(1, 5)
     sched.add(other)
     assert [s.request.request_id for s in sched.schedule().scheduled] == [1]
+
+
+def test_prompt_logprobs_read_the_cache_only_where_they_have_entries():
+    """A request asking prompt logprobs is not served cached blocks whose positions it has no
+    entries for; one that has them (as after a preemption) is served those blocks only; the
+    runner's entries are appended by update, next to the sampled token's."""
+    from pagedlora.scheduler import RunnerOutput, TokenLogprobs
+
+    sched, _, _ = make(enable_prefix_caching=True)
+    warm = req(0, 13)  # 3 full blocks of 4 join the cache
+    sched.add(warm)
+    run_step(sched, sched.schedule())
+    fresh, resumed = req(1, 13), req(2, 13)
+    fresh.needs_prompt_logprobs = resumed.needs_prompt_logprobs = True
+    entry = TokenLogprobs(token_id=1, logprob=-0.5, rank=1)
+    resumed.prompt_logprobs = [entry] * 9  # positions 0..8 scored: 2 whole blocks' worth
+    sched.add(fresh)
+    sched.add(resumed)
+    out = sched.schedule()
+    assert {s.request.request_id: s.request.num_computed_tokens for s in out.scheduled} == \
+        {0: 13, 1: 0, 2: 8}
+    sample = TokenLogprobs(token_id=7, logprob=-1.0, rank=2, top=((3, -0.2),))
+    sched.update(out, RunnerOutput((0, 1, 2), (7, 7, 7), (None, sample, None),
+                                   ((1, (entry,) * 12), (2, (entry,) * 3))))
+    assert fresh.output_logprobs == [sample] and warm.output_logprobs == []
+    assert len(fresh.prompt_logprobs) == 12 and len(resumed.prompt_logprobs) == 12

@@ -396,6 +396,68 @@ def test_metrics_per_model_and_adapter(server, offline):
                for t in ("pool", "host", "disk", "source")) == len(ADAPTERS)
 
 
+def vllm_series(text: str, model: str) -> dict:
+    """The vLLM-named series of base model ``model`` in a /metrics text, read with
+    prometheus_client's own parser: name -> samples (each a (labels, value) pair)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("vllm:") and sample.labels.get("model_name") == model:
+                found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def test_vllm_metrics_name_the_running_and_waiting_adapters(server):
+    # 40 prompts for a1, 8 run at a time; then one for a3 behind them: while 33 wait, a1's
+    # run and a1's and a3's wait (nothing else is submitted to "tiny")
+    flood = {"model": "a1", "prompt": [f"Busy {i}" for i in range(MAX_QUEUE - 1)],
+             "max_tokens": 120, "ignore_eos": True, "stream": True}
+    behind = {"model": "a3", "prompt": "Behind", "max_tokens": 4, "stream": True}
+    with httpx.Client(timeout=60) as client:
+        with client.stream("POST", f"{server.url}/v1/completions", json=flood) as r1:
+            lines = r1.iter_lines()  # kept: closing the iterator would close the stream
+            assert next(lines).startswith("data: ")
+            with client.stream("POST", f"{server.url}/v1/completions", json=behind) as r2:
+                deadline = time.monotonic() + 30
+                while True:
+                    before = time.time()
+                    text = server.metrics()
+                    series = vllm_series(text, "tiny")
+                    (_, waiting), = series["vllm:num_requests_waiting"]
+                    if waiting == MAX_QUEUE - MAX_NUM_SEQS:
+                        break
+                    assert time.monotonic() < deadline, f"never {MAX_QUEUE - 8} waiting: {series}"
+                (labels, stamp), = series["vllm:lora_requests_info"]
+                assert labels["running_lora_adapters"] == "a1"
+                assert labels["waiting_lora_adapters"] == "a1,a3"
+                assert labels["max_lora"] == "8"  # the default max_loras
+                assert before - 1 <= stamp <= time.time() + 1  # a reading time, in seconds
+                assert series["vllm:num_requests_running"] == [({"model_name": "tiny"},
+                                                                 MAX_NUM_SEQS)]
+                usage = series["vllm:kv_cache_usage_perc"][0][1]
+                assert series["vllm:gpu_cache_usage_perc"][0][1] == usage
+                held = metric(text, "pagedlora_pool_pages", model="tiny", kind="kv")
+                total = sum(metric(text, "pagedlora_pool_pages", model="tiny", kind=k)
+                            for k in ("kv", "kv_cached", "adapter", "free"))
+                adapter = metric(text, "pagedlora_pool_pages", model="tiny", kind="adapter")
+                # in pages: 8 running requests' KV blocks, plus at most the adapters'
+                assert 0 < held <= round(usage * total) <= held + adapter
+                assert r2.status_code == 200
+    deadline = time.monotonic() + 30  # the streams closed: their requests are aborted
+    while True:
+        series = vllm_series(server.metrics(), "tiny")
+        if series["vllm:num_requests_running"][0][1] == 0 and \
+                series["vllm:num_requests_waiting"][0][1] == 0:
+            break
+        assert time.monotonic() < deadline, "the requests were never aborted"
+        time.sleep(0.05)
+    (labels, _), = series["vllm:lora_requests_info"]  # one series: the latest label set
+    assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == ""
+    assert series["vllm:kv_cache_usage_perc"][0][1] == 0
+
+
 def test_sigterm_aborts_what_outlasts_the_grace_period_and_exits_cleanly(files, tmp_path):
     proc = ServerProcess(["--model", f"tiny={files['tiny']}", "--pool-gb", "0.02",
                           "--block-size", "8", "--shutdown-timeout", "0.1"],

@@ -18,12 +18,12 @@ import torch
 from support import (
     TINY,
     OracleSampler,
+    PeftOracle,
     drive,
     logits_rtol,
     logits_within,
     model_config,
     peft_greedy,
-    peft_oracle,
     process_alive,
     random_prompt,
     save_adapters,
@@ -59,7 +59,7 @@ def dirs(tiny_llama_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(tiny_llama_dir, dirs):
-    return peft_oracle(tiny_llama_dir, dirs)
+    return PeftOracle(tiny_llama_dir, dirs).logits
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,11 @@ def test_lora_shards_hold_whole_a_for_column_and_split_a_and_b_for_row_modules()
     assert shards[0].lora_widths == {"q_proj": (64, 32), "k_proj": (64, 16),
                                      "v_proj": (64, 16), "o_proj": (32, 32),
                                      "gate_proj": (64, 88), "up_proj": (64, 88),
-                                     "down_proj": (88, 32)}
+                                     "down_proj": (88, 32), "embed_tokens": (24576, 64),
+                                     "lm_head": (64, 24576)}
+    # DoRA's scale row: a column-parallel module's output features, a row-parallel one's whole
+    assert shards[0].dora_widths == {"q_proj": 32, "k_proj": 16, "v_proj": 16, "o_proj": 64,
+                                     "gate_proj": 88, "up_proj": 88, "down_proj": 64}
     g = torch.Generator().manual_seed(0)
     for module, (in_f, out_f) in shards[0].module_shapes.items():
         a, b_t = torch.randn(3, in_f, generator=g), torch.randn(3, out_f, generator=g)
@@ -102,12 +106,43 @@ def test_lora_shards_hold_whole_a_for_column_and_split_a_and_b_for_row_modules()
             shrunk = sum(xi @ pa.T for xi, (pa, _) in zip(xs, pieces, strict=True))
             got = torch.cat([shrunk @ pb for _, pb in pieces], dim=1)
         torch.testing.assert_close(got, x @ a.T @ b_t, rtol=1e-5, atol=1e-5)
+        scale = torch.randn(out_f, generator=g)
+        parts = [s.shard_dora(module, scale) for s in shards]
+        whole = torch.cat(parts) if module in COLUMN_PARALLEL else parts[0]
+        assert torch.equal(whole, scale) and all(torch.equal(p, parts[0]) for p in parts
+                                                 if module not in COLUMN_PARALLEL)
+
+
+def test_vocabulary_lora_halves_split_by_token_id_and_the_last_rank_is_padded():
+    """embed_tokens' lora_A [r, vocab] and lm_head's lora_B^T [r, vocab] by this rank's token
+    ids, zero-padded to vocab_per_rank (101 over 2: 51 and 50 + 1); the other halves whole.
+    The embedding's delta of each token comes from the one rank that holds its id."""
+    shards = [Shard.of(config(vocab_size=101), r, 2) for r in range(2)]
+    g = torch.Generator().manual_seed(3)
+    a_e, b_e = torch.randn(3, 101, generator=g), torch.randn(3, 64, generator=g)
+    ids = torch.tensor([0, 50, 51, 100])
+    want = a_e[:, ids].T @ b_e
+    got = torch.zeros(4, 64)
+    for s in shards:
+        pa, pb = s.shard_lora("embed_tokens", a_e, b_e)
+        assert pa.shape == (3, 51) and pb is b_e
+        lo, hi = s.vocab
+        inside = (ids >= lo) & (ids < hi)
+        local = (ids - lo).masked_fill(~inside, 0)
+        got += (pa[:, local].T @ pb).masked_fill(~inside[:, None], 0)
+    torch.testing.assert_close(got, want)
+    a_h, b_h = torch.randn(3, 64, generator=g), torch.randn(3, 101, generator=g)
+    heads = [s.shard_lora("lm_head", a_h, b_h) for s in shards]
+    assert all(pa is a_h and pb.shape == (3, 51) for pa, pb in heads)
+    assert torch.equal(heads[1][1][:, 50], torch.zeros(3))  # the padding
+    assert torch.equal(torch.cat([pb for _, pb in heads], dim=1)[:, :101], b_h)
 
 
 def _batch(form: str, g: torch.Generator) -> tuple[torch.Tensor, LoraBatch, int]:
-    """A LoRA batch of 3 adapters (ranks 2, 5, 3) with base tokens between, in one form."""
+    """A LoRA batch of 3 adapters (ranks 2, 5, 3) with base tokens between, in one form
+    ("mix": the dense form with one adapter's tokens also another's, as a mix's are)."""
     in_f, out_f, ranks = 12, 7, (2, 5, 3)
-    n = {"dense": 9, "segments": 200, "bgmv": 3}[form]
+    n = {"dense": 9, "mix": 9, "segments": 200, "bgmv": 3}[form]
     starts = [0, n // 3 + 1, 2 * (n // 3) + 1] if form != "bgmv" else [0, 1, 2]
     ends = [s + (n // 3 if form != "bgmv" else 1) for s in starts]
     ends[-1] = min(ends[-1], n)
@@ -117,8 +152,10 @@ def _batch(form: str, g: torch.Generator) -> tuple[torch.Tensor, LoraBatch, int]
     for i, r in enumerate(ranks):
         cols.append((i, c, c + r, 0.5 + i))
         c += r
-    ranges = list(zip(starts, ends, strict=True))
-    scale = LoraBatch.token_scales(cols, ranges, n, dtype=torch.float32, device=a.device)
+    uses = [[(s, e, 1.0)] for s, e in zip(starts, ends, strict=True)]
+    if form == "mix":  # the second adapter also on the first one's tokens, at weight -0.5
+        uses[1].insert(0, (starts[0], ends[0], -0.5))
+    scale = LoraBatch.token_scales(cols, uses, n, dtype=torch.float32, device=a.device)
     none = PagedRows(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     stacked = None
     if form == "bgmv":
@@ -126,11 +163,11 @@ def _batch(form: str, g: torch.Generator) -> tuple[torch.Tensor, LoraBatch, int]
         for k, (_, c0, c1, s) in enumerate(cols):
             sa[k, : c1 - c0], sb[k, : c1 - c0] = a[c0:c1], b[c0:c1] * s
         stacked = (sa, sb)
-    batch = LoraBatch.build(none, none, cols, ranges, scale, gathered=(a, b), stacked=stacked)
+    batch = LoraBatch.build(none, none, cols, uses, scale, gathered=(a, b), stacked=stacked)
     return torch.randn(n, in_f, generator=g), batch, out_f
 
 
-@pytest.mark.parametrize("form", ["dense", "segments", "bgmv"])
+@pytest.mark.parametrize("form", ["dense", "mix", "segments", "bgmv"])
 def test_shrink_then_expand_equals_the_fused_kernel_and_sums_over_split_inputs(form):
     """What a row-parallel module does: each rank shrinks its columns of x with its columns
     of A; the sum of the shrinks (the all-reduce) expanded equals the whole LoRA."""
@@ -163,7 +200,8 @@ def test_shared_weights_are_one_buffer_that_round_trips():
     weights = {(0, "q_proj"): ModuleWeights(torch.randn(3, 8, generator=g),
                                             torch.randn(3, 5, generator=g)),
                (1, "down_proj"): ModuleWeights(torch.randn(2, 4, generator=g),
-                                               torch.randn(2, 9, generator=g))}
+                                               torch.randn(2, 9, generator=g),
+                                               torch.rand(9, generator=g))}  # DoRA
     shared = share(weights)
     storages = {t.untyped_storage().data_ptr() for w in shared.values() for t in (w.a, w.b_t)}
     assert len(storages) == 1 and next(iter(shared.values())).a.is_shared()
@@ -172,6 +210,8 @@ def test_shared_weights_are_one_buffer_that_round_trips():
     assert back.keys() == weights.keys()
     for key, w in weights.items():
         assert torch.equal(back[key].a, w.a) and torch.equal(back[key].b_t, w.b_t)
+        assert (back[key].dora is None) == (w.dora is None)
+    assert torch.equal(back[(1, "down_proj")].dora, weights[(1, "down_proj")].dora)
 
 
 def test_a_step_sends_a_sequence_its_new_blocks_only_until_its_table_changes():

@@ -15,9 +15,9 @@ import math
 
 import pytest
 import torch
-from support import random_prompt
+from support import random_prompt, save_random_dora_adapter
 
-from pagedlora import Engine, SamplingParams
+from pagedlora import AdapterMix, Engine, SamplingParams
 from pagedlora.kernels import lora as ref_lora
 from pagedlora.kernels import paged_attention as ref_attn
 from pagedlora.kernels import triton_attention, triton_lora
@@ -223,18 +223,60 @@ def test_lora_shrink_expand_matches_reference(num_tokens, in_f, out_f, ranks, po
     assert torch.equal(got[base], y[base])  # base-model tokens untouched
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_with_tokens_of_mixes_matches_reference(dtype):
+    """Tokens of a mix are in one segment per adapter (weighted scales): adapter 0's tokens
+    also use adapters 2 and 3, adapter 1's adapter 2, adapter 2's adapter 3; the tokens of
+    the last run are left on the base model."""
+    y, x, batch, a_view, b_view, _ = lora_case(33, 96, 64, [8, 16, 3, 1], "distinct", dtype,
+                                               seed=7)
+    s0, s1, s2, s3 = batch.segments
+    c2, c3 = s2.col_start, s3.col_start
+    segments = (s0, s1, s2, LoraSegment(s0.start, s0.end, c2, c2 + 3, -0.5),
+                LoraSegment(s1.start, s1.end, c2, c2 + 3, 0.5),
+                LoraSegment(s0.start, s0.end, c3, c3 + 1, 0.75),
+                LoraSegment(s2.start, s2.end, c3, c3 + 1, 1.25))
+    def scales(segments) -> torch.Tensor:
+        token_scale = torch.zeros_like(batch.token_scale)
+        for s in segments:
+            token_scale[s.start:s.end, s.col_start:s.col_end] = s.scale
+        return token_scale
+    mixed = LoraBatch(batch.a, batch.b, segments, scales(segments))
+    assert len(triton_lora.disjoint_groups(segments)) == 3
+    want = y.clone().float()
+    ref_lora.lora_shrink_expand(want, x.float(), mixed, a_view.float(), b_view.float())
+    got = y.clone()
+    triton_lora.lora_shrink_expand(got, x, mixed, a_view, b_view)
+    assert_close(got, want)
+    assert torch.equal(got[s3.start:s3.end], y[s3.start:s3.end])  # base tokens untouched
+    unmixed = y.clone().float()
+    ref_lora.lora_shrink_expand(unmixed, x.float(), LoraBatch(
+        batch.a, batch.b, (s0, s1, s2), scales((s0, s1, s2))), a_view.float(), b_view.float())
+    assert (unmixed - want).abs().max() > 10 * TOL[dtype][0]  # the mix's terms count
+
+
 # -- the engine ------------------------------------------------------------------------------------
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter):
+def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter,
+                                                         tmp_path):
+    """Plain adapters, a DoRA adapter (its scale rows read through page tables) and mixes
+    (segments that overlap, in successive launches) beside base requests."""
     dirs = {"r8": make_adapter(tiny_llama_dir, "r8", r=8, target_modules=ALL, seed=1),
             "r3": make_adapter(tiny_llama_dir, "r3", r=3, seed=2,
-                               target_modules=["q_proj", "v_proj", "down_proj"])}
-    prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 9, 25, 3)]
-    adapters = ["r8", None, "r3", "r8", "r3", None]
-    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+                               target_modules=["q_proj", "v_proj", "down_proj"]),
+            "dora": save_random_dora_adapter(tiny_llama_dir, tmp_path / "dora", r=4, seed=3,
+                                             target_modules=["q_proj", "o_proj", "up_proj"]),
+            # vocabulary modules: torch ops on rows read out of the pool, on either backend
+            "v4": make_adapter(tiny_llama_dir, "v4", r=4, seed=4,
+                               target_modules=["embed_tokens", "lm_head", "k_proj"])}
+    prompts = [random_prompt(n, seed=n) for n in (3, 17, 40, 9, 25, 3, 12, 11)]
+    adapters = ["r8", None, "r3", AdapterMix({"r8": 0.5, "r3": -1.0}), "dora", None, "v4",
+                AdapterMix({"r3": 0.5, "v4": 0.75})]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    logprobs = {}
     tokens = {}
     for backend in ("torch", "triton"):
         # 24 tokens a step: the 40- and 25-token prompts are prefilled in chunks next to decodes
@@ -247,5 +289,7 @@ def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_ad
         outs = engine.generate(prompts, adapters=adapters, sampling_params=greedy,
                                progress=False)
         tokens[backend] = [o.token_ids for o in outs]
+        logprobs[backend] = torch.tensor([[e.logprob for e in o.logprobs] for o in outs])
     assert tokens["triton"] == tokens["torch"]
     assert tokens["torch"][0] != tokens["torch"][5]  # the adapter changes the tokens
+    torch.testing.assert_close(logprobs["triton"], logprobs["torch"], atol=1e-3, rtol=0)

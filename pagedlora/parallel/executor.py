@@ -23,6 +23,7 @@ from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter
 from pagedlora.config import EngineConfig
 from pagedlora.errors import EngineDeadError
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter
+from pagedlora.model_runner import LogitRows
 from pagedlora.parallel.host_weights import SharedWeights, share
 from pagedlora.parallel.messages import (
     LoadAdapter,
@@ -205,10 +206,8 @@ class TensorParallelExecutor:
             first = self._answers(range(len(self.conns)), StepDone, "step")[0]
         if self.sampler is None:
             return first.output
-        rows = {s.request_id: s for s in step.sequences}
-        tokens = self.sampler.sample(torch.from_numpy(first.logits),
-                                     [rows[rid] for rid in first.request_ids])
-        return RunnerOutput(first.request_ids, tuple(tokens))
+        rows = LogitRows.of_ids(first.rows, {s.request_id: s for s in step.sequences})
+        return rows.output(self.sampler, torch.from_numpy(first.logits))
 
     def close(self) -> None:
         """Stops the workers (Shutdown, then kill after :data:`STOP_TIMEOUT_S`) and closes
@@ -233,7 +232,7 @@ class TensorParallelExecutor:
                 conn.send(msg)
         except OSError:
             self._die(f"tensor-parallel worker rank {rank} (pid {self.procs[rank].pid}) is "
-                      f"gone: {self._exit_words(rank)}")
+                      f"gone: {self._exit_words(rank)}{self._last_words(conn)}")
 
     @contextmanager
     def _exchange(self, what: str) -> Iterator[None]:
@@ -323,6 +322,17 @@ class TensorParallelExecutor:
             self._die(f"tensor-parallel worker rank {rank} failed during the {what}:\n"
                       f"{msg.message.rstrip()}")
         return msg
+
+    @staticmethod
+    def _last_words(conn: Connection) -> str:
+        """The traceback a worker sent before it left (it failed on a message that had no
+        answer, an adapter load), else ""."""
+        try:
+            msg = conn.recv() if conn.poll() else None
+        except (EOFError, OSError):
+            return ""
+        return f", after failing:\n{msg.message.rstrip()}" if isinstance(msg, WorkerError) \
+            else ""
 
     def _exit_words(self, rank: int) -> str:
         proc = self.procs[rank]

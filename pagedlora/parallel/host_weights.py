@@ -3,6 +3,7 @@ tensor-parallel worker maps and slices its shard from."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,24 +22,29 @@ def share(weights: AdapterWeights) -> AdapterWeights:
     Args:
         weights: ``(layer, module) -> ModuleWeights``, one dtype.
     Returns:
-        the same modules, each ``a [r, in]`` and ``b_t [r, out]`` a contiguous view of the
-        one buffer (a copy of ``weights``).
+        the same modules, each ``a [r, in]``, ``b_t [r, out]`` (and a DoRA module's ``dora
+        [out]``) a contiguous view of the one buffer (a copy of ``weights``).
     """
     if _buffer(weights) is not None:
         return weights
     first = next(iter(weights.values())).a
-    flat = torch.empty(sum(w.a.numel() + w.b_t.numel() for w in weights.values()),
+    flat = torch.empty(sum(t.numel() for w in weights.values() for t in _tensors(w)),
                        dtype=first.dtype).share_memory_()
     out, offset = {}, 0
     for key, w in weights.items():
         parts = []
-        for t in (w.a, w.b_t):
+        for t in _tensors(w):
             view = flat[offset:offset + t.numel()].view(t.shape)
             view.copy_(t)
             parts.append(view)
             offset += t.numel()
         out[key] = ModuleWeights(*parts)
     return out
+
+
+def _tensors(w: ModuleWeights) -> tuple[torch.Tensor, ...]:
+    """``(a, b_t)``, and a DoRA module's output scale."""
+    return (w.a, w.b_t) if w.dora is None else (w.a, w.b_t, w.dora)
 
 
 @dataclass(frozen=True)
@@ -50,12 +56,13 @@ class SharedWeights:
 
     Attributes:
         buffer: ``[numel]`` 1-D, in shared memory.
-        layout: per module ``(layer, module, a offset, a shape [r, in], b_t offset, b_t shape
-            [r, out])``, offsets in elements.
+        layout: per module ``(layer, module, parts)``, ``parts`` the ``(offset, shape)`` of
+            ``a [r, in]``, ``b_t [r, out]`` and a DoRA module's ``dora [out]``, offsets in
+            elements.
     """
 
     buffer: torch.Tensor
-    layout: tuple[tuple[int, str, int, tuple[int, int], int, tuple[int, int]], ...]
+    layout: tuple[tuple[int, str, tuple[tuple[int, tuple[int, ...]], ...]], ...]
 
     @classmethod
     def of(cls, weights: AdapterWeights) -> SharedWeights:
@@ -65,23 +72,23 @@ class SharedWeights:
         if buffer is None:
             weights = share(weights)
             buffer = _buffer(weights)
-        layout = tuple((layer, module, w.a.storage_offset(), tuple(w.a.shape),
-                        w.b_t.storage_offset(), tuple(w.b_t.shape))
+        layout = tuple((layer, module, tuple((t.storage_offset(), tuple(t.shape))
+                                             for t in _tensors(w)))
                        for (layer, module), w in weights.items())
         return cls(buffer, layout)
 
     def weights(self) -> AdapterWeights:
         """The modules as views of :attr:`buffer`."""
-        def view(offset: int, shape: tuple[int, int]) -> torch.Tensor:
-            return self.buffer[offset:offset + shape[0] * shape[1]].view(shape)
-        return {(layer, module): ModuleWeights(view(a_off, a_shape), view(b_off, b_shape))
-                for layer, module, a_off, a_shape, b_off, b_shape in self.layout}
+        def view(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+            return self.buffer[offset:offset + math.prod(shape)].view(shape)
+        return {(layer, module): ModuleWeights(*(view(o, shape) for o, shape in parts))
+                for layer, module, parts in self.layout}
 
 
 def _buffer(weights: AdapterWeights) -> torch.Tensor | None:
     """The one shared storage that every tensor of ``weights`` is a contiguous view of, as a
     1-D tensor; None when there is none."""
-    tensors = [t for w in weights.values() for t in (w.a, w.b_t)]
+    tensors = [t for w in weights.values() for t in _tensors(w)]
     storage = tensors[0].untyped_storage()
     if not storage.is_shared() or not all(
             t.is_contiguous() and t.untyped_storage().data_ptr() == storage.data_ptr()

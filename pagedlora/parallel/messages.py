@@ -11,7 +11,7 @@ from pagedlora.config import EngineConfig
 from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.parallel.host_weights import SharedWeights
 from pagedlora.sampler import RequestSampling
-from pagedlora.scheduler import RunnerOutput
+from pagedlora.scheduler import AdapterTerms, RunnerOutput
 from pagedlora.step_input import SequenceInput
 
 
@@ -80,7 +80,8 @@ class SequenceUpdate:
     table is ``blocks x layers`` page ids, every step).
 
     Attributes:
-        request_id, token_ids, start, adapter_key, sample: as ``SequenceInput``.
+        request_id, token_ids, start, adapter_key, sample, prompt_targets,
+        prompt_logprobs_from, adapter_mix: as ``SequenceInput``.
         first_block: index of ``new_blocks[0]`` in the request's table; 0 replaces the whole
             table (a new request, or one whose table changed: preempted and readmitted).
         new_blocks: the table's blocks from ``first_block`` on (one page id per layer each).
@@ -95,6 +96,9 @@ class SequenceUpdate:
     first_block: int
     new_blocks: tuple[list[int], ...]
     sampling: RequestSampling | None
+    prompt_targets: tuple[int, ...] = ()
+    prompt_logprobs_from: int = 0
+    adapter_mix: AdapterTerms = ()
 
     @classmethod
     def of(cls, s: SequenceInput, known: tuple[list[int], ...] | None) -> SequenceUpdate:
@@ -102,12 +106,13 @@ class SequenceUpdate:
         nothing). Blocks are compared by identity: the KV block manager never changes a
         block, and a table only grows until it is freed."""
         table = s.block_table
+        rest = (s.prompt_targets, s.prompt_logprobs_from, s.adapter_mix)
         if known is not None and len(table) >= len(known) \
                 and all(a is b for a, b in zip(table, known)):  # noqa: B905 - a prefix
             return cls(s.request_id, s.token_ids, s.start, s.adapter_key, s.sample,
-                       len(known), tuple(table[len(known):]), None)
+                       len(known), tuple(table[len(known):]), None, *rest)
         return cls(s.request_id, s.token_ids, s.start, s.adapter_key, s.sample, 0,
-                   tuple(table), s.sampling)
+                   tuple(table), s.sampling, *rest)
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,14 @@ class RunStep:
 
 @dataclass(frozen=True)
 class StepDone:
-    """A rank ran the step. Rank 0 answers with its ``output`` (tokens), or with the
-    ``logits`` (``[S, vocab]`` float32 numpy array) and their ``request_ids`` when the driver
-    samples; the others with neither."""
+    """A rank ran the step. Rank 0 answers with its ``output`` (tokens and log-probabilities),
+    or, when the driver samples, with the step's ``logits`` (``[M, vocab]`` float32 numpy
+    array) and which requests' ``rows`` they are (``LogitRows.ids``); the others with
+    neither."""
 
     rank: int
     output: RunnerOutput | None = None
-    request_ids: tuple[int, ...] = ()
+    rows: tuple = ()
     logits: object = None
 
 

@@ -12,6 +12,8 @@ import torch
 # one all-reduce of its [tokens, hidden] output.
 COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
+# The vocabulary modules' LoRA halves split by token id (vocab-parallel, as their base rows).
+EMBED, HEAD = "embed_tokens", "lm_head"
 
 Range = tuple[int, int]  # [start, stop)
 
@@ -46,8 +48,15 @@ class Shard:
     lora_B^T ``[r, out / size]``; for a row-parallel module this rank's columns of lora_A
     ``[r, in / size]`` and its ``hidden`` columns of lora_B^T ``[r, hidden / size]``. So an
     adapter's pages hold different rows on each rank, of the same widths (:attr:`lora_widths`)
-    and hence the same page ids. See :class:`pagedlora.model.LlamaModel` for the
-    communication this adds.
+    and hence the same page ids. The vocabulary modules follow their vocab-parallel base rows:
+    ``embed_tokens``' lora_A ``[r, vocab]`` by this rank's token ids (its lookup adds the
+    deltas of its tokens only) with the whole lora_B^T ``[r, hidden]``; ``lm_head``'s whole
+    lora_A ``[r, hidden]`` with its token ids' columns of lora_B^T ``[r, vocab]`` (its logits
+    columns); both zero-padded to ``vocab_per_rank``. A DoRA module's output scale row
+    (``[out]``) is split like the output: a column-parallel module's by this rank's output
+    features, a row-parallel module's kept whole (applied after the all-reduce)
+    (:attr:`dora_widths`). See :class:`pagedlora.model.LlamaModel` for the communication this
+    adds.
 
     Attributes:
         rank, size: this rank among ``size``.
@@ -60,8 +69,8 @@ class Shard:
         vocab_per_rank: rows of each rank's embedding and LM head shard (the last rank's
             zero-padded when ``vocab_size`` is not a multiple of ``size``).
         vocab_size: the model's vocabulary.
-        module_shapes: ``module -> (in_features, out_features)`` of the whole model (what an
-            adapter must fit).
+        module_shapes: ``module -> (in_features, out_features)`` of the whole model's decoder
+            projections.
     """
 
     rank: int
@@ -141,29 +150,73 @@ class Shard:
         return (self.q_heads[0] * d, self.q_heads[1] * d) if module == "o_proj" \
             else self.intermediate
 
-    def lora_ranges(self, module: str) -> tuple[Range | None, Range]:
-        """``(columns of lora_A [r, in] or None for all, columns of lora_B^T [r, out])`` this
-        rank holds of ``module``'s adapter weights."""
+    @property
+    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
+        """``module -> (in_features, out_features)`` of every module of the whole model a
+        LoRA may target (what an adapter must fit): the decoder projections and the
+        vocabulary modules (PEFT's ``lora_embedding_A`` is ``[r, vocab_size]``, as a Linear's
+        lora_A is ``[r, in_features]``)."""
+        h, v = self.hidden_size, self.vocab_size
+        return {**self.module_shapes, EMBED: (v, h), HEAD: (h, v)}
+
+    def lora_ranges(self, module: str) -> tuple[Range | None, Range | None]:
+        """``(columns of lora_A [r, in], columns of lora_B^T [r, out])`` this rank holds of
+        ``module``'s adapter weights, each None for all of them."""
+        if self.size == 1:
+            return None, None
+        if module == EMBED:
+            return self.vocab, None
+        if module == HEAD:
+            return None, self.vocab
         if module in ROW_PARALLEL:
             return self._in_features(module), self.hidden
         return None, self._out_features(module)
+
+    def _width(self, module: str, cols: Range | None, whole: int) -> int:
+        if cols is None:
+            return whole
+        return self.vocab_per_rank if module in (EMBED, HEAD) else cols[1] - cols[0]
 
     @property
     def lora_widths(self) -> dict[str, tuple[int, int]]:
         """``module -> (lora_A row width, lora_B^T row width)`` on this rank: the row widths
         its pool's adapter pages hold (the same on every rank)."""
         widths = {}
-        for module, (in_f, _) in self.module_shapes.items():
+        for module, (in_f, out_f) in self.lora_module_shapes.items():
             a, b = self.lora_ranges(module)
-            widths[module] = (in_f if a is None else a[1] - a[0], b[1] - b[0])
+            widths[module] = (self._width(module, a, in_f), self._width(module, b, out_f))
         return widths
+
+    @property
+    def dora_widths(self) -> dict[str, int]:
+        """``module -> width`` of a DoRA module's output scale row on this rank (the decoder
+        projections: DoRA on the vocabulary modules is not served)."""
+        return {module: out_f if module in ROW_PARALLEL else self.lora_widths[module][1]
+                for module, (_, out_f) in self.module_shapes.items()}
 
     def shard_lora(self, module: str, a: torch.Tensor, b_t: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's part (views, no copy) of one module's ``lora_A [r, in]`` and
-        ``lora_B^T [r, out]``."""
-        a_cols, (b0, b1) = self.lora_ranges(module)
-        return (a if a_cols is None else a[:, a_cols[0]:a_cols[1]]), b_t[:, b0:b1]
+        """This rank's part of one module's ``lora_A [r, in]`` and ``lora_B^T [r, out]``
+        (views, except a vocabulary module's columns on a last rank short of
+        ``vocab_per_rank``: zero-padded copies)."""
+        a_cols, b_cols = self.lora_ranges(module)
+        return self._columns(module, a, a_cols), self._columns(module, b_t, b_cols)
+
+    def shard_dora(self, module: str, scale: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a DoRA module's ``[out]`` output scale (a view): a
+        column-parallel module's output features, a row-parallel module's whole row."""
+        if module in ROW_PARALLEL:
+            return scale
+        _, cols = self.lora_ranges(module)
+        return self._columns(module, scale[None], cols)[0]
+
+    def _columns(self, module: str, t: torch.Tensor, cols: Range | None) -> torch.Tensor:
+        if cols is None:
+            return t
+        part = t[:, cols[0]:cols[1]]
+        missing = self._width(module, cols, t.shape[1]) - part.shape[1]
+        return part if missing == 0 else torch.cat([part, part.new_zeros(part.shape[0],
+                                                                         missing)], dim=1)
 
     def weight_range(self, name: str) -> tuple[int, Range] | None:
         """``(dim, [start, stop))`` of the HF parameter ``name`` that this rank holds, or None

@@ -142,7 +142,8 @@ class Worker:
                                f"{spec.num_pages}")
         sampler = Sampler(device) if rank == 0 and not spec.driver_samples else None
         return cls(rank, shard, ModelRunner(model, pool, sampler),
-                   AdapterPacker(pool, module_shapes=shard.lora_widths))
+                   AdapterPacker(pool, module_shapes=shard.lora_widths,
+                                 scale_widths=shard.dora_widths))
 
     def serve(self, conn: Connection) -> None:
         """Handles messages until :class:`Shutdown` or end-of-file; a failure is sent as
@@ -180,7 +181,9 @@ class Worker:
 
     def _load(self, msg: LoadAdapter) -> None:
         shard = self.shard
-        mine = {(layer, module): ModuleWeights(*shard.shard_lora(module, w.a, w.b_t))
+        mine = {(layer, module): ModuleWeights(
+                    *shard.shard_lora(module, w.a, w.b_t),
+                    None if w.dora is None else shard.shard_dora(module, w.dora))
                 for (layer, module), w in msg.weights.weights().items()}
         placement = self.packer.fill(msg.adapter, mine, msg.pages, msg.placement_id)
         written = set(msg.pages)
@@ -200,17 +203,17 @@ class Worker:
                 table.extend(u.new_blocks)
             self.requests[u.request_id] = (table, sampling)
             sequences.append(SequenceInput(u.request_id, u.token_ids, u.start, tuple(table),
-                                           u.adapter_key, u.sample, sampling))
+                                           u.adapter_key, u.sample, sampling, u.prompt_targets,
+                                           u.prompt_logprobs_from, u.adapter_mix))
         step = StepInput(tuple(sequences),
                          {key: self.placements[pid] for key, pid in msg.placements.items()},
                          msg.finished_request_ids)
         if self.runner.sampler is not None:  # rank 0, sampling here
             return StepDone(self.rank, output=self.runner.run(step))
-        logits, sampled = self.runner.forward(step)
+        logits, rows = self.runner.forward(step)
         if logits is None:
             return StepDone(self.rank)
-        return StepDone(self.rank, request_ids=tuple(s.request_id for s in sampled),
-                        logits=logits.cpu().numpy())
+        return StepDone(self.rank, rows=rows.ids(), logits=logits.cpu().numpy())
 
 
 def _send(conn: Connection, msg: object) -> None:

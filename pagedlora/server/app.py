@@ -96,13 +96,15 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format: requests, tokens, TTFT/TPOT histograms per model and
-        adapter, HTTP errors, pool pages by kind, adapters per tier, queue length."""
+        adapter, HTTP errors, pool pages by kind, adapters per tier, queue length; and vLLM's
+        series that Kubernetes' inference gateways route by (see ``VllmGauges``)."""
         for name, loop in loops.items():
             try:
                 stats = await asyncio.wrap_future(loop.call(Engine.stats))
             except LoopStopped:
                 continue  # /health reports it
-            state.metrics.observe_engine(name, stats, loop.num_waiting)
+            state.metrics.observe_engine(name, stats, loop.num_waiting,
+                                         loop.engine.config.max_loras)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     def error_response(request: Request, error: ApiError) -> Response:

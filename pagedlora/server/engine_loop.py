@@ -20,8 +20,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from functools import partial
 
-from pagedlora.engine import Engine, Prompt
-from pagedlora.errors import InvalidPromptError, UnknownAdapterError
+from pagedlora.engine import Adapter, Engine, Prompt
+from pagedlora.errors import AdapterMixError, InvalidPromptError, UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
 
@@ -59,7 +59,7 @@ class Submission:
     """One HTTP request's prompts, from the handler to the loop thread."""
 
     prompts: list[Prompt]
-    adapters: list[str | None]
+    adapters: list[Adapter]
     params: list[SamplingParams]
     # called in the loop thread with ACCEPTED, each StreamOutput, or an exception
     deliver: Callable[[object], None]
@@ -176,12 +176,13 @@ class EngineLoop:
             self._closed = True
         self._commands.put(AbortAll())
 
-    def submit(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
+    def submit(self, prompts: Sequence[Prompt], adapters: Sequence[Adapter],
                params: Sequence[SamplingParams], deliver: Callable[[object], None]
                ) -> Submission:
         """Queues a submission for the loop thread. ``deliver`` is then called in that thread
         with ``ACCEPTED`` (or an exception: :class:`PromptRejected`, the engine's
-        ``UnknownAdapterError``, :class:`LoopStopped`), then with each StreamOutput.
+        ``UnknownAdapterError`` or ``AdapterMixError``, :class:`LoopStopped`), then with each
+        StreamOutput.
 
         Raises:
             QueueFull: the requests would exceed ``max_queue``.
@@ -224,7 +225,24 @@ class EngineLoop:
             self._commands.put(Call(fn, fut))
         return fut
 
-    async def open(self, prompts: Sequence[Prompt], adapters: Sequence[str | None],
+    async def add_adapter(self, name: str, path: str, preload: bool = False) -> None:
+        """``Engine.add_adapter`` in a worker thread (fetching, reading and validating the
+        weights), while the loop keeps stepping.
+
+        Raises:
+            AdapterError, UnsupportedAdapterError, OSError: as ``Engine.add_adapter``.
+        """
+        await asyncio.to_thread(self.engine.add_adapter, name, path, preload)
+
+    async def remove_adapter(self, name: str) -> None:
+        """``Engine.remove_adapter`` in a worker thread.
+
+        Raises:
+            ValueError: as ``Engine.remove_adapter`` (requests for it wait or run).
+        """
+        await asyncio.to_thread(self.engine.remove_adapter, name)
+
+    async def open(self, prompts: Sequence[Prompt], adapters: Sequence[Adapter],
                    params: Sequence[SamplingParams]) -> Generation:
         """Submits the prompts and waits until the engine has queued them; the returned
         :class:`Generation` yields their StreamOutputs in the calling asyncio loop.
@@ -234,6 +252,7 @@ class EngineLoop:
             PromptRejected: as :meth:`submit`, or a prompt the engine failed at once (the
                 others are aborted).
             UnknownAdapterError: an adapter the engine does not know (removed meanwhile).
+            AdapterMixError: a mix the engine refuses (a DoRA adapter scaled or mixed).
         """
         aio = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
@@ -319,7 +338,7 @@ class EngineLoop:
             self._release(n)
             self._deliver(sub, PromptRejected(str(e)))
             return
-        except UnknownAdapterError as e:  # removed since the route resolved it
+        except (UnknownAdapterError, AdapterMixError) as e:  # removed since resolved; DoRA
             self._release(n)
             self._deliver(sub, e)
             return
@@ -409,6 +428,20 @@ class Generation:
             raise item
         self.remaining -= item.finished
         return item
+
+    async def next_batch(self) -> list[StreamOutput]:
+        """Waits for the next StreamOutput and returns it with every one already delivered
+        behind it (one message per step rather than per token, for callers that forward
+        them: a Ray Serve replica).
+
+        Raises:
+            StopAsyncIteration: every request has finished.
+            LoopStopped: as iteration.
+        """
+        batch = [await self.__anext__()]
+        while self.remaining and not self._inbox.empty():
+            batch.append(await self.__anext__())
+        return batch
 
     async def outputs(self) -> list[RequestOutput]:
         """Waits for every request; their RequestOutputs in prompt order."""

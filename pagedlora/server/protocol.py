@@ -3,7 +3,10 @@
 Bodies are validated strictly (no string-to-number coercion) and unknown fields are refused
 with a 400 naming them, so a client never gets a silent default for an option it asked for.
 Fields that OpenAI defines but pagedlora does not implement are accepted only at their
-neutral value (``n=1``, penalties 0, no logprobs...).
+neutral value (``n=1``, penalties 0...). Log-probabilities (``logprobs``, ``top_logprobs``,
+vLLM's ``prompt_logprobs``, LMI's ``top_n_tokens``) take at most the engine's
+``max_logprobs`` top tokens (``--max-logprobs``, 20 by default); above it is a 400 naming the
+field.
 """
 
 from __future__ import annotations
@@ -194,6 +197,10 @@ class _OpenAIRequest(_Neutral):
     top_k: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] = Field(default_factory=list)
+    # pagedlora's extension: a scaled adapter or weighted mix of adapters of the base model
+    # that ``model`` names, {name: weight} (the openai client: extra_body={"adapters": ...})
+    adapters: dict[str, float] | None = None
+    prompt_logprobs: int | None = Field(default=None, ge=0)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """The request's SamplingParams; ``max_tokens`` defaults to ``default_max_tokens``.
@@ -209,7 +216,28 @@ class _OpenAIRequest(_Neutral):
         return sampling_params(max_tokens=max_tokens, temperature=self.temperature,
                                top_p=self.top_p, top_k=self.top_k, seed=self.seed,
                                stop=[] if self.stop is None else self.stop,
-                               stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos)
+                               stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
+                               logprobs=self.sample_logprobs,
+                               prompt_logprobs=self.prompt_logprob_count)
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        """Top tokens per generated token (``SamplingParams.logprobs``), None for none."""
+        return None
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        """Top tokens per prompt token (``SamplingParams.prompt_logprobs``), None for none."""
+        return self.prompt_logprobs
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 naming the first field asking more top tokens than
+        ``limit`` (the engine's ``max_logprobs``)."""
+        for name in ("logprobs", "top_logprobs", "prompt_logprobs"):
+            k = getattr(self, name, None)
+            if isinstance(k, int) and not isinstance(k, bool) and k > limit:
+                raise ApiError(400, f"{name}={k} exceeds the largest number of log-probabilities "
+                               f"this server returns, {limit} (--max-logprobs)", param=name)
 
     @property
     def max_tokens_field(self) -> str:
@@ -226,16 +254,31 @@ class _OpenAIRequest(_Neutral):
 
 class CompletionRequest(_OpenAIRequest):
     """``POST /v1/completions``: ``prompt`` is a string, a list of strings, token ids, or a list
-    of token-id lists (one choice per prompt)."""
+    of token-id lists (one choice per prompt). ``logprobs=k``: each generated token's
+    log-probability and the k most likely tokens'; ``echo``: the prompt before the text (and,
+    with ``logprobs``, its tokens' entries first, the first one null), as lm-evaluation-harness
+    scores continuations; ``prompt_logprobs=k`` (vLLM's): vLLM's per-prompt-token object in
+    each choice."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "echo": False,
-                                            "suffix": None, "best_of": None, "logprobs": None}
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "suffix": None,
+                                            "best_of": None}
 
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(default=None, ge=0)
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprob_count(self) -> int | None:
+        """vLLM's: with ``echo``, the prompt's entries come with ``logprobs`` top tokens."""
+        asked = [k for k in (self.prompt_logprobs,
+                             self.logprobs if self.echo else None) if k is not None]
+        return max(asked) if asked else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts, one per choice.
@@ -279,16 +322,27 @@ class ChatMessage(_Strict):
 class ChatCompletionRequest(_OpenAIRequest):
     """``POST /v1/chat/completions``: ``messages`` rendered with the model's chat template.
     ``max_tokens`` (or ``max_completion_tokens``) defaults to the room left in
-    ``max_model_len``."""
+    ``max_model_len``. ``logprobs: true`` returns each generated token's log-probability,
+    with the ``top_logprobs`` most likely tokens (which needs ``logprobs``, as OpenAI's)."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "tools": None,
-                                            "logprobs": False, "top_logprobs": None}
+    NEUTRAL: ClassVar[dict[str, object]] = {**_OpenAIRequest.NEUTRAL, "tools": None}
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0)
     tools: list[dict] | None = None
+
+    @property
+    def sample_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 for ``top_logprobs`` without ``logprobs``, or as
+        :meth:`_OpenAIRequest.check_logprobs`."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        super().check_logprobs(limit)
 
 
 class RegisterAdapterRequest(_Neutral):
@@ -327,13 +381,14 @@ class InvocationParameters(_Neutral):
     """SageMaker LMI's ``parameters`` (its input/output schema's GenerationParameters). As in
     LMI (and HF ``generate``), decoding is greedy unless ``do_sample`` is true;
     ``temperature``, ``top_p`` and ``top_k`` apply only when sampling. ``details`` adds LMI's
-    ``details`` object to each result, ``return_full_text`` puts the input before the text.
+    ``details`` object to each result (each generated token's ``log_prob``; with
+    ``top_n_tokens`` also its most likely alternatives, with ``decoder_input_details`` the
+    input tokens' as ``prefill``), ``return_full_text`` puts the input before the text.
     ``stop_sequences`` (LMI's name) and ``stop`` both end the output. LMI's parameters that
     pagedlora does not implement are accepted only at their neutral value."""
 
-    NEUTRAL: ClassVar[dict[str, object]] = {"repetition_penalty": 1.0,
-                                            "decoder_input_details": False, "top_n_tokens": 0,
-                                            "n": 1, "best_of": 1, "num_beams": 1}
+    NEUTRAL: ClassVar[dict[str, object]] = {"repetition_penalty": 1.0, "n": 1, "best_of": 1,
+                                            "num_beams": 1}
 
     max_new_tokens: int = 30  # LMI's default
     do_sample: bool = False
@@ -349,7 +404,7 @@ class InvocationParameters(_Neutral):
     return_full_text: bool = False
     repetition_penalty: float = 1.0
     decoder_input_details: bool = False
-    top_n_tokens: int = 0
+    top_n_tokens: int = Field(default=0, ge=0)
     n: int = 1
     best_of: int = 1
     num_beams: int = 1
@@ -368,22 +423,37 @@ class InvocationParameters(_Neutral):
                                top_p=self.top_p if sample else 1.0,
                                top_k=self.top_k if sample else 0, seed=self.seed,
                                stop=self.stop_strings, stop_token_ids=self.stop_token_ids,
-                               ignore_eos=self.ignore_eos_token)
+                               ignore_eos=self.ignore_eos_token,
+                               logprobs=self.top_n_tokens if self.details else None,
+                               prompt_logprobs=0 if self.details and self.decoder_input_details
+                               else None)
+
+    def check_logprobs(self, limit: int) -> None:
+        """Raises: ApiError: 400 when ``top_n_tokens`` exceeds ``limit`` (``max_logprobs``)."""
+        if self.top_n_tokens > limit:
+            raise ApiError(400, f"parameters.top_n_tokens={self.top_n_tokens} exceeds the "
+                           f"largest number of log-probabilities this server returns, {limit} "
+                           f"(--max-logprobs)", param="parameters.top_n_tokens")
+
+
+MixWeights = dict[str, float]
+"""A weighted mix of adapters in a request body, ``{name: weight}`` (``AdapterMix``)."""
 
 
 class InvocationRequest(_Strict):
     """``POST /invocations`` (SageMaker LMI): ``inputs`` one string or a list; ``adapters``
-    one name for all inputs or one per input (absent, null or ``""``: the base model, as in
-    LMI); ``model`` picks the base model when several are served and no
-    ``X-Amzn-SageMaker-Inference-Component`` header does."""
+    one for all inputs or one per input: a name (absent, null or ``""``: the base model, as
+    in LMI) or, pagedlora's extension, a weighted mix ``{name: weight}``; ``model`` picks
+    the base model when several are served and no ``X-Amzn-SageMaker-Inference-Component``
+    header does."""
 
     inputs: str | list[str]
-    adapters: str | list[str | None] | None = None
+    adapters: str | MixWeights | list[str | MixWeights | None] | None = None
     parameters: InvocationParameters = Field(default_factory=InvocationParameters)
     model: str | None = None
 
-    def prompts_and_adapters(self) -> tuple[list[str], list[str | None]]:
-        """One adapter name (or None) per input.
+    def prompts_and_adapters(self) -> tuple[list[str], list[str | MixWeights | None]]:
+        """One adapter name, mix (or None) per input.
 
         Raises:
             ApiError: 400 for no inputs or a count of adapters that differs from the inputs'.
@@ -392,9 +462,15 @@ class InvocationRequest(_Strict):
         if not inputs:
             raise ApiError(400, "inputs is an empty list", param="inputs")
         adapters = self.adapters
-        if adapters is None or isinstance(adapters, str):
-            return inputs, [adapters or None] * len(inputs)
+        if adapters is None or isinstance(adapters, (str, dict)):
+            return inputs, [_adapter(adapters)] * len(inputs)
         if len(adapters) != len(inputs):
             raise ApiError(400, f"adapters has {len(adapters)} entries for {len(inputs)} "
                            f"inputs; give one name for all or one per input", param="adapters")
-        return inputs, [a or None for a in adapters]
+        return inputs, [_adapter(a) for a in adapters]
+
+
+def _adapter(value: str | MixWeights | None) -> str | MixWeights | None:
+    """An adapter of /invocations: ``""`` is the base model (as in LMI); a mix, even empty,
+    stays a mix (an empty one is refused, naming it)."""
+    return value if isinstance(value, dict) else (value or None)

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from pagedlora.errors import AdapterError, UnsupportedAdapterError
+from pagedlora.adapter_mix import AdapterMix
+from pagedlora.errors import AdapterError, AdapterMixError, UnsupportedAdapterError
 from pagedlora.server.engine_loop import EngineLoop
 from pagedlora.server.protocol import ApiError
 from pagedlora.sources import as_source
@@ -63,6 +64,27 @@ class ModelRegistry:
         raise ApiError(404, f"model {model!r} does not exist; served: base models "
                        f"{sorted(self.loops)}, adapters {sorted(self.adapters)}", param="model")
 
+    def mix(self, weights: dict[str, float], base: str, param: str = "adapters") -> AdapterMix:
+        """The :class:`AdapterMix` of a request body's ``{name: weight}``, its adapters all of
+        base model ``base``.
+
+        Raises:
+            ApiError: 404 for an unknown adapter; 400 for a base model's name, an adapter of
+                another base model, or a mix AdapterMix refuses (empty, a weight that is not
+                finite, too many adapters), each named.
+        """
+        for name in weights:
+            if name in self.loops:
+                raise ApiError(400, f"{param}: {name!r} is a base model, not an adapter",
+                               param=param)
+            owner = self.adapter_base(name, param)  # 404 for an unknown one
+            if owner != base:
+                raise ApiError(400, f"{param}: adapter {name!r} belongs to base model "
+                               f"{owner!r}, not {base!r}", param=param)
+        try:
+            return AdapterMix(weights)
+        except (AdapterMixError, TypeError) as e:
+            raise ApiError(400, f"{param}: {e}", param=param) from None
     def adapter_base(self, name: str, field: str) -> str:
         """The base model of adapter ``name``, given in the body's ``field``.
 
@@ -131,9 +153,8 @@ class ModelRegistry:
                 raise ApiError(400, f"adapter {name!r} is already loaded (from "
                                f"{str(self.adapters[name][1])!r}); send \"load_inplace\": true "
                                f"to replace its weights, or unload it first", param="lora_name")
-            engine = self.loops[base].engine
             try:
-                await asyncio.to_thread(engine.add_adapter, name, path, preload)
+                await self.loops[base].add_adapter(name, path, preload)
             except (AdapterError, UnsupportedAdapterError, OSError) as e:
                 raise ApiError(400, f"cannot load adapter {name!r} from {path!r}: {e}",
                                param="lora_path") from None
@@ -152,7 +173,7 @@ class ModelRegistry:
                                f"{sorted(self.adapters)}", param="lora_name")
             base = self.adapters[name][0]
             try:
-                await asyncio.to_thread(self.loops[base].engine.remove_adapter, name)
+                await self.loops[base].remove_adapter(name)
             except ValueError as e:
                 raise ApiError(409, str(e), param="lora_name") from None
             del self.adapters[name]

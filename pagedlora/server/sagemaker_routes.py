@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from pagedlora.detokenizer import Detokenizer
 from pagedlora.outputs import RequestOutput
+from pagedlora.server.logprobs import TokenTexts, lmi_token
 from pagedlora.server.prompts import PromptTokens
 from pagedlora.server.protocol import ApiError, InvocationParameters, InvocationRequest
 from pagedlora.server.registry import ModelRegistry
@@ -33,8 +34,9 @@ async def invocations(request: Request) -> Response:
     ``{"generated_text", "details"?}`` for one input string, a list of those (input order)
     for a list.
 
-    The adapter: the body's ``adapters`` (``""`` or null: the base model), or for every input
-    the one named by the ``X-Amzn-SageMaker-Adapter-Identifier`` header, an ``adapter=NAME``
+    The adapter: the body's ``adapters`` (``""`` or null: the base model; a ``{name: weight}``
+    object: a weighted mix of adapters, pagedlora's extension), or for every input the one
+    named by the ``X-Amzn-SageMaker-Adapter-Identifier`` header, an ``adapter=NAME``
     pair of the ``X-Amzn-SageMaker-Custom-Attributes`` header (``key=value`` pairs split by
     ``;``, as LMI reads them) or the ``?adapter=`` query parameter; places that disagree are a
     400. The base model: the one the ``X-Amzn-SageMaker-Inference-Component`` header or the
@@ -49,8 +51,8 @@ async def invocations(request: Request) -> Response:
     inputs, adapters = body.prompts_and_adapters()
     adapters = _header_adapters(request, body, adapters)
     registry = state.registry
-    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(adapters)
-              if a is not None}
+    names = [n for a in adapters if a is not None for n in ([a] if isinstance(a, str) else a)]
+    owners = {a: registry.adapter_base(a, "adapters") for a in dict.fromkeys(names)}
     base = _base_model(request, body, registry, owners, adapters)
     wrong = {a: b for a, b in owners.items() if b != base}
     if wrong:
@@ -58,6 +60,8 @@ async def invocations(request: Request) -> Response:
                        f"model {base!r}", param="adapters")
     params = body.parameters
     loop = registry.loops[base]
+    params.check_logprobs(loop.engine.config.max_logprobs)
+    adapters = [registry.mix(a, base) if isinstance(a, dict) else a for a in adapters]
     sampling = params.to_sampling_params()
     tokens = await PromptTokens.of(loop.engine, base, "inputs", inputs,
                                    not isinstance(body.inputs, str))
@@ -94,14 +98,33 @@ def lmi_result(out: RequestOutput, prompt: str, params: InvocationParameters,
     """LMI's result object for one input: ``generated_text`` (after the input with
     ``return_full_text``) and, with ``details``, ``details``: ``finish_reason`` ("length",
     "eos_token", "stop_sequence" or "abort"), ``generated_tokens``, ``inputs`` and ``tokens``
-    (``id``, ``text``, ``log_prob``, and ``special_token`` for special tokens). pagedlora does
-    not compute log probabilities yet: ``log_prob`` is null."""
+    (``id``, ``text``, ``log_prob``: the token's log-probability under the adapter, and
+    ``special_token`` for special tokens); with ``top_n_tokens``, ``top_tokens`` (per token,
+    the most likely ones, each ``{"id", "text", "log_prob"}``); with
+    ``decoder_input_details``, ``prefill`` (the input tokens, the first one's ``log_prob``
+    null)."""
     text = prompt + out.text if params.return_full_text else out.text
     result: dict = {"generated_text": text}
     if params.details:
-        result["details"] = {"finish_reason": _finish_reason(out, params, tokenizer),
-                             "generated_tokens": len(out.token_ids), "inputs": prompt,
-                             "tokens": _tokens(out.token_ids, tokenizer)}
+        special = set(getattr(tokenizer, "all_special_ids", ()))
+        logprobs = out.logprobs or [None] * len(out.token_ids)
+        details = {"finish_reason": _finish_reason(out, params, tokenizer),
+                   "generated_tokens": len(out.token_ids), "inputs": prompt,
+                   "tokens": [lmi_token(t, None if e is None else e.logprob, text, special)
+                              for t, e, text in zip(out.token_ids, logprobs,
+                                                    _texts(out.token_ids, tokenizer),
+                                                    strict=True)]}
+        if params.top_n_tokens:
+            texts = TokenTexts(tokenizer)
+            details["top_tokens"] = [[lmi_token(t, lp, texts(t), special) for t, lp in e.top]
+                                     for e in out.logprobs]
+        if params.decoder_input_details and out.prompt_logprobs is not None:
+            ids = out.prompt_token_ids
+            details["prefill"] = [
+                lmi_token(t, None if e is None else e.logprob, text, special)
+                for t, e, text in zip(ids, out.prompt_logprobs, _texts(ids, tokenizer),
+                                      strict=True)]
+        result["details"] = details
     return result
 
 
@@ -123,6 +146,9 @@ def _header_adapters(request: Request, body: InvocationRequest,
         named["the adapter query parameter"] = request.query_params["adapter"]
     if not named:
         return adapters
+    if any(isinstance(a, dict) for a in adapters):
+        raise ApiError(400, f"the body's adapters hold a mix, and {sorted(named)} name an "
+                       f"adapter too", param="adapters")
     values = {v or None for v in named.values()}
     if body.adapters is not None:
         named["the body's adapters"] = body.adapters
@@ -153,18 +179,14 @@ def _finish_reason(out: RequestOutput, params: InvocationParameters, tokenizer) 
     return "stop_sequence" if by_sequence else "eos_token"
 
 
-def _tokens(token_ids: list[int], tokenizer) -> list[dict]:
-    """One ``{"id", "text", "log_prob"}`` per token; the texts, decoded incrementally, add up
-    to the decoded output (a token that ends inside a UTF-8 character has text "" and the
-    next one carries the character)."""
+def _texts(token_ids: list[int], tokenizer) -> list[str]:
+    """Each token's text, decoded incrementally, so that they add up to the decoded text (a
+    token that ends inside a UTF-8 character has text "" and the next one carries the
+    character)."""
     detok = Detokenizer(tokenizer)
-    special = set(getattr(tokenizer, "all_special_ids", ()))
-    tokens = []
+    texts = []
     for token in token_ids:
         before = len(detok.text)
         detok.push(token)
-        item = {"id": token, "text": detok.text[before:], "log_prob": None}
-        if token in special:
-            item["special_token"] = True
-        tokens.append(item)
-    return tokens
+        texts.append(detok.text[before:])
+    return texts

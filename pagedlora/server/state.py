@@ -15,8 +15,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from pagedlora.engine import Prompt
-from pagedlora.errors import UnknownAdapterError
+from pagedlora.engine import Adapter, Prompt
+from pagedlora.errors import AdapterMixError, UnknownAdapterError
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampling_params import SamplingParams
 from pagedlora.server.adapter_state import AdapterEntry, AdapterState
@@ -114,7 +114,7 @@ class ServerState:
         return parse_body(model, bytes(raw), query)
 
     async def open(self, loop: EngineLoop, prompts: Sequence[Prompt],
-                   adapters: Sequence[str | None], params: SamplingParams,
+                   adapters: Sequence[Adapter], params: SamplingParams,
                    adapter_field: str = "model") -> Generation:
         """Queues the prompts on ``loop`` (one SamplingParams for all) and waits until the
         engine has them.
@@ -122,8 +122,8 @@ class ServerState:
         Raises:
             ApiError: 503 with Retry-After for a full queue or a stopping loop; 400 for a
                 prompt the engine refuses (empty, too long, more prompts than the queue
-                holds...); 404 for an adapter removed meanwhile (named by the body's
-                ``adapter_field``).
+                holds...) and for a mix the engine refuses (a DoRA adapter scaled or mixed);
+                404 for an adapter removed meanwhile (named by the body's ``adapter_field``).
         """
         try:
             return await loop.open(prompts, adapters, [params] * len(prompts))
@@ -135,6 +135,8 @@ class ServerState:
             raise ApiError(400, str(e), param="prompt") from None
         except UnknownAdapterError as e:  # unloaded since resolve()
             raise ApiError(404, f"{adapter_field}: {e}", param=adapter_field) from None
+        except AdapterMixError as e:
+            raise ApiError(400, str(e), param="adapters") from None
 
     async def outputs(self, request: Request, gen: Generation) -> list[RequestOutput] | None:
         """Every request's RequestOutput, in prompt order; None if the client went away first
