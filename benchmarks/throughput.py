@@ -487,8 +487,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--tensor-parallel-size", type=int, default=2,
                         help="pagedlora-tp: worker processes the model is split over")
-    parser.add_argument("--random-llama", choices=sorted(RANDOM_LLAMAS),
-                        help="serve a random Llama of this shape instead of --model")
+    parser.add_argument("--random-llama",
+                        help="serve a random Llama of this shape instead of --model; several "
+                             f"(comma-separated) run one after another: {sorted(RANDOM_LLAMAS)}")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -506,9 +507,32 @@ def main() -> None:
     for name in scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
-    if args.random_llama:
-        args.model = str(random_llama(args.adapters_dir / f"llama-{args.random_llama}",
-                                      RANDOM_LLAMAS[args.random_llama]))
+    shapes = args.random_llama.split(",") if args.random_llama else [None]
+    for shape in shapes:
+        if shape not in (None, *RANDOM_LLAMAS):
+            parser.error(f"unknown --random-llama {shape!r}; choose from {sorted(RANDOM_LLAMAS)}")
+    runs = {}
+    for shape in shapes:  # one model after another, each over every scenario and system
+        if shape is not None:
+            args.model = str(random_llama(args.adapters_dir / f"llama-{shape}",
+                                          RANDOM_LLAMAS[shape]))
+            print(f"\n## random Llama {shape!r} ({RANDOM_LLAMAS[shape]})")
+        runs[shape] = run_model(args, systems, scenarios)
+    if args.json:
+        def entry(jobs, report_all):
+            return {"scenarios": {n: {"spec": asdict(jobs[n][0]),
+                                      "rows": list(report_all[n].values())}
+                                  for n in scenarios}}
+        args.json.write_text(json.dumps(
+            {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
+             "date": time.strftime("%Y-%m-%d %H:%M"),
+             **(entry(*runs[None]) if shapes == [None] else
+                {"random_llamas": {k: entry(*v) for k, v in runs.items()}})}, indent=1))
+
+
+def run_model(args, systems: list[str], scenarios: list[str]) -> tuple[dict, dict]:
+    """Every system on every scenario for ``args.model``, round-robin ``args.repeat`` times;
+    prints the reports. Returns ``(jobs, reports)`` by scenario."""
     jobs = {name: prepare(args, name) for name in scenarios}
     results: dict[str, dict[str, Result]] = {name: {} for name in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
@@ -544,12 +568,7 @@ def main() -> None:
                 ref = report_all["mixed-4"][s]["output_tok_s"]
                 print(f"| {n} | {s} | {tok_s:.1f} | {tok_s / ref:.1%} | "
                       f"{'–' if not base else format(tok_s / base, '.1%')} |")
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
-             "date": time.strftime("%Y-%m-%d %H:%M"),
-             "scenarios": {n: {"spec": asdict(jobs[n][0]), "rows": list(report_all[n].values())}
-                           for n in scenarios}}, indent=1))
+    return jobs, report_all
 
 
 def random_llama(out: Path, shape: dict) -> Path:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -401,6 +402,23 @@ def logits_within(rtol: float) -> Callable:
                              f"({ref.abs().max().item():.3g}) > {rtol:.3g}")
         return err
     return compare
+
+
+def recording_within(rows: dict, rtol: float) -> Callable:
+    """:func:`logits_within` that also keeps each row in ``rows``, by request and length (the
+    ``where`` text without its step), to compare two engines' rows afterwards."""
+    check = logits_within(rtol)
+
+    def compare(ours, ref, where):
+        rows[re.sub(r"^step \d+, ", "", where)] = ours.clone()
+        return check(ours, ref, where)
+    return compare
+
+
+def rows_apart(a: dict, b: dict) -> float:
+    """max |a - b| over the rows two :func:`recording_within` runs kept (the same requests)."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 class OracleSampler(Sampler):

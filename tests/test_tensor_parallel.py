@@ -9,7 +9,6 @@ processes that import torch)."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 from types import SimpleNamespace
 
@@ -21,19 +20,21 @@ from support import (
     PeftOracle,
     drive,
     logits_rtol,
-    logits_within,
     model_config,
     peft_greedy,
     process_alive,
     random_prompt,
+    recording_within,
+    rows_apart,
     save_adapters,
     save_random_adapter,
+    save_random_dora_adapter,
     save_random_llama,
     shm_of,
     wait_gone,
 )
 
-from pagedlora import Engine, SamplingParams
+from pagedlora import AdapterMix, Engine, SamplingParams
 from pagedlora.adapter_pages import packed_pages
 from pagedlora.parallel.shard import Shard
 
@@ -96,17 +97,6 @@ def _arrivals():
 TP_ATOL = 1e-4  # the issue's bound on fp32 logits, two ranks against one process
 
 
-def _recording(rows: dict, rtol: float):
-    """A drive() comparison against HF+PEFT (within ``rtol`` of each row's scale, the
-    project's tolerance) that also keeps each row by request and length."""
-    check = logits_within(rtol)
-
-    def compare(ours, ref, where):
-        rows[re.sub(r"^step \d+, ", "", where)] = ours.clone()
-        return check(ours, ref, where)
-    return compare
-
-
 def test_logits_equal_peft_and_one_process_for_mixed_batches(tp2, tiny_llama_dir, dirs,
                                                              oracle):
     """Every sampled row of a mixed batch (five adapters on all projections or patterns,
@@ -115,12 +105,11 @@ def test_logits_equal_peft_and_one_process_for_mixed_batches(tp2, tiny_llama_dir
     of one process's (measured: 7e-6)."""
     two, one = {}, {}
     rtol = logits_rtol(model_config(tp2))
-    d = drive(tp2, _arrivals(), oracle, max_tokens=5, compare=_recording(two, rtol))
+    d = drive(tp2, _arrivals(), oracle, max_tokens=5, compare=recording_within(two, rtol))
     assert d.num_compared == 5 * 10 and d.mixed_steps()
     with _engine(tiny_llama_dir, dirs, sampler=OracleSampler()) as single:
-        drive(single, _arrivals(), oracle, max_tokens=5, compare=_recording(one, rtol))
-    assert two.keys() == one.keys()
-    err = max((two[k] - one[k]).abs().max().item() for k in two)
+        drive(single, _arrivals(), oracle, max_tokens=5, compare=recording_within(one, rtol))
+    err = rows_apart(two, one)
     assert err <= TP_ATOL, err
     assert tp2.model is None and tp2.core.runner.kernel_backend == "torch"
 
@@ -181,13 +170,16 @@ def test_prefix_cache_hits_give_the_same_tokens(tp2, hf_base, dirs, monkeypatch)
 
 
 def test_triton_kernels_under_the_interpreter_give_the_torch_kernels_tokens(
-        tiny_llama_dir, dirs, monkeypatch):
+        tiny_llama_dir, dirs, tmp_path, monkeypatch):
     """kernel_backend="triton" in the workers (the interpreter: TRITON_INTERPRET=1 in their
     environment): the row-parallel modules' shrink, all-reduce and expand run on the Triton
-    kernels; the tokens are the torch kernels' in one process."""
+    kernels, a mix's overlapping segments in groups, a DoRA adapter's scale after the
+    all-reduce; the tokens are the torch kernels' in one process."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     few = {n: dirs[n] for n in ("r1", "pat", "rs")}
-    names = ["pat", None, "rs", "r1"]
+    few["dora"] = save_random_dora_adapter(tiny_llama_dir, tmp_path / "dora", r=4, seed=23,
+                                           target_modules=["q_proj", "o_proj", "down_proj"])
+    names = ["pat", None, "rs", "r1", AdapterMix({"pat": 0.6, "rs": -0.8}), "dora"]
     prompts = [random_prompt(4 + 3 * i, seed=80 + i) for i in range(len(names))]
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     with _engine(tiny_llama_dir, few, tensor_parallel_size=2, kernel_backend="triton") as tp:

@@ -8,8 +8,6 @@ processes that import torch)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 from support import (
     OracleSampler,
@@ -18,9 +16,11 @@ from support import (
     check_output,
     drive,
     logits_rtol,
-    logits_within,
     model_config,
     random_prompt,
+    recording_within,
+    rows_apart,
+    save_adapters,
     save_random_adapter,
     save_random_dora_adapter,
     save_random_llama,
@@ -56,8 +56,7 @@ TP_ATOL = 1e-4  # the issue's bound on fp32 logits, two ranks against one proces
 @pytest.fixture(scope="module")
 def dirs(tiny_llama_dir, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tp-features")
-    found = {name: save_random_adapter(tiny_llama_dir, root / name, **o)
-             for name, o in PEFT_ADAPTERS.items()}
+    found = save_adapters(tiny_llama_dir, root, PEFT_ADAPTERS)
     found.update({name: write_random_lora(root / name, **o) for name, o in SMALL.items()})
     found["dora"] = save_random_dora_adapter(tiny_llama_dir, root / "dora", r=8, seed=420,
                                              target_modules=ALL)
@@ -92,17 +91,6 @@ def single(tiny_llama_dir, dirs):
         yield e
 
 
-def _recording(rows: dict, rtol: float):
-    """A drive() comparison against PEFT (the project's float32 tolerance) that also keeps
-    each row by request and length."""
-    check = logits_within(rtol)
-
-    def compare(ours, ref, where):
-        rows[re.sub(r"^step \d+, ", "", where)] = ours.clone()
-        return check(ours, ref, where)
-    return compare
-
-
 def _plan(name: str) -> dict:
     if name == "dense":
         first = [("base", PROMPTS[3], None), ("mixA", PROMPTS[3], MIX_A),
@@ -130,13 +118,12 @@ def test_mixes_scales_dora_vocabulary_lora_and_base_match_peft_and_one_process(
     two, one = {}, {}
     rtol = logits_rtol(model_config(tp2))
     arrivals = _plan(plan)
-    d = drive(tp2, arrivals, oracle.logits, max_tokens=4, compare=_recording(two, rtol))
+    d = drive(tp2, arrivals, oracle.logits, max_tokens=4, compare=recording_within(two, rtol))
     assert d.num_compared == 4 * sum(map(len, arrivals.values())) and d.mixed_steps()
     if plan == "bgmv":
         assert max(len({k for _, a, *_ in s for k in _names(a)}) for s in d.steps) >= 8
-    drive(single, arrivals, oracle.logits, max_tokens=4, compare=_recording(one, rtol))
-    assert two.keys() == one.keys()
-    err = max((two[k] - one[k]).abs().max().item() for k in two)
+    drive(single, arrivals, oracle.logits, max_tokens=4, compare=recording_within(one, rtol))
+    err = rows_apart(two, one)
     assert err <= TP_ATOL, err
 
 
