@@ -239,3 +239,12 @@ def test_a_step_sends_a_sequence_its_new_blocks_only_until_its_table_changes():
     assert (again.first_block, again.new_blocks, again.sampling) == (0, tuple(redone), sampling)
     shorter = SequenceUpdate.of(seq(blocks[:1]), tuple(blocks))
     assert shorter.first_block == 0
+
+
+def test_merged_lora_is_refused_under_tensor_parallelism_naming_both_options():
+    from pagedlora import EngineConfig
+
+    with pytest.raises(ValueError, match="merge_policy='auto' is not served with "
+                                         "tensor_parallel_size=2"):
+        EngineConfig(tensor_parallel_size=2, merge_policy="auto")
+    assert EngineConfig(tensor_parallel_size=2).merge_policy == "never"

@@ -23,6 +23,7 @@ from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter
 from pagedlora.config import EngineConfig
 from pagedlora.errors import EngineDeadError
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter
+from pagedlora.merged_weights import MergedStats
 from pagedlora.model_runner import LogitRows
 from pagedlora.parallel.host_weights import SharedWeights, share
 from pagedlora.parallel.messages import (
@@ -86,6 +87,7 @@ class TensorParallelExecutor:
 
     Attributes:
         kernel_backend: the workers' kernels ("torch" or "triton"), as rank 0 reports them.
+        merged: :class:`NeverMerged`.
         error: why the workers are gone (the first reason), or None while they run.
     """
 
@@ -104,6 +106,7 @@ class TensorParallelExecutor:
         self._finished: tuple[int, ...] = ()  # finished request ids not sent yet
         self._tables: dict[int, tuple[list[int], ...]] = {}  # request id -> table sent
         self._stop = weakref.finalize(self, _stop_workers, procs, conns)
+        self.merged = NeverMerged()  # merge_policy="auto" is refused under TP (EngineConfig)
 
     @classmethod
     def start(cls, config: EngineConfig, model_dir: Path, *, num_pages: int,
@@ -357,6 +360,21 @@ class TensorParallelExecutor:
             if proc.is_alive():
                 proc.kill()
         self._stop()
+
+
+class NeverMerged:
+    """The merged weights of a tensor-parallel engine: none (``merge_policy="auto"`` is
+    refused with ``tensor_parallel_size > 1``; see ``EngineConfig``). What the core reads of
+    :class:`pagedlora.merged_weights.MergedWeights`."""
+
+    stats = MergedStats(merges=0, seconds=0.0, bytes=0, key=None)
+
+    def can_merge(self, adapter: ResidentAdapter) -> bool:
+        """Never."""
+        return False
+
+    def release(self) -> None:
+        """Nothing to release."""
 
 
 class ShardedAdapterPages:
