@@ -46,6 +46,7 @@ references on a tokenizer-free tiny Llama (:func:`check_backends`); the invocati
 they disagree.
 
     OUT=/tmp/out benchmarks/gpu_bench.sh            # on the GPU machine, about 6 minutes
+    OUT=/tmp/out benchmarks/gpu_bench.sh --tensor-parallel-size 2   # over two GPUs
     python benchmarks/gpu_bench.py --dry-run --out /tmp/out   # tiny model on the CPU, seconds
 """
 
@@ -101,6 +102,8 @@ class Plan:
         distinct_weights: weight files written per rank (see the module docstring).
         budget_s: seconds the whole invocation may take; later runs are skipped past it.
         threads: torch CPU threads (None: torch's default).
+        tensor_parallel_size: devices the model is split over (``Engine``'s option: one
+            worker process per GPU, ``cuda:0`` to ``cuda:N-1``; ``pool_gb`` per device).
     """
 
     name: str
@@ -120,6 +123,7 @@ class Plan:
     distinct_weights: int
     budget_s: float
     threads: int | None = None
+    tensor_parallel_size: int = 1
 
 
 # Time budget on an H200 (8 minutes; the shell script's timeout is 470 s), estimated: checks and
@@ -179,13 +183,20 @@ def environment(plan: Plan) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit(f"gpu_bench: torch {torch.__version__} (CUDA {torch.version.cuda}) "
                              f"sees no CUDA device; on a CPU use --dry-run")
+        tp = plan.tensor_parallel_size
+        if torch.cuda.device_count() < tp:
+            raise SystemExit(f"gpu_bench: --tensor-parallel-size {tp} needs {tp} CUDA devices; "
+                             f"torch sees {torch.cuda.device_count()}")
         props = torch.cuda.get_device_properties(plan.device)
-        env["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-        free = torch.cuda.mem_get_info(plan.device)[0] / 2**30
-        if free < plan.pool_gb + 16:  # + the 7B model's 12.6 GiB and activations
-            raise SystemExit(f"gpu_bench: {free:.0f} GiB free on {props.name}; the pool "
-                             f"({plan.pool_gb} GiB) and the model need {plan.pool_gb + 16:.0f}: "
-                             f"pass a smaller --pool-gb")
+        env["device"] = f"{tp} x {props.name}, {props.total_memory / 2**30:.0f} GiB"
+        need = plan.pool_gb + 16 / tp  # + each rank's part of the 7B model's 12.6 GiB
+        for index in range(tp):
+            free = torch.cuda.mem_get_info(index)[0] / 2**30
+            if free < need:
+                raise SystemExit(f"gpu_bench: {free:.0f} GiB free on cuda:{index}; the pool "
+                                 f"({plan.pool_gb} GiB) and its shard of the model need "
+                                 f"{need:.0f}: pass a smaller --pool-gb")
+    env["tensor_parallel_size"] = plan.tensor_parallel_size
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     return env
 
@@ -289,7 +300,8 @@ def make_engine(plan: Plan, model_dir: Path):
                   max_num_seqs=plan.max_num_seqs,
                   max_num_batched_tokens=plan.max_num_batched_tokens,
                   max_loras=plan.max_num_seqs, max_lora_rank=max(SETTINGS["S2"]),
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False,
+                  tensor_parallel_size=plan.tensor_parallel_size)
 
 
 def warm_up(engine, plan: Plan, paths: dict[str, list[Path]], num_adapters: int = 64) -> None:
@@ -365,7 +377,7 @@ def check_backends(plan: Plan, work: Path, num_requests: int = 8) -> dict:
         for i, path in enumerate(paths):
             engine.add_adapter(f"c{i}", path)
         names = [None, *(f"c{i}" for i in range(len(paths)))]
-        ran.append(engine.model.kernels.backend)
+        ran.append(engine.core.runner.kernel_backend)
         outs[backend] = engine.generate(prompts, [names[i % len(names)]
                                                   for i in range(num_requests)],
                                         params, progress=False)
@@ -529,8 +541,19 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
              for s, ranks in SETTINGS.items()}
     phases.done("adapter files")
     engine = make_engine(plan, model_dir)
-    result["environment"]["kernel_backend"] = engine.model.kernels.backend
+    result["environment"]["kernel_backend"] = engine.core.runner.kernel_backend
     phases.done("engine load")
+    try:
+        _runs(engine, plan, config, paths, phases, rows, save)
+    finally:
+        engine.close()  # the tensor-parallel workers, if any
+    save()
+    return result
+
+
+def _runs(engine, plan: Plan, config, paths: dict[str, list[Path]], phases: Phases,
+          rows: list[dict], save) -> None:
+    """Warm-up, then every (setting, n, mode) run, each row saved as it is done."""
     warm_up(engine, plan, paths)
     phases.done("warm-up")
     special = {0, config.bos_token_id, config.eos_token_id}
@@ -565,8 +588,6 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
                 phases.done(f"{setting} n={n} {mode}")
                 for name in names.values():
                     engine.remove_adapter(name)
-    save()
-    return result
 
 
 def markdown(result: dict) -> str:
@@ -586,7 +607,8 @@ def markdown(result: dict) -> str:
         f"{m['vocab_size']}; random {plan['dtype']} weights. {plan['num_requests']} requests "
         f"per run, prompts {plan['input_range'][0]}-{plan['input_range'][1]} tokens, outputs "
         f"{plan['output_range'][0]}-{plan['output_range'][1]} (greedy, ignore_eos), uniform "
-        f"popularity; online: Poisson at {plan['rate']} req/s. pool {plan['pool_gb']} GiB, "
+        f"popularity; online: Poisson at {plan['rate']} req/s. tensor parallel "
+        f"{plan.get('tensor_parallel_size', 1)}, pool {plan['pool_gb']} GiB per device, "
         f"max_num_seqs = max_loras = {plan['max_num_seqs']}, max_num_batched_tokens "
         f"{plan['max_num_batched_tokens']}, prefix caching off.",
         f"Seconds: {phases_line(result['phases'])}.",
@@ -637,14 +659,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, help="online arrivals, requests/s")
     parser.add_argument("--num-adapters", type=int, nargs="+", help="the n values")
     parser.add_argument("--budget-s", type=float, help="seconds for the whole invocation")
-    parser.add_argument("--pool-gb", type=float, help="the unified pool, GiB")
+    parser.add_argument("--pool-gb", type=float, help="the unified pool, GiB (per device)")
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        help="split the model over this many GPUs (worker processes; on the "
+                             "CPU with --dry-run, over as many groups of cores)")
     parser.add_argument("--check-only", action="store_true",
                         help="only the Triton-vs-torch check on the tiny model (seconds): "
                              "OUT/backend_check.json; exit status 1 if they disagree")
     args = parser.parse_args(argv)
     plan = DRY_RUN if args.dry_run else H200
     overrides = {k: v for k, v in (("num_requests", args.num_requests), ("rate", args.rate),
-                                   ("budget_s", args.budget_s), ("pool_gb", args.pool_gb))
+                                   ("budget_s", args.budget_s), ("pool_gb", args.pool_gb),
+                                   ("tensor_parallel_size", args.tensor_parallel_size))
                  if v is not None}
     if args.num_adapters:
         overrides["num_adapters"] = tuple(args.num_adapters)

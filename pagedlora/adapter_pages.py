@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -49,6 +50,22 @@ class ResidentAdapter:
     modules: dict[tuple[int, str], ResidentModule]
 
 
+class AdapterPages(Protocol):
+    """Where the adapter store's adapters go in the pool: :class:`AdapterPacker` in this
+    process, or a tensor-parallel engine's workers
+    (:class:`pagedlora.parallel.executor.ShardedAdapterPages`)."""
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """Pages ``adapter`` takes in the pool."""
+
+    def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> ResidentAdapter:
+        """Puts the adapter's rows into ``pages``; returns the placement."""
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """The form in which host memory holds ``weights`` (the host tier's one copy)."""
+
+
 class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
@@ -67,14 +84,19 @@ class AdapterPacker:
     Args:
         pool: the unified pool.
         module_shapes: ``module -> (in_features, out_features)``, decoder projections and
-            (optionally) the vocabulary modules.
+            (optionally) the vocabulary modules: the widths of lora_A and lora_B^T rows (under
+            tensor parallelism a rank's, ``Shard.lora_widths``).
+        scale_widths: ``module -> width`` of a DoRA module's output scale row where it is not
+            ``out_features`` (a tensor-parallel rank's, ``Shard.dora_widths``).
     Raises:
         ValueError: a decoder projection's row width exceeds a page (raise block_size).
     """
 
-    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]],
+                 scale_widths: dict[str, int] | None = None) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
+        self.scale_widths = scale_widths or {}
         for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
                       for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
@@ -89,19 +111,15 @@ class AdapterPacker:
         """Copies the adapter's rows into ``pages`` (allocated for it: :meth:`num_pages` of
         them), host -> pool.
 
+        Args:
+            weights: the rows to copy, of the widths this packer packs (under tensor
+                parallelism a rank's shard, ``Shard.shard_lora``; strided views are fine).
         Raises:
             ValueError: ``pages`` has another length than :meth:`num_pages`.
         """
-        if len(pages) != self.num_pages(adapter):
-            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
-                             f"given {len(pages)}")
-        return self._copy_in(adapter, weights, list(self._groups(adapter)), pages, placement_id)
-
-    def _copy_in(self, adapter: LoraAdapter, weights: AdapterWeights, groups: list,
-                 pages: list[int], placement_id: int) -> ResidentAdapter:
+        groups = self._checked_groups(adapter, pages)
         device = self.pool.tensor.device
-        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        used, next_page = 0, 0
+        next_page = 0
         for layer, width, rows, num_pages in groups:
             # a row of `width` is `pieces` stored rows of `stored` elements (1 unless split)
             pieces, stored = row_pieces(self.pool.page_numel, width)
@@ -118,7 +136,39 @@ class AdapterPacker:
             padded = data.new_zeros(num_pages * rpp, stored)
             padded[: data.shape[0]] = data
             self.pool.rows(stored)[group_pages] = padded.view(num_pages, rpp, stored)
-            used += sum(t.numel() for t in tensors)
+        return self._place(adapter, groups, pages, placement_id, device)
+
+    def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
+              ) -> ResidentAdapter:
+        """Where :meth:`fill` puts the adapter's rows in ``pages``, copying nothing (the
+        driver of a tensor-parallel engine, whose workers fill their pools; the page tables
+        are on the CPU).
+
+        Raises:
+            ValueError: as :meth:`fill`.
+        """
+        groups = self._checked_groups(adapter, pages)
+        return self._place(adapter, groups, pages, placement_id, torch.device("cpu"))
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """How host memory holds weights for this packer: as read."""
+        return weights
+
+    def _checked_groups(self, adapter: LoraAdapter, pages: list[int]) -> list:
+        if len(pages) != self.num_pages(adapter):
+            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
+                             f"given {len(pages)}")
+        return list(self._groups(adapter))
+
+    def _place(self, adapter: LoraAdapter, groups: list, pages: list[int], placement_id: int,
+               device: torch.device) -> ResidentAdapter:
+        placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
+        used, next_page = 0, 0
+        for layer, width, rows, num_pages in groups:
+            pieces, stored = row_pieces(self.pool.page_numel, width)
+            rpp = self.pool.rows_per_page(stored)
+            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
+            next_page += num_pages
             row = 0
             for module, which, rank in rows:
                 idx = torch.arange(row, row + rank, device=device)
@@ -127,6 +177,7 @@ class AdapterPacker:
                 placed.setdefault((layer, module), {})[which] = PagedRows(
                     pages=group_pages[idx // rpp], slots=idx % rpp)
                 row += rank
+            used += row * width
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
                                       dora=p.get("m"))
                    for lm, p in placed.items()}
@@ -136,7 +187,8 @@ class AdapterPacker:
     def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
         dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
-        return _groups(ranks, self.module_shapes, self.pool.page_numel, dora)
+        return _groups(ranks, self.module_shapes, self.pool.page_numel, dora,
+                       self.scale_widths)
 
 
 def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:
@@ -155,11 +207,12 @@ def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, 
 
 
 def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
-            page_numel: int, dora: frozenset | set = frozenset()
+            page_numel: int, dora: frozenset | set = frozenset(),
+            scale_widths: Mapping[str, int] | None = None
             ) -> Iterator[tuple[int, int, list, int]]:
     """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b"|"m", rank)`` in
     a fixed order (by module, then A before B^T before a DoRA module's one scale row, for the
-    ``(layer, module)`` in ``dora``)."""
+    ``(layer, module)`` in ``dora``, ``scale_widths[module]`` wide, else ``out_features``)."""
     for layer in sorted({layer for layer, _ in ranks}):
         by_width: dict[int, list] = {}
         for module in LORA_MODULES:
@@ -170,7 +223,8 @@ def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple
             by_width.setdefault(in_f, []).append((module, "a", rank))
             by_width.setdefault(out_f, []).append((module, "b", rank))
             if (layer, module) in dora:
-                by_width[out_f].append((module, "m", 1))
+                width = (scale_widths or {}).get(module, out_f)
+                by_width.setdefault(width, []).append((module, "m", 1))
         for width, rows in sorted(by_width.items()):
             pieces, stored = row_pieces(page_numel, width)
             num_rows = sum(r for *_, r in rows) * pieces

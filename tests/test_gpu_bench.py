@@ -49,3 +49,19 @@ def test_dry_run_rows(tmp_path):
               for d in s2.glob("a*")}
     assert len(alphas) == 1000
     assert "| S2 | 1000 | online |" in (out / "gpu_bench.md").read_text()
+
+
+def test_dry_run_over_two_ranks(tmp_path):
+    """--tensor-parallel-size 2: the same flow with the model split over two CPU workers."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work"), "--num-adapters", "5",
+                           "--tensor-parallel-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_bench.json").read_text())
+    assert result["environment"]["tensor_parallel_size"] == 2
+    rows = result["rows"]
+    assert len(rows) == 4 and all(r["finished"] == r["requests"] for r in rows), rows
+    assert "tensor parallel 2" in (out / "gpu_bench.md").read_text()
