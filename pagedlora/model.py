@@ -12,6 +12,7 @@ from pagedlora.kernels.backend import select_kernels
 from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
+from pagedlora.packed_linear import PackedLinear
 from pagedlora.parallel.comm import TPComm
 from pagedlora.parallel.shard import ROW_PARALLEL, Shard
 from pagedlora.pool import UnifiedPool
@@ -194,6 +195,11 @@ class LlamaModel:
                                       take(p + "mlp.up_proj.weight")]),
                 "down": take(p + "mlp.down_proj.weight"),
             })
+        self.linear = PackedLinear(dtype, device)  # the base GEMMs (bf16 CPU: prepacked)
+        for w in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                self.linear.pack(w[name])
+        self.linear.pack(self.lm_head)
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
         self._qkv_modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
@@ -274,7 +280,7 @@ class LlamaModel:
         h = self._embed(batch.input_ids, batch)                            # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
-        ops = self.kernels
+        ops, linear = self.kernels, self.linear
         comm = self.comm
         hidden = slice(*self.shard.hidden)
         t, d = h.shape[0], self.head_dim
@@ -302,7 +308,7 @@ class LlamaModel:
                     dora_rescale(y, None, work.dora, rows(self.dora_widths[module]))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
-            qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
+            qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]
             q, k, v = qkv.split(self._split_qkv, dim=-1)
             lora("q_proj", q, x)
             lora("k_proj", k, x)
@@ -319,23 +325,23 @@ class LlamaModel:
                 attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
                                                               g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
-            o = F.linear(attn, w["o"])
+            o = linear(attn, w["o"])
             lora("o_proj", o, attn)
             if comm is not None:
                 reduce("o_proj", o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
             lora("gate_proj", gate, x)
             lora("up_proj", up, x)
             a = F.silu(gate) * up
-            down = F.linear(a, w["down"])
+            down = linear(a, w["down"])
             lora("down_proj", down, a)
             if comm is not None:
                 reduce("down_proj", down)
             h = h + down
         h = _rms_norm(h[batch.sample_index], self.norm, self.eps)        # [S, H]
-        logits = F.linear(h, self.lm_head)                                 # [S, V / N]
+        logits = linear(h, self.lm_head)                                   # [S, V / N]
         head_lora = batch.lora.get((VOCAB_LAYER, "lm_head"))
         if head_lora is not None:  # this rank's vocabulary columns of lora_B^T
             lora_shrink_expand(logits, h, head_lora, None, None)  # rows are gathered
