@@ -43,49 +43,47 @@ class LoraSegment:
 
 @dataclass(frozen=True)
 class StackedTokens:
-    """Where the tokens of a BGMV batch sit in its adapter-major layout.
+    """Where the tokens of one rank class of a BGMV batch are: each adapter's first token
+    goes through the class's batched matmuls (one row per adapter: no zero-padded token
+    layout), its other tokens (an adapter of several requests) through a GEMM against its
+    own rows.
 
     Attributes:
-        index: ``[N]`` int64 (token, adapter) pairs' token (a token of a mix appears once per
-            adapter).
-        entry: ``[N]`` int64 their adapter among the stacked ones.
-        position: ``[N]`` int64 their place among that adapter's tokens.
-        width: the most tokens any one adapter has.
-        weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
-            every weight is 1.
+        index: ``[S]`` int64 each stacked adapter's first token.
+        weight: ``[S]`` that token's weight for the adapter (the batch's dtype; 0 for an
+            adapter without tokens), or None when every one is 1.
+        first: when adapter k's first token is ``first + k`` for every k, ``first`` (the
+            kernel slices instead of indexing), else None.
+        rest: ``(k, start, end, weight)``: adapter k's other tokens ``[start, end)``.
     """
 
     index: torch.Tensor
-    entry: torch.Tensor
-    position: torch.Tensor
-    width: int
     weight: torch.Tensor | None = None
+    first: int | None = None
+    rest: tuple[tuple[int, int, int, float], ...] = ()
 
     @classmethod
     def of(cls, ranges: Sequence[Sequence[TokenRange]], *, dtype: torch.dtype,
-           device: torch.device) -> StackedTokens | None:
-        """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in order);
-        None when adapter k's tokens are exactly the token ``ranges[0][0][0] + k`` at weight
-        1 (one decode token per adapter)."""
-        lo = ranges[0][0][0]
-        if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0) for k, r in enumerate(ranges)):
-            return None
-        index, entry, position, weight, width = [], [], [], [], 0
+           device: torch.device) -> StackedTokens:
+        """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in
+        order)."""
+        index, weight, rest = [], [], []
         for k, adapter_ranges in enumerate(ranges):
-            n = 0
-            for start, end, w in adapter_ranges:
-                index.extend(range(start, end))
-                weight.extend([w] * (end - start))
-                position.extend(range(n, n + end - start))
-                n += end - start
-            entry.extend([k] * n)
-            width = max(width, n)
-
-        def t(v: list[int]) -> torch.Tensor:
-            return torch.tensor(v, dtype=torch.long, device=device)
+            spans = [r for r in adapter_ranges if r[1] > r[0]]
+            if not spans:
+                index.append(0)
+                weight.append(0.0)
+                continue
+            (start, end, w), *more = spans
+            index.append(start)
+            weight.append(w)
+            rest.extend((k, s, e, v) for s, e, v in ([(start + 1, end, w)] if end > start + 1
+                                                     else []) + more)
+        first = index[0] if index == list(range(index[0], index[0] + len(index))) else None
         weights = None if all(w == 1.0 for w in weight) else torch.tensor(
             weight, dtype=dtype, device=device)
-        return cls(t(index), t(entry), t(position), width, weights)
+        return cls(torch.tensor(index, dtype=torch.long, device=device), weights, first,
+                   tuple(rest))
 
 
 @dataclass(frozen=True)
@@ -109,6 +107,42 @@ class DoraScales:
 
 
 @dataclass(frozen=True)
+class SegmentTable:
+    """A batch's segments as device tensors, for kernels that loop over them on the device
+    (Triton), built once per step for every module sharing the segments (see
+    ``LoraLayouts``); one group of segments whose token ranges are disjoint.
+
+    Attributes:
+        segments: the group's segments.
+        table: ``[S, 4]`` int64 ``(start, end, col_start, col_end)`` per segment.
+        scale: ``[S]`` float32 scale per segment.
+        max_rank: the largest ``col_end - col_start``. max_len: the longest ``end - start``.
+    """
+
+    segments: tuple[LoraSegment, ...]
+    table: torch.Tensor
+    scale: torch.Tensor
+    max_rank: int
+    max_len: int
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """One rank class of a BGMV batch (``LoraBatch.stacked``): the adapters whose rank rounds
+    up to the same power of two, stacked and zero-padded to the largest of them.
+
+    Attributes:
+        a: ``[S, r, in_features]`` lora_A rows, adapter k's in ``a[k, :r_k]``.
+        b: ``[S, r, out_features]`` lora_B^T rows times the adapter's scale.
+        tokens: where the class's tokens sit (:class:`StackedTokens`).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    tokens: StackedTokens
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """The LoRA work of one module of one layer in one step.
 
@@ -119,53 +153,37 @@ class LoraBatch:
             those of different adapters may overlap (tokens of a mix).
         token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where one
             of token t's adapters owns row r, else 0 (tokens of the base model have an
-            all-zero row).
+            all-zero row); None where the kernels do not read it (Triton).
         gathered: ``(a [R, in_features], b [R, out_features])``, the rows already read out of
             the pool (the CPU path keeps them while the step's adapters repeat), or None: read
             them through the page tables.
-        stacked: the BGMV form, for decode batches over many adapters (CPU path):
-            ``(a [S, r_max, in_features], b [S, r_max, out_features], tokens)`` with adapter
-            k's rows in ``a[k, :r_k]`` and its scaled lora_B^T rows in ``b[k, :r_k]``, zeros
-            elsewhere, for the S adapters of ``segments`` in order. ``tokens`` is None when
-            the batch's tokens ``segments[0].start + k`` are exactly one per adapter k (the
-            common decode case); else :class:`StackedTokens`.
+        stacked: the BGMV form, for decode batches over many adapters (CPU path): one
+            :class:`Stacked` per rank class of the batch's adapters (padding within a class
+            is less than 2x an adapter's rank, none for powers of two).
         dora: the DoRA rescaling of the module's output, when one of its adapters is DoRA
             (applied by :func:`dora_rescale`, after :func:`lora_shrink_expand`).
+        tables: the segments as device tensors, in disjoint groups (Triton), or None: the
+            kernel builds them.
     """
 
     a: PagedRows
     b: PagedRows
     segments: tuple[LoraSegment, ...]
-    token_scale: torch.Tensor
+    token_scale: torch.Tensor | None
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
-    stacked: tuple[torch.Tensor, torch.Tensor, StackedTokens | None] | None = None
+    stacked: tuple[Stacked, ...] | None = None
     dora: DoraScales | None = None
+    tables: tuple[SegmentTable, ...] | None = None
 
-    @classmethod
-    def build(cls, a: PagedRows, b: PagedRows, cols: Sequence[tuple[int, int, int, float]],
-              uses: Sequence[Sequence[TokenRange]], token_scale: torch.Tensor, *,
-              gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
-              stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
-              dora: DoraScales | None = None) -> LoraBatch:
-        """One module's batch from its parts.
-
-        Args:
-            a, b: the module's ``R`` rows of every adapter that targets it, concatenated.
-            cols: per such adapter, ``(i, col_start, col_end, scale)``: it is the step's
-                adapter ``i`` and owns rows ``[col_start, col_end)``.
-            uses: per adapter of the step, its tokens and their weights (:data:`TokenRange`).
-            token_scale: ``[T, R]`` as the attribute (see :meth:`token_scales`).
-            gathered, stacked: the rows already read out of the pool, as the attributes
-                (``stacked`` without its token layout, which is derived here).
-            dora: as the attribute.
-        """
-        segments = tuple(LoraSegment(start, end, c0, c1, scale * w)
-                         for i, c0, c1, scale in cols for start, end, w in uses[i])
-        if stacked is not None:
-            stacked = (*stacked, StackedTokens.of([uses[i] for i, *_ in cols],
-                                                  dtype=token_scale.dtype,
-                                                  device=token_scale.device))
-        return cls(a, b, segments, token_scale, gathered, stacked, dora)
+    @staticmethod
+    def segments_of(cols: Sequence[tuple[int, int, int, float]],
+                    uses: Sequence[Sequence[TokenRange]]) -> tuple[LoraSegment, ...]:
+        """The segments of a module whose adapters own ``cols`` (per such adapter ``(i,
+        col_start, col_end, scale)``: it is the step's adapter ``i`` and owns rows
+        ``[col_start, col_end)``), given the step's ``uses`` (per adapter, its tokens and
+        their weights, :data:`TokenRange`)."""
+        return tuple(LoraSegment(start, end, c0, c1, scale * w)
+                     for i, c0, c1, scale in cols for start, end, w in uses[i])
 
     @staticmethod
     def token_scales(cols: Sequence[tuple[int, int, int, float]],
@@ -173,12 +191,31 @@ class LoraBatch:
                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``[num_tokens, R]`` (``R = cols[-1][2]``): each adapter's scale times the tokens'
         weight over its tokens and its rows, 0 elsewhere (``cols`` and ``uses`` as for
-        :meth:`build`)."""
+        :meth:`segments_of`)."""
         scale = torch.zeros(num_tokens, cols[-1][2], dtype=dtype, device=device)
         for i, c0, c1, value in cols:
             for start, end, w in uses[i]:
                 scale[start:end, c0:c1] = value * w
         return scale
+
+
+def disjoint_groups(segments: Sequence[LoraSegment]) -> list[tuple[LoraSegment, ...]]:
+    """``segments`` split into as few groups as a greedy pass over their starts finds, each
+    group's token ranges disjoint: the kernels give a token one row of the shrink output, so
+    the segments of a mix's adapters, which cover the same tokens, go to different launches
+    (a step needs as many as the most adapters one token has; one without mixes)."""
+    groups: list[list[LoraSegment]] = []
+    ends: list[int] = []
+    for seg in sorted(segments, key=lambda s: (s.start, s.end)):
+        for g, end in enumerate(ends):
+            if end <= seg.start:
+                groups[g].append(seg)
+                ends[g] = seg.end
+                break
+        else:
+            groups.append([seg])
+            ends.append(seg.end)
+    return [tuple(g) for g in groups]
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -229,14 +266,19 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
         b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
     Raises:
-        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens.
+        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens,
+            or a batch without ``stacked`` has no token scales.
     """
-    if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
-                         f"{batch.token_scale.shape[0]}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}")
     if batch.stacked is not None:
         _bgmv(y, x, batch)
         return
+    if batch.token_scale is None:
+        raise ValueError("the torch LoRA kernel reads batch.token_scale, which is None")
+    if x.shape[0] != batch.token_scale.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, token_scale "
+                         f"{batch.token_scale.shape[0]}")
     if batch.gathered is not None:
         a, b = batch.gathered  # [R, in], [R, out]
     else:
@@ -256,25 +298,24 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
 
 
 def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
-    """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and entry e of
-    ``batch.stacked`` among its adapters (the scale is already in ``b``; ``w`` is the token's
-    weight for the adapter, 1 but in a mix). Tokens are laid out adapter-major
-    (``[S, width, in]``, zero-padded, a mix's token once per adapter, its weight applied to
-    its activation row) rather than copying weights per token: an activation row is ``in``
-    elements, an adapter's rows ``r_max * in``."""
-    a, b, tokens = batch.stacked
-    if tokens is None:
-        lo = batch.segments[0].start
-        hi = lo + a.shape[0]
-        shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))   # [S, 1, r_max]
-        y[lo:hi] += torch.bmm(shrunk, b).squeeze(1)
-        return
-    laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
-    rows = x[tokens.index]
-    laid[tokens.entry, tokens.position] = rows if tokens.weight is None else (
-        rows * tokens.weight[:, None])
-    out = torch.bmm(torch.bmm(laid, a.transpose(1, 2)), b)              # [S, width, out]
-    y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
+    """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and adapter e of each
+    rank class of ``batch.stacked`` (the scale is already in ``b``; ``w`` is the token's
+    weight for the adapter, 1 but in a mix): the adapters' first tokens as two batched
+    matmuls (BGMV, one row each), their other tokens as one GEMM per adapter (see
+    :class:`StackedTokens`)."""
+    for part in batch.stacked:
+        a, b, tokens = part.a, part.b, part.tokens
+        lo = tokens.first
+        rows = x[tokens.index] if lo is None else x[lo:lo + a.shape[0]]
+        if tokens.weight is not None:
+            rows = rows * tokens.weight[:, None]
+        out = torch.bmm(torch.bmm(rows.unsqueeze(1), a.transpose(1, 2)), b).squeeze(1)
+        if lo is None:
+            y.index_add_(0, tokens.index, out)
+        else:
+            y[lo:lo + a.shape[0]] += out
+        for k, start, end, w in tokens.rest:
+            y[start:end].addmm_(F.linear(x[start:end], a[k]), b[k], alpha=w)
 
 
 def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, dora: DoraScales,
