@@ -11,6 +11,9 @@ meaningful only within one run: the machine's speed drifts between runs.
 Systems:
     pagedlora       all requests at t=0 (offline), one ``Engine.generate`` call.
     pagedlora-base  the same prompts on the base model alone: the LoRA overhead.
+    pagedlora-merged  as pagedlora, with ``merge_policy="auto"``: steps whose requests all use
+                    one adapter run on its merged weights (reports the merged steps, switches
+                    and seconds spent merging).
     pagedlora-online  requests added at their trace arrival times (``--rate``, ``--cv``);
                     reports the fraction whose TTFT meets ``--slo-ttft``.
     peft            HF transformers + PEFT, mixed-adapter batches of ``max_num_seqs`` in
@@ -31,14 +34,18 @@ Scenarios: "mixed-4" (32 requests, prompts of 10-40 tokens, 64 output tokens wit
 ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform popularity);
 "mixed-4-dora" (the same with the rank-32 adapter on every projection a DoRA adapter);
 "mixed-4-mix" (the same with every fourth request a mix of its adapter at 0.7 and the next
-one at 0.3); "many" (256 requests over 1,000 adapters of ranks 4-16 on q_proj and v_proj,
-alpha=1, max_cpu_loras=64). Every system decodes greedily.
+one at 0.3); "hot-1" (mixed-4's prompts, every request on one adapter of rank 32 on all seven
+projections, like mixed-4's largest: a single-tenant burst); "many" (256 requests over 1,000
+adapters of ranks 4-16 on q_proj and v_proj, alpha=1, max_cpu_loras=64). Every system decodes
+greedily.
 
     python benchmarks/throughput.py --scenario mixed-4
     python benchmarks/throughput.py --scenario mixed-4,mixed-4-dora,mixed-4-mix \
         --systems pagedlora,pagedlora-base,peft
     python benchmarks/throughput.py --dtype bfloat16 --vllm-python /tmp/vllm/bin/python
     python benchmarks/throughput.py --scenario many --systems pagedlora,pagedlora-base
+    python benchmarks/throughput.py --scenario hot-1,mixed-4 \
+        --systems pagedlora,pagedlora-merged,pagedlora-base
 """
 
 from __future__ import annotations
@@ -108,13 +115,18 @@ SCENARIOS = {
     "mixed-4": Scenario(**MIXED_4),
     "mixed-4-dora": Scenario(**MIXED_4, dora=(3,)),
     "mixed-4-mix": Scenario(**MIXED_4, mix_every=4),
+    "hot-1": Scenario(
+        spec=WorkloadSpec(num_requests=32, num_adapters=1, input_range=(10, 40),
+                          output_range=(64, 64)),
+        ranks=(32,), module_sets=(ALL_MODULES,), cycle=True),
     "many": Scenario(
         spec=WorkloadSpec(num_requests=256, num_adapters=1000, alpha=1.0, input_range=(10, 40),
                           output_range=(64, 64)),
         ranks=tuple(range(4, 17)), module_sets=(QV,), cycle=False,
         max_loras=64, max_lora_rank=16, max_cpu_loras=64),
 }
-SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "peft", "vllm", "pagedlora-online")
+SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "pagedlora-merged", "peft", "vllm",
+           "pagedlora-online")
 
 
 @dataclass
@@ -164,27 +176,30 @@ def _peak_rss_mib() -> float:
 
 # -- workers ------------------------------------------------------------------------------------
 
-def run_pagedlora(job: Job, base_only: bool = False, online: bool = False) -> Result:
+def run_pagedlora(job: Job, base_only: bool = False, online: bool = False,
+                  merge_policy: str = "never") -> Result:
     """Offline: all requests in one ``Engine.generate`` call (t=0). Online: each request is
     added (``Engine.add_request``) when its trace arrival time has passed, and the engine
-    steps while it has work; TTFT counts from the trace arrival time."""
-    from pagedlora import AdapterMix, Engine, SamplingParams
+    steps while it has work; TTFT counts from the trace arrival time. With
+    ``merge_policy="auto"`` the warm-up's merged copies and credit are dropped before the
+    timed run, so it pays for its own merges."""
+    from pagedlora import Engine, SamplingParams
 
     engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
                     max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
                     max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
-                    enable_prefix_caching=False)
-    names: list[str | None] = [None] * len(job.prompts)
+                    enable_prefix_caching=False, merge_policy=merge_policy)
+    names: list = [None] * len(job.prompts)
     if not base_only:
         for i, path in enumerate(job.adapter_paths):
             engine.add_adapter(f"a{i}", path)
-        names = [None if a is None else f"a{a}" for a in job.adapters]
-        names = [AdapterMix({f"a{j}": w for j, w in job.mix_of(i)}) if job.mix_of(i) else n
-                 for i, n in enumerate(names)]
+        names = request_adapters(job)
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
               for n in job.output_lens]
     # Warm-up on a few requests outside the timing: first-call costs (allocator, kernels).
     engine.generate(job.prompts[:2], names[:2], params[:2], progress=False)
+    engine.core.drop_merged()
+    merge_before = engine.stats()["merge"]
     steps_before = engine.stats()["num_steps"]
     start = time.perf_counter()
     if online:
@@ -199,10 +214,23 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False) -> Re
     stats = engine.stats(history=True)
     taken = stats["num_steps"] - steps_before
     steps = stats["steps"][-taken:] if taken else []  # the last 1,024 at most
+    merge = {k: v - merge_before[k] for k, v in stats["merge"].items() if k != "merged_bytes"}
     return Result(job.system, seconds, sum(len(o.token_ids) for o in outs), ttft,
                   [o.tpot for o in outs], _peak_rss_mib(), [o.token_ids for o in outs],
                   extra={"mean_batch": statistics.fmean(s["batch_size"] for s in steps)
-                         if steps else 0.0})
+                         if steps else 0.0, "steps": taken,
+                         **({"merge": {**merge, "merged_bytes": stats["merge"]["merged_bytes"]}}
+                            if merge_policy != "never" else {})})
+
+
+def request_adapters(job: Job) -> list:
+    """Per request what ``Engine.generate`` takes: None, the name ``a<i>`` of adapter
+    ``adapter_paths[i]``, or an ``AdapterMix`` of those names."""
+    from pagedlora import AdapterMix
+
+    names = [None if a is None else f"a{a}" for a in job.adapters]
+    return [AdapterMix({f"a{j}": w for j, w in job.mix_of(i)}) if job.mix_of(i) else n
+            for i, n in enumerate(names)]
 
 
 def _drive_online(engine, job: Job, names, params, start: float) -> tuple[list, list[float]]:
@@ -384,6 +412,7 @@ def worker(job_path: Path, result_path: Path) -> None:
     run = {"pagedlora": lambda: run_pagedlora(job),
            "pagedlora-online": lambda: run_pagedlora(job, online=True),
            "pagedlora-base": lambda: run_pagedlora(job, base_only=True),
+           "pagedlora-merged": lambda: run_pagedlora(job, merge_policy="auto"),
            "peft": lambda: run_peft(job), "gemm-limit": lambda: run_gemm_limit(job)}
     result_path.write_text(json.dumps(asdict(run[job.system]())))
 
@@ -582,10 +611,25 @@ def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) 
               f"{1000 * row['tpot_p90']:.0f} | {r.peak_rss_mib:.0f} | "
               f"{f(row['vs_peft'], '.2f')}{'x' if row['vs_peft'] else ''} | "
               f"{f(row['of_limit'], '.0%')} |")
+    def tok_s(system: str) -> float:
+        return results[system].output_tokens / results[system].seconds
+
     if "pagedlora" in results and "pagedlora-base" in results:
-        a, b = results["pagedlora"], results["pagedlora-base"]
         print(f"\npagedlora / its base-only run: "
-              f"{(a.output_tokens / a.seconds) / (b.output_tokens / b.seconds):.1%}")
+              f"{tok_s('pagedlora') / tok_s('pagedlora-base'):.1%}")
+    if "pagedlora-merged" in results:
+        r = results["pagedlora-merged"]
+        m = r.extra["merge"]
+        print(f"pagedlora-merged: {m['merged_steps']} of {r.extra['steps']} steps merged; "
+              f"{m['switches']} switches ({m['merges']} merges, {m['reuses']} reuses of a "
+              f"merged copy, {m['unmerges']} unmerges); {m['merge_seconds']:.3f} s merging "
+              f"(unmerging is free); merged copies {m['merged_bytes'] / 2**20:.0f} MiB")
+        for other in ("pagedlora", "pagedlora-base"):
+            if other in results:
+                print(f"pagedlora-merged / {other}: {tok_s('pagedlora-merged') / tok_s(other):.1%}")
+        if "pagedlora" in results:
+            print(f"pagedlora-merged: greedy outputs equal to pagedlora's (unmerged) for "
+                  f"{agreement(r.token_ids, results['pagedlora'].token_ids):.0%} of requests")
     if "pagedlora-online" in results:
         r = results["pagedlora-online"]
         ok = sum(t <= args.slo_ttft for t in r.ttft) / len(r.ttft)

@@ -23,7 +23,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from pagedlora import __version__
-from pagedlora.config import DTYPES, KERNEL_BACKENDS, MEMORY_LAYOUTS, POLICIES, EngineConfig
+from pagedlora.config import (
+    DTYPES,
+    KERNEL_BACKENDS,
+    MEMORY_LAYOUTS,
+    MERGE_POLICIES,
+    POLICIES,
+    EngineConfig,
+)
 from pagedlora.sources import as_source, is_s3_url
 
 DEFAULT_HOST, SAGEMAKER_HOST = "127.0.0.1", "0.0.0.0"
@@ -32,7 +39,7 @@ DEFAULT_MAX_QUEUE, DEFAULT_MAX_BODY_MB, DEFAULT_POOL_GB = 256, 4.0, 1.0
 
 _CONVERTERS = {"int": int, "float": float, "str": str}
 _CHOICES = {"dtype": DTYPES, "kernel_backend": KERNEL_BACKENDS, "memory_layout": MEMORY_LAYOUTS,
-            "policy": POLICIES}
+            "policy": POLICIES, "merge_policy": MERGE_POLICIES}
 # What `pagedlora serve` imports beyond the base install: the "serve" extra
 _SERVE_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
 

@@ -7,11 +7,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pagedlora.kernels.backend import KERNEL_BACKENDS
+from pagedlora.merge_policy import MERGE_POLICIES
 from pagedlora.scheduler import MEMORY_LAYOUTS, POLICIES, SchedulerConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The option choices, where the CLI and the LMI options find them.
-__all__ = ["DTYPES", "KERNEL_BACKENDS", "MEMORY_LAYOUTS", "POLICIES", "EngineConfig"]
+__all__ = ["DTYPES", "KERNEL_BACKENDS", "MEMORY_LAYOUTS", "MERGE_POLICIES", "POLICIES",
+           "EngineConfig"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,15 @@ class EngineConfig:
             from their sources.
         max_logprobs: the largest ``SamplingParams.logprobs`` and ``prompt_logprobs`` a request
             may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
+        merge_policy: "never" (the default): every step adds each sequence's LoRA to the base
+            model's output (unmerged: any mix of adapters per step). "auto": a step whose
+            requests all use one adapter at weight 1 (no base request, mix or scaled
+            adapter; DoRA adapters included) runs on that adapter's weights merged
+            into copies of the base weights, at the base model's speed, once the adapter has run
+            a few such steps unmerged (dLoRA's dynamic merge, Wu et al. OSDI 2024); the next
+            step with another adapter or a base request runs unmerged again. The merged copies
+            (the fused weights the adapter targets: up to the size of the model's projection
+            weights) live on the device outside the pool; see ``stats()["merge"]``.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -101,6 +112,7 @@ class EngineConfig:
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
     max_logprobs: int = 20
+    merge_policy: str = "never"
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -146,6 +158,9 @@ class EngineConfig:
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
                 or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
+        if self.merge_policy not in MERGE_POLICIES:
+            raise ValueError(f"merge_policy must be one of {MERGE_POLICIES}, "
+                             f"got {self.merge_policy!r}")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")

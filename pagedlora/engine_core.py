@@ -7,13 +7,15 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from pagedlora.adapter_pages import packed_pages
 from pagedlora.adapter_store import AdapterStore, AdapterStoreStats
 from pagedlora.config import EngineConfig
+from pagedlora.merge_policy import MergePolicy, MergeStats
+from pagedlora.merged_weights import MergedStats
 from pagedlora.model import LlamaModel
 from pagedlora.model_runner import ModelRunner
 from pagedlora.pool import UnifiedPool
@@ -39,6 +41,7 @@ class StepStats:
         num_tokens: tokens computed.
         num_adapters: distinct adapters of the step.
         num_preempted: requests preempted for it.
+        merged: whether it ran on one adapter's merged weights (``merge_policy="auto"``).
         pages_free: pages on the free list after it.
         seconds: wall time of the step.
         scheduled: per scheduled request ``(request_id, num_computed_tokens before the step,
@@ -49,6 +52,7 @@ class StepStats:
     num_tokens: int
     num_adapters: int
     num_preempted: int
+    merged: bool
     pages_free: int
     seconds: float
     scheduled: tuple[tuple[int, int, int], ...]
@@ -65,6 +69,8 @@ class EngineStats:
         adapters: tiers and counters per adapter (the adapter store's).
         queued: requests added but not yet handed to the scheduler (they join at the next
             step; ``requests_waiting`` counts them).
+        merge: the merge policy's counters.
+        merged: the merged weights' (merges, their seconds and bytes).
         page_numel: elements per page.
         page_bytes: bytes per page.
         block_size: tokens per KV block.
@@ -78,6 +84,8 @@ class EngineStats:
     scheduler: SchedulerStats
     adapters: AdapterStoreStats
     queued: int
+    merge: MergeStats
+    merged: MergedStats
     page_numel: int
     page_bytes: int
     block_size: int
@@ -136,7 +144,10 @@ class EngineStats:
         ``prefix_cache`` (``hit_tokens``, ``queried_tokens``: prompt tokens served from the
         cache and looked up, since the start); ``adapters`` (per name: ``tier``,
         ``requests``, ``tokens``, ``loads_from_disk``, ``loads_from_source``,
-        ``loads_from_host``, ``evictions``, ``last_used``: see ``AdapterUsage``)."""
+        ``loads_from_host``, ``evictions``, ``last_used``: see ``AdapterUsage``); ``merge``
+        (``merged_steps``, ``merges``, ``reuses``, ``unmerges``, ``switches``: see
+        ``MergeStats``; ``merge_seconds``: time spent merging, unmerging being free;
+        ``merged_bytes``: device memory the merged copies hold, outside the pool)."""
         return {
             "pages_total": self.pool.num_pages, "pages_kv": self.pool.kv,
             "pages_kv_cached": self.kv.cached_pages, "pages_adapter": self.pool.adapter,
@@ -153,6 +164,8 @@ class EngineStats:
             "prefix_cache": {"hit_tokens": self.kv.hit_tokens,
                              "queried_tokens": self.kv.queried_tokens},
             "adapters": {name: asdict(u) for name, u in self.adapters.adapters.items()},
+            "merge": {**asdict(self.merge), "switches": self.merge.switches,
+                      "merge_seconds": self.merged.seconds, "merged_bytes": self.merged.bytes},
         }
 
     def pool_dict(self) -> dict:
@@ -185,7 +198,8 @@ class EngineCore:
         load = adapters.load(out)                      # reserved adapters into their pages
         out = scheduler.drop_failed(out, load.failed)  # adapters that could not be had
         adapters.start_prefetch(out.upcoming_adapters) # disk -> host while the step runs
-        inputs = StepInput.build(out, load.placements)
+        merged = merging.decide(out's adapter keys)    # one adapter only: merged weights?
+        inputs = StepInput.build(out, load.placements, merged=merged)
         result = runner.run(inputs)                    # forward pass and sampling
         updated = scheduler.update(out, result)        # tokens, stops, times, freed pages
         adapters.warm(out.upcoming_adapters)           # host -> free pool pages
@@ -198,18 +212,21 @@ class EngineCore:
         scheduler, adapters, runner: the parts, wired to one pool.
         pool: the unified pool.
         clock: seconds, monotonic; the scheduler's clock.
+        merging: decides which steps run on merged weights (default: none).
     """
 
     HISTORY = 1024  # steps kept for stats
 
     def __init__(self, scheduler: Scheduler, adapters: AdapterStore, runner: ModelRunner,
-                 pool: UnifiedPool, clock: Callable[[], float] = time.perf_counter) -> None:
+                 pool: UnifiedPool, clock: Callable[[], float] = time.perf_counter,
+                 merging: MergePolicy | None = None) -> None:
         self.model = runner.model
         self.scheduler = scheduler
         self.adapters = adapters
         self.runner = runner
         self.pool = pool
         self.clock = clock
+        self.merging = merging or MergePolicy()
         self._lock = threading.Lock()  # guards the two queues below
         self._new: list[Request] = []
         self._aborts: list[int] = []
@@ -255,7 +272,8 @@ class EngineCore:
         scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
                               allocator=pool.allocator, adapters=adapters)
         runner = ModelRunner(m, pool, sampler or Sampler(device))
-        return cls(scheduler, adapters, runner, pool, scheduler.clock)
+        return cls(scheduler, adapters, runner, pool, scheduler.clock,
+                   MergePolicy(config.merge_policy))
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -292,7 +310,11 @@ class EngineCore:
         load = self.adapters.load(out)
         out = self.scheduler.drop_failed(out, load.failed)
         self.adapters.start_prefetch(out.upcoming_adapters)
-        inputs = StepInput.build(out, load.placements, self._finished_since_run(out))
+        merged = self.merging.decide([s.request.adapter_key for s in out.scheduled],
+                                     lambda key: self.runner.merged.can_merge(
+                                         load.placements[key]))
+        inputs = StepInput.build(out, load.placements, self._finished_since_run(out),
+                                 merged=merged)
         result = self.runner.run(inputs)
         updated = self.scheduler.update(out, result)
         self.adapters.warm(out.upcoming_adapters)
@@ -325,6 +347,7 @@ class EngineCore:
         return EngineStats(
             pool=self.pool.allocator.stats(), kv=self.scheduler.kv.stats(self.scheduler.running),
             scheduler=scheduler, adapters=self.adapters.stats(), queued=queued,
+            merge=replace(self.merging.stats), merged=self.runner.merged.stats,
             page_numel=self.pool.page_numel,
             page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
             block_size=self.pool.block_size,
@@ -361,6 +384,13 @@ class EngineCore:
     def num_steps(self) -> int:
         """Steps run since the start."""
         return self._num_steps
+
+    def drop_merged(self) -> None:
+        """Frees the merged copies of ``merge_policy="auto"`` (between two steps) and forgets
+        the credit adapters earned toward a merge; the next single-adapter steps earn it
+        again."""
+        self.runner.merged.release()
+        self.merging.forget()
 
     def reset_peak(self) -> EngineStats:
         """Starts a new peak watch (see :attr:`peak`) at the stats of now."""
@@ -405,7 +435,8 @@ class EngineCore:
         stats = StepStats(
             batch_size=len(out.scheduled), num_tokens=out.num_batched_tokens,
             num_adapters=len(out.adapter_keys), num_preempted=len(out.preempted),
-            pages_free=self.pool.allocator.num_free, seconds=time.perf_counter() - started,
+            merged=inputs.merged is not None, pages_free=self.pool.allocator.num_free,
+            seconds=time.perf_counter() - started,
             scheduled=tuple((s.request_id, s.start, len(s.token_ids)) for s in inputs.sequences))
         self._steps.append(stats)
         self._num_steps += 1

@@ -44,6 +44,9 @@ class ForwardBatch:
         lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets;
             ``(VOCAB_LAYER, "embed_tokens")`` over the tokens, ``(VOCAB_LAYER, "lm_head")``
             over the ``S`` logits rows.
+        layers: per layer, the weights to run with in place of the model's (``layers[n]`` has
+            the keys of ``LlamaModel.layers[n]``): one adapter's merged weights
+            (:class:`pagedlora.merged_weights.MergedWeights`); None: the model's own.
     """
 
     input_ids: torch.Tensor
@@ -53,6 +56,7 @@ class ForwardBatch:
     groups: list[AttentionGroup]
     sample_index: torch.Tensor
     lora: dict[tuple[int, str], LoraBatch] = field(default_factory=dict)
+    layers: list[dict[str, torch.Tensor]] | None = None
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +81,9 @@ class LlamaModel:
     ``embed_tokens`` (a row lookup, :func:`lora_embedding`) and ``lm_head`` (on the logits
     rows) through the torch ops on rows read out of the pool, whatever the backend. With tied
     embeddings (SmolLM2) ``lm_head`` is the embedding matrix, and a LoRA on either applies where
-    PEFT applies it: on the lookup for ``embed_tokens``, on the logits for ``lm_head``.
+    PEFT applies it: on the lookup for ``embed_tokens``, on the logits for ``lm_head``. Or a
+    step runs on decoder weights with one adapter merged in (``ForwardBatch.layers``;
+    ``fused_rows`` says where each module's rows are in the fused weights).
 
     Args:
         config: a transformers ``PretrainedConfig`` of a supported model type.
@@ -115,6 +121,12 @@ class LlamaModel:
             "q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out),
             "o_proj": (q_out, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
         self._split_qkv = [q_out, kv_out, kv_out]
+        # module -> (fused weight of self.layers[n], its first row, its end row)
+        self.fused_rows = {
+            "q_proj": ("qkv", 0, q_out), "k_proj": ("qkv", q_out, q_out + kv_out),
+            "v_proj": ("qkv", q_out + kv_out, q_out + 2 * kv_out), "o_proj": ("o", 0, h),
+            "gate_proj": ("gate_up", 0, i), "up_proj": ("gate_up", i, 2 * i),
+            "down_proj": ("down", 0, h)}
 
         def take(name: str) -> torch.Tensor:
             if name not in weights:
@@ -218,7 +230,7 @@ class LlamaModel:
         rows = pool.rows
         ops = self.kernels
         t, d = h.shape[0], self.head_dim
-        for n, w in enumerate(self.layers):
+        for n, w in enumerate(self.layers if batch.layers is None else batch.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
                 work = batch.lora.get((n, module))
                 if work is not None:

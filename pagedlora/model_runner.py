@@ -10,6 +10,7 @@ from pagedlora.kernels.lora import TokenRange
 from pagedlora.kernels.paged_attention import attention_metadata
 from pagedlora.logprobs import token_logprobs
 from pagedlora.lora_layouts import LoraLayouts
+from pagedlora.merged_weights import MergedWeights
 from pagedlora.model import AttentionGroup, ForwardBatch, LlamaModel
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
@@ -42,7 +43,8 @@ class ModelRunner:
     attended in two groups so a long prompt does not pad every decode. Logits are computed
     only where they are used: the last position of each sequence that samples, and the
     positions whose prompt log-probabilities a request asked for; log-probabilities only for
-    the requests that asked (:func:`pagedlora.logprobs.token_logprobs`).
+    the requests that asked (:func:`pagedlora.logprobs.token_logprobs`). A step marked
+    ``merged`` runs on that adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
@@ -55,6 +57,7 @@ class ModelRunner:
         self.pool = pool
         self.sampler = sampler
         self.lora = LoraLayouts(pool, model.lora_module_shapes, model.kernels.reads_gathered_rows)
+        self.merged = MergedWeights(model, pool)
 
     def run(self, step: StepInput) -> RunnerOutput:
         """Runs one step.
@@ -155,14 +158,18 @@ class ModelRunner:
                 block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
                 meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
                                         t([m[2] for m in members]), width * bs)))
-        keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
-        lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
-                                 len(input_ids), logit_uses=[logit_uses[k] for k in keys],
-                                 num_logits=len(logits_index))
+        if step.merged is None:
+            keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
+            lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
+                                     len(input_ids), logit_uses=[logit_uses[k] for k in keys],
+                                     num_logits=len(logits_index))
+            layers = None
+        else:
+            lora, layers = {}, self.merged.layers_for(step.merged, step.adapters[step.merged])
         batch = ForwardBatch(
             input_ids=t(input_ids), positions=t(positions),
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
-            groups=groups, sample_index=t(logits_index), lora=lora)
+            groups=groups, sample_index=t(logits_index), lora=lora, layers=layers)
         only_samples = not prompt_rows
         return batch, _LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
 

@@ -66,20 +66,26 @@ class StepInput:
             of mixes included).
         finished_request_ids: requests finished since the last step (the runner drops their
             state: sampler generators).
+        merged: the adapter key of every sequence when the step runs on that adapter's merged
+            weights (:class:`pagedlora.merge_policy.MergePolicy`), None when it runs unmerged.
     """
 
     sequences: tuple[SequenceInput, ...]
     adapters: Mapping[str, ResidentAdapter]
     finished_request_ids: tuple[int, ...] = ()
+    merged: str | None = None
 
     @classmethod
     def build(cls, out: SchedulerOutput, placements: Mapping[str, ResidentAdapter],
-              finished_request_ids: tuple[int, ...] | None = None) -> StepInput:
-        """From the scheduler's output (after ``drop_failed``) and the adapter store's
-        placements of its adapters; ``finished_request_ids`` defaults to the output's.
+              finished_request_ids: tuple[int, ...] | None = None, *,
+              merged: str | None = None) -> StepInput:
+        """From the scheduler's output (after ``drop_failed``), the adapter store's
+        placements of its adapters and the merge decision; ``finished_request_ids`` defaults
+        to the output's.
 
         Raises:
             KeyError: an adapter of ``out`` without a placement.
+            ValueError: ``merged`` set while a sequence uses another adapter or none.
         """
         sequences = []
         for s in out.scheduled:
@@ -99,6 +105,9 @@ class StepInput:
                 sample=first + n == r.num_tokens, sampling=r.sampling,
                 prompt_targets=tuple(r.prompt_token_ids[lo + 1:hi + 1]),
                 prompt_logprobs_from=lo, adapter_mix=r.adapter_mix))
+        if merged is not None and any(s.lora_terms != ((merged, 1.0),) for s in sequences):
+            raise ValueError(f"step merged with adapter {merged!r}, but it runs "
+                             f"{sorted({repr(s.lora_terms) for s in sequences})}")
         return cls(tuple(sequences), {k: placements[k] for k in out.adapter_keys},
                    out.finished_request_ids if finished_request_ids is None
-                   else finished_request_ids)
+                   else finished_request_ids, merged)
