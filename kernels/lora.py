@@ -43,47 +43,51 @@ class LoraSegment:
 
 @dataclass(frozen=True)
 class StackedTokens:
-    """Where the tokens of one rank class of a BGMV batch are: each adapter's first token
-    goes through the class's batched matmuls (one row per adapter: no zero-padded token
-    layout), its other tokens (an adapter of several requests) through a GEMM against its
-    own rows.
+    """Where the tokens of one rank class of a BGMV batch sit in its adapter-major layout.
 
     Attributes:
-        index: ``[S]`` int64 each stacked adapter's first token.
-        weight: ``[S]`` that token's weight for the adapter (the batch's dtype; 0 for an
-            adapter without tokens), or None when every one is 1.
-        first: when adapter k's first token is ``first + k`` for every k, ``first`` (the
-            kernel slices instead of indexing), else None.
-        rest: ``(k, start, end, weight)``: adapter k's other tokens ``[start, end)``.
+        index: ``[N]`` int64 (token, adapter) pairs' token (a token of a mix appears once per
+            adapter).
+        entry: ``[N]`` int64 their adapter among the stacked ones.
+        position: ``[N]`` int64 their place among that adapter's tokens.
+        width: the most tokens any one adapter has (1: one each, no zero-padded layout).
+        weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
+            every weight is 1.
+        first: when adapter k's one token is ``first + k`` at weight 1 for every k, ``first``
+            (the kernel slices instead of indexing), else None.
     """
 
     index: torch.Tensor
+    entry: torch.Tensor
+    position: torch.Tensor
+    width: int
     weight: torch.Tensor | None = None
     first: int | None = None
-    rest: tuple[tuple[int, int, int, float], ...] = ()
 
     @classmethod
     def of(cls, ranges: Sequence[Sequence[TokenRange]], *, dtype: torch.dtype,
            device: torch.device) -> StackedTokens:
         """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in
-        order)."""
-        index, weight, rest = [], [], []
+        order; each adapter has at least one token)."""
+        lo = ranges[0][0][0]
+        first = lo if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0)
+                          for k, r in enumerate(ranges)) else None
+        index, entry, position, weight, width = [], [], [], [], 0
         for k, adapter_ranges in enumerate(ranges):
-            spans = [r for r in adapter_ranges if r[1] > r[0]]
-            if not spans:
-                index.append(0)
-                weight.append(0.0)
-                continue
-            (start, end, w), *more = spans
-            index.append(start)
-            weight.append(w)
-            rest.extend((k, s, e, v) for s, e, v in ([(start + 1, end, w)] if end > start + 1
-                                                     else []) + more)
-        first = index[0] if index == list(range(index[0], index[0] + len(index))) else None
+            n = 0
+            for start, end, w in adapter_ranges:
+                index.extend(range(start, end))
+                weight.extend([w] * (end - start))
+                position.extend(range(n, n + end - start))
+                n += end - start
+            entry.extend([k] * n)
+            width = max(width, n)
+
+        def t(v: list[int]) -> torch.Tensor:
+            return torch.tensor(v, dtype=torch.long, device=device)
         weights = None if all(w == 1.0 for w in weight) else torch.tensor(
             weight, dtype=dtype, device=device)
-        return cls(torch.tensor(index, dtype=torch.long, device=device), weights, first,
-                   tuple(rest))
+        return cls(t(index), t(entry), t(position), width, weights, first)
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,8 @@ class SegmentTable:
 
 @dataclass(frozen=True)
 class Stacked:
-    """One rank class of a BGMV batch (``LoraBatch.stacked``): the adapters whose rank rounds
-    up to the same power of two, stacked and zero-padded to the largest of them.
+    """One rank class of a BGMV batch (``LoraBatch.stacked``): adapters whose ranks are within
+    4x of the class's largest, stacked and zero-padded to it.
 
     Attributes:
         a: ``[S, r, in_features]`` lora_A rows, adapter k's in ``a[k, :r_k]``.
@@ -159,7 +163,7 @@ class LoraBatch:
             them through the page tables.
         stacked: the BGMV form, for decode batches over many adapters (CPU path): one
             :class:`Stacked` per rank class of the batch's adapters (padding within a class
-            is less than 2x an adapter's rank, none for powers of two).
+            is at most 4x an adapter's rank).
         dora: the DoRA rescaling of the module's output, when one of its adapters is DoRA
             (applied by :func:`dora_rescale`, after :func:`lora_shrink_expand`).
         tables: the segments as device tensors, in disjoint groups (Triton), or None: the
@@ -300,22 +304,28 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
 def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
     """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and adapter e of each
     rank class of ``batch.stacked`` (the scale is already in ``b``; ``w`` is the token's
-    weight for the adapter, 1 but in a mix): the adapters' first tokens as two batched
-    matmuls (BGMV, one row each), their other tokens as one GEMM per adapter (see
-    :class:`StackedTokens`)."""
+    weight for the adapter, 1 but in a mix). Tokens are laid out adapter-major (``[S, width,
+    in]``, zero-padded when an adapter has several, a mix's token once per adapter, its
+    weight applied to its activation row) rather than copying weights per token: an
+    activation row is ``in`` elements, an adapter's rows ``r * in``."""
     for part in batch.stacked:
         a, b, tokens = part.a, part.b, part.tokens
-        lo = tokens.first
-        rows = x[tokens.index] if lo is None else x[lo:lo + a.shape[0]]
+        if tokens.first is not None:  # one token each, in order: slices, no indexing
+            lo, hi = tokens.first, tokens.first + a.shape[0]
+            shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))   # [S, 1, r]
+            y[lo:hi] += torch.bmm(shrunk, b).squeeze(1)
+            continue
+        rows = x[tokens.index]
         if tokens.weight is not None:
             rows = rows * tokens.weight[:, None]
-        out = torch.bmm(torch.bmm(rows.unsqueeze(1), a.transpose(1, 2)), b).squeeze(1)
-        if lo is None:
-            y.index_add_(0, tokens.index, out)
-        else:
-            y[lo:lo + a.shape[0]] += out
-        for k, start, end, w in tokens.rest:
-            y[start:end].addmm_(F.linear(x[start:end], a[k]), b[k], alpha=w)
+        if tokens.width == 1:  # one token each: no zero-padded layout
+            out = torch.bmm(torch.bmm(rows.unsqueeze(1), a.transpose(1, 2)), b)
+            y.index_add_(0, tokens.index, out.squeeze(1))
+            continue
+        laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])        # [S, width, in]
+        laid[tokens.entry, tokens.position] = rows
+        out = torch.bmm(torch.bmm(laid, a.transpose(1, 2)), b)          # [S, width, out]
+        y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
 
 
 def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, dora: DoraScales,

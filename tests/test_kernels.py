@@ -157,12 +157,12 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
                       tuple(zip(a_rows, b_rows, strict=True)))
     uses = [[(*s[:2], 1.0)] for s in segments]
     classes = rows.stacked()
-    # ranks 1..16 in rank classes 1, 2, 3-4, 5-8, 9-16: no class padded past 2x a rank
+    # ranks 1..16: classes 16..4 (each >= a quarter of the largest), 3..1
     assert sorted(len(e) for e, _, _ in classes) == sorted(
-        Counter((ranks[i] - 1).bit_length() for i in which).values())
+        Counter(ranks[i] >= 4 for i in which).values())
     for entries, a, _ in classes:
-        assert all(a.shape[1] < 2 * (cols[k][2] - cols[k][1]) or a.shape[1] == 1
-                   for k in entries)
+        assert list(entries) == sorted(entries)
+        assert all(a.shape[1] <= 4 * (cols[k][2] - cols[k][1]) for k in entries)
     stacked = tuple(Stacked(a, b, StackedTokens.of([uses[cols[k][0]] for k in entries],
                                                    dtype=torch.float32,
                                                    device=torch.device("cpu")))
