@@ -40,9 +40,13 @@ Everything runs in one process and one Engine: model write (cached in ``--work-d
 write, engine load, warm-up (compiles the Triton kernels for prefill and decode, short and long
 segments, ranks up to 16 and above), then the runs. Elapsed time is printed per phase; a run
 that would not fit the remaining ``budget_s`` is skipped and marked so. Results go to
-``OUT/gpu_bench.json`` (rewritten after every run) and ``OUT/gpu_bench.md``.
+``OUT/gpu_bench.json`` and ``OUT/gpu_bench.md``, both rewritten after every run. Before anything
+is timed, one prefill and one decode step of the Triton kernels are compared with the torch
+references on a tokenizer-free tiny Llama (:func:`check_backends`); the invocation stops if
+they disagree.
 
     OUT=/tmp/out benchmarks/gpu_bench.sh            # on the GPU machine, about 6 minutes
+    OUT=/tmp/out benchmarks/gpu_bench.sh --tensor-parallel-size 2   # over two GPUs
     python benchmarks/gpu_bench.py --dry-run --out /tmp/out   # tiny model on the CPU, seconds
 """
 
@@ -98,6 +102,8 @@ class Plan:
         distinct_weights: weight files written per rank (see the module docstring).
         budget_s: seconds the whole invocation may take; later runs are skipped past it.
         threads: torch CPU threads (None: torch's default).
+        tensor_parallel_size: devices the model is split over (``Engine``'s option: one
+            worker process per GPU, ``cuda:0`` to ``cuda:N-1``; ``pool_gb`` per device).
     """
 
     name: str
@@ -117,6 +123,7 @@ class Plan:
     distinct_weights: int
     budget_s: float
     threads: int | None = None
+    tensor_parallel_size: int = 1
 
 
 # Time budget on an H200 (8 minutes; the shell script's timeout is 470 s), estimated: checks and
@@ -176,13 +183,20 @@ def environment(plan: Plan) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit(f"gpu_bench: torch {torch.__version__} (CUDA {torch.version.cuda}) "
                              f"sees no CUDA device; on a CPU use --dry-run")
+        tp = plan.tensor_parallel_size
+        if torch.cuda.device_count() < tp:
+            raise SystemExit(f"gpu_bench: --tensor-parallel-size {tp} needs {tp} CUDA devices; "
+                             f"torch sees {torch.cuda.device_count()}")
         props = torch.cuda.get_device_properties(plan.device)
-        env["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-        free = torch.cuda.mem_get_info(plan.device)[0] / 2**30
-        if free < plan.pool_gb + 16:  # + the 7B model's 12.6 GiB and activations
-            raise SystemExit(f"gpu_bench: {free:.0f} GiB free on {props.name}; the pool "
-                             f"({plan.pool_gb} GiB) and the model need {plan.pool_gb + 16:.0f}: "
-                             f"pass a smaller --pool-gb")
+        env["device"] = f"{tp} x {props.name}, {props.total_memory / 2**30:.0f} GiB"
+        need = plan.pool_gb + 16 / tp  # + each rank's part of the 7B model's 12.6 GiB
+        for index in range(tp):
+            free = torch.cuda.mem_get_info(index)[0] / 2**30
+            if free < need:
+                raise SystemExit(f"gpu_bench: {free:.0f} GiB free on cuda:{index}; the pool "
+                                 f"({plan.pool_gb} GiB) and its shard of the model need "
+                                 f"{need:.0f}: pass a smaller --pool-gb")
+    env["tensor_parallel_size"] = plan.tensor_parallel_size
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
     return env
 
@@ -286,7 +300,8 @@ def make_engine(plan: Plan, model_dir: Path):
                   max_num_seqs=plan.max_num_seqs,
                   max_num_batched_tokens=plan.max_num_batched_tokens,
                   max_loras=plan.max_num_seqs, max_lora_rank=max(SETTINGS["S2"]),
-                  enable_prefix_caching=False)
+                  enable_prefix_caching=False,
+                  tensor_parallel_size=plan.tensor_parallel_size)
 
 
 def warm_up(engine, plan: Plan, paths: dict[str, list[Path]], num_adapters: int = 64) -> None:
@@ -314,6 +329,74 @@ def warm_up(engine, plan: Plan, paths: dict[str, list[Path]], num_adapters: int 
                 raise RuntimeError(f"warm-up: {len(errors)} requests failed: {errors[0]}")
         for name in names.values():
             engine.remove_adapter(name)
+
+
+# Largest |log-probability| difference (nats) of a generated token between the Triton and the
+# torch kernels on the check's tiny model: float32 on a GPU runs Triton's dots in TF32
+# (10-bit mantissa) against cuBLAS's float32; half precision rounds every projection.
+BACKEND_ATOL = {"float32": 5e-3, "float16": 5e-2, "bfloat16": 1e-1}
+
+
+def check_backends(plan: Plan, work: Path, num_requests: int = 8) -> dict:
+    """The Triton kernels against the torch references on ``plan.device`` before anything is
+    timed: a tokenizer-free tiny Llama (``TINY_LLAMA``, random ``plan.dtype`` weights) with S2's
+    four ranks on q, k, v, o, ``num_requests`` requests of 1-40 tokens (adapters and the base
+    model mixed) through one engine per backend, greedy, two tokens each: one prefill step and
+    one decode step. The chosen tokens' log-probabilities must be within
+    ``BACKEND_ATOL[plan.dtype]`` (a request's later positions are compared while its tokens
+    agree: a near tie may pick another token, which is counted, not failed). Triton on the
+    CPU needs ``TRITON_INTERPRET=1`` (the dry run of gpu_bench.sh sets it); without it the
+    check is skipped and says so.
+
+    Returns:
+        ``{"tokens_equal": "k/n" (requests whose tokens all agree), "max_logprob_diff": nats,
+        "atol": nats, "backends": the kernels each engine ran}``, or ``{"skipped": why}``.
+    Raises:
+        SystemExit: the backends disagree (timing wrong kernels would mean nothing).
+    """
+    from pagedlora import Engine, SamplingParams
+
+    if plan.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return {"skipped": "Triton on the CPU needs TRITON_INTERPRET=1"}
+    # weights of std 0.2, as the tests' tiny Llamas: peaked logits, so few near ties
+    config = llama_config({**TINY_LLAMA, "initializer_range": 0.2})
+    dtype = getattr(torch, plan.dtype)
+    model_dir = write_random_model(work / f"check-{plan.dtype}-model", config, dtype=dtype,
+                                   device=plan.device)
+    paths = write_setting_adapters(work / f"check-{plan.dtype}-adapters", config,
+                                   ranks=SETTINGS["S2"], num=len(SETTINGS["S2"]), distinct=1,
+                                   dtype=dtype)
+    prompts = [[3 + (7 * i + j) % 500 for j in range(1 + (13 * i) % 40)]
+               for i in range(num_requests)]
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs, ran = {}, []
+    for backend in ("triton", "torch"):
+        engine = Engine(model_dir, pool_gb=0.05, dtype=plan.dtype, device=plan.device,
+                        kernel_backend=backend, max_loras=len(paths),
+                        max_lora_rank=max(SETTINGS["S2"]), enable_prefix_caching=False)
+        for i, path in enumerate(paths):
+            engine.add_adapter(f"c{i}", path)
+        names = [None, *(f"c{i}" for i in range(len(paths)))]
+        ran.append(engine.core.runner.kernel_backend)
+        outs[backend] = engine.generate(prompts, [names[i % len(names)]
+                                                  for i in range(num_requests)],
+                                        params, progress=False)
+        engine.close()
+    equal, worst = 0, 0.0
+    for a, b in zip(outs["triton"], outs["torch"], strict=True):
+        for x, y, ta, tb in zip(a.logprobs, b.logprobs, a.token_ids, b.token_ids, strict=True):
+            worst = max(worst, abs(x.logprob - y.logprob))  # the chosen token's, a near tie too
+            if ta != tb:
+                break  # the next positions see other tokens
+        else:
+            equal += 1
+    result = {"tokens_equal": f"{equal}/{num_requests}", "max_logprob_diff": worst,
+              "atol": BACKEND_ATOL[plan.dtype], "backends": ran}
+    print(f"backend check (Triton vs torch, tiny Llama, {plan.dtype}): {result}", flush=True)
+    if worst > BACKEND_ATOL[plan.dtype]:
+        raise SystemExit(f"gpu_bench: the Triton kernels disagree with the torch ones on the "
+                         f"tiny model ({result}); nothing timed")
+    return result
 
 
 def register(engine, setting: str, paths: list[Path], used: list[int]) -> dict[int, str]:
@@ -440,10 +523,14 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
 
     def save() -> None:
         (out / "gpu_bench.json").write_text(json.dumps(result, indent=1))
+        (out / "gpu_bench.md").write_text(markdown(result))
 
     dtype = getattr(torch, plan.dtype)
     config = llama_config(plan.model)
     phases.done("checks and imports")
+    result["backend_check"] = check_backends(plan, work)
+    save()
+    phases.done("backend check")
     model_dir = write_random_model(work / f"model-{plan.name}", config, dtype=dtype,
                                    device=plan.device)
     result["model_dir"] = str(model_dir)
@@ -454,11 +541,23 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
              for s, ranks in SETTINGS.items()}
     phases.done("adapter files")
     engine = make_engine(plan, model_dir)
-    result["environment"]["kernel_backend"] = engine.model.kernels.backend
+    result["environment"]["kernel_backend"] = engine.core.runner.kernel_backend
     phases.done("engine load")
+    try:
+        _runs(engine, plan, config, paths, phases, rows, save)
+    finally:
+        engine.close()  # the tensor-parallel workers, if any
+    save()
+    return result
+
+
+def _runs(engine, plan: Plan, config, paths: dict[str, list[Path]], phases: Phases,
+          rows: list[dict], save) -> None:
+    """Warm-up, then every (setting, n, mode) run, each row saved as it is done."""
     warm_up(engine, plan, paths)
     phases.done("warm-up")
     special = {0, config.bos_token_id, config.eos_token_id}
+    register_s = 0.0  # seconds per adapter of the last registration (0 before the first)
     for setting in SETTINGS:
         for n in plan.num_adapters:
             # seed n: S1 and S2 serve the same requests at the same n
@@ -472,13 +571,16 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
                     trace[-1].arrival_s + plan.online_drain_s)
                 row = {"setting": setting, "n": n, "mode": mode, "requests": len(trace),
                        "adapters_used": len(used)}
-                if phases.elapsed() + cap_s > plan.budget_s:
+                # the run's registration counts: as long per adapter as the last one took
+                if phases.elapsed() + register_s * len(used) + cap_s > plan.budget_s:
                     rows.append({**row, "skipped": f"past budget_s={plan.budget_s}"})
                     save()
                     continue
                 # Registered afresh for each run: it starts with no adapter in the pool and
                 # those it uses in host memory.
+                started = time.perf_counter()
                 names = register(engine, setting, paths[setting], used)
+                register_s = (time.perf_counter() - started) / len(used)
                 phases.done(f"register {setting} n={n} {mode}: {len(used)} adapters")
                 rows.append({**row, **drive(engine, trace, names, online=mode == "online",
                                             cap_s=cap_s)})
@@ -486,8 +588,6 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
                 phases.done(f"{setting} n={n} {mode}")
                 for name in names.values():
                     engine.remove_adapter(name)
-    save()
-    return result
 
 
 def markdown(result: dict) -> str:
@@ -507,10 +607,12 @@ def markdown(result: dict) -> str:
         f"{m['vocab_size']}; random {plan['dtype']} weights. {plan['num_requests']} requests "
         f"per run, prompts {plan['input_range'][0]}-{plan['input_range'][1]} tokens, outputs "
         f"{plan['output_range'][0]}-{plan['output_range'][1]} (greedy, ignore_eos), uniform "
-        f"popularity; online: Poisson at {plan['rate']} req/s. pool {plan['pool_gb']} GiB, "
+        f"popularity; online: Poisson at {plan['rate']} req/s. tensor parallel "
+        f"{plan.get('tensor_parallel_size', 1)}, pool {plan['pool_gb']} GiB per device, "
         f"max_num_seqs = max_loras = {plan['max_num_seqs']}, max_num_batched_tokens "
         f"{plan['max_num_batched_tokens']}, prefix caching off.",
         f"Seconds: {phases_line(result['phases'])}.",
+        f"Triton against torch kernels before timing: {result.get('backend_check')}.",
         "",
         "| setting | n | mode | out tok/s | req/s | finished | TTFT p50 / p90 (s) | "
         "TPOT p50 / p90 (ms) | SLO: TTFT <= 6 s | adapters used | mean batch | "
@@ -557,19 +659,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, help="online arrivals, requests/s")
     parser.add_argument("--num-adapters", type=int, nargs="+", help="the n values")
     parser.add_argument("--budget-s", type=float, help="seconds for the whole invocation")
-    parser.add_argument("--pool-gb", type=float, help="the unified pool, GiB")
+    parser.add_argument("--pool-gb", type=float, help="the unified pool, GiB (per device)")
+    parser.add_argument("--tensor-parallel-size", type=int,
+                        help="split the model over this many GPUs (worker processes; on the "
+                             "CPU with --dry-run, over as many groups of cores)")
+    parser.add_argument("--check-only", action="store_true",
+                        help="only the Triton-vs-torch check on the tiny model (seconds): "
+                             "OUT/backend_check.json; exit status 1 if they disagree")
     args = parser.parse_args(argv)
     plan = DRY_RUN if args.dry_run else H200
     overrides = {k: v for k, v in (("num_requests", args.num_requests), ("rate", args.rate),
-                                   ("budget_s", args.budget_s), ("pool_gb", args.pool_gb))
+                                   ("budget_s", args.budget_s), ("pool_gb", args.pool_gb),
+                                   ("tensor_parallel_size", args.tensor_parallel_size))
                  if v is not None}
     if args.num_adapters:
         overrides["num_adapters"] = tuple(args.num_adapters)
     plan = replace(plan, **overrides)
-    result = run(plan, args.out, args.work_dir)
-    table = markdown(result)
-    (args.out / "gpu_bench.md").write_text(table)
-    print("\n" + table, flush=True)
+    if args.check_only:
+        environment(plan)
+        args.out.mkdir(parents=True, exist_ok=True)
+        check = check_backends(plan, args.work_dir)
+        (args.out / "backend_check.json").write_text(json.dumps(check, indent=1))
+        return
+    result = run(plan, args.out, args.work_dir)  # writes gpu_bench.md after every run
+    print("\n" + markdown(result), flush=True)
     print(f"wrote {args.out / 'gpu_bench.json'} and gpu_bench.md", file=sys.stderr)
 
 

@@ -10,7 +10,8 @@
 # invocations. Other options pass through to the driver (--num-requests, --rate, --pool-gb,
 # --num-adapters, --budget-s).
 # `gpu_bench.sh --dry-run` runs the same flow on the CPU (a tiny Llama, 8 requests per run,
-# torch kernels) in about 15 s, to check the script itself.
+# torch kernels; the Triton-vs-torch check through the Triton interpreter) to check the script
+# itself.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_bench_out}
@@ -18,7 +19,7 @@ export OUT
 mkdir -p "$OUT"
 PY=${PYTHON:-$(command -v python || command -v python3)}
 case " $* " in
-  *" --dry-run "*) ;;
+  *" --dry-run "*) export TRITON_INTERPRET=1 ;;  # the backend check's Triton on the CPU
   *) unset TRITON_INTERPRET  # compiled kernels on CUDA tensors
      "$PY" -c "import sys, torch; torch.cuda.is_available() or sys.exit(
 'gpu_bench: torch %s (CUDA build %s) sees no CUDA device; use --dry-run on a CPU'

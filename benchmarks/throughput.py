@@ -10,6 +10,12 @@ meaningful only within one run: the machine's speed drifts between runs.
 
 Systems:
     pagedlora       all requests at t=0 (offline), one ``Engine.generate`` call.
+    pagedlora-tp    the same, with ``tensor_parallel_size=--tensor-parallel-size`` (default
+                    2): that many worker processes, ``--threads / N`` threads each, against
+                    ``pagedlora``'s one process of ``--threads`` (the model must split: see
+                    ``--random-llama``).
+    pagedlora-tp-base  pagedlora-base with tensor parallelism (what the base sharding costs,
+                    without LoRA's extra all-reduces).
     pagedlora-base  the same prompts on the base model alone: the LoRA overhead.
     pagedlora-merged  as pagedlora, with ``merge_policy="auto"``: steps whose requests all use
                     one adapter run on its merged weights (reports the merged steps, switches
@@ -46,6 +52,12 @@ greedily.
     python benchmarks/throughput.py --scenario many --systems pagedlora,pagedlora-base
     python benchmarks/throughput.py --scenario hot-1,mixed-4 \
         --systems pagedlora,pagedlora-merged,pagedlora-base
+    python benchmarks/throughput.py --random-llama smollm2-even --scenario mixed-4,many \
+        --systems pagedlora,pagedlora-tp --threads 2
+
+``--random-llama NAME`` serves a random Llama of one of :data:`RANDOM_LLAMAS`' shapes (written
+once next to the adapters, with SmolLM2's tokenizer) instead of ``--model``: SmolLM2's 9 query
+and 3 KV heads do not split over 2 ranks.
 """
 
 from __future__ import annotations
@@ -126,7 +138,17 @@ SCENARIOS = {
         max_loras=64, max_lora_rank=16, max_cpu_loras=64),
 }
 SYSTEMS = ("gemm-limit", "pagedlora", "pagedlora-base", "pagedlora-merged", "peft", "vllm",
-           "pagedlora-online")
+           "pagedlora-online", "pagedlora-tp", "pagedlora-tp-base")
+# Random Llama shapes for tensor parallelism (LlamaConfig fields over SmolLM2's vocabulary):
+# "smollm2-even" is SmolLM2-135M's size with heads that split over 2 or 4 ranks (8 query heads
+# of 72, 2 KV heads); "wide" is a model whose weights dominate a step (1.5 GB in float32,
+# 4 KV heads of 128).
+RANDOM_LLAMAS = {
+    "smollm2-even": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=72),
+    "wide": dict(hidden_size=1536, intermediate_size=4096, num_hidden_layers=12,
+                 num_attention_heads=12, num_key_value_heads=4, head_dim=128),
+}
 
 
 @dataclass
@@ -147,6 +169,7 @@ class Job:
     max_cpu_loras: int | None
     pool_gb: float
     threads: int
+    tensor_parallel_size: int = 1
     # per request, a mix [[adapter index, weight], ...] used instead of its adapter, or None
     mixes: list[list[list] | None] = field(default_factory=list)
     dora: list[int] = field(default_factory=list)  # indices of the DoRA adapters
@@ -183,12 +206,27 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False,
     steps while it has work; TTFT counts from the trace arrival time. With
     ``merge_policy="auto"`` the warm-up's merged copies and credit are dropped before the
     timed run, so it pays for its own merges."""
-    from pagedlora import Engine, SamplingParams
+    from pagedlora import Engine
 
     engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
                     max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
                     max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
-                    enable_prefix_caching=False, merge_policy=merge_policy)
+                    enable_prefix_caching=False, merge_policy=merge_policy,
+                    tensor_parallel_size=job.tensor_parallel_size)
+    try:
+        result = _timed_pagedlora(engine, job, base_only, online, merge_policy)
+    finally:
+        engine.close()  # the tensor-parallel workers, if any
+    if job.tensor_parallel_size > 1:  # peak_rss_mib is the driver's; the largest worker's:
+        result.extra["worker_peak_rss_mib"] = resource.getrusage(
+            resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return result
+
+
+def _timed_pagedlora(engine, job: Job, base_only: bool, online: bool, merge_policy: str
+                     ) -> Result:
+    from pagedlora import SamplingParams
+
     names: list = [None] * len(job.prompts)
     if not base_only:
         for i, path in enumerate(job.adapter_paths):
@@ -219,6 +257,7 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False,
                   [o.tpot for o in outs], _peak_rss_mib(), [o.token_ids for o in outs],
                   extra={"mean_batch": statistics.fmean(s["batch_size"] for s in steps)
                          if steps else 0.0, "steps": taken,
+                         "tensor_parallel_size": job.tensor_parallel_size,
                          **({"merge": {**merge, "merged_bytes": stats["merge"]["merged_bytes"]}}
                             if merge_policy != "never" else {})})
 
@@ -409,7 +448,8 @@ def worker(job_path: Path, result_path: Path) -> None:
     import torch
 
     torch.set_num_threads(job.threads)
-    run = {"pagedlora": lambda: run_pagedlora(job),
+    run = {"pagedlora": lambda: run_pagedlora(job), "pagedlora-tp": lambda: run_pagedlora(job),
+           "pagedlora-tp-base": lambda: run_pagedlora(job, base_only=True),
            "pagedlora-online": lambda: run_pagedlora(job, online=True),
            "pagedlora-base": lambda: run_pagedlora(job, base_only=True),
            "pagedlora-merged": lambda: run_pagedlora(job, merge_policy="auto"),
@@ -474,6 +514,11 @@ def main() -> None:
                         help="run the systems round-robin this many times and keep each "
                              "one's fastest run (noise on a shared machine only slows)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--tensor-parallel-size", type=int, default=2,
+                        help="pagedlora-tp: worker processes the model is split over")
+    parser.add_argument("--random-llama",
+                        help="serve a random Llama of this shape instead of --model; several "
+                             f"(comma-separated) run one after another: {sorted(RANDOM_LLAMAS)}")
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -491,6 +536,32 @@ def main() -> None:
     for name in scenarios:
         if name not in SCENARIOS:
             parser.error(f"unknown scenario {name!r}; choose from {sorted(SCENARIOS)}")
+    shapes = args.random_llama.split(",") if args.random_llama else [None]
+    for shape in shapes:
+        if shape not in (None, *RANDOM_LLAMAS):
+            parser.error(f"unknown --random-llama {shape!r}; choose from {sorted(RANDOM_LLAMAS)}")
+    runs = {}
+    for shape in shapes:  # one model after another, each over every scenario and system
+        if shape is not None:
+            args.model = str(random_llama(args.adapters_dir / f"llama-{shape}",
+                                          RANDOM_LLAMAS[shape]))
+            print(f"\n## random Llama {shape!r} ({RANDOM_LLAMAS[shape]})")
+        runs[shape] = run_model(args, systems, scenarios)
+    if args.json:
+        def entry(jobs, report_all):
+            return {"scenarios": {n: {"spec": asdict(jobs[n][0]),
+                                      "rows": list(report_all[n].values())}
+                                  for n in scenarios}}
+        args.json.write_text(json.dumps(
+            {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
+             "date": time.strftime("%Y-%m-%d %H:%M"),
+             **(entry(*runs[None]) if shapes == [None] else
+                {"random_llamas": {k: entry(*v) for k, v in runs.items()}})}, indent=1))
+
+
+def run_model(args, systems: list[str], scenarios: list[str]) -> tuple[dict, dict]:
+    """Every system on every scenario for ``args.model``, round-robin ``args.repeat`` times;
+    prints the reports. Returns ``(jobs, reports)`` by scenario."""
     jobs = {name: prepare(args, name) for name in scenarios}
     results: dict[str, dict[str, Result]] = {name: {} for name in scenarios}
     with tempfile.TemporaryDirectory() as tmp:
@@ -499,7 +570,9 @@ def main() -> None:
                 for s in systems:
                     print(f"running {name} / {s} ({rep + 1}/{args.repeat}) ...",
                           file=sys.stderr, flush=True)
-                    r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s}), Path(tmp),
+                    tp = args.tensor_parallel_size if s.startswith("pagedlora-tp") else 1
+                    r = run_system(s, Job(**{**asdict(jobs[name][1]), "system": s,
+                                             "tensor_parallel_size": tp}), Path(tmp),
                                    args.vllm_python)
                     done = results[name]
                     r.extra["runs_s"] = done[s].extra["runs_s"] if s in done else []
@@ -524,12 +597,35 @@ def main() -> None:
                 ref = report_all["mixed-4"][s]["output_tok_s"]
                 print(f"| {n} | {s} | {tok_s:.1f} | {tok_s / ref:.1%} | "
                       f"{'–' if not base else format(tok_s / base, '.1%')} |")
-    if args.json:
-        args.json.write_text(json.dumps(
-            {"dtype": args.dtype, "threads": args.threads, "repeat": args.repeat,
-             "date": time.strftime("%Y-%m-%d %H:%M"),
-             "scenarios": {n: {"spec": asdict(jobs[n][0]), "rows": list(report_all[n].values())}
-                           for n in scenarios}}, indent=1))
+    return jobs, report_all
+
+
+def random_llama(out: Path, shape: dict) -> Path:
+    """A random LlamaForCausalLM of SmolLM2's vocabulary and ``shape`` (float32, seed 0) with
+    SmolLM2's tokenizer, written to ``out`` once."""
+    if (out / "config.json").is_file():
+        return out
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM
+
+    from pagedlora.model_files import resolve_model
+
+    smol = resolve_model(None)
+    base = AutoConfig.from_pretrained(smol).to_dict()
+    keep = ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: base[k] for k in keep if k in base}, **shape,
+                                         initializer_range=0.02))
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    for f in smol.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(out)
+    return out
 
 
 def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
@@ -562,7 +658,10 @@ def prepare(args, name: str) -> tuple[WorkloadSpec, Job]:
         def dora_base(layer: int, module: str):
             parent = "mlp" if module in ("gate_proj", "up_proj", "down_proj") else "self_attn"
             return weights[f"model.layers.{layer}.{parent}.{module}.weight"]
-    paths = write_adapters(args.adapters_dir / f"{name}-{config.hidden_size}", config,
+    kv_out = config.num_key_value_heads * (getattr(config, "head_dim", None)
+                                           or config.hidden_size // config.num_attention_heads)
+    shape = f"{config.hidden_size}-{kv_out}-{config.intermediate_size}"  # what adapters fit
+    paths = write_adapters(args.adapters_dir / f"{name}-{shape}", config,
                            spec.num_adapters, ranks=sc.ranks, module_sets=sc.module_sets,
                            cycle=sc.cycle, seed=spec.seed, dora=sc.dora, dora_base=dora_base)
     print(f"{name}: {len(paths)} adapters ready in {time.perf_counter() - t0:.1f} s",
@@ -614,6 +713,13 @@ def report(args, scenario: str, spec: WorkloadSpec, results: dict[str, Result]) 
     def tok_s(system: str) -> float:
         return results[system].output_tokens / results[system].seconds
 
+    for with_tp, without in (("pagedlora-tp", "pagedlora"),
+                             ("pagedlora-tp-base", "pagedlora-base")):
+        if with_tp in results and without in results:
+            a, b = results[with_tp], results[without]
+            print(f"\n{with_tp} / {without}: {tok_s(with_tp) / tok_s(without):.1%} of its "
+                  f"tokens/s; greedy outputs equal for "
+                  f"{agreement(a.token_ids, b.token_ids):.0%} of requests")
     if "pagedlora" in results and "pagedlora-base" in results:
         print(f"\npagedlora / its base-only run: "
               f"{tok_s('pagedlora') / tok_s('pagedlora-base'):.1%}")

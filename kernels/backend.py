@@ -25,6 +25,10 @@ class Kernels:
         write_kv: as :func:`pagedlora.kernels.paged_attention.write_kv`.
         paged_attention: as :func:`pagedlora.kernels.paged_attention.paged_attention`.
         lora_shrink_expand: as :func:`pagedlora.kernels.lora.lora_shrink_expand`.
+        lora_shrink, lora_expand: its two halves, as :func:`pagedlora.kernels.lora.lora_shrink`
+            and :func:`pagedlora.kernels.lora.lora_expand` (Triton: their grouped forms, for
+            a mix's overlapping segments) (a tensor-parallel row-parallel module all-reduces
+            the shrink's output in between).
     """
 
     backend: str
@@ -32,6 +36,8 @@ class Kernels:
     write_kv: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     lora_shrink_expand: Callable[..., None]
+    lora_shrink: Callable[..., torch.Tensor]
+    lora_expand: Callable[..., None]
 
 
 def select_kernels(backend: str, device: torch.device) -> Kernels:
@@ -51,10 +57,11 @@ def select_kernels(backend: str, device: torch.device) -> Kernels:
     if backend == "torch":
         from pagedlora.kernels import lora, paged_attention
         return Kernels("torch", True, paged_attention.write_kv, paged_attention.paged_attention,
-                       lora.lora_shrink_expand)
+                       lora.lora_shrink_expand, lora.lora_shrink, lora.lora_expand)
     from pagedlora.kernels import triton_attention, triton_lora
     from pagedlora.kernels.triton_launch import check_device
 
     check_device(device)  # fail at construction, not in the first step
     return Kernels("triton", False, triton_attention.write_kv, triton_attention.paged_attention,
-                   triton_lora.lora_shrink_expand)
+                   triton_lora.lora_shrink_expand, triton_lora.lora_shrink_grouped,
+                   triton_lora.lora_expand_grouped)

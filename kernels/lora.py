@@ -254,11 +254,12 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
 
     Shrink to rank r, scale, expand to out_features, for a batch whose tokens use different
     adapters of different ranks (Punica, Chen et al. 2023, section 4, SGMV/BGMV; S-LoRA
-    section 5.1). The rows are read from pool pages once per call (unless ``batch.gathered``
-    already holds them). Decode-sized batches over few adapters run as one dense shrink
-    against every adapter's rows with a per-token column scale (``x @ A^T * token_scale``: few
-    large ops instead of many small ones, which is what a CPU rewards; a token of a mix has
-    a weighted scale in each of its adapters' columns); over many adapters
+    section 5.1): :func:`lora_expand` of :func:`lora_shrink`. The rows are read from pool
+    pages once per call (unless ``batch.gathered`` already holds them). Decode-sized batches
+    over few adapters run as one dense shrink against every adapter's rows with a per-token
+    column scale (``x @ A^T * token_scale``: few large ops instead of many small ones, which is
+    what a CPU rewards; a token of a mix has a weighted scale in each of its adapters'
+    columns); over many adapters
     (``batch.stacked``) as two batched matmuls, each token against its own adapters' rows
     (BGMV), since the dense form's work grows with the number of adapters; larger batches
     loop over the segments so no token multiplies another adapter's rows.
@@ -283,48 +284,146 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     if x.shape[0] != batch.token_scale.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, token_scale "
                          f"{batch.token_scale.shape[0]}")
+    lora_expand(y, lora_shrink(x, batch, a_view), batch, b_view)
+
+
+def _form(num_tokens: int, batch: LoraBatch) -> str:
+    """How the batch is computed: "bgmv" (``batch.stacked``), "dense" (one shrink over every
+    adapter's rows, decode-sized batches) or "segments" (a loop over the segments)."""
+    if batch.stacked is not None:
+        return "bgmv"
+    if num_tokens <= DENSE_MAX_TOKENS or len(batch.segments) == 1:
+        return "dense"
+    return "segments"
+
+
+def _dense_span(batch: LoraBatch) -> tuple[int, int]:
+    """``[lo, hi)``: the tokens the dense form covers (segments may overlap: a mix's)."""
+    return min(s.start for s in batch.segments), max(s.end for s in batch.segments)
+
+
+def _rows(batch: LoraBatch, a_view: torch.Tensor | None, b_view: torch.Tensor | None
+          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The batch's lora_A and lora_B^T rows: ``batch.gathered``, else read through the page
+    tables from the views given."""
     if batch.gathered is not None:
-        a, b = batch.gathered  # [R, in], [R, out]
-    else:
-        a, b = gather_rows(a_view, batch.a), gather_rows(b_view, batch.b)
-    if x.shape[0] <= DENSE_MAX_TOKENS or len(batch.segments) == 1:
-        lo = min(s.start for s in batch.segments)
-        hi = max(s.end for s in batch.segments)
+        return batch.gathered  # [R, in], [R, out]
+    return (None if a_view is None else gather_rows(a_view, batch.a),
+            None if b_view is None else gather_rows(b_view, batch.b))
+
+
+def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torch.Tensor:
+    """Shrink: ``x[t] @ A_t^T * scale_t`` for every token t of a segment, in the layout
+    :func:`lora_expand` reads (a tensor-parallel rank all-reduces it in between, S-LoRA
+    section 6: its rows of A see only its columns of ``x``).
+
+    Args:
+        x: ``[T, in_features]`` input of the projection, the pool's dtype.
+        batch: the step's rows, segments and token scales for this module.
+        a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+    Returns:
+        one contiguous tensor, the pool's dtype: ``[hi - lo, R]`` for the dense form (tokens
+        ``lo..hi`` of the segments, all R rows of the batch; zero where a token's adapter does
+        not own the column), for BGMV each rank class's ``[S, width, r]`` and for the segment
+        loop every segment's ``[len, r]`` block, flattened one after another.
+    """
+    form = _form(x.shape[0], batch)
+    if form == "bgmv":  # one contiguous tensor however many rank classes
+        return torch.cat([_bgmv_shrink(x, part).reshape(-1) for part in batch.stacked])
+    a, _ = _rows(batch, a_view, None)
+    if form == "dense":
+        lo, hi = _dense_span(batch)
         if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU
-            y.addmm_(F.linear(x, a).mul_(batch.token_scale), b)
-        else:
-            y[lo:hi].addmm_(F.linear(x[lo:hi], a).mul_(batch.token_scale[lo:hi]), b)
-        return
+            return F.linear(x, a).mul_(batch.token_scale)
+        return F.linear(x[lo:hi], a).mul_(batch.token_scale[lo:hi])
+    out = x.new_empty(sum((s.end - s.start) * (s.col_end - s.col_start)
+                          for s in batch.segments))
+    offset = 0
     for s in batch.segments:
-        y[s.start:s.end].addmm_(
-            F.linear(x[s.start:s.end], a[s.col_start:s.col_end]).mul_(s.scale),
-            b[s.col_start:s.col_end])
+        n, r = s.end - s.start, s.col_end - s.col_start
+        block = out[offset:offset + n * r].view(n, r)
+        torch.mm(x[s.start:s.end], a[s.col_start:s.col_end].t(), out=block).mul_(s.scale)
+        offset += n * r
+    return out
+
+
+def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
+                b_view: torch.Tensor) -> None:
+    """Expand, in place: ``y[t] += shrunk_t @ B_t^T`` for every token t of a segment.
+
+    Args:
+        y: ``[T, out_features]`` (a column slice is fine) output of the base projection.
+        shrunk: from :func:`lora_shrink` for the same batch and number of tokens.
+        batch: the step's rows and segments for this module.
+        b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+    """
+    form = _form(y.shape[0], batch)
+    if form == "bgmv":
+        offset = 0
+        for part in batch.stacked:
+            shape = _bgmv_shape(part)
+            n = shape[0] * shape[1] * shape[2]
+            _bgmv_expand(y, shrunk[offset:offset + n].view(shape), part)
+            offset += n
+        return
+    _, b = _rows(batch, None, b_view)
+    if form == "dense":
+        lo, hi = _dense_span(batch)
+        (y if (lo, hi) == (0, y.shape[0]) else y[lo:hi]).addmm_(shrunk, b)
+        return
+    offset = 0
+    for s in batch.segments:
+        n, r = s.end - s.start, s.col_end - s.col_start
+        y[s.start:s.end].addmm_(shrunk[offset:offset + n * r].view(n, r),
+                                b[s.col_start:s.col_end])
+        offset += n * r
 
 
 def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
     """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and adapter e of each
-    rank class of ``batch.stacked`` (the scale is already in ``b``; ``w`` is the token's
-    weight for the adapter, 1 but in a mix). Tokens are laid out adapter-major (``[S, width,
-    in]``, zero-padded when an adapter has several, a mix's token once per adapter, its
-    weight applied to its activation row) rather than copying weights per token: an
-    activation row is ``in`` elements, an adapter's rows ``r * in``."""
+    rank class of ``batch.stacked``: :func:`_bgmv_expand` of :func:`_bgmv_shrink`."""
     for part in batch.stacked:
-        a, b, tokens = part.a, part.b, part.tokens
-        if tokens.first is not None:  # one token each, in order: slices, no indexing
-            lo, hi = tokens.first, tokens.first + a.shape[0]
-            shrunk = torch.bmm(x[lo:hi].unsqueeze(1), a.transpose(1, 2))   # [S, 1, r]
-            y[lo:hi] += torch.bmm(shrunk, b).squeeze(1)
-            continue
-        rows = x[tokens.index]
-        if tokens.weight is not None:
-            rows = rows * tokens.weight[:, None]
-        if tokens.width == 1:  # one token each: no zero-padded layout
-            out = torch.bmm(torch.bmm(rows.unsqueeze(1), a.transpose(1, 2)), b)
-            y.index_add_(0, tokens.index, out.squeeze(1))
-            continue
-        laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])        # [S, width, in]
-        laid[tokens.entry, tokens.position] = rows
-        out = torch.bmm(torch.bmm(laid, a.transpose(1, 2)), b)          # [S, width, out]
+        _bgmv_expand(y, _bgmv_shrink(x, part), part)
+
+
+def _bgmv_shape(part: Stacked) -> tuple[int, int, int]:
+    """``(S, width, r)`` of the rank class's shrink (width 1 unless an adapter has several
+    tokens laid out zero-padded)."""
+    tokens = part.tokens
+    width = 1 if tokens.first is not None or tokens.width == 1 else tokens.width
+    return part.a.shape[0], width, part.a.shape[1]
+
+
+def _bgmv_shrink(x: torch.Tensor, part: Stacked) -> torch.Tensor:
+    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and adapter e of one rank class, as
+    :func:`_bgmv_shape` ``[S, width, r]`` (the scale is in ``b``; ``w`` is the token's weight
+    for the adapter, 1 but in a mix). Tokens are laid out adapter-major (``[S, width, in]``,
+    zero-padded when an adapter has several, a mix's token once per adapter, its weight
+    applied to its activation row) rather than copying weights per token: an activation row
+    is ``in`` elements, an adapter's rows ``r * in``."""
+    a, tokens = part.a, part.tokens
+    if tokens.first is not None:  # one token each, in order: slices, no indexing
+        lo = tokens.first
+        return torch.bmm(x[lo:lo + a.shape[0]].unsqueeze(1), a.transpose(1, 2))  # [S, 1, r]
+    rows = x[tokens.index]
+    if tokens.weight is not None:
+        rows = rows * tokens.weight[:, None]
+    if tokens.width == 1:  # one token each: no zero-padded layout
+        return torch.bmm(rows.unsqueeze(1), a.transpose(1, 2))
+    laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
+    laid[tokens.entry, tokens.position] = rows
+    return torch.bmm(laid, a.transpose(1, 2))
+
+
+def _bgmv_expand(y: torch.Tensor, shrunk: torch.Tensor, part: Stacked) -> None:
+    """``y[t] += shrunk @ b[e]`` for the tokens of :func:`_bgmv_shrink`'s result, in place."""
+    b, tokens = part.b, part.tokens
+    out = torch.bmm(shrunk, b)                                          # [S, width, out]
+    if tokens.first is not None:
+        y[tokens.first:tokens.first + b.shape[0]] += out.squeeze(1)
+    elif tokens.width == 1:
+        y.index_add_(0, tokens.index, out.squeeze(1))
+    else:
         y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
 
 

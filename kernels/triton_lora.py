@@ -249,3 +249,39 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         part = batch if table.segments is batch.segments else dataclasses.replace(
             batch, segments=table.segments)
         lora_expand(y, lora_shrink(x, part, a_view, table), part, b_view, table)
+
+
+def lora_shrink_grouped(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor
+                        ) -> torch.Tensor:
+    """:func:`lora_shrink` of each of the batch's disjoint groups (:func:`disjoint_groups`;
+    one without mixes), stacked for one collective: a tensor-parallel rank all-reduces the
+    result before :func:`lora_expand_grouped` (S-LoRA section 6).
+
+    Args:
+        x, batch, a_view: as :func:`lora_shrink`.
+    Returns:
+        ``[G, T, max_rank]`` float32, group g's shrink in ``[g]`` (zero past its ranks).
+    Raises:
+        ValueError: as :func:`lora_shrink`.
+    """
+    groups = disjoint_groups(batch.segments)
+    max_rank = max(s.col_end - s.col_start for s in batch.segments)
+    out = torch.zeros(len(groups), x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    for g, segments in enumerate(groups):
+        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
+        tmp = lora_shrink(x, part, a_view)
+        out[g, :, :tmp.shape[1]] = tmp
+    return out
+
+
+def lora_expand_grouped(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
+                        b_view: torch.Tensor) -> None:
+    """:func:`lora_expand` of each group of :func:`lora_shrink_grouped`'s result, in place.
+
+    Raises:
+        ValueError: as :func:`lora_expand`.
+    """
+    groups = disjoint_groups(batch.segments)
+    for g, segments in enumerate(groups):
+        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
+        lora_expand(y, shrunk[g], part, b_view)

@@ -21,6 +21,7 @@ _EXPORTS = {
     "TokenLogprobs": "pagedlora.scheduler",
     "AdapterError": "pagedlora.errors",
     "AdapterUnavailableError": "pagedlora.errors",
+    "EngineDeadError": "pagedlora.errors",
     "UnsupportedAdapterError": "pagedlora.errors",
 }
 __all__ = sorted(_EXPORTS)

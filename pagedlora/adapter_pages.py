@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -51,6 +52,22 @@ class ResidentAdapter:
     modules: dict[tuple[int, str], ResidentModule]
 
 
+class AdapterPages(Protocol):
+    """Where the adapter store's adapters go in the pool: :class:`AdapterPacker` in this
+    process, or a tensor-parallel engine's workers
+    (:class:`pagedlora.parallel.executor.ShardedAdapterPages`)."""
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """Pages ``adapter`` takes in the pool."""
+
+    def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
+             placement_id: int) -> ResidentAdapter:
+        """Puts the adapter's rows into ``pages``; returns the placement."""
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """The form in which host memory holds ``weights`` (the host tier's one copy)."""
+
+
 class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
@@ -72,14 +89,19 @@ class AdapterPacker:
     Args:
         pool: the unified pool.
         module_shapes: ``module -> (in_features, out_features)``, decoder projections and
-            (optionally) the vocabulary modules.
+            (optionally) the vocabulary modules: the widths of lora_A and lora_B^T rows (under
+            tensor parallelism a rank's, ``Shard.lora_widths``).
+        scale_widths: ``module -> width`` of a DoRA module's output scale row where it is not
+            ``out_features`` (a tensor-parallel rank's, ``Shard.dora_widths``).
     Raises:
         ValueError: a decoder projection's row width exceeds a page (raise block_size).
     """
 
-    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]],
+                 scale_widths: dict[str, int] | None = None) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
+        self.scale_widths = scale_widths or {}
         for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
                       for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
@@ -95,33 +117,56 @@ class AdapterPacker:
         """Copies the adapter's rows into ``pages`` (allocated for it: :meth:`num_pages` of
         them), host -> pool.
 
+        Args:
+            weights: the rows to copy, of the widths this packer packs (under tensor
+                parallelism a rank's shard, ``Shard.shard_lora``; strided views are fine).
         Raises:
             ValueError: ``pages`` has another length than :meth:`num_pages`.
         """
+        return self._layout(adapter, pages, placement_id, self.pool.tensor.device, weights)
+
+    def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
+              ) -> ResidentAdapter:
+        """Where :meth:`fill` puts the adapter's rows in ``pages``, copying nothing (the
+        driver of a tensor-parallel engine, whose workers fill their pools; the page tables
+        are on the CPU).
+
+        Raises:
+            ValueError: as :meth:`fill`.
+        """
+        return self._layout(adapter, pages, placement_id, torch.device("cpu"))
+
+    def host_form(self, weights: AdapterWeights) -> AdapterWeights:
+        """How host memory holds weights for this packer: as read."""
+        return weights
+
+    def _layout(self, adapter: LoraAdapter, pages: list[int], placement_id: int,
+                device: torch.device, weights: AdapterWeights | None = None
+                ) -> ResidentAdapter:
+        """The placement of the adapter's rows in ``pages`` by its plan, copying ``weights``
+        into the pool when given."""
         if len(pages) != self.num_pages(adapter):
             raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
                              f"given {len(pages)}")
         groups, plan = self._plan(adapter)
-        device = self.pool.tensor.device
         page_ids = torch.tensor(pages, dtype=torch.long)
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        used = 0
         # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
         for width in sorted({g.width for g in groups}, reverse=True):
             members = [g for g in groups if g.width == width]
-            tensors = [_row_tensor(weights[g.key[:2]], g.key[2]) for g in members]
-            used += sum(t.numel() for t in tensors)
             pieces, stored = row_pieces(self.pool.page_numel, width)
-            data = torch.cat(tensors).to(device)  # [rows, width]
-            if pieces > 1:  # [rows * pieces, stored], the last piece zero-padded
-                split = data.new_zeros(data.shape[0], pieces * stored)
-                split[:, :width] = data
-                data = split.view(-1, stored)
             local = [p for g in members for p in plan.places[g.key][0]]
             slots = [s for g in members for s in plan.places[g.key][1]]
             at_pages = page_ids[local].to(device)
             at_slots = torch.tensor(slots, dtype=torch.long, device=device)
-            self.pool.rows(stored)[at_pages, at_slots] = data
+            if weights is not None:
+                data = torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
+                                  for g in members]).to(device)  # [rows, width]
+                if pieces > 1:  # [rows * pieces, stored], the last piece zero-padded
+                    split = data.new_zeros(data.shape[0], pieces * stored)
+                    split[:, :width] = data
+                    data = split.view(-1, stored)
+                self.pool.rows(stored)[at_pages, at_slots] = data
             at = 0
             for g in members:
                 n = g.count * pieces
@@ -134,13 +179,14 @@ class AdapterPacker:
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
                                       dora=p.get("m"))
                    for lm, p in placed.items()}
+        used = sum(g.count * g.width for g in groups)
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
                                modules=modules)
 
     def _plan(self, adapter: LoraAdapter) -> tuple[list[RowGroup], RowPlan]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
         dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
-        groups = _groups(ranks, self.module_shapes, dora)
+        groups = _groups(ranks, self.module_shapes, dora, self.scale_widths)
         key = tuple((g.key, g.count) for g in groups)
         plan = self._plans.get(key)
         if plan is None:
@@ -166,10 +212,11 @@ def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, 
 
 
 def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
-            dora: frozenset | set = frozenset()) -> list[RowGroup]:
+            dora: frozenset | set = frozenset(), scale_widths: Mapping[str, int] | None = None
+            ) -> list[RowGroup]:
     """The adapter's row groups, keyed ``(layer, module, "a"|"b"|"m")``, in a fixed order (by
     layer, module, then A before B^T before a DoRA module's one scale row, for the
-    ``(layer, module)`` in ``dora``)."""
+    ``(layer, module)`` in ``dora``, ``scale_widths[module]`` wide, else ``out_features``)."""
     order = {m: i for i, m in enumerate(LORA_MODULES)}
     groups = []
     for layer, module in sorted(ranks, key=lambda lm: (lm[0], order[lm[1]])):
@@ -178,5 +225,6 @@ def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple
         groups.append(RowGroup((layer, module, "a"), in_f, rank))
         groups.append(RowGroup((layer, module, "b"), out_f, rank))
         if (layer, module) in dora:
-            groups.append(RowGroup((layer, module, "m"), out_f, 1))
+            width = (scale_widths or {}).get(module, out_f)
+            groups.append(RowGroup((layer, module, "m"), width, 1))
     return groups

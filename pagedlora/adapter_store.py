@@ -26,7 +26,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter, ResidentModule
+from pagedlora.adapter_pages import AdapterPacker, AdapterPages, ResidentAdapter, ResidentModule
 from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
 from pagedlora.lora_adapter import (
@@ -152,6 +152,8 @@ class AdapterStore:
         spill: the disk tier.
         keep_free_pages: pages :meth:`warm` leaves free (the scheduler's watermark), so warming
             never takes what running requests may grow into.
+        pages: where adapters go in the pool; None: an :class:`AdapterPacker` writing into
+            ``pool`` (a tensor-parallel engine passes its workers').
         base_vocab: the model's vocabulary weights, for adapters on embed_tokens/lm_head
             (see :func:`read_lora_adapter`); None refuses those.
         base_weight: the model's projection weights (``LlamaModel.base_weight``), from which
@@ -163,13 +165,14 @@ class AdapterStore:
                  max_cpu_loras: int | None = None, host_cache_bytes: int | None = None,
                  spill: SpillDir | None = None, keep_free_pages: int = 0,
                  base_vocab: BaseVocab | None = None,
-                 base_weight: BaseWeight | None = None) -> None:
+                 base_weight: BaseWeight | None = None,
+                 pages: AdapterPages | None = None) -> None:
         self.pool = pool
         self.allocator = pool.allocator
         self.num_layers = num_layers
         self.module_shapes = module_shapes
         self.base_vocab = base_vocab
-        self.packer = AdapterPacker(pool, module_shapes=module_shapes)
+        self.packer = pages or AdapterPacker(pool, module_shapes=module_shapes)
         self.max_lora_rank = max_lora_rank
         self.keep_free_pages = keep_free_pages
         self.base_weight = base_weight
@@ -230,7 +233,8 @@ class AdapterStore:
                                    f"on every decoder projection of plain LoRA; a DoRA module "
                                    f"takes one more row)") from e
             # hold no weights unless preloading
-            read.append((adapter, weights if preload else None, num_pages))
+            read.append((adapter, self.packer.host_form(weights) if preload else None,
+                         num_pages))
         with self._lock:
             for adapter, weights, num_pages in read:
                 old = self._names.get(adapter.name)
@@ -589,7 +593,7 @@ class AdapterStore:
     def _read_source(self, name: str, path: Path) -> tuple[LoraAdapter, AdapterWeights]:
         return read_lora_adapter(
             name, path, num_layers=self.num_layers, module_shapes=self.module_shapes,
-            max_lora_rank=self.max_lora_rank, dtype=self.pool.tensor.dtype,
+            max_lora_rank=self.max_lora_rank, dtype=self.pool.dtype,
             base_vocab=self.base_vocab, base_weight=self.base_weight)
 
     def _sources(self, key: str) -> list[tuple[str, Path]]:
@@ -604,14 +608,15 @@ class AdapterStore:
     def _read_tiers(self, adapter: LoraAdapter, sources: list[tuple[str, Path]]
                     ) -> tuple[AdapterWeights, bool]:
         """Weights from the spill file, else from a source whose content still hashes to
-        ``adapter.key``. Returns ``(weights, from_spill)``.
+        ``adapter.key``, in the pages' host form (``AdapterPages.host_form``: shared memory
+        under tensor parallelism). Returns ``(weights, from_spill)``.
 
         Raises:
             AdapterUnavailableError: no tier could provide them; the message gives each reason.
         """
         weights = self.spill.read(adapter)
         if weights is not None:
-            return weights, True
+            return self.packer.host_form(weights), True
         reasons = []
         for name, path in sources:
             try:
@@ -621,7 +626,7 @@ class AdapterStore:
                                else f"adapter {name!r}: {type(e).__name__}: {e}")
                 continue
             if found.key == adapter.key:
-                return weights, False
+                return self.packer.host_form(weights), False
             reasons.append(f"adapter {name!r}: the content of {path} changed since it was "
                            f"registered (hash {found.key}, registered {adapter.key}); add it "
                            f"again to serve the new weights")
@@ -636,6 +641,8 @@ class AdapterStore:
             content.stats.loads_from_source += 1
 
     def _host_put(self, adapter: LoraAdapter, weights: AdapterWeights) -> None:
+        """Holds ``weights`` (in the pages' host form, see :meth:`_read_tiers`) in host
+        memory, which may push it out again at once."""
         for pushed in self._host.put(adapter, weights):
             self._contents[pushed.key].stats.evictions += 1
 

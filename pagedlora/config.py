@@ -75,6 +75,20 @@ class EngineConfig:
             each other's files; a killed process leaves its directory behind). A directory
             that cannot be written (full, read-only) only costs speed: adapters are re-read
             from their sources.
+        tensor_parallel_size: devices the model is split over (Megatron-LM sharding; S-LoRA
+            section 6 for the adapters): that many worker processes, rank r on device
+            ``cuda:r`` (counted from ``device``'s index) with NCCL, or on the CPU with gloo and
+            ``torch.get_num_threads() // tensor_parallel_size`` threads each. Each rank holds
+            its shard of the weights and a pool of ``pool_gb`` GiB (per device) whose pages
+            hold its KV heads and its rows of each adapter; the driver process keeps the
+            scheduler, the page accounting and the adapters' host and disk tiers (host memory
+            holds one shared copy of each adapter for all ranks). The model's heads,
+            intermediate and hidden sizes must be multiples of it, and its KV heads a multiple
+            or a divisor (they are then replicated). 1 (the default): one process, no workers.
+        worker_timeout_s: seconds the driver waits for a tensor-parallel worker to start, or
+            to answer one step, before it declares the worker hung; the workers' collectives
+            time out after as long. A worker that dies or hangs fails the running requests
+            with "error" naming its rank, and the engine must be rebuilt.
         max_logprobs: the largest ``SamplingParams.logprobs`` and ``prompt_logprobs`` a request
             may ask (vLLM's option and default, 20; OpenAI's chat ``top_logprobs`` limit).
         merge_policy: "never" (the default): every step adds each sequence's LoRA to the base
@@ -85,7 +99,8 @@ class EngineConfig:
             a few such steps unmerged (dLoRA's dynamic merge, Wu et al. OSDI 2024); the next
             step with another adapter or a base request runs unmerged again. The merged copies
             (the fused weights the adapter targets: up to the size of the model's projection
-            weights) live on the device outside the pool; see ``stats()["merge"]``.
+            weights) live on the device outside the pool; see ``stats()["merge"]``. Refused
+            with ``tensor_parallel_size > 1``.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -111,6 +126,8 @@ class EngineConfig:
     max_cpu_loras: int | None = None
     host_cache_gb: float | None = None
     spill_dir: str | os.PathLike | None = None
+    tensor_parallel_size: int = 1
+    worker_timeout_s: float = 300.0
     max_logprobs: int = 20
     merge_policy: str = "never"
 
@@ -155,12 +172,27 @@ class EngineConfig:
         ):
             raise ValueError(f"host_cache_gb must be a number >= 0 or None, "
                              f"got {self.host_cache_gb!r}")
+        if not isinstance(self.tensor_parallel_size, int) \
+                or isinstance(self.tensor_parallel_size, bool) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, "
+                             f"got {self.tensor_parallel_size!r}")
+        if isinstance(self.worker_timeout_s, bool) \
+                or not isinstance(self.worker_timeout_s, (int, float)) \
+                or not self.worker_timeout_s > 0:
+            raise ValueError(f"worker_timeout_s must be a number > 0, "
+                             f"got {self.worker_timeout_s!r}")
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
                 or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
         if self.merge_policy not in MERGE_POLICIES:
             raise ValueError(f"merge_policy must be one of {MERGE_POLICIES}, "
                              f"got {self.merge_policy!r}")
+        if self.merge_policy != "never" and self.tensor_parallel_size != 1:
+            # a row-parallel rank holds its hidden columns of lora_B only: its shard of
+            # W + s B A needs all of B (a gather per merge), which is not implemented
+            raise ValueError(f"merge_policy={self.merge_policy!r} is not served with "
+                             f"tensor_parallel_size={self.tensor_parallel_size}: merged LoRA "
+                             f"runs in one process only; use merge_policy='never'")
         if self.spill_dir is not None:
             if not isinstance(self.spill_dir, (str, os.PathLike)) or not str(self.spill_dir):
                 raise ValueError(f"spill_dir must be a path or None, got {self.spill_dir!r}")

@@ -21,7 +21,7 @@ from pagedlora.input_processor import (
     per_prompt,
 )
 from pagedlora.lora_adapter import LoraAdapter
-from pagedlora.model_files import eos_token_ids, load_tokenizer, load_weights, resolve_model
+from pagedlora.model_files import eos_token_ids, load_tokenizer, resolve_model
 from pagedlora.output_processor import OutputProcessor, Sink
 from pagedlora.outputs import RequestOutput, StreamOutput
 from pagedlora.sampler import Sampler
@@ -48,18 +48,27 @@ class Engine:
     several threads at once: requests join one running batch, one thread steps at a time, and
     each call gets exactly its own outputs.
 
+    With ``tensor_parallel_size=N`` the model runs split over N worker processes (see
+    :class:`EngineConfig`); this object is then the driver, and ``model`` is None. A worker
+    that dies or hangs ends every unfinished request with "error" naming its rank; later
+    calls raise :class:`~pagedlora.errors.EngineDeadError`. :meth:`close` (or ``with``)
+    stops the workers.
+
     Args:
         model: an HF directory (config.json + *.safetensors), a ``.gguf`` file (dequantized
             once and cached under ``$PAGEDLORA_CACHE``), or None for the embedded default.
-        pool_gb: size of the unified pool in GiB.
+        pool_gb: size of the unified pool in GiB (per device, under tensor parallelism).
         sampler: chooses the tokens from the logits (default :class:`Sampler`; tests inject
-            their own).
+            their own). Under tensor parallelism a sampler given here runs in this process on
+            the logits rank 0 sends (the default one runs in rank 0).
         **options: the other fields of :class:`EngineConfig`.
 
     Raises:
-        TypeError: an unknown option. ValueError: an invalid option or model, or a pool too small
-        for one KV block (next to the adapter slots, with ``memory_layout="static"``).
+        TypeError: an unknown option. ValueError: an invalid option or model, a model that
+        cannot be split over ``tensor_parallel_size`` devices, or a pool too small for one KV
+        block (next to the adapter slots, with ``memory_layout="static"``).
         FileNotFoundError: a missing model (the message says how to install the default one).
+        RuntimeError: a tensor-parallel worker that cannot start (naming its rank).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, pool_gb: float = 1.0, *,
@@ -69,12 +78,12 @@ class Engine:
         hf_config = AutoConfig.from_pretrained(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         self.max_model_len = config.max_model_len or hf_config.max_position_embeddings
-        self.core = EngineCore.build(config, hf_config, load_weights(self.model_dir),
+        self.core = EngineCore.build(config, self.model_dir, hf_config,
                                      max_model_len=self.max_model_len, sampler=sampler)
         self.model, self.pool, self.adapters = self.core.model, self.core.pool, self.core.adapters
         scheduler = self.core.scheduler
         self.processor = InputProcessor(
-            self.tokenizer, vocab_size=self.model.embed.shape[0],
+            self.tokenizer, vocab_size=self.core.runner.vocab_size,
             max_model_len=self.max_model_len,
             eos_token_ids=eos_token_ids(hf_config, self.tokenizer), seed=config.seed,
             ttft_deadline_s=config.ttft_deadline_s, key_of=self.adapters.key_of,
@@ -235,7 +244,10 @@ class Engine:
 
         Returns:
             its request id.
+        Raises:
+            EngineDeadError: the engine cannot run any more.
         """
+        self.core.check_alive()
         self.outputs.add(request, index=index, prompt=prompt, adapter=adapter,
                          stop=request.sampling.params.stop,
                          sink=self._for_step.append if sink is None else sink)
@@ -282,8 +294,9 @@ class Engine:
             return self.core.summary(history)
 
     def close(self) -> None:
-        """Stops the adapter prefetcher and removes a private spill directory, after a step
-        in progress in another thread. Idempotent."""
+        """Stops the adapter prefetcher, removes a private spill directory and stops the
+        tensor-parallel workers, if any, after a step in progress in another thread.
+        Idempotent."""
         with self._turn.held():
             self.core.close()
 
@@ -298,7 +311,9 @@ class Engine:
     def _submit(self, prompts, adapters, sampling_params, sink: Sink, *,
                 all_or_none: bool = False) -> list[int]:
         """Validates and queues the prompts (see :meth:`generate`); their outputs go to
-        ``sink``. An invalid prompt raises when ``all_or_none``, else fails alone."""
+        ``sink``. An invalid prompt raises when ``all_or_none``, else fails alone; a dead
+        engine raises EngineDeadError."""
+        self.core.check_alive()
         prompts = as_prompt_list(prompts)
         names = per_prompt(adapters, len(prompts), "adapters")
         params = per_prompt(sampling_params or SamplingParams(), len(prompts),

@@ -8,28 +8,66 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from pagedlora.adapter_pages import packed_pages
+from pagedlora.adapter_pages import AdapterPacker, AdapterPages, packed_pages
 from pagedlora.adapter_store import AdapterStore, AdapterStoreStats
 from pagedlora.config import EngineConfig
+from pagedlora.errors import EngineDeadError
 from pagedlora.merge_policy import MergePolicy, MergeStats
-from pagedlora.merged_weights import MergedStats
+from pagedlora.merged_weights import MergedStats, MergedWeights
 from pagedlora.model import LlamaModel
+from pagedlora.model_files import load_weights
 from pagedlora.model_runner import ModelRunner
+from pagedlora.parallel.base_files import BaseFiles, BaseWeights
+from pagedlora.parallel.executor import (
+    NeverMerged,
+    ShardedAdapterPages,
+    TensorParallelExecutor,
+)
+from pagedlora.parallel.shard import Shard
 from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
 from pagedlora.scheduler import (
     KVStats,
     PoolStats,
     Request,
+    RunnerOutput,
     Scheduler,
     SchedulerOutput,
     SchedulerStats,
 )
 from pagedlora.spill import SpillDir
 from pagedlora.step_input import StepInput
+
+
+class Runner(Protocol):
+    """What the core needs of its model runner: :class:`ModelRunner` in this process, or
+    :class:`TensorParallelExecutor` over worker processes.
+
+    Attributes:
+        model: the model when it runs in this process, else None.
+        sampler: the sampler that runs in this process (None: the tensor-parallel rank 0's).
+        vocab_size: columns of the logits.
+        kernel_backend: "torch" or "triton".
+        merged: the merged weights of ``merge_policy="auto"``
+            (:class:`~pagedlora.merged_weights.MergedWeights`; none under TP).
+    """
+
+    model: LlamaModel | None
+    sampler: Sampler | None
+    vocab_size: int
+    kernel_backend: str
+    merged: MergedWeights | NeverMerged
+
+    def run(self, step: StepInput) -> RunnerOutput:
+        """Runs one step; raises EngineDeadError when it never can again."""
+
+    def close(self) -> None:
+        """Releases what the runner holds (worker processes)."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +173,8 @@ class EngineStats:
     def as_dict(self) -> dict:
         """Plain values: ``pages_total``; ``pages_kv`` (held by requests or cached);
         ``pages_kv_cached`` (cached blocks no request holds: reusable, reclaimed first when
-        pages run short); ``pages_adapter``; ``pages_free``; ``page_bytes``;
+        pages run short); ``pages_adapter``; ``pages_free``; ``page_bytes`` (of each rank's
+        pool under tensor parallelism);
         ``internal_fragmentation`` (fraction of the elements of used pages that hold
         nothing); ``adapters_resident`` (names); ``requests_running``; ``requests_waiting``;
         ``running_adapters`` and ``waiting_adapters`` (adapter name -> requests);
@@ -217,7 +256,7 @@ class EngineCore:
 
     HISTORY = 1024  # steps kept for stats
 
-    def __init__(self, scheduler: Scheduler, adapters: AdapterStore, runner: ModelRunner,
+    def __init__(self, scheduler: Scheduler, adapters: AdapterStore, runner: Runner,
                  pool: UnifiedPool, clock: Callable[[], float] = time.perf_counter,
                  merging: MergePolicy | None = None) -> None:
         self.model = runner.model
@@ -234,44 +273,66 @@ class EngineCore:
         self._steps: deque[StepStats] = deque(maxlen=self.HISTORY)
         self._num_steps = 0
         self._peak: EngineStats | None = None
+        self.dead: str | None = None  # why the engine cannot run any more (its runner died)
 
     @classmethod
-    def build(cls, config: EngineConfig, hf_config, weights: dict[str, torch.Tensor], *,
-              max_model_len: int, sampler: Sampler | None = None) -> EngineCore:
-        """The model, its pool (``config.pool_gb``, ``config.memory_layout``), the adapter
-        store, the scheduler and the runner, wired together.
+    def build(cls, config: EngineConfig, model_dir: Path, hf_config, *, max_model_len: int,
+              sampler: Sampler | None = None) -> EngineCore:
+        """The model (in this process, or split over ``config.tensor_parallel_size`` worker
+        processes), its pool (``config.pool_gb`` per device, ``config.memory_layout``), the
+        adapter store, the scheduler and the runner, wired together.
 
         Raises:
-            ValueError: a CUDA device without CUDA, an unsupported model, or a pool too small
-                for one KV block (next to the adapter slots, in the static layout).
+            ValueError: a CUDA device without CUDA, an unsupported model, a model that cannot
+                be split over ``tensor_parallel_size`` ranks (naming the numbers), or a pool
+                too small for one KV block (next to the adapter slots, in the static layout).
+            RuntimeError: a tensor-parallel worker that cannot start (naming its rank).
         """
         dtype, device = getattr(torch, config.dtype), torch.device(config.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={config.device!r}, but this torch build "
                              f"({torch.__version__}) sees no CUDA device; use device='cpu'")
-        m = LlamaModel(hf_config, weights, dtype=dtype, device=device,
-                       max_model_len=max_model_len, kernel_backend=config.kernel_backend)
-        page_numel = UnifiedPool.page_numel_for(config.block_size, m.num_kv_heads, m.head_dim)
-        every_module = dict.fromkeys(itertools.product(range(m.num_layers), m.module_shapes),
+        LlamaModel.check_config(hf_config)
+        tp = config.tensor_parallel_size
+        shard = Shard.of(hf_config, 0, tp)  # rank 0's geometry is every rank's
+        page_numel = UnifiedPool.page_numel_for(config.block_size, shard.num_kv_heads,
+                                                shard.head_dim)
+        every_module = dict.fromkeys(itertools.product(range(shard.num_layers),
+                                                       shard.module_shapes),
                                      config.max_lora_rank)
-        pool = UnifiedPool.for_model(
-            pool_gb=config.pool_gb, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
-            head_dim=m.head_dim, block_size=config.block_size, dtype=dtype, device=device,
-            memory_layout=config.memory_layout, max_loras=config.max_loras,
-            max_lora_rank=config.max_lora_rank,
-            static_slot_pages=packed_pages(every_module, m.module_shapes, page_numel))
+        static_slot_pages = packed_pages(every_module, shard.lora_widths, page_numel)
+        pool = UnifiedPool.for_config(
+            config, num_layers=shard.num_layers, num_kv_heads=shard.num_kv_heads,
+            head_dim=shard.head_dim, static_slot_pages=static_slot_pages,
+            device=device if tp == 1 else None)
+        packer = AdapterPacker(pool, module_shapes=shard.lora_widths,  # rows must fit pages
+                               scale_widths=shard.dora_widths)
+        base: BaseWeights
+        if tp == 1:
+            model = LlamaModel(hf_config, load_weights(model_dir), dtype=dtype, device=device,
+                               max_model_len=max_model_len,
+                               kernel_backend=config.kernel_backend)
+            runner: Runner = ModelRunner(model, pool, sampler or Sampler(device))
+            pages: AdapterPages = packer
+            base = model
+        else:
+            base = BaseFiles(model_dir, hf_config, dtype)  # what registration reads of the base
+            runner = TensorParallelExecutor.start(
+                config, model_dir, num_pages=pool.num_pages,
+                static_slot_pages=static_slot_pages, max_model_len=max_model_len,
+                vocab_size=shard.vocab_size, sampler=sampler)
+            pages = ShardedAdapterPages(packer, runner)
         scheduler_config = config.scheduler_config(max_model_len)
         adapters = AdapterStore(
-            pool, num_layers=m.num_layers, module_shapes=m.lora_module_shapes,
-            base_vocab=m.base_vocab,
+            pool, num_layers=shard.num_layers, module_shapes=shard.lora_module_shapes,
+            base_vocab=base.base_vocab,
             max_lora_rank=config.max_lora_rank, max_cpu_loras=config.max_cpu_loras,
             host_cache_bytes=None if config.host_cache_gb is None
             else int(config.host_cache_gb * 2**30), spill=SpillDir(config.spill_dir),
-            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, m.num_layers),
-            base_weight=m.base_weight)
-        scheduler = Scheduler(scheduler_config, pages_per_block=m.num_layers,
+            keep_free_pages=scheduler_config.watermark_pages(pool.allocator, shard.num_layers),
+            base_weight=base.base_weight, pages=pages)
+        scheduler = Scheduler(scheduler_config, pages_per_block=shard.num_layers,
                               allocator=pool.allocator, adapters=adapters)
-        runner = ModelRunner(m, pool, sampler or Sampler(device))
         return cls(scheduler, adapters, runner, pool, scheduler.clock,
                    MergePolicy(config.merge_policy))
 
@@ -279,10 +340,21 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         """Queues ``request`` for the scheduler (it joins at the next step); its adapter hold
-        is taken now, so its weights outlive a removal or re-add of the name meanwhile."""
+        is taken now, so its weights outlive a removal or re-add of the name meanwhile.
+
+        Raises:
+            EngineDeadError: the engine cannot run any more (see :meth:`check_alive`).
+        """
+        self.check_alive()
         self.scheduler.take_hold(request)
         with self._lock:
             self._new.append(request)
+
+    def check_alive(self) -> None:
+        """Raises EngineDeadError once the runner has died (a tensor-parallel worker died,
+        failed or hung: see :meth:`step`), naming why."""
+        if self.dead is not None:
+            raise EngineDeadError(self.dead)
 
     def abort(self, request_id: int) -> None:
         """Asks for ``request_id`` to finish with "abort" at the next step."""
@@ -300,24 +372,34 @@ class EngineCore:
     def step(self) -> EngineCoreOutput:
         """Runs one step (see the class docstring).
 
+        When the runner dies (a tensor-parallel worker died, failed or did not answer within
+        ``worker_timeout_s``: ``EngineDeadError``), every request, queued, waiting or running,
+        finishes with "error" and the runner's message (naming the rank) in this step's
+        output, their pages freed; later calls raise EngineDeadError.
+
         Raises:
             RuntimeError: requests wait but none could be scheduled and none finished (a bug:
                 requests that can never fit are failed when added).
+            EngineDeadError: the engine died at an earlier step.
         """
+        self.check_alive()
         started = time.perf_counter()
         self._take_queued()
         out = self.scheduler.schedule()
-        load = self.adapters.load(out)
-        out = self.scheduler.drop_failed(out, load.failed)
-        self.adapters.start_prefetch(out.upcoming_adapters)
-        merged = self.merging.decide([s.request.adapter_key for s in out.scheduled],
-                                     lambda key: self.runner.merged.can_merge(
-                                         load.placements[key]))
-        inputs = StepInput.build(out, load.placements, self._finished_since_run(out),
-                                 merged=merged)
-        result = self.runner.run(inputs)
-        updated = self.scheduler.update(out, result)
-        self.adapters.warm(out.upcoming_adapters)
+        try:
+            load = self.adapters.load(out)
+            out = self.scheduler.drop_failed(out, load.failed)
+            self.adapters.start_prefetch(out.upcoming_adapters)
+            merged = self.merging.decide([s.request.adapter_key for s in out.scheduled],
+                                         lambda key: self.runner.merged.can_merge(
+                                             load.placements[key]))
+            inputs = StepInput.build(out, load.placements, self._finished_since_run(out),
+                                     merged=merged)
+            result = self.runner.run(inputs)
+            updated = self.scheduler.update(out, result)
+            self.adapters.warm(out.upcoming_adapters)
+        except EngineDeadError as e:
+            return self._die(str(e))
         # Every request the scheduler finished since the last step that returned (a step that
         # raised midway loses none), then those that got a token.
         return self._output(out, inputs, [*self.scheduler.take_finished(), *updated], started)
@@ -349,7 +431,7 @@ class EngineCore:
             scheduler=scheduler, adapters=self.adapters.stats(), queued=queued,
             merge=replace(self.merging.stats), merged=self.runner.merged.stats,
             page_numel=self.pool.page_numel,
-            page_bytes=self.pool.page_numel * self.pool.tensor.element_size(),
+            page_bytes=self.pool.page_bytes,
             block_size=self.pool.block_size,
             adapter_names={k: tuple(self.adapters.names_of(k)) for k in keys},
             queued_adapters=queued_adapters)
@@ -403,8 +485,10 @@ class EngineCore:
         return self._peak
 
     def close(self) -> None:
-        """Stops the adapter prefetcher and removes a private spill directory."""
+        """Stops the adapter prefetcher, removes a private spill directory and stops the
+        runner's worker processes, if any. Idempotent."""
         self.adapters.close()
+        self.runner.close()
 
     # -- internals -------------------------------------------------------------------------------
 
@@ -425,6 +509,15 @@ class EngineCore:
         for rid in aborts:
             self.scheduler.abort(rid)
 
+    def _die(self, error: str) -> EngineCoreOutput:
+        """Fails every request with ``error`` (the runner is gone); the engine is dead."""
+        self.dead = error
+        self._take_queued()
+        for r in [*self.scheduler.running, *self.scheduler.waiting]:
+            self.scheduler.finish(r, "error", error=f"request {r.request_id}: {error}")
+        self._unforgotten = []
+        return EngineCoreOutput(_unique(self.scheduler.take_finished()), None)
+
     def _output(self, out: SchedulerOutput, inputs: StepInput, changed: list[Request],
                 started: float) -> EngineCoreOutput:
         self._unforgotten = []
@@ -442,6 +535,10 @@ class EngineCore:
         self._num_steps += 1
         if self._peak is not None and stats.pages_free < self._peak.pool.free:
             self._peak = self.stats()
-        seen: set[int] = set()
-        unique = [r for r in changed if not (r.request_id in seen or seen.add(r.request_id))]
-        return EngineCoreOutput(tuple(unique), stats)
+        return EngineCoreOutput(_unique(changed), stats)
+
+
+def _unique(requests: list[Request]) -> tuple[Request, ...]:
+    """``requests`` without repeats, in order."""
+    seen: set[int] = set()
+    return tuple(r for r in requests if not (r.request_id in seen or seen.add(r.request_id)))

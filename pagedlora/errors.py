@@ -32,6 +32,12 @@ class SourceError(OSError):
     integrity check, an unreadable or unsafe archive. The message names the URL or path."""
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot run any more: a tensor-parallel worker died, failed or hung (the
+    message names the rank), or the engine was closed. Every later call raises it; make a new
+    Engine."""
+
+
 class AdapterMixError(ValueError):
     """An :class:`~pagedlora.AdapterMix` that cannot be served: empty, a weight that is not a
     finite number, more adapters than ``AdapterMix.MAX_ADAPTERS``, or a DoRA adapter scaled or

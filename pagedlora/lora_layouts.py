@@ -164,14 +164,19 @@ class LoraLayouts:
 
     Args:
         pool: the unified pool.
-        module_shapes: ``module -> (in_features, out_features)``.
+        module_shapes: ``module -> (in_features, out_features)``: the widths of the rows of
+            lora_A and lora_B^T (a tensor-parallel rank's, ``Shard.lora_widths``).
         gather_rows: whether the kernels take read-out rows (``Kernels.reads_gathered_rows``).
+        scale_widths: ``module -> width`` of a DoRA module's scale row where it is not
+            ``out_features`` (``Shard.dora_widths``).
     """
 
     def __init__(self, pool: UnifiedPool, module_shapes: dict[str, tuple[int, int]],
-                 gather_rows: bool) -> None:
+                 gather_rows: bool, *, scale_widths: dict[str, int] | None = None) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
+        self.scale_widths = {m: scale_widths.get(m, out) if scale_widths else out
+                             for m, (_, out) in module_shapes.items()}
         self.gather_rows = gather_rows
         self._set: tuple[int, ...] = ()  # placement ids of the current set, in segment order
         self._modules: dict[LayerModule, ModuleRows] = {}
@@ -289,8 +294,7 @@ class LoraLayouts:
                 parts.setdefault(layer_module, []).append((i, m))
 
         def read_scale(layer_module: LayerModule) -> Callable[[PagedRows], torch.Tensor]:
-            return lambda rows: self.pool.read_rows(self.module_shapes[layer_module[1]][1],
-                                                    rows)
+            return lambda rows: self.pool.read_rows(self.scale_widths[layer_module[1]], rows)
         self._modules = {
             lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
                                  if self.gather_rows or lm[1] in VOCAB_MODULES else None,

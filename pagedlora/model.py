@@ -12,6 +12,9 @@ from pagedlora.kernels.backend import select_kernels
 from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
 from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
+from pagedlora.packed_linear import PackedLinear
+from pagedlora.parallel.comm import TPComm
+from pagedlora.parallel.shard import ROW_PARALLEL, Shard
 from pagedlora.pool import UnifiedPool
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -85,43 +88,80 @@ class LlamaModel:
     step runs on decoder weights with one adapter merged in (``ForwardBatch.layers``;
     ``fused_rows`` says where each module's rows are in the fused weights).
 
+    Under tensor parallelism each rank builds the model from its :class:`Shard` of the weights
+    (Megatron-LM, Shoeybi et al. 2019, section 3) and runs the same forward pass over its
+    heads, intermediate features and vocabulary rows, with these collectives (T tokens in the
+    step, S sampled, H hidden size, V vocabulary, N ranks):
+
+    - per step: the vocab-parallel embedding's all-reduce of ``[T, H]``; the gather of
+      ``[S, V / N]`` logits from every rank to rank 0 (so rank 0 samples and computes
+      log-probabilities over the whole vocabulary); LoRA on ``embed_tokens`` and ``lm_head``
+      adds none: each rank holds its vocabulary columns of the embedding's lora_A and of
+      lm_head's lora_B^T (and all of the other half), adds its tokens' deltas before the
+      embedding's all-reduce and its logits columns' before the gather;
+    - per layer, base model: one all-reduce of ``[T, H]`` after o_proj, one after down_proj;
+    - per layer, LoRA (S-LoRA, Sheng et al. 2023, section 6): nothing for the column-parallel
+      q/k/v/gate/up (whole lora_A, this rank's columns of lora_B); for each row-parallel
+      module (o_proj, down_proj) that an adapter of the step targets in the layer, one
+      all-reduce of the shrink's output before the expand (this rank's columns of lora_A see
+      only its columns of x): ``[T', R]`` in the dense form (T' tokens of the module's
+      adapters, R the sum of their ranks), ``sum(len_s * r_s)`` elements in the segment loop,
+      ``[S_a, width, r_max]`` in BGMV, ``[G, T, r_max]`` float32 with Triton (G = 1 but
+      for mixes, whose overlapping segments take one group each). Each rank then
+      expands with its ``H / N`` columns of lora_B into its columns of the output, which the
+      base all-reduce sums (a DoRA adapter's output scale is applied after that all-reduce,
+      every rank holding the module's whole ``[H]`` scale row; on a column-parallel module
+      each rank scales its own output features). So LoRA adds up to two all-reduces per
+      layer, of ``T * R`` elements each against the base's ``T * H`` (R = 64 and H = 4096:
+      1.6% more bytes), but on latency-bound decode steps each collective's fixed cost counts
+      as much as the base's. (vLLM's default ``RowParallelLinearWithLoRA`` instead keeps all
+      of lora_B on every rank and adds its partial delta before the base all-reduce: no extra
+      collective, N times the memory for lora_B; BD-LoRA, arXiv 2510.23346, restricts the adapter to
+      remove the extra communication.)
+
     Args:
         config: a transformers ``PretrainedConfig`` of a supported model type.
-        weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...).
+        weights: HF parameter names -> tensors (``model.layers.0.self_attn.q_proj.weight``...);
+            under tensor parallelism this rank's slices of them (``Shard.weight_range``).
         dtype, device: of the weights and activations.
         max_model_len: longest sequence; sizes the RoPE table.
         kernel_backend: "auto", "torch" or "triton" (see :class:`pagedlora.EngineConfig`).
+        shard: this rank's part; None: the whole model (one rank).
+        comm: the collectives of this rank's group; None with one rank.
 
     Raises:
         ValueError: an unsupported model type, rope type, or a missing weight (named); a
             kernel backend that cannot run on ``device`` (see
-            :func:`pagedlora.kernels.backend.select_kernels`).
+            :func:`pagedlora.kernels.backend.select_kernels`); a shard of another size than
+            ``comm``'s group.
     """
 
     def __init__(self, config, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
-                 device: torch.device, max_model_len: int, kernel_backend: str = "auto"
-                 ) -> None:
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {config.model_type!r} is not supported; "
-                             f"supported: {SUPPORTED_MODEL_TYPES}")
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+                 device: torch.device, max_model_len: int, kernel_backend: str = "auto",
+                 shard: Shard | None = None, comm: TPComm | None = None) -> None:
+        self.check_config(config)
+        shard = shard or Shard.of(config)
+        if (comm.size if comm is not None else 1) != shard.size:
+            raise ValueError(f"a shard of {shard.size} ranks needs a group of as many")
         self.config = config
+        self.shard, self.comm = shard, comm
         self.dtype, self.device = dtype, device
         self.kernels = select_kernels(kernel_backend, device)
         self.num_layers = config.num_hidden_layers
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_heads = shard.num_heads
+        self.num_kv_heads = shard.num_kv_heads
+        self.head_dim = shard.head_dim
         self.hidden_size = config.hidden_size
         self.eps = config.rms_norm_eps
-        h, d, i = self.hidden_size, self.head_dim, config.intermediate_size
-        q_out, kv_out = self.num_heads * d, self.num_kv_heads * d
-        self.module_shapes = {
-            "q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out),
-            "o_proj": (q_out, h), "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-        self._split_qkv = [q_out, kv_out, kv_out]
-        # module -> (fused weight of self.layers[n], its first row, its end row)
+        self.module_shapes = shard.module_shapes
+        self.lora_module_shapes = shard.lora_module_shapes  # what an adapter must fit
+        self.lora_widths = shard.lora_widths  # this rank's rows of them
+        self.dora_widths = shard.dora_widths
+        d = self.head_dim
+        self._split_qkv = [self.num_heads * d, self.num_kv_heads * d, self.num_kv_heads * d]
+        h, i = self.hidden_size, shard.intermediate[1] - shard.intermediate[0]
+        q_out, kv_out = self._split_qkv[0], self._split_qkv[1]
+        # module -> (fused weight of self.layers[n], its first row, its end row) on this rank
         self.fused_rows = {
             "q_proj": ("qkv", 0, q_out), "k_proj": ("qkv", q_out, q_out + kv_out),
             "v_proj": ("qkv", q_out + kv_out, q_out + 2 * kv_out), "o_proj": ("o", 0, h),
@@ -133,15 +173,12 @@ class LlamaModel:
                 raise ValueError(f"weight {name!r} is missing from the model files")
             return weights[name].to(device=device, dtype=dtype)
 
-        self.embed = take("model.embed_tokens.weight")
+        self.embed = self._vocab_rows(take("model.embed_tokens.weight"))
         self.norm = take("model.norm.weight")
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
-        self.lm_head = self.embed if tied else take("lm_head.weight")
+        self.lm_head = self.embed if tied else self._vocab_rows(take("lm_head.weight"))
+        self.vocab_size = shard.vocab_size if comm is not None else self.embed.shape[0]
         self.tied_embeddings = tied
-        vocab = self.embed.shape[0]
-        # LoRA shapes (in_features, out_features) of the vocabulary modules (PEFT's
-        # lora_embedding_A is [r, vocab_size], as a Linear's lora_A is [r, in_features])
-        self.vocab_shapes = {"embed_tokens": (vocab, h), "lm_head": (h, vocab)}
         self.layers = []
         for n in range(self.num_layers):
             p = f"model.layers.{n}."
@@ -158,12 +195,19 @@ class LlamaModel:
                                       take(p + "mlp.up_proj.weight")]),
                 "down": take(p + "mlp.down_proj.weight"),
             })
+        self.linear = PackedLinear(dtype, device)  # the base GEMMs (bf16 CPU: prepacked)
+        for w in self.layers:
+            for name in ("qkv", "o", "gate_up", "down"):
+                self.linear.pack(w[name])
+        self.linear.pack(self.lm_head)
         self._rope_cos, self._rope_sin = self._rope_tables(config, max_model_len)
         self._qkv_modules = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
         """``[out_features, in_features]`` weight of one projection of ``layer`` (a view into
-        the fused q/k/v or gate/up weight), e.g. for DoRA's weight norm.
+        the fused q/k/v or gate/up weight), e.g. for DoRA's weight norm; under tensor
+        parallelism this rank's part of it (a tensor-parallel driver reads the whole weight
+        from the files instead, :class:`pagedlora.parallel.base_files.BaseFiles`).
 
         Raises:
             KeyError: an unknown module.
@@ -183,15 +227,25 @@ class LlamaModel:
         return bias.split(self._split_qkv)[self._qkv_modules[module]]
 
     @property
-    def lora_module_shapes(self) -> dict[str, tuple[int, int]]:
-        """``module -> (in_features, out_features)`` of every module a LoRA may target: the
-        decoder projections and ``embed_tokens``/``lm_head``."""
-        return {**self.module_shapes, **self.vocab_shapes}
-
-    @property
     def base_vocab(self) -> BaseVocab:
         """The embedding and output weights, for checking an adapter's saved copies."""
         return BaseVocab(self.embed, self.lm_head, self.tied_embeddings)
+
+    @staticmethod
+    def check_config(config) -> None:
+        """Raises ValueError for a model type or activation this model does not implement."""
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model_type {config.model_type!r} is not supported; "
+                             f"supported: {SUPPORTED_MODEL_TYPES}")
+        if getattr(config, "hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {config.hidden_act!r} is not supported (only silu)")
+
+    def _vocab_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's embedding or LM head rows, zero-padded to ``vocab_per_rank``."""
+        missing = self.shard.vocab_per_rank - rows.shape[0]
+        if self.comm is None or missing == 0:
+            return rows
+        return torch.cat([rows, rows.new_zeros(missing, rows.shape[1])])
 
     def _rope_tables(self, config, max_model_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``[max_model_len, head_dim]`` float32 cos and sin, as transformers computes them."""
@@ -214,33 +268,47 @@ class LlamaModel:
                 (emb.sin() * attention_scaling).to(self.device))
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor | None:
         """Runs the batch, writing its K/V into the pool.
 
         Returns:
-            ``[S, vocab_size]`` float32 logits of the tokens in ``batch.sample_index``.
+            ``[S, vocab_size]`` float32 logits of the tokens in ``batch.sample_index`` (under
+            tensor parallelism on rank 0; None on the other ranks).
         """
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
-        h = self.embed[batch.input_ids]                                    # [T, H]
-        embed_lora = batch.lora.get((VOCAB_LAYER, "embed_tokens"))
-        if embed_lora is not None:
-            lora_embedding(h, batch.input_ids, embed_lora)
+        h = self._embed(batch.input_ids, batch)                            # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
-        ops = self.kernels
+        ops, linear = self.kernels, self.linear
+        comm = self.comm
+        hidden = slice(*self.shard.hidden)
         t, d = h.shape[0], self.head_dim
         for n, w in enumerate(self.layers if batch.layers is None else batch.layers):
             def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
                 work = batch.lora.get((n, module))
-                if work is not None:
-                    in_f, out_f = self.module_shapes[module]
-                    ops.lora_shrink_expand(y, x, work, rows(in_f), rows(out_f))
-                    if work.dora is not None:
-                        dora_rescale(y, self.base_bias(n, module), work.dora, rows(out_f))
+                if work is None:
+                    return
+                a_width, b_width = self.lora_widths[module]
+                if comm is None or module not in ROW_PARALLEL:
+                    ops.lora_shrink_expand(y, x, work, rows(a_width), rows(b_width))
+                else:
+                    shrunk = ops.lora_shrink(x, work, rows(a_width))  # partial: x's columns
+                    comm.all_reduce(shrunk)
+                    ops.lora_expand(y[:, hidden], shrunk, work, rows(b_width))
+                if work.dora is not None and (comm is None or module not in ROW_PARALLEL):
+                    dora_rescale(y, self.base_bias(n, module), work.dora,
+                                 rows(self.dora_widths[module]))
+
+            def reduce(module: str, y: torch.Tensor, n: int = n) -> None:
+                """A row-parallel output's all-reduce, then its DoRA scale (whole rows)."""
+                comm.all_reduce(y)
+                work = batch.lora.get((n, module))
+                if work is not None and work.dora is not None:
+                    dora_rescale(y, None, work.dora, rows(self.dora_widths[module]))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
-            qkv = F.linear(x, w["qkv"], w["qkv_bias"])                     # [T, (H+2KVH)*D]
+            qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]
             q, k, v = qkv.split(self._split_qkv, dim=-1)
             lora("q_proj", q, x)
             lora("k_proj", k, x)
@@ -257,20 +325,45 @@ class LlamaModel:
                 attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
                                                               g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
-            o = F.linear(attn, w["o"])
+            o = linear(attn, w["o"])
             lora("o_proj", o, attn)
+            if comm is not None:
+                reduce("o_proj", o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
-            gate, up = F.linear(x, w["gate_up"]).chunk(2, dim=-1)
+            gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
             lora("gate_proj", gate, x)
             lora("up_proj", up, x)
             a = F.silu(gate) * up
-            down = F.linear(a, w["down"])
+            down = linear(a, w["down"])
             lora("down_proj", down, a)
+            if comm is not None:
+                reduce("down_proj", down)
             h = h + down
         h = _rms_norm(h[batch.sample_index], self.norm, self.eps)        # [S, H]
-        logits = F.linear(h, self.lm_head)                                 # [S, vocab]
+        logits = linear(h, self.lm_head)                                   # [S, V / N]
         head_lora = batch.lora.get((VOCAB_LAYER, "lm_head"))
-        if head_lora is not None:
+        if head_lora is not None:  # this rank's vocabulary columns of lora_B^T
             lora_shrink_expand(logits, h, head_lora, None, None)  # rows are gathered
-        return logits.float()
+        logits = logits.float()
+        return logits if comm is None else comm.gather_vocab(logits, self.vocab_size)
+
+    def _embed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """``[T, H]`` embeddings, with their ``embed_tokens`` LoRA deltas; under tensor
+        parallelism each rank looks up the ids of its vocabulary rows (and its columns of the
+        LoRA's lora_A), zeros for the others, and the all-reduce sums them."""
+        lora = batch.lora.get((VOCAB_LAYER, "embed_tokens"))
+        if self.comm is None:
+            h = self.embed[input_ids]
+            if lora is not None:
+                lora_embedding(h, input_ids, lora)
+            return h
+        lo, hi = self.shard.vocab
+        outside = (input_ids < lo) | (input_ids >= hi)
+        local = (input_ids - lo).masked_fill(outside, 0)
+        h = self.embed[local]
+        if lora is not None:
+            lora_embedding(h, local, lora)
+        h.masked_fill_(outside[:, None], 0)
+        self.comm.all_reduce(h)
+        return h

@@ -9,9 +9,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pagedlora.cache import cache_dir, extract_archive, file_hash, is_archive, publishing
+from pagedlora.parallel.shard import Shard
 from pagedlora.sources import fetch
 
 log = logging.getLogger(__name__)
@@ -99,9 +101,13 @@ def _converted_gguf(path: Path) -> Path:
     return target
 
 
-def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+def load_weights(model_dir: Path, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Reads every ``*.safetensors`` file of ``model_dir`` into one name -> tensor dict.
 
+    Args:
+        shard: a tensor-parallel rank's part: only its slice of each parameter is read
+            (``Shard.weight_range``, through safetensors' lazy slices of the memory-mapped
+            file), so no process ever holds the whole model. None: everything.
     Raises:
         ValueError: the directory has no safetensors file.
     """
@@ -110,7 +116,18 @@ def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"model directory {model_dir} has no *.safetensors weights")
     weights: dict[str, torch.Tensor] = {}
     for f in files:
-        weights.update(load_file(f))
+        if shard is None:
+            weights.update(load_file(f))
+            continue
+        with safe_open(f, framework="pt") as tensors:
+            for name in tensors.keys():
+                part = shard.weight_range(name)
+                if part is None:
+                    weights[name] = tensors.get_tensor(name)
+                    continue
+                dim, (start, stop) = part
+                lazy = tensors.get_slice(name)
+                weights[name] = lazy[start:stop] if dim == 0 else lazy[:, start:stop]
     return weights
 
 

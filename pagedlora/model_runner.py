@@ -19,7 +19,7 @@ from pagedlora.step_input import SequenceInput, StepInput
 
 
 @dataclass(frozen=True)
-class _LogitRows:
+class LogitRows:
     """Which rows of the step's logits serve what (see :meth:`ModelRunner._build`).
 
     Attributes:
@@ -32,6 +32,28 @@ class _LogitRows:
     sampled: list[SequenceInput]
     sample_rows: list[int] | None
     prompt: list[tuple[SequenceInput, int]]
+
+    def output(self, sampler: Sampler, logits: torch.Tensor) -> RunnerOutput:
+        """Samples this step's ``logits`` (``[M, vocab_size]`` float32, every row) and
+        computes the log-probabilities its requests asked for."""
+        sample_logits = logits if self.sample_rows is None else logits[self.sample_rows]
+        tokens = sampler.sample(sample_logits, self.sampled)
+        return RunnerOutput(tuple(s.request_id for s in self.sampled), tuple(tokens),
+                            _sample_logprobs(sample_logits, self.sampled, tokens),
+                            _prompt_logprobs(logits, self.prompt))
+
+    def ids(self) -> tuple:
+        """The rows by request id, plain values (what a tensor-parallel rank 0 sends a
+        driver that samples; :meth:`of_ids` reads them back)."""
+        return (tuple(s.request_id for s in self.sampled), self.sample_rows,
+                tuple((s.request_id, row) for s, row in self.prompt))
+
+    @classmethod
+    def of_ids(cls, ids: tuple, sequences: dict[int, SequenceInput]) -> LogitRows:
+        """From :meth:`ids`, with ``sequences`` by request id."""
+        sampled, sample_rows, prompt = ids
+        return cls([sequences[r] for r in sampled], sample_rows,
+                   [(sequences[r], row) for r, row in prompt])
 
 
 class ModelRunner:
@@ -49,15 +71,27 @@ class ModelRunner:
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
         pool: the unified pool the model reads and writes.
-        sampler: chooses the tokens (a test may pass its own).
+        sampler: chooses the tokens (a test may pass its own); None on a tensor-parallel rank
+            that only runs the forward pass (:meth:`forward`).
     """
 
-    def __init__(self, model: LlamaModel, pool: UnifiedPool, sampler: Sampler) -> None:
+    def __init__(self, model: LlamaModel, pool: UnifiedPool, sampler: Sampler | None) -> None:
         self.model = model
         self.pool = pool
         self.sampler = sampler
-        self.lora = LoraLayouts(pool, model.lora_module_shapes, model.kernels.reads_gathered_rows)
+        self.lora = LoraLayouts(pool, model.lora_widths, model.kernels.reads_gathered_rows,
+                                scale_widths=model.dora_widths)
         self.merged = MergedWeights(model, pool)
+
+    @property
+    def vocab_size(self) -> int:
+        """Columns of the logits (token ids a prompt may hold)."""
+        return self.model.vocab_size
+
+    @property
+    def kernel_backend(self) -> str:
+        """The kernels the model runs: "torch" or "triton"."""
+        return self.model.kernels.backend
 
     def run(self, step: StepInput) -> RunnerOutput:
         """Runs one step.
@@ -70,48 +104,25 @@ class ModelRunner:
         self.sampler.forget(step.finished_request_ids)
         if not step.sequences:
             return RunnerOutput()
+        logits, rows = self.forward(step)
+        return rows.output(self.sampler, logits)
+
+    def forward(self, step: StepInput) -> tuple[torch.Tensor | None, LogitRows]:
+        """The step's forward pass without sampling (``step.sequences`` not empty).
+
+        Returns:
+            ``[M, vocab_size]`` float32 logits (None on tensor-parallel ranks other than 0)
+            and which sequences' rows they are (:meth:`LogitRows.output` samples them).
+        """
         order = sorted(step.sequences, key=lambda s: s.lora_terms)
         batch, rows = self._build(order, step)
-        logits = self.model.forward(batch, self.pool)                  # [rows, vocab_size]
-        sample_logits = logits if rows.sample_rows is None else logits[rows.sample_rows]
-        tokens = self.sampler.sample(sample_logits, rows.sampled)
-        return RunnerOutput(tuple(s.request_id for s in rows.sampled), tuple(tokens),
-                            self._sample_logprobs(sample_logits, rows.sampled, tokens),
-                            self._prompt_logprobs(logits, rows.prompt))
+        return self.model.forward(batch, self.pool), rows
 
-    @staticmethod
-    def _sample_logprobs(logits: torch.Tensor, sampled: list[SequenceInput], tokens: list[int]
-                         ) -> tuple[TokenLogprobs | None, ...]:
-        """The sampled tokens' entries, for the rows whose request asked (else None); ``()``
-        when none did. ``logits``: ``[len(sampled), vocab_size]``."""
-        asking = [i for i, s in enumerate(sampled) if s.sampling.params.logprobs is not None]
-        if not asking:
-            return ()
-        found = token_logprobs(logits[asking], [tokens[i] for i in asking],
-                               [sampled[i].sampling.params.logprobs for i in asking])
-        by_row = dict(zip(asking, found, strict=True))
-        return tuple(by_row.get(i) for i in range(len(sampled)))
-
-    @staticmethod
-    def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[SequenceInput, int]]
-                         ) -> tuple[tuple[int, tuple[TokenLogprobs, ...]], ...]:
-        """``(request id, entries)`` per sequence of ``prompt`` (``(sequence, first row)``),
-        from its rows of the step's ``logits``, in one batched pass."""
-        if not prompt:
-            return ()
-        index = [r0 + j for s, r0 in prompt for j in range(len(s.prompt_targets))]
-        found = token_logprobs(logits[index], [t for s, _ in prompt for t in s.prompt_targets],
-                               [s.sampling.params.prompt_logprobs for s, _ in prompt
-                                for _ in s.prompt_targets])
-        out, at = [], 0
-        for s, _ in prompt:
-            n = len(s.prompt_targets)
-            out.append((s.request_id, tuple(found[at:at + n])))
-            at += n
-        return tuple(out)
+    def close(self) -> None:
+        """Nothing to release: the model and the pool are this process's memory."""
 
     def _build(self, order: list[SequenceInput], step: StepInput
-               ) -> tuple[ForwardBatch, _LogitRows]:
+               ) -> tuple[ForwardBatch, LogitRows]:
         device = self.pool.tensor.device
         bs = self.pool.block_size
         input_ids: list[int] = []
@@ -171,8 +182,38 @@ class ModelRunner:
             slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
             groups=groups, sample_index=t(logits_index), lora=lora, layers=layers)
         only_samples = not prompt_rows
-        return batch, _LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
+        return batch, LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
 
+
+def _sample_logprobs(logits: torch.Tensor, sampled: list[SequenceInput], tokens: list[int]
+                     ) -> tuple[TokenLogprobs | None, ...]:
+    """The sampled tokens' entries, for the rows whose request asked (else None); ``()`` when
+    none did. ``logits``: ``[len(sampled), vocab_size]``."""
+    asking = [i for i, s in enumerate(sampled) if s.sampling.params.logprobs is not None]
+    if not asking:
+        return ()
+    found = token_logprobs(logits[asking], [tokens[i] for i in asking],
+                           [sampled[i].sampling.params.logprobs for i in asking])
+    by_row = dict(zip(asking, found, strict=True))
+    return tuple(by_row.get(i) for i in range(len(sampled)))
+
+
+def _prompt_logprobs(logits: torch.Tensor, prompt: list[tuple[SequenceInput, int]]
+                     ) -> tuple[tuple[int, tuple[TokenLogprobs, ...]], ...]:
+    """``(request id, entries)`` per sequence of ``prompt`` (``(sequence, first row)``), from
+    its rows of the step's ``logits``, in one batched pass."""
+    if not prompt:
+        return ()
+    index = [r0 + j for s, r0 in prompt for j in range(len(s.prompt_targets))]
+    found = token_logprobs(logits[index], [t for s, _ in prompt for t in s.prompt_targets],
+                           [s.sampling.params.prompt_logprobs for s, _ in prompt
+                            for _ in s.prompt_targets])
+    out, at = [], 0
+    for s, _ in prompt:
+        n = len(s.prompt_targets)
+        out.append((s.request_id, tuple(found[at:at + n])))
+        at += n
+    return tuple(out)
 
 def _extend(ranges: list[TokenRange], start: int, end: int, weight: float) -> None:
     """Adds ``[start, end)`` at ``weight`` to an adapter's ranges, extending the last one when

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from pagedlora.kernels.lora import PagedRows
 from pagedlora.scheduler import PageAllocator, StaticSplitAllocator
+
+if TYPE_CHECKING:
+    from pagedlora.config import EngineConfig
 
 
 def rows_per_page(page_numel: int, width: int) -> int:
@@ -41,10 +46,17 @@ class UnifiedPool:
     LoRA on embed_tokens or lm_head) is split into page-wide pieces (:func:`row_pieces`) and
     read out whole (:meth:`read_rows`).
 
+    Under tensor parallelism (S-LoRA, section 6) the driver's pool is the accounting alone
+    (``device=None``: the allocator and the page geometry, no tensor) and every worker holds a
+    tensor of the same geometry for its shard: a page id means the same page on every rank
+    (its KV heads' block, its shard of an adapter's rows).
+
     Args:
         num_pages: pages in the pool.
-        block_size, num_kv_heads, head_dim: the KV block shape; they fix ``page_numel``.
-        dtype, device: of the pool tensor.
+        block_size, num_kv_heads, head_dim: the KV block shape (this rank's KV heads); they
+            fix ``page_numel``.
+        dtype, device: of the pool tensor; ``device`` None for no tensor (the driver of a
+            tensor-parallel engine).
         allocator: hands out the page ids; None: a :class:`PageAllocator` (unified paging)
             over ``num_pages`` pages. The engine passes a ``StaticSplitAllocator`` for
             ``memory_layout="static"``.
@@ -53,28 +65,33 @@ class UnifiedPool:
     """
 
     def __init__(self, num_pages: int, *, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device,
+                 dtype: torch.dtype, device: torch.device | None,
                  allocator: PageAllocator | None = None) -> None:
         self.block_size = block_size
         self.page_numel = self.page_numel_for(block_size, num_kv_heads, head_dim)
+        self.dtype = dtype
         self.allocator = allocator or PageAllocator(num_pages)
         if self.allocator.num_pages != num_pages:
             raise ValueError(f"the allocator has {self.allocator.num_pages} pages, the pool "
                              f"{num_pages}")
-        self.tensor = torch.empty(num_pages, self.page_numel, dtype=dtype, device=device)
-        self._kv = self.tensor.view(num_pages, 2, block_size, num_kv_heads, head_dim)
+        self.tensor: torch.Tensor | None = None
+        self._kv: torch.Tensor | None = None
+        if device is not None:
+            self.tensor = torch.empty(num_pages, self.page_numel, dtype=dtype, device=device)
+            self._kv = self.tensor.view(num_pages, 2, block_size, num_kv_heads, head_dim)
         self._rows: dict[int, torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, *, pool_gb: float, num_layers: int, num_kv_heads: int, head_dim: int,
-                  block_size: int, dtype: torch.dtype, device: torch.device,
+                  block_size: int, dtype: torch.dtype, device: torch.device | None,
                   memory_layout: str = "unified", static_slot_pages: int = 0,
                   max_loras: int = 1, max_lora_rank: int = 0) -> UnifiedPool:
         """A zeroed pool of ``pool_gb`` GiB for a model's KV geometry, with the allocator of
         ``memory_layout``: one free list ("unified"), or ``max_loras`` adapter slots of
         ``static_slot_pages`` pages each (the pages of ``max_lora_rank`` on every projection)
         and the rest for KV blocks ("static", vLLM's LoRA buffers). Padding slots are read
-        (and masked), so the zeros keep them finite.
+        (and masked), so the zeros keep them finite. ``pool_gb`` is per device: under tensor
+        parallelism each rank's tensor takes ``pool_gb`` (``device`` None: none here).
 
         Raises:
             ValueError: the pool holds no KV block (one page per layer), or the static slots
@@ -98,8 +115,22 @@ class UnifiedPool:
             allocator = StaticSplitAllocator(num_pages, slot_pages=static_slot_pages,
                                              num_slots=max_loras)
         pool = cls(num_pages, dtype=dtype, device=device, allocator=allocator, **geometry)
-        pool.tensor.zero_()
+        if pool.tensor is not None:
+            pool.tensor.zero_()
         return pool
+
+    @classmethod
+    def for_config(cls, config: EngineConfig, *, num_layers: int, num_kv_heads: int,
+                   head_dim: int, static_slot_pages: int, device: torch.device | None
+                   ) -> UnifiedPool:
+        """:meth:`for_model` with an engine's options (``pool_gb``, ``block_size``, ``dtype``,
+        ``memory_layout``, ``max_loras``, ``max_lora_rank``): the driver's pool and every
+        tensor-parallel worker's get the same pages this way."""
+        return cls.for_model(
+            pool_gb=config.pool_gb, num_layers=num_layers, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, block_size=config.block_size, dtype=getattr(torch, config.dtype),
+            device=device, memory_layout=config.memory_layout, max_loras=config.max_loras,
+            max_lora_rank=config.max_lora_rank, static_slot_pages=static_slot_pages)
 
     @staticmethod
     def page_numel_for(block_size: int, num_kv_heads: int, head_dim: int) -> int:
@@ -119,9 +150,19 @@ class UnifiedPool:
         return self.allocator.num_pages
 
     @property
+    def page_bytes(self) -> int:
+        """Bytes of one page (of each rank's pool, under tensor parallelism)."""
+        return self.page_numel * self.dtype.itemsize
+
+    @property
     def kv_pages(self) -> torch.Tensor:
         """``[num_pages, 2, block_size, num_kv_heads, head_dim]`` view of every page as a KV
-        block (contiguous; K then V)."""
+        block (contiguous; K then V).
+
+        Raises:
+            RuntimeError: a pool without a tensor (see the class docstring).
+        """
+        self._check_tensor()
         return self._kv
 
     def rows_per_page(self, width: int) -> int:
@@ -143,10 +184,20 @@ class UnifiedPool:
         return out.reshape(out.shape[0], pieces * stored)[:, :width].contiguous()
 
     def rows(self, width: int) -> torch.Tensor:
-        """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``."""
+        """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``.
+
+        Raises:
+            RuntimeError: a pool without a tensor (see the class docstring).
+        """
         view = self._rows.get(width)
         if view is None:
+            self._check_tensor()
             rpp = self.rows_per_page(width)
             view = self.tensor[:, : rpp * width].view(self.num_pages, rpp, width)
             self._rows[width] = view
         return view
+
+    def _check_tensor(self) -> None:
+        if self.tensor is None:
+            raise RuntimeError("this pool is the page accounting of a tensor-parallel engine's "
+                               "driver; the pages are in the workers' pools")

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -90,6 +91,11 @@ def peft_greedy(base, adapter_dir: Path | None, prompt: list[int], n: int) -> li
         if adapter_dir is not None:
             model.unload()
     return out[0, len(prompt):].tolist()
+
+
+def save_adapters(model_dir: Path, root: Path, specs: dict[str, dict]) -> dict[str, Path]:
+    """``name -> save_random_adapter(model_dir, root / name, **spec)`` for every spec."""
+    return {n: save_random_adapter(model_dir, root / n, **dict(o)) for n, o in specs.items()}
 
 
 def prompts(n, seed=0, lo=3, hi=30) -> list[list[int]]:
@@ -374,6 +380,14 @@ def logits_rtol(config, dtype: torch.dtype = torch.float32) -> float:
     raise ValueError(f"no tolerance derived for {dtype}")
 
 
+def model_config(engine: Engine):
+    """The engine's HF config (read from its model directory: under tensor parallelism the
+    model lives in the workers, ``engine.model`` is None)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(engine.model_dir)
+
+
 def row_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
     """max |ours - ref| over a logits row, as a fraction of the row's largest |ref| (NaN for a
     NaN anywhere, which fails every comparison)."""
@@ -388,6 +402,23 @@ def logits_within(rtol: float) -> Callable:
                              f"({ref.abs().max().item():.3g}) > {rtol:.3g}")
         return err
     return compare
+
+
+def recording_within(rows: dict, rtol: float) -> Callable:
+    """:func:`logits_within` that also keeps each row in ``rows``, by request and length (the
+    ``where`` text without its step), to compare two engines' rows afterwards."""
+    check = logits_within(rtol)
+
+    def compare(ours, ref, where):
+        rows[re.sub(r"^step \d+, ", "", where)] = ours.clone()
+        return check(ours, ref, where)
+    return compare
+
+
+def rows_apart(a: dict, b: dict) -> float:
+    """max |a - b| over the rows two :func:`recording_within` runs kept (the same requests)."""
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 class OracleSampler(Sampler):
@@ -443,7 +474,7 @@ def drive(engine: Engine, arrivals: dict[int, list], oracle: Callable, *, max_to
     sampler = engine.core.runner.sampler
     assert isinstance(sampler, OracleSampler), "make the engine with sampler=OracleSampler()"
     sampler.oracle = oracle
-    sampler.compare = compare or logits_within(logits_rtol(engine.model.config))
+    sampler.compare = compare or logits_within(logits_rtol(model_config(engine)))
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     result, tags = Drive(), {}
     step = 0
@@ -535,6 +566,59 @@ def assert_kv_released(engine: Engine) -> None:
     engine.core.scheduler.kv.check_invariants(engine.core.scheduler.running)
     stats = engine.stats()
     assert stats["pages_kv"] == stats["pages_kv_cached"], stats
+
+
+# -- processes (tensor parallelism) ------------------------------------------------------------
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (read from ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from ``/proc``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def spawned_workers(pid: int) -> list[int]:
+    """The children of ``pid`` that multiprocessing's ``spawn`` started (tensor-parallel
+    workers), in pid order (not its resource tracker)."""
+    def cmdline(child: int) -> bytes:
+        try:
+            return Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            return b""
+    return sorted(c for c in child_pids(pid) if b"spawn_main" in cmdline(c))
+
+
+def wait_gone(pids, timeout_s: float = 20.0) -> list[int]:
+    """Waits until none of ``pids`` is alive; returns those still alive at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = [p for p in pids if process_alive(p)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def shm_of(pids) -> list[str]:
+    """Shared-memory files in ``/dev/shm`` that name one of ``pids`` (torch names them
+    ``torch_<pid>_...``)."""
+    return sorted(f.name for f in Path("/dev/shm").iterdir()
+                  if any(f"_{p}_" in f.name or f.name.endswith(f"_{p}") for p in pids))
 
 
 # -- the scheduler alone (pure Python) -------------------------------------------------------------

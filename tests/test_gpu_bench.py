@@ -1,6 +1,7 @@
 """The GPU benchmark's driver, end to end through its CPU dry run (tiny Llama, torch kernels):
-every (setting, n, mode) row is there with sane numbers, and the adapters made by hard links
-are distinct adapters."""
+its check of the Triton kernels against the torch ones (through the interpreter) ran and
+agreed, every (setting, n, mode) row is there with sane numbers, and the adapters made by hard
+links are distinct adapters."""
 
 from __future__ import annotations
 
@@ -15,13 +16,17 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_bench.py"
 
 def test_dry_run_rows(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--out", str(out),
                            "--work-dir", str(tmp_path / "work")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "gpu_bench.json").read_text())
     plan = result["plan"]
+    check = result["backend_check"]
+    assert check["tokens_equal"] == "8/8", check
+    assert check["backends"] == ["triton", "torch"], check
+    assert check["max_logprob_diff"] <= check["atol"], check
     rows = {(r["setting"], r["n"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {(s, n, m) for s in ("S1", "S2") for n in (5, 100, 1000)
                          for m in ("offline", "online")}
@@ -44,3 +49,19 @@ def test_dry_run_rows(tmp_path):
               for d in s2.glob("a*")}
     assert len(alphas) == 1000
     assert "| S2 | 1000 | online |" in (out / "gpu_bench.md").read_text()
+
+
+def test_dry_run_over_two_ranks(tmp_path):
+    """--tensor-parallel-size 2: the same flow with the model split over two CPU workers."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH), "--dry-run", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work"), "--num-adapters", "5",
+                           "--tensor-parallel-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "gpu_bench.json").read_text())
+    assert result["environment"]["tensor_parallel_size"] == 2
+    rows = result["rows"]
+    assert len(rows) == 4 and all(r["finished"] == r["requests"] for r in rows), rows
+    assert "tensor parallel 2" in (out / "gpu_bench.md").read_text()

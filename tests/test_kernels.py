@@ -89,13 +89,18 @@ def test_lora_shrink_expand_refuses_mismatched_tokens():
         lora_shrink_expand(torch.zeros(2, 4), torch.zeros(3, 4), batch, view, view)
 
 
+# (context already in pages, new tokens) per sequence: decode, prefill, chunked prefill, odd
+# lengths in one group; a group of decodes only (bfloat16 takes its own path there)
+MIXED_GROUP = [(9, 1), (0, 7), (5, 6), (12, 1), (0, 1)]
+DECODE_GROUP = [(9, 1), (0, 1), (12, 1), (30, 1), (3, 1)]
+
+
+@pytest.mark.parametrize("shapes", [MIXED_GROUP, DECODE_GROUP], ids=["mixed", "decode"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_attention_matches_contiguous_causal_attention(dtype, atol):
+def test_paged_attention_matches_contiguous_causal_attention(dtype, atol, shapes):
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d, bs, num_pages = 6, 2, 16, 4, 40
     cache = torch.zeros(num_pages, 2, bs, kv_heads, d, dtype=dtype)
-    # (context already in pages, new tokens): decode, prefill, chunked prefill, odd lengths
-    shapes = [(9, 1), (0, 7), (5, 6), (12, 1), (0, 1)]
     free = torch.randperm(num_pages, generator=g).tolist()
     seqs, q_parts = [], []
     for ctx, new in shapes:

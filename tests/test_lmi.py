@@ -38,7 +38,7 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/dev/null",
            "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"}
 # The article's env_generation, with its two-GPU tensor_parallel_degree as "max" (one device
-# here; a degree of 2 is refused until tensor parallelism exists, see below).
+# here, so one rank; a degree of 2 is tensor_parallel_size=2, see below).
 ENV_GENERATION = {"OPTION_MODEL_ID": HF_ID, "OPTION_TRUST_REMOTE_CODE": "true",
                   "OPTION_TENSOR_PARALLEL_DEGREE": "max", "OPTION_ROLLING_BATCH": "lmi-dist",
                   "OPTION_MAX_ROLLING_BATCH_SIZE": "32", "OPTION_DTYPE": "fp16",
@@ -408,7 +408,7 @@ def test_adapters_folder_needs_enable_lora(model_dir, caplog):
     assert "OPTION_ENABLE_LORA=true" in caplog.text and "adapters" in caplog.text
 
 
-REFUSED = {"OPTION_TENSOR_PARALLEL_DEGREE": "2", "OPTION_DTYPE": "int8",
+REFUSED = {"OPTION_DTYPE": "int8",
            "OPTION_ROLLING_BATCH": "bogus", "OPTION_QUANTIZE": "awq",
            "OPTION_ENTRYPOINT": "model.py", "OPTION_MAX_ROLLING_BATCH_SIZE": "lots",
            "OPTION_TGI_COMPAT": "true", "OPTION_OUTPUT_FORMATTER": "jsonlines",
@@ -423,13 +423,12 @@ def test_every_refused_option_is_named_with_its_value(model_dir, monkeypatch, ca
         config(["--model-dir", str(model_dir)], REFUSED)
     for key, value in REFUSED.items():
         assert f"{key}={value!r}" in str(e.value), (key, str(e.value))
-    assert "tensor parallelism over 2 devices is not available yet" in str(e.value)
     for key, value in REFUSED.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as exit_:  # pagedlora serve stops before loading a model
         main(["serve", "--model-dir", str(model_dir)])
     assert exit_.value.code == 2
-    assert "OPTION_TENSOR_PARALLEL_DEGREE='2'" in capsys.readouterr().err
+    assert "OPTION_DTYPE='int8'" in capsys.readouterr().err
 
 
 def test_unknown_options_are_warnings_and_notes_never_show_secrets(model_dir, caplog):
@@ -447,13 +446,15 @@ def test_unknown_options_are_warnings_and_notes_never_show_secrets(model_dir, ca
     assert "HF_TOKEN=<hidden>" in caplog.text and "hf_secret_value" not in caplog.text
 
 
-def test_tensor_parallel_degree_max_means_the_devices_there_are():
+def test_tensor_parallel_degree_is_tensor_parallel_size_and_max_the_devices_there_are():
     one = map_settings(settings({"OPTION_TENSOR_PARALLEL_DEGREE": "max"}), num_devices=1)
-    assert one.refused == [] and "no tensor parallelism" in one.notes[0]
+    assert one.refused == [] and one.engine == {"tensor_parallel_size": 1}
     two = map_settings(settings({"TENSOR_PARALLEL_DEGREE": "max"}), num_devices=2)
-    assert two.refused == ["TENSOR_PARALLEL_DEGREE='max': tensor parallelism over 2 devices "
-                           "is not available yet; set 1 (or max on a single device) to serve "
-                           "on one device"]
+    assert two.refused == [] and two.engine == {"tensor_parallel_size": 2}
+    four = map_settings(settings({"OPTION_TENSOR_PARALLEL_DEGREE": "4"}), num_devices=1)
+    assert four.engine == {"tensor_parallel_size": 4}
+    zero = map_settings(settings({"OPTION_TENSOR_PARALLEL_DEGREE": "0"}), num_devices=1)
+    assert zero.refused == ["OPTION_TENSOR_PARALLEL_DEGREE='0': expected an integer >= 1"]
 
 
 def test_sagemaker_defaults_to_opt_ml_model():

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import OracleSampler, drive, random_prompt, save_random_adapter
+from support import (
+    OracleSampler,
+    PeftOracle,
+    drive,
+    random_prompt,
+    save_adapters,
+    save_random_adapter,
+)
 
 from pagedlora import Engine
 
@@ -28,25 +35,12 @@ SPECS = {
 
 @pytest.fixture(scope="module")
 def dirs(tiny_llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("review-runner")
-    return {n: save_random_adapter(tiny_llama_dir, root / n, **dict(o)) for n, o in SPECS.items()}
+    return save_adapters(tiny_llama_dir, tmp_path_factory.mktemp("review-runner"), SPECS)
 
 
 @pytest.fixture(scope="module")
 def oracle(tiny_llama_dir, dirs):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-
-    models = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
-                               for n, d in dirs.items()}}
-
-    @torch.inference_mode()
-    def logits(name, ids):
-        return models[name](input_ids=torch.tensor([ids])).logits[0, -1].float()
-    return logits
+    return PeftOracle(tiny_llama_dir, dirs).logits
 
 
 def _engine(model_dir, dirs, **kw):

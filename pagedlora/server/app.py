@@ -79,6 +79,8 @@ def create_app(state: ServerState) -> FastAPI:
             timeout = state.config.shutdown_timeout_s + 30
             await asyncio.gather(*(asyncio.to_thread(loop.stop, timeout)
                                    for loop in loops.values()))
+            for loop in loops.values():  # tensor-parallel workers, private spill directories
+                loop.engine.close()
 
     app = FastAPI(title="pagedlora", version=__version__, lifespan=lifespan)
     app.state.server = state

@@ -289,6 +289,9 @@ class EngineLoop:
                     self._execute(cmd)
                 if self.engine.has_unfinished():
                     self.engine.step()
+                    # a dead tensor-parallel worker failed the requests with "error": stop, so
+                    # that /health says so and new requests get 503 instead of an error each
+                    self.engine.core.check_alive()
         except BaseException as e:  # noqa: BLE001 - fail every caller instead of hanging them
             log.exception("engine loop %r failed", self.name)
             self.error = e

@@ -240,14 +240,9 @@ def _dtype(value: str) -> str | None:
     return _DTYPES[text]
 
 
-def _tensor_parallel(value: str, out: MappedOptions, devices: int) -> str:
-    degree = max(devices, 1) if value.strip().lower() == "max" else _int(value)
-    if degree > 1:
-        # The one line to change once EngineConfig has tensor_parallel_size:
-        #     out.engine["tensor_parallel_size"] = degree
-        raise Refused(f"tensor parallelism over {degree} devices is not available yet; set 1 "
-                      f"(or max on a single device) to serve on one device")
-    return "one device, no tensor parallelism"
+def _tensor_parallel(value: str, out: MappedOptions, devices: int) -> None:
+    out.engine["tensor_parallel_size"] = max(devices, 1) if value.strip().lower() == "max" \
+        else _int(value)
 
 
 def _entry_point(value: str, out: MappedOptions, _devices: int) -> str:

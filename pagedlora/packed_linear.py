@@ -1,0 +1,54 @@
+"""PackedLinear: the base model's projections with their weights prepacked once for oneDNN."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class PackedLinear:
+    """``F.linear`` over weights reordered once into oneDNN's blocked layout, where that pays:
+    bfloat16 on a CPU with oneDNN's bfloat16 kernels (AVX-512 BF16 or AMX).
+
+    ``F.linear`` on bfloat16 CPU tensors already runs oneDNN's GEMM, but reorders the weight
+    into the kernel's layout on every call; the packed copy skips that, with the same results
+    bit for bit (the same kernel on the same numbers). Measured on this project's CPU (2-core
+    AMD EPYC with AVX-512 BF16, one thread, CPU time): 0.64 against 0.84 ms for SmolLM2's fused
+    gate/up at 32 tokens, 4.6 against 7.3 ms for its LM head at one token, 17.8 against 19.1 ms
+    for gate/up at 1,000 (a prefill). In float32 MKL's packed GEMM (``mkl._mkl_linear``) is not
+    faster than ``F.linear`` here (2.10 against 2.04 ms), so float32 weights are not packed.
+    The technique is what inductor's weight freezing does for CPU linears (``torch.compile``
+    with ``freezing=True``), without compiling anything.
+
+    A packed copy belongs to one weight tensor, found by identity: any other tensor (a merged
+    copy of a layer's weights, a tensor-parallel shard made later) runs ``F.linear``. The copy
+    costs the weight's memory again.
+
+    Args:
+        dtype, device: of the model's weights; packing is on only for bfloat16 on a CPU whose
+            oneDNN has bfloat16 kernels.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.enabled = (device.type == "cpu" and dtype == torch.bfloat16
+                        and torch.backends.mkldnn.is_available()
+                        and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def pack(self, weight: torch.Tensor, batch_hint: int = 32) -> None:
+        """Prepacks ``weight`` (``[out_features, in_features]``, contiguous) for the GEMMs of
+        later calls (``batch_hint``: the usual number of rows of ``x``; any number works).
+        A no-op when packing is off."""
+        if self.enabled:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
+            self._packed[id(weight)] = (weight, packed)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)``: ``[..., in_features]`` -> ``[..., out_features]``,
+        through ``weight``'s packed copy when it has one."""
+        entry = self._packed.get(id(weight))
+        if entry is None or entry[0] is not weight:
+            return F.linear(x, weight, bias)
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [],
+                                                  "")
