@@ -26,7 +26,9 @@ summaries) and ``frag.png`` (pool occupancy over time, stacked by page kind) to 
     python examples/fragmentation_stress.py --steps 150 --pool-pages 1200 --max-lora-rank 32 \
         --max-loras 3 --check --out /tmp/frag   # quick: a small pool needs small static slots
 
-``--check`` asserts the pool's invariants after every step (:func:`check_pool`).
+``--check`` asserts the pool's invariants after every step (:func:`check_pool`). ``--idle``
+only makes every adapter resident and prints the internal fragmentation of their pages
+(:func:`idle_fragmentation`).
 """
 
 from __future__ import annotations
@@ -295,6 +297,38 @@ def run(engine: Engine, trace: list[TraceRequest], num_steps: int, *, drain: boo
     return result
 
 
+def idle_fragmentation(engine: Engine, names: list[str]) -> dict:
+    """Makes each adapter of ``names`` resident (a one-token request each, one after another)
+    and measures, with nothing running, the internal fragmentation of the adapter pages: the
+    share of their elements that hold no weight, over all of them (``aggregate``) and per
+    adapter (``worst``, ``mean``). Adapters evicted for lack of pages are left out (``resident``
+    counts those measured).
+
+    Raises:
+        ValueError: KV blocks are still allocated (the idle pool must hold adapters only).
+    """
+    sp = SamplingParams(max_tokens=1, temperature=0)
+    for name in names:
+        engine.generate([[3, 4, 5]], name, sp, progress=False)
+    page = engine.pool.page_numel
+    per = {}
+    for name in names:
+        try:
+            placed = engine.adapters.resident(engine.adapters.key_of(name))
+        except KeyError:  # evicted: the pool could not hold every adapter
+            continue
+        per[name] = (len(placed.pages), placed.used_elements)
+    stats = engine.stats()
+    if stats["pages_kv"] != stats["pages_kv_cached"]:
+        raise ValueError(f"{stats['pages_kv']} KV pages in use at idle")
+    pages = sum(n for n, _ in per.values())
+    used = sum(u for _, u in per.values())
+    waste = [1 - u / (n * page) for n, u in per.values()]
+    return {"adapters": len(names), "resident": len(per), "pages": pages,
+            "aggregate": round(1 - used / (pages * page), 4), "worst": round(max(waste), 4),
+            "mean": round(statistics.fmean(waste), 4)}
+
+
 def report_line(r: Run) -> str:
     """One line of the latest step: pages by kind, fragmentation, requests, adapters."""
     s = {name: values[-1] for name, values in r.series.items()}
@@ -415,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-every", type=int, default=250)
     p.add_argument("--check", action="store_true", help="assert pool invariants every step")
     p.add_argument("--out", type=Path, default=Path("out/frag"))
+    p.add_argument("--idle", action="store_true",
+                   help="only measure the adapters' idle fragmentation (no trace)")
     args = p.parse_args(argv)
     cfg = StressConfig(num_steps=args.steps, arrival_rate=args.rate, max_len=args.max_len,
                        num_adapters=args.adapters, zipf=args.zipf, pool_pages=args.pool_pages,
@@ -424,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny matmuls: one thread is fastest on a shared machine
     with tempfile.TemporaryDirectory(prefix="frag-") as tmp:
         engines, trace = build(Path(tmp), cfg)
+        if args.idle:
+            idle = idle_fragmentation(engines[0], sorted(engines[0].adapters.names))
+            print("idle adapter pages (unified):", json.dumps(idle))
+            return 0
         print(f"{len(trace)} requests over {cfg.num_steps} steps, {cfg.num_adapters} adapters, "
               f"pool of {cfg.pool_pages} pages", flush=True)
         runs = [run(engine, trace, cfg.num_steps, report_every=args.report_every,

@@ -43,16 +43,18 @@ class LoraSegment:
 
 @dataclass(frozen=True)
 class StackedTokens:
-    """Where the tokens of a BGMV batch sit in its adapter-major layout.
+    """Where the tokens of one rank class of a BGMV batch sit in its adapter-major layout.
 
     Attributes:
         index: ``[N]`` int64 (token, adapter) pairs' token (a token of a mix appears once per
             adapter).
         entry: ``[N]`` int64 their adapter among the stacked ones.
         position: ``[N]`` int64 their place among that adapter's tokens.
-        width: the most tokens any one adapter has.
+        width: the most tokens any one adapter has (1: one each, no zero-padded layout).
         weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
             every weight is 1.
+        first: when adapter k's one token is ``first + k`` at weight 1 for every k, ``first``
+            (the kernel slices instead of indexing), else None.
     """
 
     index: torch.Tensor
@@ -60,16 +62,16 @@ class StackedTokens:
     position: torch.Tensor
     width: int
     weight: torch.Tensor | None = None
+    first: int | None = None
 
     @classmethod
     def of(cls, ranges: Sequence[Sequence[TokenRange]], *, dtype: torch.dtype,
-           device: torch.device) -> StackedTokens | None:
-        """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in order);
-        None when adapter k's tokens are exactly the token ``ranges[0][0][0] + k`` at weight
-        1 (one decode token per adapter)."""
+           device: torch.device) -> StackedTokens:
+        """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in
+        order; each adapter has at least one token)."""
         lo = ranges[0][0][0]
-        if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0) for k, r in enumerate(ranges)):
-            return None
+        first = lo if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0)
+                          for k, r in enumerate(ranges)) else None
         index, entry, position, weight, width = [], [], [], [], 0
         for k, adapter_ranges in enumerate(ranges):
             n = 0
@@ -85,7 +87,7 @@ class StackedTokens:
             return torch.tensor(v, dtype=torch.long, device=device)
         weights = None if all(w == 1.0 for w in weight) else torch.tensor(
             weight, dtype=dtype, device=device)
-        return cls(t(index), t(entry), t(position), width, weights)
+        return cls(t(index), t(entry), t(position), width, weights, first)
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,42 @@ class DoraScales:
 
 
 @dataclass(frozen=True)
+class SegmentTable:
+    """A batch's segments as device tensors, for kernels that loop over them on the device
+    (Triton), built once per step for every module sharing the segments (see
+    ``LoraLayouts``); one group of segments whose token ranges are disjoint.
+
+    Attributes:
+        segments: the group's segments.
+        table: ``[S, 4]`` int64 ``(start, end, col_start, col_end)`` per segment.
+        scale: ``[S]`` float32 scale per segment.
+        max_rank: the largest ``col_end - col_start``. max_len: the longest ``end - start``.
+    """
+
+    segments: tuple[LoraSegment, ...]
+    table: torch.Tensor
+    scale: torch.Tensor
+    max_rank: int
+    max_len: int
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """One rank class of a BGMV batch (``LoraBatch.stacked``): adapters whose ranks are within
+    4x of the class's largest, stacked and zero-padded to it.
+
+    Attributes:
+        a: ``[S, r, in_features]`` lora_A rows, adapter k's in ``a[k, :r_k]``.
+        b: ``[S, r, out_features]`` lora_B^T rows times the adapter's scale.
+        tokens: where the class's tokens sit (:class:`StackedTokens`).
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    tokens: StackedTokens
+
+
+@dataclass(frozen=True)
 class LoraBatch:
     """The LoRA work of one module of one layer in one step.
 
@@ -119,53 +157,37 @@ class LoraBatch:
             those of different adapters may overlap (tokens of a mix).
         token_scale: ``[T, R]`` scale of column r for token t: the segment's scale where one
             of token t's adapters owns row r, else 0 (tokens of the base model have an
-            all-zero row).
+            all-zero row); None where the kernels do not read it (Triton).
         gathered: ``(a [R, in_features], b [R, out_features])``, the rows already read out of
             the pool (the CPU path keeps them while the step's adapters repeat), or None: read
             them through the page tables.
-        stacked: the BGMV form, for decode batches over many adapters (CPU path):
-            ``(a [S, r_max, in_features], b [S, r_max, out_features], tokens)`` with adapter
-            k's rows in ``a[k, :r_k]`` and its scaled lora_B^T rows in ``b[k, :r_k]``, zeros
-            elsewhere, for the S adapters of ``segments`` in order. ``tokens`` is None when
-            the batch's tokens ``segments[0].start + k`` are exactly one per adapter k (the
-            common decode case); else :class:`StackedTokens`.
+        stacked: the BGMV form, for decode batches over many adapters (CPU path): one
+            :class:`Stacked` per rank class of the batch's adapters (padding within a class
+            is at most 4x an adapter's rank).
         dora: the DoRA rescaling of the module's output, when one of its adapters is DoRA
             (applied by :func:`dora_rescale`, after :func:`lora_shrink_expand`).
+        tables: the segments as device tensors, in disjoint groups (Triton), or None: the
+            kernel builds them.
     """
 
     a: PagedRows
     b: PagedRows
     segments: tuple[LoraSegment, ...]
-    token_scale: torch.Tensor
+    token_scale: torch.Tensor | None
     gathered: tuple[torch.Tensor, torch.Tensor] | None = None
-    stacked: tuple[torch.Tensor, torch.Tensor, StackedTokens | None] | None = None
+    stacked: tuple[Stacked, ...] | None = None
     dora: DoraScales | None = None
+    tables: tuple[SegmentTable, ...] | None = None
 
-    @classmethod
-    def build(cls, a: PagedRows, b: PagedRows, cols: Sequence[tuple[int, int, int, float]],
-              uses: Sequence[Sequence[TokenRange]], token_scale: torch.Tensor, *,
-              gathered: tuple[torch.Tensor, torch.Tensor] | None = None,
-              stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
-              dora: DoraScales | None = None) -> LoraBatch:
-        """One module's batch from its parts.
-
-        Args:
-            a, b: the module's ``R`` rows of every adapter that targets it, concatenated.
-            cols: per such adapter, ``(i, col_start, col_end, scale)``: it is the step's
-                adapter ``i`` and owns rows ``[col_start, col_end)``.
-            uses: per adapter of the step, its tokens and their weights (:data:`TokenRange`).
-            token_scale: ``[T, R]`` as the attribute (see :meth:`token_scales`).
-            gathered, stacked: the rows already read out of the pool, as the attributes
-                (``stacked`` without its token layout, which is derived here).
-            dora: as the attribute.
-        """
-        segments = tuple(LoraSegment(start, end, c0, c1, scale * w)
-                         for i, c0, c1, scale in cols for start, end, w in uses[i])
-        if stacked is not None:
-            stacked = (*stacked, StackedTokens.of([uses[i] for i, *_ in cols],
-                                                  dtype=token_scale.dtype,
-                                                  device=token_scale.device))
-        return cls(a, b, segments, token_scale, gathered, stacked, dora)
+    @staticmethod
+    def segments_of(cols: Sequence[tuple[int, int, int, float]],
+                    uses: Sequence[Sequence[TokenRange]]) -> tuple[LoraSegment, ...]:
+        """The segments of a module whose adapters own ``cols`` (per such adapter ``(i,
+        col_start, col_end, scale)``: it is the step's adapter ``i`` and owns rows
+        ``[col_start, col_end)``), given the step's ``uses`` (per adapter, its tokens and
+        their weights, :data:`TokenRange`)."""
+        return tuple(LoraSegment(start, end, c0, c1, scale * w)
+                     for i, c0, c1, scale in cols for start, end, w in uses[i])
 
     @staticmethod
     def token_scales(cols: Sequence[tuple[int, int, int, float]],
@@ -173,12 +195,31 @@ class LoraBatch:
                      dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``[num_tokens, R]`` (``R = cols[-1][2]``): each adapter's scale times the tokens'
         weight over its tokens and its rows, 0 elsewhere (``cols`` and ``uses`` as for
-        :meth:`build`)."""
+        :meth:`segments_of`)."""
         scale = torch.zeros(num_tokens, cols[-1][2], dtype=dtype, device=device)
         for i, c0, c1, value in cols:
             for start, end, w in uses[i]:
                 scale[start:end, c0:c1] = value * w
         return scale
+
+
+def disjoint_groups(segments: Sequence[LoraSegment]) -> list[tuple[LoraSegment, ...]]:
+    """``segments`` split into as few groups as a greedy pass over their starts finds, each
+    group's token ranges disjoint: the kernels give a token one row of the shrink output, so
+    the segments of a mix's adapters, which cover the same tokens, go to different launches
+    (a step needs as many as the most adapters one token has; one without mixes)."""
+    groups: list[list[LoraSegment]] = []
+    ends: list[int] = []
+    for seg in sorted(segments, key=lambda s: (s.start, s.end)):
+        for g, end in enumerate(ends):
+            if end <= seg.start:
+                groups[g].append(seg)
+                ends[g] = seg.end
+                break
+        else:
+            groups.append([seg])
+            ends.append(seg.end)
+    return [tuple(g) for g in groups]
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
@@ -230,10 +271,18 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
         b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
     Raises:
-        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens.
+        ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens,
+            or a batch without ``stacked`` has no token scales.
     """
-    if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}")
+    if batch.stacked is not None:
+        _bgmv(y, x, batch)
+        return
+    if batch.token_scale is None:
+        raise ValueError("the torch LoRA kernel reads batch.token_scale, which is None")
+    if x.shape[0] != batch.token_scale.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} tokens, token_scale "
                          f"{batch.token_scale.shape[0]}")
     lora_expand(y, lora_shrink(x, batch, a_view), batch, b_view)
 
@@ -275,12 +324,12 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     Returns:
         one contiguous tensor, the pool's dtype: ``[hi - lo, R]`` for the dense form (tokens
         ``lo..hi`` of the segments, all R rows of the batch; zero where a token's adapter does
-        not own the column), ``[S, 1, r_max]`` or ``[S, width, r_max]`` for BGMV, and for the
-        segment loop every segment's ``[len, r]`` block flattened one after another.
+        not own the column), for BGMV each rank class's ``[S, width, r]`` and for the segment
+        loop every segment's ``[len, r]`` block, flattened one after another.
     """
     form = _form(x.shape[0], batch)
-    if form == "bgmv":
-        return _bgmv_shrink(x, batch)
+    if form == "bgmv":  # one contiguous tensor however many rank classes
+        return torch.cat([_bgmv_shrink(x, part).reshape(-1) for part in batch.stacked])
     a, _ = _rows(batch, a_view, None)
     if form == "dense":
         lo, hi = _dense_span(batch)
@@ -310,13 +359,12 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
     """
     form = _form(y.shape[0], batch)
     if form == "bgmv":
-        _, b, tokens = batch.stacked
-        out = torch.bmm(shrunk, b)                                      # [S, width, out]
-        if tokens is None:
-            lo = batch.segments[0].start
-            y[lo:lo + b.shape[0]] += out.squeeze(1)
-        else:
-            y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
+        offset = 0
+        for part in batch.stacked:
+            shape = _bgmv_shape(part)
+            n = shape[0] * shape[1] * shape[2]
+            _bgmv_expand(y, shrunk[offset:offset + n].view(shape), part)
+            offset += n
         return
     _, b = _rows(batch, None, b_view)
     if form == "dense":
@@ -331,22 +379,52 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
         offset += n * r
 
 
-def _bgmv_shrink(x: torch.Tensor, batch: LoraBatch) -> torch.Tensor:
-    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and entry e of ``batch.stacked`` among
-    its adapters, as ``[S, width, r_max]`` (``width`` 1 for one token per adapter; the scale
-    is in ``b``; ``w`` is the token's weight for the adapter, 1 but in a mix). Tokens are
-    laid out adapter-major (``[S, width, in]``, zero-padded, a mix's token once per adapter,
-    its weight applied to its activation row) rather than copying weights per token: an
-    activation row is ``in`` elements, an adapter's rows ``r_max * in``."""
-    a, _, tokens = batch.stacked
-    if tokens is None:
-        lo = batch.segments[0].start
-        return torch.bmm(x[lo:lo + a.shape[0]].unsqueeze(1), a.transpose(1, 2))
-    laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
+def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
+    """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and adapter e of each
+    rank class of ``batch.stacked``: :func:`_bgmv_expand` of :func:`_bgmv_shrink`."""
+    for part in batch.stacked:
+        _bgmv_expand(y, _bgmv_shrink(x, part), part)
+
+
+def _bgmv_shape(part: Stacked) -> tuple[int, int, int]:
+    """``(S, width, r)`` of the rank class's shrink (width 1 unless an adapter has several
+    tokens laid out zero-padded)."""
+    tokens = part.tokens
+    width = 1 if tokens.first is not None or tokens.width == 1 else tokens.width
+    return part.a.shape[0], width, part.a.shape[1]
+
+
+def _bgmv_shrink(x: torch.Tensor, part: Stacked) -> torch.Tensor:
+    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and adapter e of one rank class, as
+    :func:`_bgmv_shape` ``[S, width, r]`` (the scale is in ``b``; ``w`` is the token's weight
+    for the adapter, 1 but in a mix). Tokens are laid out adapter-major (``[S, width, in]``,
+    zero-padded when an adapter has several, a mix's token once per adapter, its weight
+    applied to its activation row) rather than copying weights per token: an activation row
+    is ``in`` elements, an adapter's rows ``r * in``."""
+    a, tokens = part.a, part.tokens
+    if tokens.first is not None:  # one token each, in order: slices, no indexing
+        lo = tokens.first
+        return torch.bmm(x[lo:lo + a.shape[0]].unsqueeze(1), a.transpose(1, 2))  # [S, 1, r]
     rows = x[tokens.index]
-    laid[tokens.entry, tokens.position] = rows if tokens.weight is None else (
-        rows * tokens.weight[:, None])
+    if tokens.weight is not None:
+        rows = rows * tokens.weight[:, None]
+    if tokens.width == 1:  # one token each: no zero-padded layout
+        return torch.bmm(rows.unsqueeze(1), a.transpose(1, 2))
+    laid = x.new_zeros(a.shape[0], tokens.width, x.shape[1])            # [S, width, in]
+    laid[tokens.entry, tokens.position] = rows
     return torch.bmm(laid, a.transpose(1, 2))
+
+
+def _bgmv_expand(y: torch.Tensor, shrunk: torch.Tensor, part: Stacked) -> None:
+    """``y[t] += shrunk @ b[e]`` for the tokens of :func:`_bgmv_shrink`'s result, in place."""
+    b, tokens = part.b, part.tokens
+    out = torch.bmm(shrunk, b)                                          # [S, width, out]
+    if tokens.first is not None:
+        y[tokens.first:tokens.first + b.shape[0]] += out.squeeze(1)
+    elif tokens.width == 1:
+        y.index_add_(0, tokens.index, out.squeeze(1))
+    else:
+        y.index_put_((tokens.index,), out[tokens.entry, tokens.position], accumulate=True)
 
 
 def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, dora: DoraScales,

@@ -14,7 +14,7 @@ from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, pow2, tile
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["pages_ptr"])  # a layer's row of slot pages
 def _write_kv_kernel(k_ptr, v_ptr, kv_ptr, pages_ptr, offsets_ptr,
                      stride_kt, stride_vt, stride_page, stride_kv, stride_slot, width,
                      BLOCK: tl.constexpr):
@@ -69,7 +69,11 @@ def write_kv(kv_pages: torch.Tensor, slot_pages: torch.Tensor, slot_offsets: tor
         BLOCK=min(pow2(width), 1024))
 
 
-@triton.jit
+# Not specialised on what varies between steps and layers: the split count and sizes, the
+# block tables' row stride (the step's longest table) and pointer (a layer's slice).
+@triton.jit(do_not_specialize=["kv_splits", "split_len", "split_rows", "stride_table",
+                               "stride_lt"],
+            do_not_specialize_on_alignment=["tables_ptr"])
 def _paged_attention_kernel(
         q_ptr, kv_ptr, tables_ptr, q_start_ptr, q_lens_ptr, ctx_lens_ptr, out_start_ptr, out_ptr,
         lse_ptr, scale, group, block_size, head_dim, kv_splits, split_len, split_rows,

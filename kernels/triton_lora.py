@@ -10,17 +10,20 @@ tensors the kernels need the Triton interpreter (see :mod:`.triton_launch`).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
+from pagedlora.kernels.lora import LoraBatch, PagedRows, SegmentTable, disjoint_groups
 from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, tile
 
 
-@triton.jit
+# Ints and pointers that vary from step to step are not specialised on (Triton otherwise
+# compiles a variant per value equal to 1 or divisible by 16, and per pointer alignment: the
+# segment tables are slices of one step buffer, tmp's row stride is the step's largest rank).
+@triton.jit(do_not_specialize=["split_k", "stride_tmp"],
+            do_not_specialize_on_alignment=["pages_ptr", "slots_ptr", "seg_ptr", "scale_ptr"])
 def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_ptr,
                    in_features, split_k, stride_xt, stride_page, stride_slot, stride_tmp,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -54,13 +57,14 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
         acc += tl.dot(x.to(DOT), a.to(DOT), input_precision="ieee")
     acc *= tl.load(scale_ptr + seg)
     out = tmp_ptr + tok[:, None] * stride_tmp + r[None, :]
-    if split_k == 1:  # (triton specializes an int argument equal to 1: no runtime branch)
+    if split_k == 1:  # a uniform branch (split_k is not specialised on)
         tl.store(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
-    else:
+    else:  # partial sums in any order: float32 results vary in the last bits between runs
         tl.atomic_add(out, acc, mask=tok_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_tmp"],
+            do_not_specialize_on_alignment=["pages_ptr", "slots_ptr", "seg_ptr"])
 def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
                    out_features, stride_tmp, stride_page, stride_slot, stride_yt,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -96,9 +100,9 @@ def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
     tl.store(out, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([S, 4] int64 (start, end, col_start, col_end), [S] float32 scale)`` of the segments.
+def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device) -> SegmentTable:
+    """The segments of ``batch`` as device tensors (one blocking copy; the model runner's
+    batches carry theirs, built once per step, in ``batch.tables``).
 
     Raises:
         ValueError: a segment outside the batch's tokens or rows (named by index).
@@ -112,7 +116,9 @@ def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device
     table = torch.tensor([(s.start, s.end, s.col_start, s.col_end) for s in batch.segments],
                          dtype=torch.int64, device=device)
     scales = torch.tensor([s.scale for s in batch.segments], dtype=torch.float32, device=device)
-    return table, scales
+    return SegmentTable(batch.segments, table, scales,
+                        max(s.col_end - s.col_start for s in batch.segments),
+                        max(s.end - s.start for s in batch.segments))
 
 
 def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int) -> None:
@@ -125,7 +131,7 @@ def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int) -
 
 
 def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
-                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                segment_table: SegmentTable | None = None) -> torch.Tensor:
     """Shrink: ``tmp[t, j] = scale_s * x[t] @ A_s[j]`` for token t of segment s, ``j < r_s``.
 
     Args:
@@ -135,7 +141,10 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
         segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
     Returns:
         ``[T, max_rank]`` float32 (max_rank: the largest segment rank); row t's first r_s
-        columns are set for tokens in segments, the rest is undefined.
+        columns are set for tokens in segments, the rest is undefined. When the reduction is
+        split (few programs over a long ``in_features``, as in decode) partial sums are added
+        atomically in no fixed order: equal to a sequential sum within float32 rounding,
+        not bitwise reproducible between runs.
     Raises:
         ValueError: a shape, dtype, device or stride the kernel cannot take (named).
     """
@@ -146,18 +155,20 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     if a_view.shape[2] != in_features:
         raise ValueError(f"x has {in_features} features, a_view rows {a_view.shape[2]}")
     check_launchable(_shrink_kernel, device)
-    table, scales = segment_table or segment_tensors(batch, num_tokens, device)
-    max_rank = max(s.col_end - s.col_start for s in batch.segments)
-    max_len = max(s.end - s.start for s in batch.segments)
+    seg = segment_table or segment_tensors(batch, num_tokens, device)
+    table, scales, max_rank, max_len = seg.table, seg.scale, seg.max_rank, seg.max_len
     block_m, block_r, block_k = tile(max_len), tile(max_rank), 128
-    programs = len(batch.segments) * triton.cdiv(max_len, block_m) * triton.cdiv(max_rank,
+    programs = len(seg.segments) * triton.cdiv(max_len, block_m) * triton.cdiv(max_rank,
                                                                                   block_r)
     # Few programs over a long reduction (decode, small ranks) leave most of a GPU idle:
-    # split the reduction over in_features and add the partial sums atomically.
+    # split the reduction over in_features and add the partial sums atomically. Their order
+    # is not fixed, so tmp (float32) may differ in its last bits from run to run and with the
+    # batch's shape: not bitwise deterministic (documented in the docstring; the tests
+    # compare with tolerances, and greedy tokens against PEFT).
     split_k = max(1, min(triton.cdiv(in_features, block_k) // 2, 64 // programs))
     tmp = (torch.zeros if split_k > 1 else torch.empty)(num_tokens, max_rank,
                                                          dtype=torch.float32, device=device)
-    grid = (len(batch.segments), triton.cdiv(max_len, block_m),
+    grid = (len(seg.segments), triton.cdiv(max_len, block_m),
             triton.cdiv(max_rank, block_r) * split_k)
     _shrink_kernel[grid](
         x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features, split_k,
@@ -168,7 +179,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
 
 
 def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: torch.Tensor,
-                segment_table: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                segment_table: SegmentTable | None = None) -> None:
     """Expand, in place: ``y[t] += tmp[t, :r_s] @ B_s^T`` for token t of segment s (tmp rounded
     to y's dtype first when compiled, as an unfused shrink then expand would).
 
@@ -190,35 +201,15 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
         raise ValueError(f"y is {tuple(y.shape)}, tmp {tuple(tmp.shape)}, b_view rows "
                          f"{b_view.shape[2]} wide")
     check_launchable(_expand_kernel, device)
-    table, _ = segment_table or segment_tensors(batch, num_tokens, device)
-    max_len = max(s.end - s.start for s in batch.segments)
-    block_m, block_n = tile(max_len), 128
-    grid = (len(batch.segments), triton.cdiv(max_len, block_m), triton.cdiv(out_features,
+    seg = segment_table or segment_tensors(batch, num_tokens, device)
+    block_m, block_n = tile(seg.max_len), 128
+    grid = (len(seg.segments), triton.cdiv(seg.max_len, block_m), triton.cdiv(out_features,
                                                                              block_n))
     _expand_kernel[grid](
-        tmp, b_view, batch.b.pages, batch.b.slots, table, y, out_features,
+        tmp, b_view, batch.b.pages, batch.b.slots, seg.table, y, out_features,
         tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]),
         DOT=dot_dtype(y.dtype, _expand_kernel))
-
-
-def disjoint_groups(segments: Sequence[LoraSegment]) -> list[tuple[LoraSegment, ...]]:
-    """``segments`` split into as few groups as a greedy pass over their starts finds, each
-    group's token ranges disjoint: the kernels give a token one row of the shrink output, so
-    the segments of a mix's adapters, which cover the same tokens, go to different launches
-    (a step needs as many as the most adapters one token has; one without mixes)."""
-    groups: list[list[LoraSegment]] = []
-    ends: list[int] = []
-    for seg in sorted(segments, key=lambda s: (s.start, s.end)):
-        for g, end in enumerate(ends):
-            if end <= seg.start:
-                groups[g].append(seg)
-                ends[g] = seg.end
-                break
-        else:
-            groups.append([seg])
-            ends.append(seg.end)
-    return [tuple(g) for g in groups]
 
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
@@ -242,15 +233,21 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens;
             a shape, dtype, device or stride the kernels cannot take (named).
     """
-    if not x.shape[0] == y.shape[0] == batch.token_scale.shape[0]:
+    if x.shape[0] != y.shape[0] or (batch.token_scale is not None
+                                    and batch.token_scale.shape[0] != x.shape[0]):
         raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
-                         f"{batch.token_scale.shape[0]}")
+                         f"{None if batch.token_scale is None else batch.token_scale.shape[0]}")
     if not batch.segments or x.shape[0] == 0:
         return
-    groups = disjoint_groups(batch.segments)
-    for segments in groups:
-        part = batch if len(groups) == 1 else dataclasses.replace(batch, segments=segments)
-        table = segment_tensors(part, x.shape[0], y.device)  # to the device once per group
+    tables = batch.tables
+    if tables is None:  # built here, one blocking copy per group
+        groups = disjoint_groups(batch.segments)
+        tables = [segment_tensors(batch if len(groups) == 1 else
+                                  dataclasses.replace(batch, segments=g), x.shape[0], y.device)
+                  for g in groups]
+    for table in tables:
+        part = batch if table.segments is batch.segments else dataclasses.replace(
+            batch, segments=table.segments)
         lora_expand(y, lora_shrink(x, part, a_view, table), part, b_view, table)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -16,7 +16,8 @@ from pagedlora.lora_adapter import (
     LoraAdapter,
     ModuleWeights,
 )
-from pagedlora.pool import UnifiedPool, row_pieces, rows_per_page
+from pagedlora.pool import UnifiedPool, row_pieces
+from pagedlora.row_packing import RowGroup, RowPlan, pack_rows, upper_bound_pages
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class ResidentAdapter:
             rows it has read out of the pages by).
         pages: every page it holds.
         used_elements: elements of those pages holding weights (the rest is internal
-            fragmentation: the tail of each (layer, row width) group's last page, and in the
-            static layout the rest of its max-rank slot).
+            fragmentation: the tail of its last page and gaps narrower than its narrowest
+            row, see :func:`~pagedlora.row_packing.pack_rows`, and in the static layout the
+            rest of its max-rank slot).
         modules: ``(layer, module) -> ResidentModule``.
     """
 
@@ -69,17 +71,20 @@ class AdapterPages(Protocol):
 class AdapterPacker:
     """Packs adapters into pool pages (S-LoRA, section 4.1, unified paging).
 
-    For each layer, the rank rows of every target module are grouped by row width
-    (``in_features`` for lora_A, ``out_features`` for lora_B^T and a DoRA module's output
-    scale, one row) and packed into pages of that width, so an adapter of rank r takes pages
-    in proportion to r, with no padding to max_lora_rank, and a decoder projection's row never
-    straddles two pages (kernels read those rows in place). The vocabulary modules
+    An adapter's rank rows, of every layer and target module, are packed by
+    :func:`~pagedlora.row_packing.pack_rows`: grouped by row width (``in_features`` for
+    lora_A, ``out_features`` for lora_B^T and a DoRA module's output scale, one row) across
+    layers and modules, widest first, each narrower width filling the gaps the wider ones
+    left at slots aligned to its width. So an adapter of rank r takes pages in proportion to
+    r with no padding to max_lora_rank, loses at most its last page's tail and gaps narrower
+    than its narrowest row, and a decoder projection's row never straddles two pages (kernels
+    read those rows in place, ``slot * width`` into the page). The vocabulary modules
     (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
     elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
-    is split into page-wide pieces, one page each (the last one's tail unused), and read back
-    out of the pool whole (:meth:`UnifiedPool.read_rows`). The allocator may charge more
-    (``adapter_footprint``: a whole max-rank slot in the static layout); the rows then fill
-    the first pages it hands out.
+    is split into page-wide pieces, one page each (the last one's tail free for narrower
+    rows), and read back out of the pool whole (:meth:`UnifiedPool.read_rows`). The allocator
+    may charge more (``adapter_footprint``: a whole max-rank slot in the static layout); the
+    rows then fill the first pages it hands out.
 
     Args:
         pool: the unified pool.
@@ -100,11 +105,12 @@ class AdapterPacker:
         for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
                       for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
+        self._plans: dict[tuple, RowPlan] = {}  # adapters of one shape share their plan
 
     def num_pages(self, adapter: LoraAdapter) -> int:
         """Pages ``adapter`` takes in the pool (its packed rows, as the allocator charges
         them)."""
-        return self.pool.allocator.adapter_footprint(sum(n for *_, n in self._groups(adapter)))
+        return self.pool.allocator.adapter_footprint(self._plan(adapter)[1].num_pages)
 
     def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
              placement_id: int) -> ResidentAdapter:
@@ -117,26 +123,7 @@ class AdapterPacker:
         Raises:
             ValueError: ``pages`` has another length than :meth:`num_pages`.
         """
-        groups = self._checked_groups(adapter, pages)
-        device = self.pool.tensor.device
-        next_page = 0
-        for layer, width, rows, num_pages in groups:
-            # a row of `width` is `pieces` stored rows of `stored` elements (1 unless split)
-            pieces, stored = row_pieces(self.pool.page_numel, width)
-            rpp = self.pool.rows_per_page(stored)
-            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
-            next_page += num_pages
-            tensors = [_row_tensor(weights[(layer, module)], which)
-                       for module, which, _ in rows]
-            data = torch.cat(tensors).to(device)  # [num_rows, width]
-            if pieces > 1:  # [num_rows * pieces, stored]
-                split = data.new_zeros(data.shape[0], pieces * stored)
-                split[:, :width] = data
-                data = split.view(-1, stored)
-            padded = data.new_zeros(num_pages * rpp, stored)
-            padded[: data.shape[0]] = data
-            self.pool.rows(stored)[group_pages] = padded.view(num_pages, rpp, stored)
-        return self._place(adapter, groups, pages, placement_id, device)
+        return self._layout(adapter, pages, placement_id, self.pool.tensor.device, weights)
 
     def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
               ) -> ResidentAdapter:
@@ -147,48 +134,64 @@ class AdapterPacker:
         Raises:
             ValueError: as :meth:`fill`.
         """
-        groups = self._checked_groups(adapter, pages)
-        return self._place(adapter, groups, pages, placement_id, torch.device("cpu"))
+        return self._layout(adapter, pages, placement_id, torch.device("cpu"))
 
     def host_form(self, weights: AdapterWeights) -> AdapterWeights:
         """How host memory holds weights for this packer: as read."""
         return weights
 
-    def _checked_groups(self, adapter: LoraAdapter, pages: list[int]) -> list:
+    def _layout(self, adapter: LoraAdapter, pages: list[int], placement_id: int,
+                device: torch.device, weights: AdapterWeights | None = None
+                ) -> ResidentAdapter:
+        """The placement of the adapter's rows in ``pages`` by its plan, copying ``weights``
+        into the pool when given."""
         if len(pages) != self.num_pages(adapter):
             raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
                              f"given {len(pages)}")
-        return list(self._groups(adapter))
-
-    def _place(self, adapter: LoraAdapter, groups: list, pages: list[int], placement_id: int,
-               device: torch.device) -> ResidentAdapter:
+        groups, plan = self._plan(adapter)
+        page_ids = torch.tensor(pages, dtype=torch.long)
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        used, next_page = 0, 0
-        for layer, width, rows, num_pages in groups:
+        # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
+        for width in sorted({g.width for g in groups}, reverse=True):
+            members = [g for g in groups if g.width == width]
             pieces, stored = row_pieces(self.pool.page_numel, width)
-            rpp = self.pool.rows_per_page(stored)
-            group_pages = torch.tensor(pages[next_page:next_page + num_pages], device=device)
-            next_page += num_pages
-            row = 0
-            for module, which, rank in rows:
-                idx = torch.arange(row, row + rank, device=device)
+            local = [p for g in members for p in plan.places[g.key][0]]
+            slots = [s for g in members for s in plan.places[g.key][1]]
+            at_pages = page_ids[local].to(device)
+            at_slots = torch.tensor(slots, dtype=torch.long, device=device)
+            if weights is not None:
+                data = torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
+                                  for g in members]).to(device)  # [rows, width]
+                if pieces > 1:  # [rows * pieces, stored], the last piece zero-padded
+                    split = data.new_zeros(data.shape[0], pieces * stored)
+                    split[:, :width] = data
+                    data = split.view(-1, stored)
+                self.pool.rows(stored)[at_pages, at_slots] = data
+            at = 0
+            for g in members:
+                n = g.count * pieces
+                rows = PagedRows(at_pages[at:at + n], at_slots[at:at + n])
                 if pieces > 1:  # [rank, pieces]: one page per piece, each in slot 0
-                    idx = idx[:, None] * pieces + torch.arange(pieces, device=device)
-                placed.setdefault((layer, module), {})[which] = PagedRows(
-                    pages=group_pages[idx // rpp], slots=idx % rpp)
-                row += rank
-            used += row * width
+                    rows = PagedRows(rows.pages.view(g.count, pieces),
+                                     rows.slots.view(g.count, pieces))
+                placed.setdefault(g.key[:2], {})[g.key[2]] = rows
+                at += n
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
                                       dora=p.get("m"))
                    for lm, p in placed.items()}
+        used = sum(g.count * g.width for g in groups)
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
                                modules=modules)
 
-    def _groups(self, adapter: LoraAdapter) -> Iterator[tuple[int, int, list, int]]:
+    def _plan(self, adapter: LoraAdapter) -> tuple[list[RowGroup], RowPlan]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
         dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
-        return _groups(ranks, self.module_shapes, self.pool.page_numel, dora,
-                       self.scale_widths)
+        groups = _groups(ranks, self.module_shapes, dora, self.scale_widths)
+        key = tuple((g.key, g.count) for g in groups)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = pack_rows(groups, self.pool.page_numel)
+        return groups, plan
 
 
 def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:
@@ -198,34 +201,30 @@ def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:
 
 def packed_pages(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
                  page_numel: int) -> int:
-    """Pages that LoRA rows of ``ranks`` (``(layer, module) -> rank``) take when packed as
-    :class:`AdapterPacker` packs them, before any padding the allocator adds; e.g. max_lora_rank
-    on every module of every layer sizes a static layout's adapter slot (a DoRA adapter takes
-    one more row per module). Rows wider than a page are split (see :class:`AdapterPacker`).
+    """Pages that hold any adapter whose rows of each width are no more than those of
+    ``ranks`` (``(layer, module) -> rank``), e.g. max_lora_rank on every module of every layer
+    for a static layout's adapter slot: :func:`~pagedlora.row_packing.upper_bound_pages`,
+    each width packed on pages of its own (:class:`AdapterPacker` packs tighter; a DoRA
+    adapter has one more row per module). Rows wider than a page are split (see
+    :class:`AdapterPacker`).
     """
-    return sum(n for *_, n in _groups(ranks, module_shapes, page_numel))
+    return upper_bound_pages(_groups(ranks, module_shapes), page_numel)
 
 
 def _groups(ranks: Mapping[tuple[int, str], int], module_shapes: dict[str, tuple[int, int]],
-            page_numel: int, dora: frozenset | set = frozenset(),
-            scale_widths: Mapping[str, int] | None = None
-            ) -> Iterator[tuple[int, int, list, int]]:
-    """Yields ``(layer, width, rows, num_pages)``; rows are ``(module, "a"|"b"|"m", rank)`` in
-    a fixed order (by module, then A before B^T before a DoRA module's one scale row, for the
+            dora: frozenset | set = frozenset(), scale_widths: Mapping[str, int] | None = None
+            ) -> list[RowGroup]:
+    """The adapter's row groups, keyed ``(layer, module, "a"|"b"|"m")``, in a fixed order (by
+    layer, module, then A before B^T before a DoRA module's one scale row, for the
     ``(layer, module)`` in ``dora``, ``scale_widths[module]`` wide, else ``out_features``)."""
-    for layer in sorted({layer for layer, _ in ranks}):
-        by_width: dict[int, list] = {}
-        for module in LORA_MODULES:
-            rank = ranks.get((layer, module))
-            if rank is None:
-                continue
-            in_f, out_f = module_shapes[module]
-            by_width.setdefault(in_f, []).append((module, "a", rank))
-            by_width.setdefault(out_f, []).append((module, "b", rank))
-            if (layer, module) in dora:
-                width = (scale_widths or {}).get(module, out_f)
-                by_width.setdefault(width, []).append((module, "m", 1))
-        for width, rows in sorted(by_width.items()):
-            pieces, stored = row_pieces(page_numel, width)
-            num_rows = sum(r for *_, r in rows) * pieces
-            yield layer, width, rows, -(-num_rows // rows_per_page(page_numel, stored))
+    order = {m: i for i, m in enumerate(LORA_MODULES)}
+    groups = []
+    for layer, module in sorted(ranks, key=lambda lm: (lm[0], order[lm[1]])):
+        rank = ranks[(layer, module)]
+        in_f, out_f = module_shapes[module]
+        groups.append(RowGroup((layer, module, "a"), in_f, rank))
+        groups.append(RowGroup((layer, module, "b"), out_f, rank))
+        if (layer, module) in dora:
+            width = (scale_widths or {}).get(module, out_f)
+            groups.append(RowGroup((layer, module, "m"), width, 1))
+    return groups

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from pagedlora.adapter_pages import ResidentAdapter, ResidentModule
 from pagedlora.kernels.lora import (
@@ -13,14 +14,29 @@ from pagedlora.kernels.lora import (
     DENSE_MAX_TOKENS,
     DoraScales,
     LoraBatch,
+    LoraSegment,
     PagedRows,
+    SegmentTable,
+    Stacked,
+    StackedTokens,
     TokenRange,
+    disjoint_groups,
 )
 from pagedlora.lora_adapter import VOCAB_MODULES
 from pagedlora.pool import UnifiedPool
 
 LayerModule = tuple[int, str]
 Rows = tuple[torch.Tensor, torch.Tensor]  # (a [r, in_features], b [r, out_features])
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What the modules of one column layout share in a step: segments, token scales (the
+    dense form), the BGMV token layout per rank class (the stacked form)."""
+
+    segments: tuple[LoraSegment, ...]
+    token_scale: torch.Tensor | None
+    tokens: tuple[StackedTokens, ...] | None
 
 
 @dataclass(frozen=True)
@@ -97,18 +113,35 @@ class ModuleRows:
             return self.pieces[0]
         return torch.cat([p[0] for p in self.pieces]), torch.cat([p[1] for p in self.pieces])
 
-    def stacked(self) -> Rows:
-        """``(a [S, r_max, in], b [S, r_max, out])`` per adapter, zero-padded to the largest
-        rank, the scale folded into b (the BGMV form, see ``LoraBatch.stacked``)."""
-        a0, b0 = self.pieces[0]
-        r_max = max(c1 - c0 for _, c0, c1, _ in self.cols)
-        a = a0.new_zeros(len(self.pieces), r_max, a0.shape[1])
-        b = b0.new_zeros(len(self.pieces), r_max, b0.shape[1])
-        for k, ((pa, pb), (_, c0, c1, scale)) in enumerate(zip(self.pieces, self.cols,
-                                                               strict=True)):
-            a[k, : c1 - c0] = pa
-            torch.mul(pb, scale, out=b[k, : c1 - c0])
-        return a, b
+    def rank_classes(self) -> list[tuple[int, ...]]:
+        """The places in ``cols`` of the adapters of each rank class, in ``cols`` order within
+        a class: from the largest rank down, an adapter joins the current class while its rank
+        is at least a quarter of the class's largest, so each class pads an adapter to at most
+        4x its rank (the batch's largest rank padded a rank-4 adapter beside a rank-128 one
+        32x). Each class costs its own batched matmuls, about as many ops as the padding they
+        save on a CPU at decode sizes (ranks 4-16 of "many" stay one class: measured as op
+        counts, docs/benchmarks.md)."""
+        rank = [c1 - c0 for _, c0, c1, _ in self.cols]
+        classes: list[list[int]] = []
+        top = 0
+        for k in sorted(range(len(rank)), key=lambda k: -rank[k]):
+            if not classes or 4 * rank[k] < top:
+                classes.append([])
+                top = rank[k]
+            classes[-1].append(k)
+        return [tuple(sorted(c)) for c in classes]
+
+    def stacked(self) -> tuple[tuple[tuple[int, ...], torch.Tensor, torch.Tensor], ...]:
+        """The BGMV form: per rank class (:meth:`rank_classes`), ``(entries, a [S, r, in],
+        b [S, r, out])`` for its adapters (``entries``: their places in ``cols``), zero-padded
+        to the class's largest rank, the scale folded into b (see ``LoraBatch.stacked``)."""
+        out = []
+        for entries in self.rank_classes():
+            a = pad_sequence([self.pieces[k][0] for k in entries], batch_first=True)
+            b = pad_sequence([self.pieces[k][1] for k in entries], batch_first=True)
+            scale = torch.tensor([self.cols[k][3] for k in entries], dtype=b.dtype)
+            out.append((tuple(entries), a, b.mul_(scale.to(b.device)[:, None, None])))
+        return tuple(out)
 
 
 class LoraLayouts:
@@ -149,12 +182,21 @@ class LoraLayouts:
         self._modules: dict[LayerModule, ModuleRows] = {}
         self._forms: dict[LayerModule, tuple[str, Rows]] = {}  # one layout per module
         self._pieces: dict[int, dict[LayerModule, Rows]] = {}  # placement id -> read-out rows
+        self._layout: dict[LayerModule, int] = {}  # module -> its column layout in the set
+        self._step_key: tuple | None = None  # the last step's tokens per adapter, and
+        self._step: dict[LayerModule, LoraBatch] = {}  # its batches
 
     def batches(self, placements: Sequence[ResidentAdapter],
                 uses: Sequence[Sequence[TokenRange]], num_tokens: int, *,
                 logit_uses: Sequence[Sequence[TokenRange]] = (), num_logits: int = 0
                 ) -> dict[LayerModule, LoraBatch]:
         """One LoraBatch per (layer, module) that any of the adapters targets.
+
+        What depends on the step's tokens (segments, token scales, BGMV token layouts,
+        device segment tables) is built once per distinct column layout (the modules whose
+        adapters and ranks agree, e.g. every layer's q_proj) and shared by those modules;
+        while the step repeats the last one's tokens per adapter (decode steps of the same
+        sequences), the last step's batches are returned as they are.
 
         Args:
             placements: the step's adapters (distinct), in a fixed order (the layouts are
@@ -169,32 +211,75 @@ class LoraLayouts:
         if not placements:
             return {}
         self._use(placements)
+        step = (tuple(map(tuple, uses)), num_tokens, tuple(map(tuple, logit_uses)), num_logits)
+        if step == self._step_key:
+            return self._step
         bgmv = (self.gather_rows and num_tokens <= DENSE_MAX_TOKENS
                 and len(placements) >= BGMV_MIN_ADAPTERS)
-        device, dtype = self.pool.tensor.device, self.pool.tensor.dtype
-        scales: dict[tuple, torch.Tensor] = {}  # (column layout, on logits) -> [T, R] scales
-        batches = {}
+        parts: dict[tuple, _Part] = {}
+        work = []
         for layer_module, rows in self._modules.items():
             module = layer_module[1]
             on_logits = module == "lm_head"
             if on_logits and not num_logits:
                 continue
             spans, n = (logit_uses, num_logits) if on_logits else (uses, num_tokens)
-            if (rows.cols, on_logits) not in scales:
-                scales[(rows.cols, on_logits)] = LoraBatch.token_scales(
-                    rows.cols, spans, n, dtype=dtype, device=device)
+            form = ("concatenated" if module in VOCAB_MODULES or (self.gather_rows and not bgmv)
+                    else "stacked" if bgmv else None)
+            key = (self._layout[layer_module], on_logits, form)
+            if key not in parts:
+                parts[key] = self._part(rows, spans, n, form)
+            work.append((layer_module, rows, spans, form, parts[key]))
+        tables = self._tables([p for k, p in parts.items() if k[2] is None])
+        batches = {}
+        for layer_module, rows, spans, form, part in work:
             gathered = stacked = None
-            if module in VOCAB_MODULES:
-                gathered = self._form(layer_module, rows, "concatenated")
-            elif bgmv:
-                stacked = self._form(layer_module, rows, "stacked")
-            elif self.gather_rows:
-                gathered = self._form(layer_module, rows, "concatenated")
-            batches[layer_module] = LoraBatch.build(rows.a, rows.b, rows.cols, spans,
-                                                    scales[(rows.cols, on_logits)],
-                                                    gathered=gathered, stacked=stacked,
-                                                    dora=rows.dora_scales(spans))
+            if form == "concatenated":
+                gathered = self._form(layer_module, rows, form)
+            elif form == "stacked":
+                stacked = tuple(Stacked(a, b, tokens) for (_, a, b), tokens in zip(
+                    self._form(layer_module, rows, form), part.tokens, strict=True))
+            batches[layer_module] = LoraBatch(
+                rows.a, rows.b, part.segments, part.token_scale, gathered, stacked,
+                rows.dora_scales(spans), tables.get(id(part)))
+        self._step_key, self._step = step, batches
         return batches
+
+    def _part(self, rows: ModuleRows, spans: Sequence[Sequence[TokenRange]], n: int,
+              form: str | None) -> _Part:
+        """What the modules of ``rows``' column layout share in this step."""
+        segments = LoraBatch.segments_of(rows.cols, spans)
+        device, dtype = self.pool.tensor.device, self.pool.tensor.dtype
+        token_scale = tokens = None
+        if form == "concatenated":
+            token_scale = LoraBatch.token_scales(rows.cols, spans, n, dtype=dtype,
+                                                 device=device)
+        elif form == "stacked":
+            tokens = tuple(StackedTokens.of([spans[rows.cols[k][0]] for k in entries],
+                                            dtype=dtype, device=device)
+                           for entries in rows.rank_classes())
+        return _Part(segments, token_scale, tokens)
+
+    def _tables(self, parts: Sequence[_Part]) -> dict[int, tuple[SegmentTable, ...]]:
+        """The device segment tables of ``parts`` (by ``id``), in disjoint groups, from one
+        host buffer copied to the device once (pinned and without blocking on CUDA)."""
+        groups = [(id(p), g) for p in parts for g in disjoint_groups(p.segments) if g]
+        if not groups:
+            return {}
+        flat = [(s.start, s.end, s.col_start, s.col_end) for _, g in groups for s in g]
+        table = torch.tensor(flat, dtype=torch.int64)
+        scale = torch.tensor([s.scale for _, g in groups for s in g], dtype=torch.float32)
+        device = self.pool.tensor.device
+        if device.type == "cuda":
+            table, scale = (t.pin_memory().to(device, non_blocking=True) for t in (table, scale))
+        out: dict[int, list[SegmentTable]] = {}
+        at = 0
+        for part_id, g in groups:
+            out.setdefault(part_id, []).append(SegmentTable(
+                g, table[at:at + len(g)], scale[at:at + len(g)],
+                max(s.col_end - s.col_start for s in g), max(s.end - s.start for s in g)))
+            at += len(g)
+        return {k: tuple(v) for k, v in out.items()}
 
     def _use(self, placements: Sequence[ResidentAdapter]) -> None:
         """Makes ``placements`` the current set (a no-op while it repeats)."""
@@ -216,6 +301,10 @@ class LoraLayouts:
                                  read_scale(lm) if self.gather_rows else None)
             for lm, ms in parts.items()}
         self._forms = {}
+        layouts: dict[tuple, int] = {}
+        self._layout = {lm: layouts.setdefault(rows.cols, len(layouts))
+                        for lm, rows in self._modules.items()}
+        self._step_key = None
         self._set = ids
 
     def _read(self, placement: ResidentAdapter, layer_module: LayerModule,
@@ -228,7 +317,7 @@ class LoraLayouts:
                                     self.pool.read_rows(out_f, m.b))
         return cached[layer_module]
 
-    def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str) -> Rows:
+    def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str):
         """The module's rows in layout ``kind`` ("concatenated" or "stacked"), kept until the
         set changes or the other layout is asked for."""
         form = self._forms.get(layer_module)

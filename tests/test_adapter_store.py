@@ -96,12 +96,12 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
 def test_a_b_a_with_other_targets_gives_a_the_same_output(tiny_llama_dir, hf_base, tmp_path):
     a = write_random_lora(tmp_path / "a", r=8, target_modules=list(TARGET_MODULES), seed=1)
     b = write_random_lora(tmp_path / "b", r=4, target_modules=["q_proj", "v_proj"], seed=2)
-    # A takes 22 pages, B 4, a request's KV 2: the pool holds one adapter at a time.
-    engine = engine_with(tiny_llama_dir, 24, max_loras=1, max_cpu_loras=0,
+    # A takes 19 pages, B 2, a request's KV 2: the pool holds one adapter at a time.
+    engine = engine_with(tiny_llama_dir, 22, max_loras=1, max_cpu_loras=0,
                          spill_dir=tmp_path / "spill")
     engine.add_adapter("A", a)
     engine.add_adapter("B", b)
-    assert [engine.adapters.footprint(engine.adapters.key_of(n)) for n in "AB"] == [22, 4]
+    assert [engine.adapters.footprint(engine.adapters.key_of(n)) for n in "AB"] == [19, 2]
     first = tokens(engine, "A")
     assert tokens(engine, "B") == peft_greedy(hf_base, b, PROMPT, MAX_TOKENS)
     assert engine.adapters.resident_keys == [engine.adapters.key_of("B")]  # A was evicted

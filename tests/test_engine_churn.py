@@ -32,7 +32,7 @@ def test_churn_matches_a_roomy_engine(tiny_llama_dir, tmp_path, policy):
     aborts = set(rng.sample(range(40), 5))
 
     max_cpu_loras, max_loras = 3, 2
-    engine = engine_with(tiny_llama_dir, 48, max_cpu_loras=max_cpu_loras, max_loras=max_loras,
+    engine = engine_with(tiny_llama_dir, 40, max_cpu_loras=max_cpu_loras, max_loras=max_loras,
                          max_num_seqs=10, max_num_batched_tokens=64, policy=policy,
                          spill_dir=tmp_path / "spill")
     roomy = Engine(tiny_llama_dir, pool_gb=0.05, enable_prefix_caching=False)

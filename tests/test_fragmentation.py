@@ -119,17 +119,18 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
 
 def test_a_small_adapter_takes_a_whole_max_rank_slot(small):
     static, unified = small_engine(small, "static"), small_engine(small, "unified")
-    # Rank 8 on all seven projections, per layer: 64-wide rows (lora_A of q,k,v,o,gate,up and
-    # lora_B^T of q,o,down: 72 rows, 16 a page) 5 pages, 32-wide (lora_B^T of k,v: 16 rows) 1,
-    # 176-wide (lora_A of down, lora_B^T of gate,up: 24 rows, 5 a page) 5; two layers: 22.
-    assert static.pool.allocator.slot_pages == 22
-    assert static.pool.allocator.kv_pages == 200 - 2 * 22
+    # Rank 8 on all seven projections, each width on pages of its own across both layers:
+    # 64-wide rows (lora_A of q,k,v,o,gate,up and lora_B^T of q,o,down: 144 rows, 16 a page)
+    # 9 pages, 32-wide (lora_B^T of k,v: 32 rows) 1, 176-wide (lora_A of down, lora_B^T of
+    # gate,up: 48 rows, 5 a page) 10: 20.
+    assert static.pool.allocator.slot_pages == 20
+    assert static.pool.allocator.kv_pages == 200 - 2 * 20
     for engine in (static, unified):
         engine.generate([[5, 6, 7]], adapters="tiny", sampling_params=GREEDY, progress=False)
-    # Rank 1 on q: 2 rows 64 wide per layer, one page each, unless padded to a slot.
-    assert unified.stats()["pages_adapter"] == 2
+    # Rank 1 on q: 4 rows 64 wide over both layers, one page, unless padded to a slot.
+    assert unified.stats()["pages_adapter"] == 1
     stats = static.stats()
-    assert stats["pages_adapter"] == 22 and stats["adapters_resident"] == ["tiny"]
+    assert stats["pages_adapter"] == 20 and stats["adapters_resident"] == ["tiny"]
     assert stats["internal_fragmentation"] > unified.stats()["internal_fragmentation"]
 
 
@@ -147,7 +148,7 @@ def test_static_layout_keeps_at_most_max_loras_adapters_and_matches_unified_toke
                 got[ids[d.request_id]] = d.output
         check_pool(static)  # at most max_loras=2 resident, each in a whole slot
         stats = static.stats()
-        assert stats["pages_adapter"] in (0, 22, 44)
+        assert stats["pages_adapter"] in (0, 20, 40)
         seen.update(stats["adapters_resident"])
     assert [got[i].token_ids for i in range(8)] == [w.token_ids for w in want]
     # All four were resident at some step, never more than two at once: the others made room.
@@ -158,8 +159,8 @@ def test_static_layout_keeps_at_most_max_loras_adapters_and_matches_unified_toke
 def test_static_slots_that_leave_no_kv_block_are_refused_naming_the_options(small):
     model, _ = small
     with pytest.raises(ValueError, match=r"memory_layout='static' reserves max_loras=8 adapter "
-                                         r"slots of 22 pages \(max_lora_rank=8 on every "
-                                         r"projection\), 176 pages; pool_gb=.* holds 100, too few "
+                                         r"slots of 20 pages \(max_lora_rank=8 on every "
+                                         r"projection\), 160 pages; pool_gb=.* holds 100, too few "
                                          r"to add one KV block \(2 pages\)"):
         Engine(model, pool_gb=100 * 4096 / 2**30, memory_layout="static", max_loras=8,
                max_lora_rank=8)

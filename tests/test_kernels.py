@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import pytest
 import torch
 
-from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows, lora_shrink_expand
+from pagedlora.kernels.lora import (
+    LoraBatch,
+    LoraSegment,
+    PagedRows,
+    Stacked,
+    StackedTokens,
+    lora_shrink_expand,
+)
 from pagedlora.kernels.paged_attention import attention_metadata, paged_attention, write_kv
 
 
@@ -152,10 +160,20 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     zero = torch.zeros(1, dtype=torch.long)
     rows = ModuleRows(PagedRows(zero, zero), PagedRows(zero, zero), tuple(cols),
                       tuple(zip(a_rows, b_rows, strict=True)))
-    batch = LoraBatch.build(rows.a, rows.b, rows.cols, [[(*s[:2], 1.0)] for s in segments],
-                            torch.zeros(num_tokens, c), stacked=rows.stacked())
-    tokens = batch.stacked[2]
-    assert (tokens is None) == (skip is None and max(tokens_per_adapter) == 1)
+    uses = [[(*s[:2], 1.0)] for s in segments]
+    classes = rows.stacked()
+    # ranks 1..16: classes 16..4 (each >= a quarter of the largest), 3..1
+    assert sorted(len(e) for e, _, _ in classes) == sorted(
+        Counter(ranks[i] >= 4 for i in which).values())
+    for entries, a, _ in classes:
+        assert list(entries) == sorted(entries)
+        assert all(a.shape[1] <= 4 * (cols[k][2] - cols[k][1]) for k in entries)
+    stacked = tuple(Stacked(a, b, StackedTokens.of([uses[cols[k][0]] for k in entries],
+                                                   dtype=torch.float32,
+                                                   device=torch.device("cpu")))
+                    for entries, a, b in classes)
+    batch = LoraBatch(rows.a, rows.b, LoraBatch.segments_of(rows.cols, uses), None,
+                      stacked=stacked)
     x = torch.randn(num_tokens, in_f, generator=g)
     y0 = torch.randn(num_tokens, out_f, generator=g)
     qkv = torch.zeros(num_tokens, 2 * out_f)

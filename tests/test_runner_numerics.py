@@ -77,18 +77,20 @@ def test_dense_and_loop(tiny_llama_dir, dirs, oracle):
 
 
 def test_bgmv_is_exercised(tiny_llama_dir, dirs, oracle, monkeypatch):
-    """The first test above runs the BGMV form with and without token entries."""
+    """The first test above runs the BGMV form in two rank classes (ranks 4-16 and 1-3), with
+    adapters of several tokens (the zero-padded layout) and of one token each."""
     import pagedlora.kernels.lora as kl
 
     seen = []
-    real = kl._bgmv_shrink
+    real = kl._bgmv
 
-    def spy(x, batch):
-        seen.append(batch.stacked[2] is not None)
-        return real(x, batch)
-    monkeypatch.setattr(kl, "_bgmv_shrink", spy)
+    def spy(y, x, batch):
+        seen.append((any(p.tokens.width > 1 for p in batch.stacked), len(batch.stacked)))
+        return real(y, x, batch)
+    monkeypatch.setattr(kl, "_bgmv", spy)
     test_bgmv_prefill_and_decode_mix(tiny_llama_dir, dirs, oracle)
-    assert seen and all(seen), seen  # several tokens per adapter, zero entries
+    assert {rest for rest, _ in seen} == {True, False}, seen
+    assert max(n for _, n in seen) > 1, seen
 
 
 def test_evict_reload_and_readd_between_steps(tiny_llama_dir, dirs, oracle, tmp_path):

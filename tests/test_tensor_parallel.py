@@ -37,6 +37,7 @@ from support import (
 from pagedlora import AdapterMix, Engine, SamplingParams
 from pagedlora.adapter_pages import packed_pages
 from pagedlora.parallel.shard import Shard
+from pagedlora.row_packing import RowGroup, pack_rows
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIXED = {
@@ -205,9 +206,10 @@ def _pressure_pool_gb() -> float:
     1 KV head x 16 x fp32): the batch below needs ~100 KV pages at its peak."""
     shard = Shard.of(SimpleNamespace(head_dim=None, **TINY), 0, 2)
     page_numel = 2 * 8 * shard.num_kv_heads * shard.head_dim
-    sizes = sorted(packed_pages({(layer, m): o["r"] for layer in range(2)
-                                 for m in o["target_modules"]}, shard.lora_widths, page_numel)
-                   for o in PRESSURE.values())
+    sizes = sorted(pack_rows([RowGroup((layer, m, half), shard.lora_widths[m][i], o["r"])
+                              for layer in range(2) for m in o["target_modules"]
+                              for i, half in enumerate("ab")], page_numel).num_pages
+                   for o in PRESSURE.values())  # as AdapterPacker packs them
     return (sizes[-1] + sizes[-2] + 24.5) * page_numel * 4 / 2**30
 
 

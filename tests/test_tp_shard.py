@@ -15,6 +15,8 @@ from transformers import LlamaConfig
 from pagedlora.kernels.lora import (
     LoraBatch,
     PagedRows,
+    Stacked,
+    StackedTokens,
     lora_expand,
     lora_shrink,
     lora_shrink_expand,
@@ -142,10 +144,15 @@ def _batch(form: str, g: torch.Generator) -> tuple[torch.Tensor, LoraBatch, int]
     """A LoRA batch of 3 adapters (ranks 2, 5, 3) with base tokens between, in one form
     ("mix": the dense form with one adapter's tokens also another's, as a mix's are)."""
     in_f, out_f, ranks = 12, 7, (2, 5, 3)
-    n = {"dense": 9, "mix": 9, "segments": 200, "bgmv": 3}[form]
-    starts = [0, n // 3 + 1, 2 * (n // 3) + 1] if form != "bgmv" else [0, 1, 2]
-    ends = [s + (n // 3 if form != "bgmv" else 1) for s in starts]
-    ends[-1] = min(ends[-1], n)
+    n = {"dense": 9, "mix": 9, "segments": 200, "bgmv": 3, "bgmv-classes": 6}[form]
+    if form == "bgmv":  # one token per adapter
+        starts, ends = [0, 1, 2], [1, 2, 3]
+    elif form == "bgmv-classes":  # two tokens per adapter (the zero-padded layout)
+        starts, ends = [0, 2, 4], [2, 4, 6]
+    else:
+        starts = [0, n // 3 + 1, 2 * (n // 3) + 1]
+        ends = [s + n // 3 for s in starts]
+        ends[-1] = min(ends[-1], n)
     a = torch.randn(sum(ranks), in_f, generator=g)
     b = torch.randn(sum(ranks), out_f, generator=g)
     cols, c = [], 0
@@ -158,16 +165,25 @@ def _batch(form: str, g: torch.Generator) -> tuple[torch.Tensor, LoraBatch, int]
     scale = LoraBatch.token_scales(cols, uses, n, dtype=torch.float32, device=a.device)
     none = PagedRows(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     stacked = None
-    if form == "bgmv":
-        sa, sb = torch.zeros(3, 5, in_f), torch.zeros(3, 5, out_f)
-        for k, (_, c0, c1, s) in enumerate(cols):
-            sa[k, : c1 - c0], sb[k, : c1 - c0] = a[c0:c1], b[c0:c1] * s
-        stacked = (sa, sb)
-    batch = LoraBatch.build(none, none, cols, uses, scale, gathered=(a, b), stacked=stacked)
+    if form.startswith("bgmv"):
+        # rank classes: all three adapters in one, or (2, 3) and (5,) in two
+        classes = [[0, 1, 2]] if form == "bgmv" else [[0, 2], [1]]
+        parts = []
+        for members in classes:
+            r = max(ranks[k] for k in members)
+            sa, sb = torch.zeros(len(members), r, in_f), torch.zeros(len(members), r, out_f)
+            for j, k in enumerate(members):
+                _, c0, c1, s = cols[k]
+                sa[j, : c1 - c0], sb[j, : c1 - c0] = a[c0:c1], b[c0:c1] * s
+            tokens = StackedTokens.of([uses[k] for k in members], dtype=torch.float32,
+                                      device=a.device)
+            parts.append(Stacked(sa, sb, tokens))
+        stacked = tuple(parts)
+    batch = LoraBatch(none, none, LoraBatch.segments_of(cols, uses), scale, (a, b), stacked)
     return torch.randn(n, in_f, generator=g), batch, out_f
 
 
-@pytest.mark.parametrize("form", ["dense", "mix", "segments", "bgmv"])
+@pytest.mark.parametrize("form", ["dense", "mix", "segments", "bgmv", "bgmv-classes"])
 def test_shrink_then_expand_equals_the_fused_kernel_and_sums_over_split_inputs(form):
     """What a row-parallel module does: each rank shrinks its columns of x with its columns
     of A; the sum of the shrinks (the all-reduce) expanded equals the whole LoRA."""
@@ -183,8 +199,8 @@ def test_shrink_then_expand_equals_the_fused_kernel_and_sums_over_split_inputs(f
     parts = []
     for cols in (slice(0, half), slice(half, None)):
         a, b = batch.gathered
-        stacked = None if batch.stacked is None else (batch.stacked[0][:, :, cols],
-                                                      batch.stacked[1], batch.stacked[2])
+        stacked = None if batch.stacked is None else tuple(
+            Stacked(p.a[:, :, cols], p.b, p.tokens) for p in batch.stacked)
         part = LoraBatch(batch.a, batch.b, batch.segments, batch.token_scale,
                          (a[:, cols], b), stacked)
         parts.append(lora_shrink(x[:, cols].contiguous(), part, None))

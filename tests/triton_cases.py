@@ -261,9 +261,10 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter,
-                                                         tmp_path):
+                                                         tmp_path, monkeypatch):
     """Plain adapters, a DoRA adapter (its scale rows read through page tables) and mixes
-    (segments that overlap, in successive launches) beside base requests."""
+    (segments that overlap, in successive launches) beside base requests. The LoRA calls
+    build no segment table of their own (one copy per step, by the runner's layouts)."""
     dirs = {"r8": make_adapter(tiny_llama_dir, "r8", r=8, target_modules=ALL, seed=1),
             "r3": make_adapter(tiny_llama_dir, "r3", r=3, seed=2,
                                target_modules=["q_proj", "v_proj", "down_proj"]),
@@ -278,6 +279,9 @@ def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_ad
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
     logprobs = {}
     tokens = {}
+    built = []
+    monkeypatch.setattr(triton_lora, "segment_tensors",
+                        lambda *a, _f=triton_lora.segment_tensors: built.append(1) or _f(*a))
     for backend in ("torch", "triton"):
         # 24 tokens a step: the 40- and 25-token prompts are prefilled in chunks next to decodes
         engine = Engine(tiny_llama_dir, pool_gb=0.02, block_size=8, max_model_len=128,
@@ -291,5 +295,6 @@ def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_ad
         tokens[backend] = [o.token_ids for o in outs]
         logprobs[backend] = torch.tensor([[e.logprob for e in o.logprobs] for o in outs])
     assert tokens["triton"] == tokens["torch"]
+    assert not built, f"{len(built)} LoRA calls copied their own segment table"
     assert tokens["torch"][0] != tokens["torch"][5]  # the adapter changes the tokens
     torch.testing.assert_close(logprobs["triton"], logprobs["torch"], atol=1e-3, rtol=0)

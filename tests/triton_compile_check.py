@@ -44,16 +44,17 @@ def main() -> None:
                    "stride_qt", "stride_qh", "stride_page", "stride_kv", "stride_slot",
                    "stride_kvh", "stride_table", "stride_ot", "stride_oh", "stride_lt"))
         # MHA decode split in key ranges (fp32 partial outputs); GQA prefill
-        for block_m, out, one in ((16, "*fp32", {"group": 1}), (64, p, {"kv_splits": 1})):
+        # kv_splits is not specialised on: a decode (split) and a prefill variant
+        for block_m, out, one in ((16, "*fp32", {"group": 1}), (64, p, {})):
             compile_kernel(triton_attention._paged_attention_kernel, {**attention, "out_ptr": out},
                            dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=128, DOT=dot, **one))
         shrink = dict(x_ptr=p, a_ptr=p, pages_ptr=INDEX, slots_ptr=INDEX, seg_ptr=INDEX,
                       scale_ptr="*fp32", tmp_ptr="*fp32",
                       **ints("in_features", "split_k", "stride_xt", "stride_page",
                              "stride_slot", "stride_tmp"))
-        for split in ({"split_k": 1}, {}):
-            compile_kernel(triton_lora._shrink_kernel, shrink, dict(
-                BLOCK_M=16, BLOCK_R=64, BLOCK_K=128, DOT=dot, **split))
+        # split_k and the strides that vary per step are not specialised on (one variant)
+        compile_kernel(triton_lora._shrink_kernel, shrink, dict(
+            BLOCK_M=16, BLOCK_R=64, BLOCK_K=128, DOT=dot))
         compile_kernel(triton_lora._expand_kernel, dict(
             tmp_ptr="*fp32", b_ptr=p, pages_ptr=INDEX, slots_ptr=INDEX, seg_ptr=INDEX, y_ptr=p,
             **ints("out_features", "stride_tmp", "stride_page", "stride_slot", "stride_yt")),

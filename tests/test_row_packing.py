@@ -1,0 +1,162 @@
+"""The adapter row packing (pagedlora.row_packing): arithmetic checks of the layout over random
+rank mixes on real model shapes (no pages touched), and one adapter packed into a real pool and
+read back row by row."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from pagedlora.adapter_pages import AdapterPacker, _groups, packed_pages
+from pagedlora.lora_adapter import TARGET_MODULES, LoraAdapter, ModuleSpec, ModuleWeights
+from pagedlora.pool import UnifiedPool
+from pagedlora.row_packing import RowGroup, pack_rows, pieces_of, upper_bound_pages
+
+
+def shapes(hidden: int, kv: int, inter: int) -> dict[str, tuple[int, int]]:
+    return {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+            "o_proj": (hidden, hidden), "gate_proj": (hidden, inter),
+            "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+
+
+# (name, layers, module shapes, page elements = 2 x block 16 x KV heads x head_dim)
+MODELS = [
+    ("smollm2-135m", 30, shapes(576, 192, 1536), 2 * 16 * 3 * 64),
+    ("llama-2-7b", 32, shapes(4096, 4096, 11008), 2 * 16 * 32 * 128),
+    ("llama-3-8b", 32, shapes(4096, 1024, 14336), 2 * 16 * 8 * 128),
+    ("stress-toy", 2, shapes(64, 32, 176), 2 * 16 * 2 * 16),  # examples/fragmentation_stress
+]
+MODULE_SETS = [("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"),
+               ("gate_proj", "up_proj", "down_proj"), TARGET_MODULES]
+
+
+def check_plan(groups: list[RowGroup], page_numel: int) -> int:
+    """Packs ``groups`` and checks that the rows are where a kernel can read them: every row
+    whole inside one page at ``slot * width``, no two rows overlapping, all pages used.
+    Returns the pages."""
+    plan = pack_rows(groups, page_numel)
+    taken: dict[int, list[tuple[int, int]]] = {}
+    for g in groups:
+        pages, slots = plan.places[g.key]
+        pieces = pieces_of(g.width, page_numel)
+        assert len(pages) == len(slots) == g.count * pieces, g
+        stored = min(g.width, page_numel)
+        for i, (p, s) in enumerate(zip(pages, slots, strict=True)):
+            assert 0 <= p < plan.num_pages
+            width = stored if pieces == 1 or i % pieces < pieces - 1 else (
+                g.width - (pieces - 1) * page_numel)
+            assert (s + 1) * stored <= page_numel and (pieces == 1 or s == 0), (g, p, s)
+            taken.setdefault(p, []).append((s * stored, s * stored + width))
+    for p, spans in taken.items():
+        spans.sort()
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), f"rows overlap in {p}"
+    assert sorted(taken) == list(range(plan.num_pages))
+    return plan.num_pages
+
+
+@pytest.mark.parametrize("name,layers,module_shapes,page_numel", MODELS,
+                         ids=[m[0] for m in MODELS])
+def test_random_rank_mixes_waste_at_most_5_percent_at_idle(name, layers, module_shapes,
+                                                           page_numel):
+    """Idle internal fragmentation of adapter pages: over a mix of adapters of random ranks
+    1-128 on random module sets (and some rank_pattern variety), the unused share of their
+    pages is at most 5%; each adapter loses less than one page (its last page's tail) plus
+    gaps narrower than its rows, and never takes more than the per-width bound that sizes a
+    static slot. The per-(layer, width) layout this replaces wasted far more (asserted, so
+    the comparison means something)."""
+    rng = random.Random(hash(name) % 1000)
+    used = allocated = old_allocated = 0
+    for _ in range(24):
+        modules = rng.choice(MODULE_SETS)
+        rank = rng.randint(1, 128)
+        ranks = {(layer, m): rank if rng.random() < 0.8 else rng.randint(1, 128)
+                 for layer in range(layers) for m in modules}
+        groups = _groups(ranks, module_shapes)
+        pages = check_plan(groups, page_numel)
+        elements = sum(g.width * g.count for g in groups)
+        narrowest = min(g.width for g in groups)
+        assert pages <= upper_bound_pages(groups, page_numel)
+        assert -(-elements // page_numel) <= pages
+        assert pages * page_numel - elements < page_numel + narrowest * pages, (ranks, pages)
+        used += elements
+        allocated += pages * page_numel
+        old_allocated += page_numel * sum(
+            -(-sum(g.count for g in groups if g.key[0] == layer and g.width == w)
+              // (page_numel // w))
+            for layer in range(layers) for w in {g.width for g in groups})
+    assert 1 - used / allocated <= 0.05, (name, 1 - used / allocated)
+    assert 1 - used / old_allocated > 1 - used / allocated
+
+
+def test_the_bound_that_sizes_a_static_slot_holds_every_smaller_adapter():
+    """A static slot is ``packed_pages`` of max_lora_rank on every projection: every adapter
+    with ranks up to it, on any modules, packs into no more pages (also with DoRA's scale row,
+    when the slot has room for it: the packer's gaps hold it)."""
+    _, layers, module_shapes, page_numel = MODELS[0]
+    slot = packed_pages({(layer, m): 16 for layer in range(layers) for m in module_shapes},
+                        module_shapes, page_numel)
+    rng = random.Random(5)
+    for _ in range(40):
+        modules = rng.sample(TARGET_MODULES, rng.randint(1, 7))
+        ranks = {(layer, m): rng.randint(1, 16) for layer in range(layers) for m in modules}
+        assert pack_rows(_groups(ranks, module_shapes), page_numel).num_pages <= slot
+
+
+def test_narrow_rows_fill_the_tails_of_wider_pages():
+    """SmolLM2, rank 4 on q,v: 360 rows of 576 (10 a page, 384 elements left) and 120 of 192
+    (32 a page): the 192-wide rows go two to a tail first; 38 pages in all, where per layer
+    and width it took 90."""
+    _, layers, module_shapes, page_numel = MODELS[0]
+    ranks = {(layer, m): 4 for layer in range(layers) for m in ("q_proj", "v_proj")}
+    groups = _groups(ranks, module_shapes)
+    plan = pack_rows(groups, page_numel)
+    assert plan.num_pages == 36 + 2
+    pages, slots = plan.places[(0, "v_proj", "b")]
+    assert pages == [0, 0, 1, 1] and slots == [30, 31, 30, 31]  # 30 * 192 = 10 * 576
+
+
+def test_bad_groups_are_refused_by_key():
+    with pytest.raises(ValueError, match="row group 'x' has width 0"):
+        pack_rows([RowGroup("x", 0, 1)], 64)
+    with pytest.raises(ValueError, match="distinct keys"):
+        pack_rows([RowGroup("x", 8, 1), RowGroup("x", 8, 2)], 64)
+
+
+def test_packed_rows_read_back_from_a_pool():
+    """One adapter with rows of three widths, a DoRA scale row and a vocabulary row wider
+    than a page, packed into scattered pages of a real pool: every matrix reads back exactly
+    (pool.read_rows through its page table), and the pages hold nothing else."""
+    module_shapes = {**shapes(64, 32, 176), "lm_head": (64, 1500)}
+    pool = UnifiedPool(64, block_size=16, num_kv_heads=2, head_dim=16, dtype=torch.float32,
+                       device=torch.device("cpu"))
+    pool.tensor.fill_(float("nan"))
+    packer = AdapterPacker(pool, module_shapes=module_shapes)
+    g = torch.Generator().manual_seed(0)
+    specs, weights = {}, {}
+    for key, rank, dora in [((0, "q_proj"), 3, False), ((0, "down_proj"), 5, True),
+                            ((1, "v_proj"), 7, False), ((-1, "lm_head"), 2, False)]:
+        in_f, out_f = module_shapes[key[1]]
+        specs[key] = ModuleSpec(rank=rank, scale=0.5, dora=dora)
+        weights[key] = ModuleWeights(torch.randn(rank, in_f, generator=g),
+                                     torch.randn(rank, out_f, generator=g),
+                                     torch.rand(out_f, generator=g) if dora else None)
+    adapter = LoraAdapter(name="mix", path=None, key="k", modules=specs, num_bytes=0)
+    n = packer.num_pages(adapter)
+    pages = list(range(60, 60 - 2 * n, -2))  # scattered, descending
+    placed = packer.fill(adapter, weights, pages, placement_id=1)
+    for key, w in weights.items():
+        m = placed.modules[key]
+        in_f, out_f = module_shapes[key[1]]
+        assert torch.equal(pool.read_rows(in_f, m.a), w.a), key
+        assert torch.equal(pool.read_rows(out_f, m.b), w.b_t), key
+        if w.dora is not None:
+            assert torch.equal(pool.read_rows(out_f, m.dora)[0], w.dora)
+    assert placed.used_elements == sum(
+        t.numel() for w in weights.values() for t in (w.a, w.b_t, w.dora) if t is not None)
+    # pages outside the adapter untouched; inside, only the unused gaps are still NaN
+    others = [p for p in range(64) if p not in pages]
+    assert torch.isnan(pool.tensor[others]).all()
+    assert torch.isnan(pool.tensor[pages]).sum() <= n * pool.page_numel - placed.used_elements
