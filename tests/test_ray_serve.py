@@ -221,9 +221,13 @@ def stream_lines(client: httpx.Client, url: str, body: dict):
 def adapters_on_each_replica(url: str, files) -> tuple[str, str, str]:
     """Two adapters, each held by one replica only, and not the same one (so Ray routes
     each to its holder): ``(adapter of replica V, adapter of the other, V)``. Loads fresh
-    adapters until there are (Ray sends a new one to the replica holding fewest)."""
+    adapters until there are (Ray sends a new one to the replica holding fewest). Only
+    adapters whose files are in the module's folder (the caller loads them offline from
+    there; another test's adapter, e.g. "swap", lives elsewhere)."""
+    folder = files["late"].parent
     for i in range(4):
-        loaded = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]}
+        loaded = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=30).json()["data"]
+                  if (folder / m["id"]).is_dir()}
         holders: dict[str, set] = {}
         for rid, used in served(url).items():
             for name in set(used) & loaded:
@@ -235,7 +239,7 @@ def adapters_on_each_replica(url: str, files) -> tuple[str, str, str]:
         if len(mine) == 2:
             (v, a), (_, b) = sorted(mine.items())
             return a, b, v
-        path = write_random_lora(files["late"].parent / f"k{i}", r=2, seed=20 + i,
+        path = write_random_lora(folder / f"k{i}", r=2, seed=20 + i,
                                  target_modules=["v_proj"])
         assert httpx.post(f"{url}/v1/load_lora_adapter", timeout=120, json={
             "lora_name": f"k{i}", "lora_path": str(path)}).status_code == 200
