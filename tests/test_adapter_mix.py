@@ -25,9 +25,10 @@ from support import (
 
 from pagedlora import AdapterMix, AdapterMixError, Engine, SamplingParams
 from pagedlora.errors import UnknownAdapterError
+from pagedlora.lora_adapter import TARGET_MODULES
 from pagedlora.scheduler import Request
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 PEFT_ADAPTERS = {  # saved through PEFT (different targets, so a mix's modules differ)
     "lora4": dict(r=4, target_modules=ALL, seed=401),
     "lora16": dict(r=16, target_modules=["q_proj", "k_proj", "v_proj", "up_proj"], seed=402),

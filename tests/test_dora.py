@@ -24,8 +24,9 @@ from support import (
 )
 
 from pagedlora import AdapterError, Engine, SamplingParams
+from pagedlora.lora_adapter import TARGET_MODULES
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 # model -> adapter name -> (is DoRA, save options)
 ADAPTERS = {
     "llama": {

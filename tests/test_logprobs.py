@@ -24,9 +24,10 @@ from support import (
 )
 
 from pagedlora import Engine, SamplingParams
+from pagedlora.lora_adapter import TARGET_MODULES
 
 ATOL = LOGPROBS_ATOL
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 ADAPTERS = {
     "all": dict(r=4, target_modules=ALL, seed=301),
     "head": dict(r=8, target_modules=["lm_head"], seed=302),

@@ -26,8 +26,9 @@ from support import (
 from transformers import AutoModelForCausalLM
 
 from pagedlora import Engine, SamplingParams
+from pagedlora.lora_adapter import TARGET_MODULES
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 
 # name -> save_random_adapter options; "bin" is converted to adapter_model.bin after saving.
 ADAPTERS = {

@@ -24,9 +24,10 @@ from transformers import AutoModelForCausalLM
 
 from pagedlora import AdapterMix, Engine, EngineConfig, SamplingParams
 from pagedlora.cli import build_parser, server_config
+from pagedlora.lora_adapter import TARGET_MODULES
 from pagedlora.merge_policy import MERGE_AFTER_STEPS, MergePolicy
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 ADAPTERS = {
     "qv": dict(r=8, target_modules=["q_proj", "v_proj"], seed=301),
     "all": dict(r=4, target_modules=ALL, rank_pattern={"layers.0.self_attn.k_proj": 12},

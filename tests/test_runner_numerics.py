@@ -16,8 +16,9 @@ from support import (
 )
 
 from pagedlora import Engine
+from pagedlora.lora_adapter import TARGET_MODULES
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 SPECS = {
     "a0": dict(r=2, target_modules=["q_proj", "v_proj"], seed=1),
     "a1": dict(r=4, target_modules=ALL, seed=2),

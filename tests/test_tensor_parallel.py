@@ -36,10 +36,11 @@ from support import (
 
 from pagedlora import AdapterMix, Engine, SamplingParams
 from pagedlora.adapter_pages import packed_pages
+from pagedlora.lora_adapter import TARGET_MODULES
 from pagedlora.parallel.shard import Shard
 from pagedlora.row_packing import RowGroup, pack_rows
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 MIXED = {
     "r1": dict(r=1, target_modules=ALL, seed=1),
     "r64": dict(r=64, target_modules=ALL, seed=2),

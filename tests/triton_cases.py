@@ -22,6 +22,7 @@ from pagedlora.kernels import lora as ref_lora
 from pagedlora.kernels import paged_attention as ref_attn
 from pagedlora.kernels import triton_attention, triton_lora
 from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
+from pagedlora.lora_adapter import TARGET_MODULES
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
@@ -257,7 +258,7 @@ def test_lora_with_tokens_of_mixes_matches_reference(dtype):
 
 # -- the engine ------------------------------------------------------------------------------------
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALL = list(TARGET_MODULES)  # the seven decoder projections
 
 
 def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_adapter,
