@@ -33,6 +33,8 @@ class AttentionMetadata:
             token (0 for padding, Q = the longest new-token count).
         valid: ``[B, Q]`` bool, False for padding.
         flat_index: ``[N]`` int64, ``token_index[valid]``: where the outputs go.
+        padded_index: ``[N]`` int64, where those tokens are in the padded ``[B * Q]`` layout
+            (``valid.flatten().nonzero()``).
         q_start, q_lens, ctx_lens: ``[B]`` int64, as given to :func:`attention_metadata`.
         out_start: ``[B]`` int64 row of sequence b's first new token among the N outputs.
         num_keys: key positions per sequence in the gathered blocks (max_blocks * block_size).
@@ -48,6 +50,7 @@ class AttentionMetadata:
     out_start: torch.Tensor
     num_keys: int
     q_pos: torch.Tensor
+    padded_index: torch.Tensor
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:
@@ -64,7 +67,9 @@ class AttentionMetadata:
 
 
 def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
-                       num_keys: int) -> AttentionMetadata:
+                       num_keys: int, *, max_q_len: int | None = None,
+                       flat_index: torch.Tensor | None = None,
+                       padded_index: torch.Tensor | None = None) -> AttentionMetadata:
     """Builds the padding and the causal positions of a group.
 
     For sequence b with ``n = q_lens[b]`` new tokens and ``c = ctx_lens[b]`` tokens in the cache
@@ -76,15 +81,25 @@ def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: to
         q_lens: ``[B]`` int64 new tokens per sequence (>= 1).
         ctx_lens: ``[B]`` int64 tokens per sequence in the cache, new ones included.
         num_keys: key positions per sequence in the gathered blocks (max_blocks * block_size).
+        max_q_len: ``max(q_lens)``; flat_index: ``[N]`` int64, the new tokens' indices in the
+            flattened batch, sequence after sequence (``token_index[valid]``); padded_index:
+            ``[N]`` int64, their places in the padded ``[B * Q]`` layout. A caller that knows
+            them from host data passes them all: computed here, each is a device-to-host
+            synchronisation on a GPU (reading ``q_lens`` back; indexing with a mask).
     """
-    ar = torch.arange(int(q_lens.max()), device=q_lens.device)
+    ar = torch.arange(int(q_lens.max()) if max_q_len is None else max_q_len,
+                      device=q_lens.device)
     valid = ar[None, :] < q_lens[:, None]                                # [B, Q]
     token_index = torch.where(valid, q_start[:, None] + ar[None, :], 0)
     q_pos = torch.where(valid, (ctx_lens - q_lens)[:, None] + ar[None, :], 0)
-    return AttentionMetadata(token_index=token_index, valid=valid,
-                             flat_index=token_index[valid], q_start=q_start, q_lens=q_lens,
-                             ctx_lens=ctx_lens, out_start=q_lens.cumsum(0) - q_lens,
-                             num_keys=num_keys, q_pos=q_pos)
+    if flat_index is None:
+        flat_index = token_index[valid]
+    if padded_index is None:
+        padded_index = valid.flatten().nonzero().flatten()
+    return AttentionMetadata(token_index=token_index, valid=valid, flat_index=flat_index,
+                             q_start=q_start, q_lens=q_lens, ctx_lens=ctx_lens,
+                             out_start=q_lens.cumsum(0) - q_lens, num_keys=num_keys,
+                             q_pos=q_pos, padded_index=padded_index)
 
 
 def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
@@ -124,7 +139,8 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
         q[meta.token_index].transpose(1, 2), keys.view(shape).transpose(1, 2),
         values.view(shape).transpose(1, 2), attn_mask=meta.mask, scale=scale,
         enable_gqa=True)                                                 # [B, H, Q, D]
-    return out.transpose(1, 2)[meta.valid]                               # [N, H, D]
+    out = out.transpose(1, 2).reshape(-1, out.shape[1], head_dim)        # [B * Q, H, D]
+    return out[meta.padded_index]                                        # [N, H, D]
 
 
 def _decode_by_bmm(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

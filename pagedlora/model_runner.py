@@ -16,6 +16,7 @@ from pagedlora.pool import UnifiedPool
 from pagedlora.sampler import Sampler
 from pagedlora.scheduler import RunnerOutput, TokenLogprobs
 from pagedlora.step_input import SequenceInput, StepInput
+from pagedlora.step_upload import StepUpload
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class ModelRunner:
     positions whose prompt log-probabilities a request asked for; log-probabilities only for
     the requests that asked (:func:`pagedlora.logprobs.token_logprobs`). A step marked
     ``merged`` runs on that adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
+    The step's index tensors (token ids, positions, slot mapping, block tables, attention
+    metadata) are built on the host, with every size the kernels need known there, and reach
+    the device in one non-blocking copy (:class:`StepUpload`): no step reads a device value
+    back before its forward pass but the sampled tokens after it.
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).
@@ -82,6 +87,7 @@ class ModelRunner:
         self.lora = LoraLayouts(pool, model.lora_widths, model.kernels.reads_gathered_rows,
                                 scale_widths=model.dora_widths)
         self.merged = MergedWeights(model, pool)
+        self.upload = StepUpload(pool.tensor.device)
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +129,6 @@ class ModelRunner:
 
     def _build(self, order: list[SequenceInput], step: StepInput
                ) -> tuple[ForwardBatch, LogitRows]:
-        device = self.pool.tensor.device
         bs = self.pool.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -156,19 +161,30 @@ class ModelRunner:
                 _extend(uses.setdefault(key, []), start, start + n, weight)
                 _extend(logit_uses.setdefault(key, []), row_start, len(logits_index), weight)
 
-        def t(x) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.long, device=device)
+        def t(x) -> torch.Tensor:  # a host tensor: the upload moves them all at once
+            return torch.tensor(x, dtype=torch.long)
 
-        groups = []
-        for members in groups_of.values():
-            if not members:
-                continue
+        pos = t(positions)
+        # token ids, positions, slot pages [L, T], slot offsets, sampled rows; then per group
+        host = [t(input_ids), pos, t(slot_pages).t().contiguous(), pos % bs, t(logits_index)]
+        shapes = []  # per attention group: (max blocks, longest new-token count)
+        for members in filter(None, groups_of.values()):
             width = max(len(m[3]) for m in members)
+            longest = max(m[1] for m in members)
             tables = [list(m[3]) + [m[3][0]] * (width - len(m[3])) for m in members]
-            groups.append(AttentionGroup(
-                block_tables=t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
-                meta=attention_metadata(t([m[0] for m in members]), t([m[1] for m in members]),
-                                        t([m[2] for m in members]), width * bs)))
+            host += [t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
+                     t([m[0] for m in members]), t([m[1] for m in members]),
+                     t([m[2] for m in members]),
+                     t([i for m in members for i in range(m[0], m[0] + m[1])]),
+                     t([b * longest + i for b, m in enumerate(members) for i in range(m[1])])]
+            shapes.append((width, longest))
+        on_device = self.upload(host)  # one non-blocking copy on a GPU; none on the CPU
+        groups = []
+        for g, (width, longest) in enumerate(shapes):
+            tables, q_start, q_lens, ctx_lens, flat, padded = on_device[5 + 6 * g:11 + 6 * g]
+            groups.append(AttentionGroup(tables, attention_metadata(
+                q_start, q_lens, ctx_lens, width * bs, max_q_len=longest, flat_index=flat,
+                padded_index=padded)))
         if step.merged is None:
             keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
             lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
@@ -177,10 +193,10 @@ class ModelRunner:
             layers = None
         else:
             lora, layers = {}, self.merged.layers_for(step.merged, step.adapters[step.merged])
+        ids, pos, slot_pages_t, slot_offsets, sample_index = on_device[:5]
         batch = ForwardBatch(
-            input_ids=t(input_ids), positions=t(positions),
-            slot_pages=t(slot_pages).t().contiguous(), slot_offsets=t(positions) % bs,
-            groups=groups, sample_index=t(logits_index), lora=lora, layers=layers)
+            input_ids=ids, positions=pos, slot_pages=slot_pages_t, slot_offsets=slot_offsets,
+            groups=groups, sample_index=sample_index, lora=lora, layers=layers)
         only_samples = not prompt_rows
         return batch, LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
 
