@@ -67,6 +67,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from step_census import census
 from workload import TraceRequest, WorkloadSpec, make_trace, percentile, write_adapter
 
 SETTINGS = {"S1": (8,), "S2": (64, 32, 16, 8)}  # ranks; S-LoRA Table 3, exp_suite.LORA_DIR
@@ -378,9 +379,10 @@ def check_backends(plan: Plan, work: Path, num_requests: int = 8) -> dict:
             engine.add_adapter(f"c{i}", path)
         names = [None, *(f"c{i}" for i in range(len(paths)))]
         ran.append(engine.core.runner.kernel_backend)
-        outs[backend] = engine.generate(prompts, [names[i % len(names)]
-                                                  for i in range(num_requests)],
-                                        params, progress=False)
+        chosen = [names[i % len(names)] for i in range(num_requests)]
+        if backend == "triton":
+            counted = step_counts(engine, prompts, chosen)
+        outs[backend] = engine.generate(prompts, chosen, params, progress=False)
         engine.close()
     equal, worst = 0, 0.0
     for a, b in zip(outs["triton"], outs["torch"], strict=True):
@@ -391,12 +393,62 @@ def check_backends(plan: Plan, work: Path, num_requests: int = 8) -> dict:
         else:
             equal += 1
     result = {"tokens_equal": f"{equal}/{num_requests}", "max_logprob_diff": worst,
-              "atol": BACKEND_ATOL[plan.dtype], "backends": ran}
+              "atol": BACKEND_ATOL[plan.dtype], "backends": ran, "triton_census": counted}
     print(f"backend check (Triton vs torch, tiny Llama, {plan.dtype}): {result}", flush=True)
     if worst > BACKEND_ATOL[plan.dtype]:
         raise SystemExit(f"gpu_bench: the Triton kernels disagree with the torch ones on the "
                          f"tiny model ({result}); nothing timed")
     return result
+
+
+def step_counts(engine, prompts: list[list[int]], names: list) -> dict[str, dict]:
+    """What the first step of ``prompts`` (adapters ``names``) and their first step of decodes
+    only ask of the device (:func:`step_census.census`: kernel launches, torch ops,
+    host-to-device copies and how many block, reads back). Prompts that need several steps
+    (chunked prefill) are stepped through, counted, until every sequence decodes; then the
+    requests are aborted.
+
+    Returns:
+        ``{"prefill": counts, "decode": counts}``.
+    Raises:
+        RuntimeError: the engine does not run the model in this process (tensor parallelism:
+            the workers do), so there is nothing to count here.
+    """
+    from pagedlora import SamplingParams
+
+    if engine.config.tensor_parallel_size > 1:
+        raise RuntimeError("step_counts counts this process's model runner; under tensor "
+                           "parallelism the workers run the model")
+    sp = SamplingParams(max_tokens=1024, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, n, sp) for p, n in zip(prompts, names, strict=True)]
+    counts = {"prefill": census(engine).as_dict()}
+    for _ in range(1024):
+        step = census(engine)
+        if step.num_tokens == step.batch_size == len(prompts):
+            counts["decode"] = step.as_dict()
+            break
+    for i in ids:
+        engine.abort(i)
+    while engine.has_unfinished():
+        engine.step()
+    if "decode" not in counts:
+        raise RuntimeError(f"no step decoded all {len(prompts)} requests at once")
+    return counts
+
+
+def batch_census(engine, plan: Plan, paths: list[Path]) -> dict:
+    """:func:`step_counts` of a full batch: ``max_num_seqs`` requests (prompts spread over the
+    plan's input range) over as many of S2's adapters (ranks 64, 32, 16, 8), each its own."""
+    used = list(range(min(plan.max_num_seqs, len(paths))))
+    names = register(engine, "census", paths, used)
+    lo, hi = plan.input_range
+    prompts = [[3 + i % 100] * (lo + i * (hi - lo) // len(used)) for i in used]
+    try:
+        counts = step_counts(engine, prompts, [names[i] for i in used])
+    finally:
+        for name in names.values():
+            engine.remove_adapter(name)
+    return {"requests": len(used), "adapters": len(used), **counts}
 
 
 def register(engine, setting: str, paths: list[Path], used: list[int]) -> dict[int, str]:
@@ -544,6 +596,12 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
     result["environment"]["kernel_backend"] = engine.core.runner.kernel_backend
     phases.done("engine load")
     try:
+        warm_up(engine, plan, paths)
+        phases.done("warm-up")
+        if plan.tensor_parallel_size == 1:
+            result["step_census"] = batch_census(engine, plan, paths["S2"])
+            save()
+            phases.done("step census")
         _runs(engine, plan, config, paths, phases, rows, save)
     finally:
         engine.close()  # the tensor-parallel workers, if any
@@ -553,9 +611,7 @@ def run(plan: Plan, out: Path, work: Path) -> dict:
 
 def _runs(engine, plan: Plan, config, paths: dict[str, list[Path]], phases: Phases,
           rows: list[dict], save) -> None:
-    """Warm-up, then every (setting, n, mode) run, each row saved as it is done."""
-    warm_up(engine, plan, paths)
-    phases.done("warm-up")
+    """Every (setting, n, mode) run, each row saved as it is done."""
     special = {0, config.bos_token_id, config.eos_token_id}
     register_s = 0.0  # seconds per adapter of the last registration (0 before the first)
     for setting in SETTINGS:
@@ -613,6 +669,8 @@ def markdown(result: dict) -> str:
         f"{plan['max_num_batched_tokens']}, prefix caching off.",
         f"Seconds: {phases_line(result['phases'])}.",
         f"Triton against torch kernels before timing: {result.get('backend_check')}.",
+        f"One step's work, a batch of max_num_seqs requests over as many S2 adapters "
+        f"(step_census.py): {result.get('step_census', 'not counted')}.",
         "",
         "| setting | n | mode | out tok/s | req/s | finished | TTFT p50 / p90 (s) | "
         "TPOT p50 / p90 (ms) | SLO: TTFT <= 6 s | adapters used | mean batch | "

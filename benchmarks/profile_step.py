@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="decode steps profiled")
+    parser.add_argument("--context", type=int, default=0,
+                        help="decode steps run before the profile, so that contexts are this many "
+                             "tokens longer than the prompts (throughput.py's runs reach 64)")
     parser.add_argument("--base-only", action="store_true", help="no adapters")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--top", type=int, default=25)
@@ -59,7 +62,7 @@ def main() -> None:
         for i, path in enumerate(job.adapter_paths):
             engine.add_adapter(f"a{i}", path)
         names = [None if a is None else f"a{a}" for a in job.adapters]
-    n_out = args.steps + 12
+    n_out = args.steps + args.context + 13
     for p, a in zip(job.prompts, names, strict=True):
         engine.add_request(p, a, SamplingParams(max_tokens=n_out, temperature=0.0,
                                                 ignore_eos=True))
@@ -70,6 +73,8 @@ def main() -> None:
         if last["num_tokens"] == last["batch_size"]:
             break
     prefill_s = time.perf_counter() - t0
+    for _ in range(args.context):
+        engine.step()
     eager = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -98,6 +103,13 @@ def main() -> None:
               f"{e.self_cpu_time_total / total_us:.1%} | {e.count / args.steps:.0f} |")
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
+    from step_census import census
+
+    counts = census(engine)
+    print(f"\none more decode step counted (step_census.py): {counts.torch_ops} torch ops "
+          f"(kernels on a GPU), {counts.triton_launches} Triton launches, "
+          f"{counts.host_to_device} host-to-device copies ({counts.blocking_host_to_device} "
+          f"blocking), {counts.device_to_host} reads back; {counts.batch_size} sequences")
     engine.close()
 
 

@@ -27,6 +27,20 @@ def test_dry_run_rows(tmp_path):
     assert check["tokens_equal"] == "8/8", check
     assert check["backends"] == ["triton", "torch"], check
     assert check["max_logprob_diff"] <= check["atol"], check
+    # What a step launched (step_census.py), counted on the check's Triton engine: the tiny
+    # Llama has 2 layers, S2's four adapters target q, k, v and o, no request mixes adapters:
+    # per layer one KV write, one attention per group, one shrink and one expand per module.
+    counted = check["triton_census"]
+    assert counted["decode"]["triton_launches"] == 2 * (1 + 1 + 2 * 4), counted
+    # the 1-token prompt is a decode-shaped group beside the prefills: two attention groups
+    assert counted["prefill"]["triton_launches"] == 2 * (1 + 2 + 2 * 4), counted
+    batch = result["step_census"]
+    assert batch["decode"]["num_tokens"] == batch["decode"]["batch_size"] == plan["max_num_seqs"]
+    for c in (*counted.values(), batch["prefill"], batch["decode"]):
+        assert c["torch_ops"] > 0, c
+        # the CPU is host and device: nothing is copied or read back
+        assert c["host_to_device"] == c["device_to_host"] == 0, c
+    assert "One step's work" in (out / "gpu_bench.md").read_text()
     rows = {(r["setting"], r["n"], r["mode"]): r for r in result["rows"]}
     assert set(rows) == {(s, n, m) for s in ("S1", "S2") for n in (5, 100, 1000)
                          for m in ("offline", "online")}
