@@ -69,11 +69,6 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class LlamaModel:
     """Decoder-only Llama family: RMSNorm, RoPE, grouped-query attention, SwiGLU, unmerged LoRA.
 
@@ -277,6 +272,10 @@ class LlamaModel:
         """
         cos = self._rope_cos[batch.positions].to(self.dtype)[:, None, :]   # [T, 1, D]
         sin = self._rope_sin[batch.positions].to(self.dtype)[:, None, :]
+        # transformers' rotate_half(x) * sin is roll(x, D / 2) * [-sin_1, sin_2] (sin's two
+        # halves, the first negated): the same products, two ops a layer instead of five
+        half = self.head_dim // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         h = self._embed(batch.input_ids, batch)                            # [T, H]
         kv_pages = pool.kv_pages
         rows = pool.rows
@@ -316,7 +315,7 @@ class LlamaModel:
             # RoPE on q and k at once: they are adjacent columns of qkv.
             qk = qkv[:, : self._split_qkv[0] + self._split_qkv[1]].view(
                 t, self.num_heads + self.num_kv_heads, d)
-            qk = qk * cos + _rotate_half(qk) * sin
+            qk = qk * cos + qk.roll(half, dims=-1) * sin
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(t, self.num_kv_heads, d)
             ops.write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
