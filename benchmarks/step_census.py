@@ -14,8 +14,8 @@
 On the CPU the device is the host: copies count zero there, while the reads are counted by
 the ops that would wait for a GPU (``item``, ``nonzero``...), and launches and ops are what a
 GPU would launch. The sampled tokens' read-back (``tolist``) is not an aten op and is not
-counted: every step has exactly one. Used by ``gpu_bench.py`` (a decode step of the benchmark's engine, and
-of the backend check's Triton engine) and ``profile_step.py``.
+counted: every step has exactly one. Used by ``gpu_bench.py`` (a decode step of the
+benchmark's engine, and of the backend check's Triton engine) and ``profile_step.py``.
 
     python benchmarks/profile_step.py --census
 """
