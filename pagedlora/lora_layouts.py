@@ -13,6 +13,7 @@ from pagedlora.kernels.lora import (
     BGMV_MIN_ADAPTERS,
     DENSE_MAX_TOKENS,
     DoraScales,
+    FusedLora,
     LoraBatch,
     LoraSegment,
     PagedRows,
@@ -169,11 +170,25 @@ class LoraLayouts:
         gather_rows: whether the kernels take read-out rows (``Kernels.reads_gathered_rows``).
         scale_widths: ``module -> width`` of a DoRA module's scale row where it is not
             ``out_features`` (``Shard.dora_widths``).
+        fused_rows: ``module -> (fused weight, first output column, end column)`` of the
+            modules the model runs as one fused GEMM (``LlamaModel.fused_rows``), for
+            :meth:`fused`; None: none.
+        block_diagonal: whether :meth:`fused` expands through one block-diagonal lora_B^T
+            (16-bit weights, where each small GEMM call costs more than its bytes) rather than
+            one expand per module (float32, where the zeros' bytes cost more than the calls).
     """
 
     def __init__(self, pool: UnifiedPool, module_shapes: dict[str, tuple[int, int]],
-                 gather_rows: bool, *, scale_widths: dict[str, int] | None = None) -> None:
+                 gather_rows: bool, *, scale_widths: dict[str, int] | None = None,
+                 fused_rows: dict[str, tuple[str, int, int]] | None = None,
+                 block_diagonal: bool = False) -> None:
         self.pool = pool
+        self.fused_rows = fused_rows or {}
+        self.block_diagonal = block_diagonal
+        # (layer, fused weight) -> (the members' row tensors it was built from, its rows)
+        self._fused_rows: dict[tuple[int, str], tuple[tuple[int, ...], tuple]] = {}
+        self._fused_for: dict | None = None  # the batches the last fused() answered for
+        self._fused: dict[tuple[int, str], FusedLora] = {}
         self.module_shapes = module_shapes
         self.scale_widths = {m: scale_widths.get(m, out) if scale_widths else out
                              for m, (_, out) in module_shapes.items()}
@@ -245,6 +260,66 @@ class LoraLayouts:
         self._step_key, self._step = step, batches
         return batches
 
+    def fused(self, batches: dict[LayerModule, LoraBatch], num_tokens: int
+              ) -> dict[tuple[int, str], FusedLora]:
+        """``(layer, fused weight) -> FusedLora`` of the step's ``batches`` (from
+        :meth:`batches`) where two or more modules of one fused GEMM (q/k/v, gate/up) have
+        LoRA work in the dense form (decode-sized steps over fewer than
+        :data:`BGMV_MIN_ADAPTERS` adapters, torch kernels), none of them DoRA (else none of
+        the weight's modules is fused); the model runs those modules through
+        :func:`~pagedlora.kernels.lora.lora_fused` and no other LoRA of them. The concatenated
+        and block-diagonal rows are kept while the members' rows stay the same.
+        """
+        if batches is self._fused_for:
+            return self._fused
+        out: dict[tuple[int, str], FusedLora] = {}
+        if self.gather_rows and self.fused_rows and num_tokens <= DENSE_MAX_TOKENS:
+            members: dict[tuple[int, str], list[tuple[str, LoraBatch]]] = {}
+            for (layer, module), b in batches.items():
+                if module in self.fused_rows:
+                    members.setdefault((layer, self.fused_rows[module][0]), []).append(
+                        (module, b))
+            scales: dict[tuple[int, ...], torch.Tensor] = {}
+            for key, group in members.items():
+                if len(group) < 2 or not all(
+                        b.gathered is not None and b.stacked is None
+                        and b.token_scale is not None and b.dora is None for _, b in group):
+                    continue  # every member in the dense form, or none fused
+                group.sort(key=lambda m: self.fused_rows[m[0]][1])
+                a, b, parts = self._fused_weights(key, group)
+                ts_key = tuple(id(m.token_scale) for _, m in group)
+                if ts_key not in scales:
+                    scales[ts_key] = torch.cat([m.token_scale for _, m in group], dim=1)
+                out[key] = FusedLora(a, scales[ts_key], b, parts)
+        self._fused_for, self._fused = batches, out
+        return out
+
+    def _fused_weights(self, key: tuple[int, str], group: list[tuple[str, LoraBatch]]
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, tuple]:
+        """``(a, block-diagonal b or None, parts)`` of :class:`FusedLora` for ``group``'s
+        member modules (in output-column order), built once while their rows stay."""
+        ids = tuple(id(m.gathered[0]) for _, m in group)
+        cached = self._fused_rows.get(key)
+        if cached is not None and cached[0] == ids:
+            return cached[1]
+        parts, r0 = [], 0
+        for module, m in group:
+            _, o0, o1 = self.fused_rows[module]
+            r = m.gathered[0].shape[0]
+            parts.append((o0, o1, r0, r0 + r, m.gathered[1]))
+            r0 += r
+        a = torch.cat([m.gathered[0] for _, m in group])
+        b = None
+        if self.block_diagonal:
+            first = group[0][1].gathered[1]
+            width = max(end for name, _, end in self.fused_rows.values() if name == key[1])
+            b = first.new_zeros(r0, width)
+            for o0, o1, lo, hi, rows in parts:
+                b[lo:hi, o0:o1] = rows
+        built = (a, b, tuple(parts))
+        self._fused_rows[key] = (ids, built)
+        return built
+
     def _part(self, rows: ModuleRows, spans: Sequence[Sequence[TokenRange]], n: int,
               form: str | None) -> _Part:
         """What the modules of ``rows``' column layout share in this step."""
@@ -301,6 +376,7 @@ class LoraLayouts:
                                  read_scale(lm) if self.gather_rows else None)
             for lm, ms in parts.items()}
         self._forms = {}
+        self._fused_rows = {}
         layouts: dict[tuple, int] = {}
         self._layout = {lm: layouts.setdefault(rows.cols, len(layouts))
                         for lm, rows in self._modules.items()}

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.backend import select_kernels
-from pagedlora.kernels.lora import LoraBatch, dora_rescale, lora_embedding, lora_shrink_expand
+from pagedlora.kernels.lora import (
+    FusedLora,
+    LoraBatch,
+    dora_rescale,
+    lora_embedding,
+    lora_fused,
+    lora_shrink_expand,
+)
 from pagedlora.kernels.paged_attention import AttentionMetadata
 from pagedlora.lora_adapter import VOCAB_LAYER, BaseVocab
 from pagedlora.packed_linear import PackedLinear
@@ -47,6 +54,9 @@ class ForwardBatch:
         lora: ``(layer, module) -> LoraBatch`` for every module some token's adapter targets;
             ``(VOCAB_LAYER, "embed_tokens")`` over the tokens, ``(VOCAB_LAYER, "lm_head")``
             over the ``S`` logits rows.
+        fused_lora: ``(layer, fused weight) -> FusedLora``: modules of one fused GEMM
+            ("qkv", "gate_up") whose LoRA runs in one shrink (their ``lora`` entries are then
+            not run), see :meth:`pagedlora.lora_layouts.LoraLayouts.fused`.
         layers: per layer, the weights to run with in place of the model's (``layers[n]`` has
             the keys of ``LlamaModel.layers[n]``): one adapter's merged weights
             (:class:`pagedlora.merged_weights.MergedWeights`); None: the model's own.
@@ -59,6 +69,7 @@ class ForwardBatch:
     groups: list[AttentionGroup]
     sample_index: torch.Tensor
     lora: dict[tuple[int, str], LoraBatch] = field(default_factory=dict)
+    fused_lora: dict[tuple[int, str], FusedLora] = field(default_factory=dict)
     layers: list[dict[str, torch.Tensor]] | None = None
 
 
@@ -309,9 +320,12 @@ class LlamaModel:
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]
             q, k, v = qkv.split(self._split_qkv, dim=-1)
-            lora("q_proj", q, x)
-            lora("k_proj", k, x)
-            lora("v_proj", v, x)
+            if (n, "qkv") in batch.fused_lora:
+                lora_fused(qkv, x, batch.fused_lora[n, "qkv"])
+            else:
+                lora("q_proj", q, x)
+                lora("k_proj", k, x)
+                lora("v_proj", v, x)
             # RoPE on q and k at once: they are adjacent columns of qkv.
             qk = qkv[:, : self._split_qkv[0] + self._split_qkv[1]].view(
                 t, self.num_heads + self.num_kv_heads, d)
@@ -330,9 +344,13 @@ class LlamaModel:
                 reduce("o_proj", o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
-            gate, up = linear(x, w["gate_up"]).chunk(2, dim=-1)
-            lora("gate_proj", gate, x)
-            lora("up_proj", up, x)
+            gate_up = linear(x, w["gate_up"])
+            gate, up = gate_up.chunk(2, dim=-1)
+            if (n, "gate_up") in batch.fused_lora:
+                lora_fused(gate_up, x, batch.fused_lora[n, "gate_up"])
+            else:
+                lora("gate_proj", gate, x)
+                lora("up_proj", up, x)
             a = F.silu(gate) * up
             down = linear(a, w["down"])
             lora("down_proj", down, a)

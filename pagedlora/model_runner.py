@@ -85,7 +85,8 @@ class ModelRunner:
         self.pool = pool
         self.sampler = sampler
         self.lora = LoraLayouts(pool, model.lora_widths, model.kernels.reads_gathered_rows,
-                                scale_widths=model.dora_widths)
+                                scale_widths=model.dora_widths, fused_rows=model.fused_rows,
+                                block_diagonal=model.dtype != torch.float32)
         self.merged = MergedWeights(model, pool)
         self.upload = StepUpload(pool.tensor.device)
 
@@ -190,13 +191,15 @@ class ModelRunner:
             lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],
                                      len(input_ids), logit_uses=[logit_uses[k] for k in keys],
                                      num_logits=len(logits_index))
-            layers = None
+            fused, layers = self.lora.fused(lora, len(input_ids)), None
         else:
-            lora, layers = {}, self.merged.layers_for(step.merged, step.adapters[step.merged])
+            lora, fused = {}, {}
+            layers = self.merged.layers_for(step.merged, step.adapters[step.merged])
         ids, pos, slot_pages_t, slot_offsets, sample_index = on_device[:5]
         batch = ForwardBatch(
             input_ids=ids, positions=pos, slot_pages=slot_pages_t, slot_offsets=slot_offsets,
-            groups=groups, sample_index=sample_index, lora=lora, layers=layers)
+            groups=groups, sample_index=sample_index, lora=lora, fused_lora=fused,
+            layers=layers)
         only_samples = not prompt_rows
         return batch, LogitRows(sampled, None if only_samples else sample_rows, prompt_rows)
 
