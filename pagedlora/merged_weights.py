@@ -59,7 +59,10 @@ class MergedWeights:
     on all seven projections (the size of the model's projection weights), 63 MiB for one on
     q/v only. They are kept until another adapter is merged (so the same adapter re-enters
     merged mode without recomputing them), reusing the buffers of the fused weights both
-    adapters touch. :attr:`stats` reports their bytes.
+    adapters touch. :attr:`stats` reports their bytes. In bfloat16 on a CPU with oneDNN's
+    bfloat16 kernels each copy is also prepacked, as the base weights are
+    (:class:`~pagedlora.packed_linear.PackedLinear`: the same results, faster GEMMs), which
+    costs its bytes again.
 
     Args:
         model: the model whose ``layers`` are copied.
@@ -106,6 +109,8 @@ class MergedWeights:
 
     def release(self) -> None:
         """Drops the merged copies (their memory is freed); the next merge makes new ones."""
+        for copy in self._copies.values():
+            self.model.linear.forget(copy)
         self._key, self._copies, self._layers = None, {}, None
 
     @torch.inference_mode()
@@ -133,8 +138,11 @@ class MergedWeights:
                 _fold(copy[start:end], base[start:end], a, b, scale, g)
                 done = end
             copy[done:] = base[done:]
+            m.linear.pack(copy)  # its new values (bf16 on the CPU: as the base's own)
             self._copies[(layer, name)] = copy
             self._layers[layer][name] = copy
+        for copy in old.values():  # not reused: freed with their packed copies
+            m.linear.forget(copy)
 
 
 def _fold(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -20,9 +20,10 @@ class PackedLinear:
     The technique is what inductor's weight freezing does for CPU linears (``torch.compile``
     with ``freezing=True``), without compiling anything.
 
-    A packed copy belongs to one weight tensor, found by identity: any other tensor (a merged
-    copy of a layer's weights, a tensor-parallel shard made later) runs ``F.linear``. The copy
-    costs the weight's memory again.
+    A packed copy belongs to one weight tensor, found by identity: any other tensor (a
+    tensor-parallel shard made later) runs ``F.linear``; the owner of a weight whose values
+    change (a merged adapter's copy of a layer's weights) packs it again after writing it and
+    :meth:`forget` s it before dropping it. The copy costs the weight's memory again.
 
     Args:
         dtype, device: of the model's weights; packing is on only for bfloat16 on a CPU whose
@@ -42,6 +43,17 @@ class PackedLinear:
         if self.enabled:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
             self._packed[id(weight)] = (weight, packed)
+
+    def __contains__(self, weight: torch.Tensor) -> bool:
+        """Whether ``weight`` (this very tensor) has a packed copy."""
+        entry = self._packed.get(id(weight))
+        return entry is not None and entry[0] is weight
+
+    def forget(self, weight: torch.Tensor) -> None:
+        """Drops ``weight``'s packed copy, if it has one (before the weight is freed or its
+        values change: a packed copy is of the values it was packed from)."""
+        if weight in self:
+            del self._packed[id(weight)]
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:

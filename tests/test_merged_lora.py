@@ -26,6 +26,7 @@ from pagedlora import AdapterMix, Engine, EngineConfig, SamplingParams
 from pagedlora.cli import build_parser, server_config
 from pagedlora.lora_adapter import TARGET_MODULES
 from pagedlora.merge_policy import MERGE_AFTER_STEPS, MergePolicy
+from pagedlora.packed_linear import PackedLinear
 
 ALL = list(TARGET_MODULES)  # the seven decoder projections
 ADAPTERS = {
@@ -473,3 +474,49 @@ def test_requests_spanning_switches_equal_peft_unmerged_tokens(tiny_llama_dir, a
         print(f"\nmerged/unmerged switches spanned: {switches}; requests differing from PEFT's "
               f"unmerged tokens: {differ} of {len(outs)} ({tokens} tokens)")
     assert_no_leaks(engine)
+
+
+def test_bf16_merged_copies_are_packed_again_after_every_merge(tiny_llama_dir, adapter_dirs):
+    """bfloat16 on a CPU with oneDNN's bfloat16 kernels: merged copies run through prepacked
+    weights like the base's. A copy reused for the next adapter gets new values, so it must be
+    packed again: bursts of alternating adapters give every request the log-probabilities of
+    the same engine with packing off, bit for bit (packing is F.linear's kernel on the same
+    numbers), and releasing the copies drops their packed ones."""
+    if not PackedLinear(torch.bfloat16, torch.device("cpu")).enabled:
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU: nothing is packed")
+    arrivals = {8 * i: [(random_prompt(5 + i, seed=130 + i), name)]
+                for i, name in enumerate(["all", "qv", "all", "gate1", "qv"])}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2)
+    results = []
+    for packed in (True, False):
+        e = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, merge_policy="auto",
+                   dtype="bfloat16")
+        e.core.merging = MergePolicy("auto", 1)
+        e.model.linear.enabled = packed  # off: later packs are no-ops...
+        for weight in [w for layer in e.model.layers for w in layer.values()] + [e.model.lm_head]:
+            if not packed and weight is not None:
+                e.model.linear.forget(weight)  # ...and the base's are dropped
+        for name in ("all", "qv", "gate1"):
+            e.add_adapter(name, adapter_dirs[name])
+        ids, done, step, merged = [], {}, 0, e.core.runner.merged
+        holders: dict[int, set] = {}  # a qkv copy buffer -> the adapters merged into it
+        while step <= max(arrivals) or e.has_unfinished():
+            for prompt, name in arrivals.get(step, []):
+                ids.append(e.add_request(prompt, name, params))
+            for d in e.step():
+                if d.finished:
+                    done[d.request_id] = d.output
+            if e.stats()["last_step"]["merged"]:
+                assert all((c in e.model.linear) == packed for c in merged._copies.values())
+                qkv = merged._copies.get((0, "qkv"))
+                if qkv is not None:
+                    holders.setdefault(id(qkv), set()).add(merged.stats.key)
+            step += 1
+        assert e.stats()["merge"]["merges"] >= 4
+        assert max(map(len, holders.values())) >= 2  # a buffer reused for another adapter
+        results.append([[(x.token_id, x.logprob, x.top) for x in done[i].logprobs] for i in ids])
+        copies = list(merged._copies.values())
+        merged.release()
+        assert not any(c in e.model.linear for c in copies)
+        e.close()
+    assert results[0] == results[1]
