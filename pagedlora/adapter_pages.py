@@ -18,6 +18,7 @@ from pagedlora.lora_adapter import (
 )
 from pagedlora.pool import UnifiedPool, row_pieces
 from pagedlora.row_packing import RowGroup, RowPlan, pack_rows, upper_bound_pages
+from pagedlora.step_upload import to_device
 
 
 @dataclass(frozen=True)
@@ -157,11 +158,11 @@ class AdapterPacker:
             pieces, stored = row_pieces(self.pool.page_numel, width)
             local = [p for g in members for p in plan.places[g.key][0]]
             slots = [s for g in members for s in plan.places[g.key][1]]
-            at_pages = page_ids[local].to(device)
-            at_slots = torch.tensor(slots, dtype=torch.long, device=device)
+            at_pages = to_device(page_ids[local], device)  # without blocking, on CUDA
+            at_slots = to_device(torch.tensor(slots, dtype=torch.long), device)
             if weights is not None:
-                data = torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
-                                  for g in members]).to(device)  # [rows, width]
+                data = to_device(torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
+                                            for g in members]), device)  # [rows, width]
                 if pieces > 1:  # [rows * pieces, stored], the last piece zero-padded
                     split = data.new_zeros(data.shape[0], pieces * stored)
                     split[:, :width] = data

@@ -25,6 +25,7 @@ from pagedlora.kernels.lora import (
 )
 from pagedlora.lora_adapter import VOCAB_MODULES
 from pagedlora.pool import UnifiedPool
+from pagedlora.step_upload import to_device
 
 LayerModule = tuple[int, str]
 Rows = tuple[torch.Tensor, torch.Tensor]  # (a [r, in_features], b [r, out_features])
@@ -345,8 +346,7 @@ class LoraLayouts:
         table = torch.tensor(flat, dtype=torch.int64)
         scale = torch.tensor([s.scale for _, g in groups for s in g], dtype=torch.float32)
         device = self.pool.tensor.device
-        if device.type == "cuda":
-            table, scale = (t.pin_memory().to(device, non_blocking=True) for t in (table, scale))
+        table, scale = to_device(table, device), to_device(scale, device)
         out: dict[int, list[SegmentTable]] = {}
         at = 0
         for part_id, g in groups:

@@ -1,10 +1,22 @@
-"""StepUpload: a step's index tensors moved to the device in one non-blocking copy."""
+"""StepUpload: a step's index tensors moved to the device in one non-blocking copy; and
+:func:`to_device` for the other host-to-device copies (adapter loads, segment tables)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import torch
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device`` without the host waiting for the copy: on CUDA
+    through pinned memory with ``non_blocking=True`` (the copy is ordered on the current
+    stream before any kernel that reads the result; torch's pinned-memory allocator keeps the
+    staging buffer until the copy is done); elsewhere ``host.to(device)`` (on the CPU, ``host``
+    itself)."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class StepUpload:

@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagedlora import Engine, SamplingParams
 from pagedlora.lora_adapter import TARGET_MODULES
-from pagedlora.step_upload import StepUpload
+from pagedlora.step_upload import StepUpload, to_device
 
 ADAPTERS = {
     "a": dict(r=4, target_modules=["q_proj", "v_proj"], seed=31),
@@ -126,3 +126,8 @@ def test_no_device_synchronisation_in_a_step(tiny_llama_dir, adapter_dirs, dtype
             assert (last["num_tokens"] > last["batch_size"]) == (kind == "prefill")
             assert "mm" in ops.names or "linear" in ops.names or "_linear_pointwise" in ops.names
             assert not SYNCS & set(ops.names), (kind, sorted(SYNCS & set(ops.names)))
+
+
+def test_to_device_on_the_cpu_is_the_tensor_itself():
+    host = torch.arange(4)
+    assert to_device(host, torch.device("cpu")) is host  # no copy where host is device
