@@ -265,8 +265,9 @@ class LoraLayouts:
               ) -> dict[tuple[int, str], FusedLora]:
         """``(layer, fused weight) -> FusedLora`` of the step's ``batches`` (from
         :meth:`batches`) where two or more modules of one fused GEMM (q/k/v, gate/up) have
-        LoRA work in the dense form (decode-sized steps over fewer than
-        :data:`BGMV_MIN_ADAPTERS` adapters, torch kernels), none of them DoRA (else none of
+        LoRA work in the dense form (steps of at most :data:`DENSE_MAX_TOKENS` tokens, decodes
+        or short prefills, over fewer than :data:`BGMV_MIN_ADAPTERS` adapters, torch
+        kernels), none of them DoRA (else none of
         the weight's modules is fused); the model runs those modules through
         :func:`~pagedlora.kernels.lora.lora_fused` and no other LoRA of them. The concatenated
         and block-diagonal rows are kept while the members' rows stay the same.

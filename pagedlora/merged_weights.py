@@ -22,7 +22,8 @@ class MergedStats:
         seconds: wall time spent merging (reading the adapter's rows out of the pool, copying
             the base weights, adding the deltas), seconds. Unmerging costs nothing: the base
             weights are never changed, a step reads them again.
-        bytes: device memory the merged copies hold now, bytes.
+        bytes: device memory the merged copies hold now, bytes (in bfloat16 on a CPU their
+            prepacked copies hold about as much again, not counted here).
         key: the adapter (content key) they hold, None before the first merge.
     """
 
@@ -127,22 +128,25 @@ class MergedWeights:
             touched.setdefault((layer, name), []).append((start, end, a, b, rows.scale, g))
         old, self._copies = self._copies, {}
         self._layers = [dict(w) for w in m.layers]
-        for (layer, name), deltas in touched.items():
-            base = m.layers[layer][name]
-            copy = old.pop((layer, name), None)
-            if copy is None:
-                copy = torch.empty_like(base)
-            done = 0
-            for start, end, a, b, scale, g in sorted(deltas, key=lambda d: d[0]):
-                copy[done:start] = base[done:start]
-                _fold(copy[start:end], base[start:end], a, b, scale, g)
-                done = end
-            copy[done:] = base[done:]
-            m.linear.pack(copy)  # its new values (bf16 on the CPU: as the base's own)
-            self._copies[(layer, name)] = copy
-            self._layers[layer][name] = copy
-        for copy in old.values():  # not reused: freed with their packed copies
-            m.linear.forget(copy)
+        try:
+            for (layer, name), deltas in touched.items():
+                base = m.layers[layer][name]
+                copy = old.pop((layer, name), None)
+                if copy is None:
+                    copy = torch.empty_like(base)
+                m.linear.forget(copy)  # its values change; packed again once written
+                done = 0
+                for start, end, a, b, scale, g in sorted(deltas, key=lambda d: d[0]):
+                    copy[done:start] = base[done:start]
+                    _fold(copy[start:end], base[start:end], a, b, scale, g)
+                    done = end
+                copy[done:] = base[done:]
+                m.linear.pack(copy)  # its new values (bf16 on the CPU: as the base's own)
+                self._copies[(layer, name)] = copy
+                self._layers[layer][name] = copy
+        finally:  # also when a merge raises: none of them is kept
+            for copy in old.values():  # not reused: freed with their packed copies
+                m.linear.forget(copy)
 
 
 def _fold(out: torch.Tensor, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor,

@@ -70,8 +70,9 @@ class ModelRunner:
     ``merged`` runs on that adapter's merged weights (:class:`MergedWeights`) with no LoRA work.
     The step's index tensors (token ids, positions, slot mapping, block tables, attention
     metadata) are built on the host, with every size the kernels need known there, and reach
-    the device in one non-blocking copy (:class:`StepUpload`): no step reads a device value
-    back before its forward pass but the sampled tokens after it.
+    the device in one non-blocking copy (:class:`StepUpload`), and nothing in the step reads
+    a device value back but the sampled tokens after the forward pass. (The torch kernels'
+    BGMV token layouts, built only on the CPU path, are tensors of their own.)
 
     Args:
         model: the model (its kernels decide the LoRA layout, see :class:`LoraLayouts`).

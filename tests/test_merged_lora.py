@@ -520,3 +520,43 @@ def test_bf16_merged_copies_are_packed_again_after_every_merge(tiny_llama_dir, a
         assert not any(c in e.model.linear for c in copies)
         e.close()
     assert results[0] == results[1]
+
+
+def test_a_merge_that_raises_leaves_no_packed_copy_alive(tiny_llama_dir, adapter_dirs,
+                                                         monkeypatch):
+    """bfloat16: a merge that raises midway (out of memory) drops the old copies it had not
+    reused yet and the one it was writing; their packed copies must go with them (found in
+    review: PackedLinear kept them alive for the engine's life). After the next merge and a
+    release, none of the first adapter's copies is still packed."""
+    if not PackedLinear(torch.bfloat16, torch.device("cpu")).enabled:
+        pytest.skip("no oneDNN bfloat16 kernels on this CPU: nothing is packed")
+    import pagedlora.merged_weights as mw
+
+    engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, dtype="bfloat16")
+    with engine:
+        for name in ("qv", "all"):
+            path = adapter_dirs[name]
+            engine.add_adapter(name, path)
+            engine.generate([[5, 6, 7]], [name], greedy(1), progress=False)  # resident
+        merged, store = engine.core.runner.merged, engine.adapters
+        qv = store.key_of("qv")
+        merged.layers_for(qv, store.resident(qv))
+        first = list(merged._copies.values())
+        assert first and all(c in engine.model.linear for c in first)
+        fold, calls = mw._fold, []
+
+        def failing(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("out of memory")
+            fold(*args)
+
+        monkeypatch.setattr(mw, "_fold", failing)
+        key = store.key_of("all")
+        with pytest.raises(RuntimeError, match="out of memory"):
+            merged.layers_for(key, store.resident(key))
+        monkeypatch.setattr(mw, "_fold", fold)
+        merged.layers_for(qv, store.resident(qv))  # merges again, into new buffers
+        merged.release()
+        alive = [i for i, c in enumerate(first) if c in engine.model.linear]
+        assert not alive, f"copies {alive} of {len(first)} still packed (never freed)"
