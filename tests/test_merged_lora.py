@@ -138,6 +138,21 @@ def run(engine: Engine, arrivals: dict[int, list[tuple[list[int], str | None, in
     return [done[i] for i in ids]
 
 
+def fail_fold_at(monkeypatch, call: int) -> None:
+    """Makes merging raise, as running out of memory would, at its ``call``-th fold of a
+    weight (``monkeypatch.undo()`` restores it)."""
+    import pagedlora.merged_weights as mw
+
+    fold, calls = mw._fold, []
+
+    def failing(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("out of memory")
+        fold(*args)
+    monkeypatch.setattr(mw, "_fold", failing)
+
+
 def steps_of(engine: Engine) -> list[dict]:
     """The engine's step history (every step: these runs are shorter than its window)."""
     stats = engine.stats(history=True)
@@ -265,7 +280,6 @@ def test_a_merge_that_raises_leaves_no_copy_claiming_its_key(tiny_llama_dir, ada
                                                              peft, monkeypatch):
     """A merge that fails midway (e.g. out of memory) has overwritten reused buffers; the next
     request for the adapter merged before must merge again, not get the half-made copies."""
-    import pagedlora.merged_weights as mw
 
     engine = make_engine(tiny_llama_dir, adapter_dirs, merge_after_steps=0)
     prompt = random_prompt(11, seed=3)
@@ -273,19 +287,11 @@ def test_a_merge_that_raises_leaves_no_copy_claiming_its_key(tiny_llama_dir, ada
     assert engine.generate([prompt], ["qv"], greedy(8), progress=False)[0].token_ids == want
     merged, store = engine.core.runner.merged, engine.adapters
     engine.generate([[5, 6], [7]], ["all", None], greedy(1), progress=False)  # resident
-    fold, calls = mw._fold, []
-
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("out of memory")
-        fold(*args)
-
-    monkeypatch.setattr(mw, "_fold", failing)
+    fail_fold_at(monkeypatch, 3)
     key = store.key_of("all")
     with pytest.raises(RuntimeError, match="out of memory"):  # qv's buffers half overwritten
         merged.layers_for(key, store.resident(key))
-    monkeypatch.setattr(mw, "_fold", fold)
+    monkeypatch.undo()
     # the policy holds that qv is merged: the runner must merge it again
     assert engine.generate([prompt], ["qv"], greedy(8), progress=False)[0].token_ids == want
     assert merged.stats.key == store.key_of("qv")
@@ -530,7 +536,6 @@ def test_a_merge_that_raises_leaves_no_packed_copy_alive(tiny_llama_dir, adapter
     release, none of the first adapter's copies is still packed."""
     if not PackedLinear(torch.bfloat16, torch.device("cpu")).enabled:
         pytest.skip("no oneDNN bfloat16 kernels on this CPU: nothing is packed")
-    import pagedlora.merged_weights as mw
 
     engine = Engine(tiny_llama_dir, pool_gb=0.05, max_lora_rank=16, dtype="bfloat16")
     with engine:
@@ -543,19 +548,11 @@ def test_a_merge_that_raises_leaves_no_packed_copy_alive(tiny_llama_dir, adapter
         merged.layers_for(qv, store.resident(qv))
         first = list(merged._copies.values())
         assert first and all(c in engine.model.linear for c in first)
-        fold, calls = mw._fold, []
-
-        def failing(*args):
-            calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("out of memory")
-            fold(*args)
-
-        monkeypatch.setattr(mw, "_fold", failing)
+        fail_fold_at(monkeypatch, 2)
         key = store.key_of("all")
         with pytest.raises(RuntimeError, match="out of memory"):
             merged.layers_for(key, store.resident(key))
-        monkeypatch.setattr(mw, "_fold", fold)
+        monkeypatch.undo()
         merged.layers_for(qv, store.resident(qv))  # merges again, into new buffers
         merged.release()
         alive = [i for i, c in enumerate(first) if c in engine.model.linear]
