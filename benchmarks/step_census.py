@@ -83,28 +83,23 @@ class _Counter(TorchDispatchMode):
     def note(self, name: str, args, kwargs, out) -> None:
         """Counts one op ``name`` called with ``args``/``kwargs`` that returned ``out``."""
         c = self.counts
-        if name in _READS or (name in ("_to_copy", "copy_") and self._to_host(name, args,
-                                                                             kwargs, out)):
+        if name in ("_to_copy", "copy_"):  # copy_(dst, src), _to_copy(src) -> out
+            src, dst = (args[1], args[0]) if name == "copy_" else (args[0], out)
+            from_host, to_host = _device(src) == "cpu", _device(dst) == "cpu"
+        else:
+            from_host = to_host = False
+        if name in _READS or (to_host and not from_host):
             c.device_to_host += 1
         elif name == "lift_fresh" and _device(out) not in (None, "cpu"):
             c.host_to_device += 1  # torch.tensor(data, device=...): from pageable memory
             c.blocking_host_to_device += 1
-        elif name in ("_to_copy", "copy_"):
-            host = args[1] if name == "copy_" else args[0]
-            dst = _device(args[0]) if name == "copy_" else _device(out)
-            if _device(host) == "cpu" and dst not in (None, "cpu"):
-                c.host_to_device += 1
-                non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
-                if not (non_blocking and host.is_pinned()):
-                    c.blocking_host_to_device += 1
+        elif from_host and not to_host:
+            c.host_to_device += 1
+            non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            if not (non_blocking and src.is_pinned()):
+                c.blocking_host_to_device += 1
         if name not in _VIEWS:
             c.torch_ops += 1
-
-    @staticmethod
-    def _to_host(name: str, args, kwargs, out) -> bool:
-        src = _device(args[1]) if name == "copy_" else _device(args[0])
-        dst = _device(args[0]) if name == "copy_" else _device(out)
-        return src not in (None, "cpu") and dst == "cpu"
 
 
 class _TritonLaunches:

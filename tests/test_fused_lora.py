@@ -14,6 +14,7 @@ import pytest
 import torch
 from support import (
     OracleSampler,
+    PeftReference,
     drive,
     logits_rtol,
     logits_within,
@@ -40,13 +41,7 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_lora_matches_peft(tiny_llama_dir, adapter_dirs, dtype):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    def base():
-        return AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).eval()
-    refs = {None: base(), **{n: PeftModel.from_pretrained(base(), d).eval()
-                             for n, d in adapter_dirs.items()}}
+    refs = PeftReference(tiny_llama_dir, adapter_dirs, dtype).models
 
     @torch.inference_mode()
     def oracle(name, ids):
