@@ -187,7 +187,7 @@ class LoraLayouts:
         self.fused_rows = fused_rows or {}
         self.block_diagonal = block_diagonal
         # (layer, fused weight) -> (the members' row tensors it was built from, its rows)
-        self._fused_rows: dict[tuple[int, str], tuple[tuple[int, ...], tuple]] = {}
+        self._fused_weights_of: dict[tuple[int, str], tuple[tuple[int, ...], tuple]] = {}
         self._fused_for: dict | None = None  # the batches the last fused() answered for
         self._fused: dict[tuple[int, str], FusedLora] = {}
         self.module_shapes = module_shapes
@@ -301,7 +301,7 @@ class LoraLayouts:
         """``(a, block-diagonal b or None, parts)`` of :class:`FusedLora` for ``group``'s
         member modules (in output-column order), built once while their rows stay."""
         ids = tuple(id(m.gathered[0]) for _, m in group)
-        cached = self._fused_rows.get(key)
+        cached = self._fused_weights_of.get(key)
         if cached is not None and cached[0] == ids:
             return cached[1]
         parts, r0 = [], 0
@@ -319,7 +319,7 @@ class LoraLayouts:
             for o0, o1, lo, hi, rows in parts:
                 b[lo:hi, o0:o1] = rows
         built = (a, b, tuple(parts))
-        self._fused_rows[key] = (ids, built)
+        self._fused_weights_of[key] = (ids, built)
         return built
 
     def _part(self, rows: ModuleRows, spans: Sequence[Sequence[TokenRange]], n: int,
@@ -377,7 +377,7 @@ class LoraLayouts:
                                  read_scale(lm) if self.gather_rows else None)
             for lm, ms in parts.items()}
         self._forms = {}
-        self._fused_rows = {}
+        self._fused_weights_of = {}
         layouts: dict[tuple, int] = {}
         self._layout = {lm: layouts.setdefault(rows.cols, len(layouts))
                         for lm, rows in self._modules.items()}

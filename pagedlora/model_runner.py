@@ -169,21 +169,26 @@ class ModelRunner:
         pos = t(positions)
         # token ids, positions, slot pages [L, T], slot offsets, sampled rows; then per group
         host = [t(input_ids), pos, t(slot_pages).t().contiguous(), pos % bs, t(logits_index)]
+        per_step = len(host)
         shapes = []  # per attention group: (max blocks, longest new-token count)
         for members in filter(None, groups_of.values()):
             width = max(len(m[3]) for m in members)
             longest = max(m[1] for m in members)
             tables = [list(m[3]) + [m[3][0]] * (width - len(m[3])) for m in members]
-            host += [t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
-                     t([m[0] for m in members]), t([m[1] for m in members]),
-                     t([m[2] for m in members]),
-                     t([i for m in members for i in range(m[0], m[0] + m[1])]),
-                     t([b * longest + i for b, m in enumerate(members) for i in range(m[1])])]
+            of_group = [t(tables).permute(2, 0, 1).contiguous(),  # [L, B, max_blocks]
+                        t([m[0] for m in members]), t([m[1] for m in members]),
+                        t([m[2] for m in members]),
+                        t([i for m in members for i in range(m[0], m[0] + m[1])]),
+                        t([b * longest + i for b, m in enumerate(members)
+                           for i in range(m[1])])]
+            host += of_group
+            per_group = len(of_group)
             shapes.append((width, longest))
         on_device = self.upload(host)  # one non-blocking copy on a GPU; none on the CPU
         groups = []
         for g, (width, longest) in enumerate(shapes):
-            tables, q_start, q_lens, ctx_lens, flat, padded = on_device[5 + 6 * g:11 + 6 * g]
+            at = per_step + per_group * g
+            tables, q_start, q_lens, ctx_lens, flat, padded = on_device[at:at + per_group]
             groups.append(AttentionGroup(tables, attention_metadata(
                 q_start, q_lens, ctx_lens, width * bs, max_q_len=longest, flat_index=flat,
                 padded_index=padded)))
@@ -196,7 +201,7 @@ class ModelRunner:
         else:
             lora, fused = {}, {}
             layers = self.merged.layers_for(step.merged, step.adapters[step.merged])
-        ids, pos, slot_pages_t, slot_offsets, sample_index = on_device[:5]
+        ids, pos, slot_pages_t, slot_offsets, sample_index = on_device[:per_step]
         batch = ForwardBatch(
             input_ids=ids, positions=pos, slot_pages=slot_pages_t, slot_offsets=slot_offsets,
             groups=groups, sample_index=sample_index, lora=lora, fused_lora=fused,

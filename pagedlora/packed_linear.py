@@ -46,8 +46,12 @@ class PackedLinear:
 
     def __contains__(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` (this very tensor) has a packed copy."""
+        return self._packed_of(weight) is not None
+
+    def _packed_of(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """``weight``'s packed copy, or None (another tensor may reuse a freed one's id)."""
         entry = self._packed.get(id(weight))
-        return entry is not None and entry[0] is weight
+        return entry[1] if entry is not None and entry[0] is weight else None
 
     def forget(self, weight: torch.Tensor) -> None:
         """Drops ``weight``'s packed copy, if it has one (before the weight is freed or its
@@ -59,8 +63,7 @@ class PackedLinear:
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``: ``[..., in_features]`` -> ``[..., out_features]``,
         through ``weight``'s packed copy when it has one."""
-        entry = self._packed.get(id(weight))
-        if entry is None or entry[0] is not weight:
+        packed = self._packed_of(weight)
+        if packed is None:
             return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), entry[1], bias, "none", [],
-                                                  "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
