@@ -58,6 +58,7 @@ class StepCensus:
     batch_size: int = 0
 
     def as_dict(self) -> dict:
+        """The counts by attribute name (what gpu_bench writes into its JSON)."""
         return asdict(self)
 
 
