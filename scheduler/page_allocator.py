@@ -70,6 +70,12 @@ class PageAllocator:
     (:class:`~pagedlora.scheduler.static_allocator.StaticSplitAllocator`) runs under the same
     scheduler and adapter store.
 
+    A used page may also be *shared*: several units hold parts of it (the adapter store packs
+    small adapters' last rows into common pages, :class:`~pagedlora.shared_pages.SharedPages`).
+    Its owner names the tenants with :meth:`share` and :meth:`unshare`; the page is freed when
+    its last tenant leaves, and it is reclaimable while every tenant is offered: reclaiming the
+    last of them frees it, and :meth:`available` counts it.
+
     Thread safety: one lock guards the lists, held only inside these methods (never while an
     owner's callback runs), so an owner may offer, withdraw or free from another thread (the
     adapter store does when an adapter is removed) while the engine's thread allocates.
@@ -78,6 +84,9 @@ class PageAllocator:
 
     #: Whether freeing pages of one kind makes room for the other (here: always, one free list).
     kinds_share_pages = True
+    #: Whether adapters' partly used last pages go to pages several adapters share (here: yes;
+    #: see :meth:`share`).
+    shares_adapter_tails = True
 
     def __init__(self, num_pages: int) -> None:
         if num_pages < 1:
@@ -91,6 +100,11 @@ class PageAllocator:
         self._offers: dict[str, OrderedDict[Hashable, _Offer]] = {k: OrderedDict() for k in _KINDS}
         self._offered_pages = {kind: 0 for kind in _KINDS}
         self._offered: set[int] = set()  # every offered page
+        # Shared pages: their tenants, each unit's shared pages, and how many tenants are
+        # offered (a page all of whose tenants are offered counts in _offered_pages).
+        self._tenants: dict[int, set[Hashable]] = {}
+        self._shares: dict[Hashable, set[int]] = {}
+        self._idle: dict[int, int] = {}
         self._lock = threading.Lock()
 
     # -- how many pages ---------------------------------------------------------------------
@@ -113,7 +127,8 @@ class PageAllocator:
         return self._used[kind]
 
     def num_reclaimable(self, kind: str) -> int:
-        """Pages of ``kind`` whose owners offered them (see :meth:`offer`)."""
+        """Pages of ``kind`` whose owners offered them (see :meth:`offer`), shared pages all of
+        whose tenants are offered included."""
         return self._offered_pages[kind]
 
     def available(self, kind: str) -> int:
@@ -202,8 +217,9 @@ class PageAllocator:
         with self._lock:
             offers, freed = self._offers[kind], 0
             while freed < num_pages and offers:
-                reclaimed.append(self._pop_offer_locked(offers))
-                freed += len(reclaimed[-1].pages)
+                offer, released = self._pop_offer_locked(offers)
+                reclaimed.append(offer)
+                freed += released
         for offer in reclaimed:
             offer.on_reclaim()
         return freed
@@ -229,6 +245,10 @@ class PageAllocator:
             self._offers[kind][unit] = _Offer(kind, pages, on_reclaim)
             self._offered_pages[kind] += len(pages)
             self._offered.update(pages)
+            for page in self._shares.get(unit, ()):
+                self._idle[page] += 1
+                if self._is_idle(page):
+                    self._offered_pages[self._kind[page]] += 1
 
     def withdraw(self, unit: Hashable) -> bool:
         """Takes ``unit`` back from the reclaimable units (its owner uses it again).
@@ -243,16 +263,87 @@ class PageAllocator:
                 if offer is not None:
                     self._offered_pages[offer.kind] -= len(offer.pages)
                     self._offered.difference_update(offer.pages)
+                    for page in self._shares.get(unit, ()):
+                        if self._is_idle(page):
+                            self._offered_pages[self._kind[page]] -= 1
+                        self._idle[page] -= 1
                     return True
             return False
 
     def is_offered(self, unit: Hashable) -> bool:
         """Whether ``unit`` is reclaimable now."""
-        return any(unit in offers for offers in self._offers.values())
+        return self._is_offered_locked(unit)
 
     def offered_pages(self, units: Iterable[Hashable]) -> int:
         """Pages of those of ``units`` that are reclaimable now."""
         return sum(self._kept(units).values())
+
+    # -- shared pages ---------------------------------------------------------------------------
+
+    def share(self, page: int, unit: Hashable) -> None:
+        """Makes ``unit`` a tenant of the used ``page``: it holds part of it (a no-op if it
+        does already). ``unit`` is then offered and withdrawn with its shared pages, and a
+        shared page is reclaimable while every tenant is offered.
+
+        Raises:
+            ValueError: ``page`` is free or offered as part of a unit, or ``unit`` is offered
+                now (take it back with :meth:`withdraw` first).
+        """
+        with self._lock:
+            if not 0 <= page < self.num_pages or self._kind[page] is None:
+                raise ValueError(f"page {page} is not allocated; allocate it before sharing")
+            if page in self._offered:
+                raise ValueError(f"page {page} is offered as part of a unit; it cannot be "
+                                 f"shared")
+            if self._is_offered_locked(unit):
+                raise ValueError(f"unit {unit!r} is offered; withdraw it before it shares "
+                                 f"page {page}")
+            tenants = self._tenants.setdefault(page, set())
+            if unit in tenants:
+                return
+            if self._is_idle(page):
+                self._offered_pages[self._kind[page]] -= 1
+            tenants.add(unit)
+            self._idle.setdefault(page, 0)
+            self._shares.setdefault(unit, set()).add(page)
+
+    def unshare(self, page: int, unit: Hashable) -> bool:
+        """``unit`` leaves ``page``; the page is freed when it was the last tenant.
+
+        Returns:
+            whether ``page`` was freed.
+        Raises:
+            ValueError: ``unit`` is not a tenant of ``page``, or is offered now.
+        """
+        with self._lock:
+            tenants = self._tenants.get(page, set())
+            if unit not in tenants:
+                raise ValueError(f"unit {unit!r} does not share page {page}")
+            if self._is_offered_locked(unit):
+                raise ValueError(f"unit {unit!r} is offered; withdraw it before it leaves "
+                                 f"page {page}")
+            tenants.discard(unit)
+            shares = self._shares[unit]
+            shares.discard(page)
+            if not shares:
+                del self._shares[unit]
+            if not tenants:
+                del self._tenants[page], self._idle[page]
+                self._release_locked([page])
+                return True
+            if self._is_idle(page):
+                self._offered_pages[self._kind[page]] += 1
+            return False
+
+    def tenants_of(self, page: int) -> frozenset[Hashable]:
+        """The units sharing ``page`` (empty for a page nobody shares)."""
+        with self._lock:
+            return frozenset(self._tenants.get(page, ()))
+
+    def shared_pages(self, unit: Hashable) -> frozenset[int]:
+        """The pages ``unit`` shares with others (see :meth:`share`)."""
+        with self._lock:
+            return frozenset(self._shares.get(unit, ()))
 
     # -- checks -------------------------------------------------------------------------------
 
@@ -282,8 +373,18 @@ class PageAllocator:
             assert all(self._kind[p] == kind for p in pages), f"offered {kind} page not {kind}"
             assert not offered & set(pages) and len(set(pages)) == len(pages), "page offered twice"
             offered.update(pages)
-            assert len(pages) == self._offered_pages[kind], f"offered {kind} count"
+            idle = sum(self._kind[p] == kind and self._is_idle(p) for p in self._tenants)
+            assert len(pages) + idle == self._offered_pages[kind], f"offered {kind} count"
         assert offered == self._offered, "offered pages disagree with the offers"
+        for page, tenants in self._tenants.items():
+            assert tenants and self._kind[page] is not None, f"shared page {page} free or empty"
+            assert page not in self._offered, f"shared page {page} offered as a unit's own"
+            assert all(page in self._shares.get(u, ()) for u in tenants), f"page {page} tenants"
+            assert self._idle[page] == sum(self._is_offered_locked(u) for u in tenants), (
+                f"shared page {page}: offered tenants miscounted")
+        assert all(u in self._tenants[p] for u, ps in self._shares.items() for p in ps), (
+            "a unit's shared pages disagree with their tenants")
+        assert set(self._idle) == set(self._tenants), "idle counts of pages nobody shares"
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -292,13 +393,27 @@ class PageAllocator:
         return self.kinds_share_pages or offered_kind == kind
 
     def _kept(self, units: Iterable[Hashable]) -> dict[str, int]:
+        """Reclaimable pages per kind that withdrawing ``units`` would take back: their own,
+        and the shared pages now reclaimable that one of them holds."""
         kept = dict.fromkeys(_KINDS, 0)
+        idle: set[int] = set()
         for unit in units:
             for kind, offers in self._offers.items():
                 offer = offers.get(unit)
                 if offer is not None:
                     kept[kind] += len(offer.pages)
+                    idle.update(p for p in self._shares.get(unit, ()) if self._is_idle(p))
+        for page in idle:
+            kept[self._kind[page]] += 1
         return kept
+
+    def _is_offered_locked(self, unit: Hashable) -> bool:
+        return any(unit in offers for offers in self._offers.values())
+
+    def _is_idle(self, page: int) -> bool:
+        """Whether shared ``page`` has tenants and all of them are offered."""
+        tenants = self._tenants.get(page)
+        return bool(tenants) and self._idle[page] == len(tenants)
 
     def _check_owned(self, pages: list[int]) -> None:
         for page in pages:
@@ -306,6 +421,10 @@ class PageAllocator:
                 raise ValueError(f"page {page} is not allocated (double free or bad id)")
         if len(set(pages)) != len(pages):
             raise ValueError(f"pages freed twice in one call: {sorted(pages)}")
+        shared = sorted(p for p in pages if p in self._tenants)
+        if shared:
+            raise ValueError(f"pages {shared[:5]} are shared; their tenants leave them with "
+                             f"unshare, which frees them")
         offered = self._offered.intersection(pages)
         if offered:
             raise ValueError(f"pages {sorted(offered)[:5]} are offered as reclaimable; "
@@ -326,16 +445,27 @@ class PageAllocator:
                 continue
             offers = self._offers[offered_kind]
             while self.num_free_for(kind) < n and offers:
-                reclaimed.append(self._pop_offer_locked(offers))
+                reclaimed.append(self._pop_offer_locked(offers)[0])
         return reclaimed
 
-    def _pop_offer_locked(self, offers: OrderedDict[Hashable, _Offer]) -> _Offer:
-        """Takes the least recently offered unit of ``offers`` and frees its pages."""
-        _, offer = offers.popitem(last=False)
+    def _pop_offer_locked(self, offers: OrderedDict[Hashable, _Offer]) -> tuple[_Offer, int]:
+        """Takes the least recently offered unit of ``offers``, frees its pages and leaves its
+        shared pages (freeing those it was the last tenant of); returns it and the pages
+        freed."""
+        unit, offer = offers.popitem(last=False)
         self._offered_pages[offer.kind] -= len(offer.pages)
         self._offered.difference_update(offer.pages)
-        self._release_locked(list(offer.pages))
-        return offer
+        released = list(offer.pages)
+        for page in self._shares.pop(unit, ()):
+            tenants = self._tenants[page]
+            tenants.discard(unit)
+            self._idle[page] -= 1
+            if not tenants:  # it was idle, so counted reclaimable
+                self._offered_pages[self._kind[page]] -= 1
+                del self._tenants[page], self._idle[page]
+                released.append(page)
+        self._release_locked(released)
+        return offer, len(released)
 
     # -- the free list; a layout with regions overrides these -------------------------------
 

@@ -35,6 +35,7 @@ class StaticSplitAllocator(PageAllocator):
     """
 
     kinds_share_pages = False
+    shares_adapter_tails = False  # a slot holds its adapter whole
 
     def __init__(self, num_pages: int, *, slot_pages: int, num_slots: int) -> None:
         super().__init__(num_pages)
