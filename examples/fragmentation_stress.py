@@ -300,9 +300,11 @@ def run(engine: Engine, trace: list[TraceRequest], num_steps: int, *, drain: boo
 def idle_fragmentation(engine: Engine, names: list[str]) -> dict:
     """Makes each adapter of ``names`` resident (a one-token request each, one after another)
     and measures, with nothing running, the internal fragmentation of the adapter pages: the
-    share of their elements that hold no weight, over all of them (``aggregate``) and per
-    adapter (``worst``, ``mean``). Adapters evicted for lack of pages are left out (``resident``
-    counts those measured).
+    share of their elements that hold no weight, over all of them (``aggregate``: every adapter
+    page, the shared tail pages included) and per adapter (``worst``, ``mean``: of the elements
+    it holds, its own pages and its spans in shared pages). ``shared_pages`` counts the pages
+    holding several adapters' last rows. Adapters evicted for lack of pages are left out
+    (``resident`` counts those measured).
 
     Raises:
         ValueError: KV blocks are still allocated (the idle pool must hold adapters only).
@@ -317,14 +319,16 @@ def idle_fragmentation(engine: Engine, names: list[str]) -> dict:
             placed = engine.adapters.resident(engine.adapters.key_of(name))
         except KeyError:  # evicted: the pool could not hold every adapter
             continue
-        per[name] = (len(placed.pages), placed.used_elements)
+        held = len(placed.pages) * page + sum(e - s for _, s, e in placed.spans)
+        per[placed.placement_id] = (held, placed.used_elements)  # names may share content
     stats = engine.stats()
     if stats["pages_kv"] != stats["pages_kv_cached"]:
         raise ValueError(f"{stats['pages_kv']} KV pages in use at idle")
-    pages = sum(n for n, _ in per.values())
+    pages = len(engine.adapters.pages_in_use())
     used = sum(u for _, u in per.values())
-    waste = [1 - u / (n * page) for n, u in per.values()]
+    waste = [1 - u / held for held, u in per.values()]
     return {"adapters": len(names), "resident": len(per), "pages": pages,
+            "shared_pages": len(engine.adapters.shared_pages),
             "aggregate": round(1 - used / (pages * page), 4), "worst": round(max(waste), 4),
             "mean": round(statistics.fmean(waste), 4)}
 
@@ -355,10 +359,14 @@ def check_pool(engine: Engine) -> None:
     kv_pages = {p for r in sched.running for block in sched.kv.blocks_of(r) for p in block}
     bad = [p for p in kv_pages if alloc.kind_of(p) != KV]
     assert not bad, f"block-table pages {bad[:5]} are not kv pages"
-    adapter_pages = [p for k in store.resident_keys for p in store.resident(k).pages]
+    adapter_pages = store.pages_in_use()
     assert len(set(adapter_pages)) == len(adapter_pages) == alloc.num_used(ADAPTER), (
-        f"{len(adapter_pages)} resident adapter pages ({len(set(adapter_pages))} distinct), "
+        f"{len(adapter_pages)} adapter pages held ({len(set(adapter_pages))} distinct), "
         f"{alloc.num_used(ADAPTER)} adapter pages allocated")
+    store.check_invariants()
+    resident = [store.resident(k) for k in store.resident_keys]
+    assert not any(a.overlaps(b) for i, a in enumerate(resident) for b in resident[i + 1:]), (
+        "two resident adapters hold one pool element")
     bad = [p for p in adapter_pages if alloc.kind_of(p) != ADAPTER]
     assert not bad, f"adapter pages {bad[:5]} are not adapter pages"
     assert not kv_pages & set(adapter_pages), "a page is both KV and adapter"

@@ -18,6 +18,7 @@ from pagedlora.lora_adapter import (
 )
 from pagedlora.pool import UnifiedPool, row_pieces
 from pagedlora.row_packing import RowGroup, RowPlan, pack_rows, upper_bound_pages
+from pagedlora.shared_pages import TailSpots
 from pagedlora.step_upload import to_device
 
 
@@ -39,18 +40,52 @@ class ResidentAdapter:
     Attributes:
         placement_id: unique per placement within an engine (what the model runner keys the
             rows it has read out of the pages by).
-        pages: every page it holds.
-        used_elements: elements of those pages holding weights (the rest is internal
-            fragmentation: the tail of its last page and gaps narrower than its narrowest
-            row, see :func:`~pagedlora.row_packing.pack_rows`, and in the static layout the
-            rest of its max-rank slot).
+        pages: the pages it holds alone.
+        used_elements: elements holding its weights, in those pages and its spans (the rest
+            of its own pages is internal fragmentation: gaps narrower than its narrowest row,
+            see :func:`~pagedlora.row_packing.pack_rows`; in the static layout the rest of its
+            max-rank slot).
         modules: ``(layer, module) -> ResidentModule``.
+        spans: ``(page, start, end)``: the elements its tail rows hold in pages shared with
+            other adapters (:class:`~pagedlora.shared_pages.SharedPages`); empty when its last
+            page is its own.
     """
 
     placement_id: int
     pages: list[int]
     used_elements: int
     modules: dict[tuple[int, str], ResidentModule]
+    spans: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def shared_pages(self) -> frozenset[int]:
+        """The shared pages its tail rows are in."""
+        return frozenset(p for p, _, _ in self.spans)
+
+    def overlaps(self, other: ResidentAdapter) -> bool:
+        """Whether the two placements hold a common pool element (then one of them is stale:
+        its pages were freed and given to the other)."""
+        mine, theirs = set(self.pages), set(other.pages)
+        if mine & (theirs | other.shared_pages) or theirs & self.shared_pages:
+            return True
+        return any(p == q and s < f and t < e for p, s, e in self.spans
+                   for q, t, f in other.spans)
+
+
+@dataclass(frozen=True)
+class AdapterFootprint:
+    """The pages an adapter takes: ``own_pages`` of its own, and ``tail`` rows
+    (``width -> rows``, :attr:`~pagedlora.row_packing.RowPlan.tail`) for pages shared with
+    other adapters (empty when its last page is its own, as in the static layout)."""
+
+    own_pages: int
+    tail: dict[int, int]
+
+    @property
+    def max_pages(self) -> int:
+        """The most pages placing it can take: its own and, for a tail that finds no gap,
+        one fresh shared page."""
+        return self.own_pages + bool(self.tail)
 
 
 class AdapterPages(Protocol):
@@ -58,12 +93,12 @@ class AdapterPages(Protocol):
     process, or a tensor-parallel engine's workers
     (:class:`pagedlora.parallel.executor.ShardedAdapterPages`)."""
 
-    def num_pages(self, adapter: LoraAdapter) -> int:
-        """Pages ``adapter`` takes in the pool."""
+    def footprint(self, adapter: LoraAdapter) -> AdapterFootprint:
+        """Pages ``adapter`` takes in the pool: its own, and its tail rows."""
 
     def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
-             placement_id: int) -> ResidentAdapter:
-        """Puts the adapter's rows into ``pages``; returns the placement."""
+             placement_id: int, tail: TailSpots | None = None) -> ResidentAdapter:
+        """Puts the adapter's rows into ``pages`` and ``tail``; returns the placement."""
 
     def host_form(self, weights: AdapterWeights) -> AdapterWeights:
         """The form in which host memory holds ``weights`` (the host tier's one copy)."""
@@ -108,49 +143,68 @@ class AdapterPacker:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
         self._plans: dict[tuple, RowPlan] = {}  # adapters of one shape share their plan
 
-    def num_pages(self, adapter: LoraAdapter) -> int:
+    def footprint(self, adapter: LoraAdapter) -> AdapterFootprint:
         """Pages ``adapter`` takes in the pool (its packed rows, as the allocator charges
-        them)."""
-        return self.pool.allocator.adapter_footprint(self._plan(adapter)[1].num_pages)
+        them): its own pages, and the rows of its last page when they go to shared pages.
+
+        Raises:
+            ValueError: it exceeds a static layout's slot.
+        """
+        plan = self._plan(adapter)[1]
+        allocator = self.pool.allocator
+        if plan.tail and allocator.shares_adapter_tails:
+            return AdapterFootprint(plan.num_pages - 1, dict(plan.tail))
+        return AdapterFootprint(allocator.adapter_footprint(plan.num_pages), {})
+
+    def num_pages(self, adapter: LoraAdapter) -> int:
+        """The most pages placing ``adapter`` takes (:attr:`AdapterFootprint.max_pages`)."""
+        return self.footprint(adapter).max_pages
 
     def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
-             placement_id: int) -> ResidentAdapter:
-        """Copies the adapter's rows into ``pages`` (allocated for it: :meth:`num_pages` of
-        them), host -> pool.
+             placement_id: int, tail: TailSpots | None = None) -> ResidentAdapter:
+        """Copies the adapter's rows into ``pages`` (allocated for it:
+        :meth:`footprint`'s ``own_pages``) and, for the rows of its last page, the shared
+        spots ``tail``; host -> pool.
 
         Args:
             weights: the rows to copy, of the widths this packer packs (under tensor
                 parallelism a rank's shard, ``Shard.shard_lora``; strided views are fine).
         Raises:
-            ValueError: ``pages`` has another length than :meth:`num_pages`.
+            ValueError: ``pages`` has another length than the footprint's own pages, or
+                ``tail`` does not hold its tail rows (or is given for an adapter without).
         """
-        return self._layout(adapter, pages, placement_id, self.pool.tensor.device, weights)
+        return self._layout(adapter, pages, placement_id, self.pool.tensor.device, tail,
+                            weights)
 
-    def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int
-              ) -> ResidentAdapter:
-        """Where :meth:`fill` puts the adapter's rows in ``pages``, copying nothing (the
-        driver of a tensor-parallel engine, whose workers fill their pools; the page tables
-        are on the CPU).
+    def place(self, adapter: LoraAdapter, pages: list[int], placement_id: int,
+              tail: TailSpots | None = None) -> ResidentAdapter:
+        """Where :meth:`fill` puts the adapter's rows in ``pages`` and ``tail``, copying
+        nothing (the driver of a tensor-parallel engine, whose workers fill their pools; the
+        page tables are on the CPU).
 
         Raises:
             ValueError: as :meth:`fill`.
         """
-        return self._layout(adapter, pages, placement_id, torch.device("cpu"))
+        return self._layout(adapter, pages, placement_id, torch.device("cpu"), tail)
 
     def host_form(self, weights: AdapterWeights) -> AdapterWeights:
         """How host memory holds weights for this packer: as read."""
         return weights
 
     def _layout(self, adapter: LoraAdapter, pages: list[int], placement_id: int,
-                device: torch.device, weights: AdapterWeights | None = None
-                ) -> ResidentAdapter:
-        """The placement of the adapter's rows in ``pages`` by its plan, copying ``weights``
-        into the pool when given."""
-        if len(pages) != self.num_pages(adapter):
-            raise ValueError(f"adapter {adapter.name!r} takes {self.num_pages(adapter)} pages, "
-                             f"given {len(pages)}")
+                device: torch.device, tail: TailSpots | None = None,
+                weights: AdapterWeights | None = None) -> ResidentAdapter:
+        """The placement of the adapter's rows in ``pages`` and ``tail`` by its plan, copying
+        ``weights`` into the pool when given."""
+        need = self.footprint(adapter)
+        if len(pages) != need.own_pages:
+            raise ValueError(f"adapter {adapter.name!r} takes {need.own_pages} pages of its "
+                             f"own, given {len(pages)}")
+        given = {w: len(p) for w, (p, _) in tail.rows.items()} if tail is not None else {}
+        if given != need.tail:
+            raise ValueError(f"adapter {adapter.name!r} has tail rows {need.tail} for shared "
+                             f"pages, given spots for {given}")
         groups, plan = self._plan(adapter)
-        page_ids = torch.tensor(pages, dtype=torch.long)
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
         # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
         for width in sorted({g.width for g in groups}, reverse=True):
@@ -158,8 +212,9 @@ class AdapterPacker:
             pieces, stored = row_pieces(self.pool.page_numel, width)
             local = [p for g in members for p in plan.places[g.key][0]]
             slots = [s for g in members for s in plan.places[g.key][1]]
-            at_pages = to_device(page_ids[local], device)  # without blocking, on CUDA
-            at_slots = to_device(torch.tensor(slots, dtype=torch.long), device)
+            absolute = _absolute(local, slots, pages, tail.rows.get(width) if tail else None)
+            at_pages = to_device(torch.tensor(absolute[0], dtype=torch.long), device)
+            at_slots = to_device(torch.tensor(absolute[1], dtype=torch.long), device)
             if weights is not None:
                 data = to_device(torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
                                             for g in members]), device)  # [rows, width]
@@ -182,7 +237,8 @@ class AdapterPacker:
                    for lm, p in placed.items()}
         used = sum(g.count * g.width for g in groups)
         return ResidentAdapter(placement_id=placement_id, pages=list(pages), used_elements=used,
-                               modules=modules)
+                               modules=modules,
+                               spans=tuple(tail.spans) if tail is not None else ())
 
     def _plan(self, adapter: LoraAdapter) -> tuple[list[RowGroup], RowPlan]:
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
@@ -193,6 +249,23 @@ class AdapterPacker:
         if plan is None:
             plan = self._plans[key] = pack_rows(groups, self.pool.page_numel)
         return groups, plan
+
+
+def _absolute(local: list[int], slots: list[int], pages: list[int],
+              spots: tuple[tuple[int, ...], tuple[int, ...]] | None
+              ) -> tuple[list[int], list[int]]:
+    """Pool pages and slots of rows at plan-local ``(local, slots)``: local page ``i`` is
+    ``pages[i]``; a row on the page past them (the tail) takes the next of ``spots``."""
+    at_pages, at_slots, k = [], [], 0
+    for page, slot in zip(local, slots, strict=True):
+        if page < len(pages):
+            at_pages.append(pages[page])
+            at_slots.append(slot)
+        else:
+            at_pages.append(spots[0][k])
+            at_slots.append(spots[1][k])
+            k += 1
+    return at_pages, at_slots
 
 
 def _row_tensor(w: ModuleWeights, which: str) -> torch.Tensor:

@@ -26,7 +26,13 @@ from collections.abc import Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pagedlora.adapter_pages import AdapterPacker, AdapterPages, ResidentAdapter, ResidentModule
+from pagedlora.adapter_pages import (
+    AdapterFootprint,
+    AdapterPacker,
+    AdapterPages,
+    ResidentAdapter,
+    ResidentModule,
+)
 from pagedlora.errors import AdapterError, AdapterUnavailableError, UnknownAdapterError
 from pagedlora.host_cache import HostCache
 from pagedlora.lora_adapter import (
@@ -38,7 +44,8 @@ from pagedlora.lora_adapter import (
 )
 from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
-from pagedlora.scheduler import ADAPTER, SchedulerOutput
+from pagedlora.scheduler import ADAPTER, OutOfPagesError, SchedulerOutput
+from pagedlora.shared_pages import SharedPages
 from pagedlora.spill import SpillDir
 
 log = logging.getLogger(__name__)
@@ -95,7 +102,8 @@ class AdapterStoreStats:
         adapters: per registered name, sorted by name.
         resident: names of the adapters in the pool, sorted.
         used_elements: pool elements holding adapter weights (the rest of the adapters' pages
-            is internal fragmentation: the tails of packed groups, or a static slot's padding).
+            is internal fragmentation: gaps between packed rows, free room in the shared tail
+            pages, or a static slot's padding).
     """
 
     adapters: dict[str, AdapterUsage]
@@ -124,7 +132,7 @@ class _Content:
     pages it takes in the pool, and its counters."""
 
     adapter: LoraAdapter
-    num_pages: int
+    footprint: AdapterFootprint
     stats: AdapterStats = field(default_factory=AdapterStats)
 
 
@@ -135,7 +143,9 @@ class AdapterStore:
     static layout each adapter takes one max-rank slot). Page accounting belongs to the
     allocator: the scheduler's :meth:`pin` reserves a missing adapter's pages (no I/O), the
     engine core's :meth:`load` then fills them before the step runs; an unpinned resident
-    adapter is offered to the allocator as reclaimable (unit ``("adapter", key)``).
+    adapter is offered to the allocator as reclaimable (unit ``("adapter", key)``). The rows
+    of an adapter's partly used last page go to pages adapters share (:class:`SharedPages`,
+    placed when its pages are reserved), so a small adapter does not waste most of a page.
 
     Thread safety: one re-entrant lock guards the registry and every tier, so ``add``/``remove``
     (and ``prefetch``) may run in other threads while the engine steps. Reading and hashing a
@@ -191,6 +201,7 @@ class AdapterStore:
         # kept even when no name points at it any more, so a queued request keeps its weights.
         self._holds: Counter[str] = Counter()
         self._placement_ids = itertools.count()
+        self._shared = SharedPages(self.allocator, pool.page_numel)
 
     # -- registry ----------------------------------------------------------------------------
 
@@ -226,7 +237,7 @@ class AdapterStore:
                 raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
             adapter, weights = self._read_source(name, Path(path))
             try:
-                num_pages = self.packer.num_pages(adapter)
+                footprint = self.packer.footprint(adapter)
             except ValueError as e:  # a static layout's slot holds the decoder projections
                 raise AdapterError(f"adapter {name!r} cannot be placed in the pool: {e} "
                                    f"(memory_layout='static' sizes a slot for max_lora_rank "
@@ -234,13 +245,13 @@ class AdapterStore:
                                    f"takes one more row)") from e
             # hold no weights unless preloading
             read.append((adapter, self.packer.host_form(weights) if preload else None,
-                         num_pages))
+                         footprint))
         with self._lock:
-            for adapter, weights, num_pages in read:
+            for adapter, weights, footprint in read:
                 old = self._names.get(adapter.name)
                 self._names[adapter.name] = (adapter.key, adapter.path)
                 if adapter.key not in self._contents:
-                    self._contents[adapter.key] = _Content(adapter, num_pages)
+                    self._contents[adapter.key] = _Content(adapter, footprint)
                 if preload and adapter.key not in self._host:
                     self._host_put(adapter, weights)
                 if old is not None and old[0] != adapter.key:
@@ -324,11 +335,12 @@ class AdapterStore:
     # -- residency: the scheduler's AdapterResidency interface (accounting, no I/O) ----------
 
     def footprint(self, key: str) -> int:
-        """Pages ``key`` takes in the pool when resident, whether or not it is now (0 for a
-        key no longer registered)."""
+        """The most pages making ``key`` resident takes, whether or not it is now (its own,
+        and one for a tail that finds no room in the shared pages; 0 for a key no longer
+        registered)."""
         with self._lock:
             content = self._contents.get(key)
-            return 0 if content is None else content.num_pages
+            return 0 if content is None else content.footprint.max_pages
 
     def is_resident(self, key: str) -> bool:
         """Whether ``key`` holds pool pages: loaded, or reserved for this step's load."""
@@ -356,9 +368,9 @@ class AdapterStore:
                                        f"unpinned, but the store still lists it")
                 self._resident.move_to_end(key)
             elif key not in self._reserved:
-                if not self.allocator.can_allocate(content.num_pages, ADAPTER):
+                if not self.allocator.can_allocate(content.footprint.max_pages, ADAPTER):
                     return False
-                self._reserved[key] = self.allocator.allocate(content.num_pages, ADAPTER)
+                self._reserve(key)
             self._pins[key] += 1
             return True
 
@@ -379,7 +391,7 @@ class AdapterStore:
             if key in self._resident:
                 self._offer(key)
             elif key in self._reserved:
-                self.allocator.free(self._reserved.pop(key))
+                self._unreserve(key)
             self._drop_if_unused(key)
 
     def evict_unpinned(self, num_pages: int) -> int:
@@ -431,13 +443,13 @@ class AdapterStore:
                     continue
                 spare = self.allocator.num_free_for(ADAPTER) - (
                     self.keep_free_pages if self.allocator.kinds_share_pages else 0)
-                if content.num_pages > spare:
+                if content.footprint.max_pages > spare:
                     continue
-                self._reserved[key] = self.allocator.allocate(content.num_pages, ADAPTER)
+                self._reserve(key)
                 try:
                     self._fill(key, self._host.get(key))
                 except BaseException:  # nothing pins it: its pages go back at once
-                    self.allocator.free(self._reserved.pop(key))
+                    self._unreserve(key)
                     raise
                 self._offer(key)
 
@@ -508,6 +520,36 @@ class AdapterStore:
             used = sum(r.used_elements for r in self._resident.values())
             return AdapterStoreStats(adapters, resident, used)
 
+    @property
+    def shared_pages(self) -> list[int]:
+        """The pages holding several adapters' tail rows, ascending."""
+        with self._lock:
+            return self._shared.pages
+
+    def pages_in_use(self) -> list[int]:
+        """Every page the adapters hold: the own pages of the resident adapters and of the
+        reservations not filled yet, then the shared pages (each once; together they are the
+        allocator's adapter pages)."""
+        with self._lock:
+            return [*(p for r in self._resident.values() for p in r.pages),
+                    *(p for pages in self._reserved.values() for p in pages),
+                    *self._shared.pages]
+
+    def check_invariants(self) -> None:
+        """Asserts that the shared pages' rows and gaps tile them and that their tenants are
+        the adapters with rows in them (for tests).
+
+        Raises:
+            AssertionError: naming what broke.
+        """
+        with self._lock:
+            self._shared.check_invariants()
+            held = {self.unit_of(k) for k in [*self._resident, *self._reserved]}
+            for page in self._shared.pages:
+                stray = set(self.allocator.tenants_of(page)) - held
+                assert not stray, f"shared page {page} held by {stray}, neither resident nor " \
+                                  f"reserved"
+
     def resident(self, key: str) -> ResidentAdapter:
         """The pool placement of a resident adapter."""
         with self._lock:
@@ -539,10 +581,33 @@ class AdapterStore:
                              on_reclaim=lambda: self._reclaimed(key))
 
     def _reclaimed(self, key: str) -> None:
-        """The allocator reclaimed ``key``'s pages (it was unpinned)."""
+        """The allocator reclaimed ``key``'s pages (it was unpinned), and its shared ones."""
         with self._lock:
+            self._shared.forget(self.unit_of(key))
             if self._resident.pop(key, None) is not None and key in self._contents:
                 self._contents[key].stats.evictions += 1
+
+    def _reserve(self, key: str) -> None:
+        """Allocates ``key``'s own pages and places its tail rows in the shared pages (the
+        caller has checked that ``footprint.max_pages`` can be had).
+
+        Raises:
+            OutOfPagesError: they cannot be had after all; nothing is held then.
+        """
+        footprint = self._contents[key].footprint
+        pages = self.allocator.allocate(footprint.own_pages, ADAPTER)
+        if footprint.tail:
+            try:
+                self._shared.place(self.unit_of(key), footprint.tail)
+            except (OutOfPagesError, ValueError):
+                self.allocator.free(pages)
+                raise
+        self._reserved[key] = pages
+
+    def _unreserve(self, key: str) -> None:
+        """Frees a reservation that was never filled: its pages, and its shared rows."""
+        self.allocator.free(self._reserved.pop(key))
+        self._shared.release(self.unit_of(key))
 
     def _fetch(self, key: str) -> AdapterWeights:
         """``key``'s weights: its host copy, else read from the spill file or its source
@@ -570,7 +635,8 @@ class AdapterStore:
             pages = self._reserved.pop(key)
             try:
                 resident = self.packer.fill(content.adapter, weights, pages,
-                                            next(self._placement_ids))
+                                            next(self._placement_ids),
+                                            self._shared.spots(self.unit_of(key)))
             except BaseException:  # a failed copy (device OOM, Ctrl-C) keeps the reservation
                 self._reserved[key] = pages
                 raise
@@ -653,6 +719,7 @@ class AdapterStore:
             return
         if key in self._resident and self.allocator.withdraw(self.unit_of(key)):
             self.allocator.free(self._resident.pop(key).pages)
+            self._shared.release(self.unit_of(key))
         self._host.discard(key)
         self.spill.delete(key)
         self._contents.pop(key, None)

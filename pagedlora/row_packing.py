@@ -10,6 +10,11 @@ sits whole in one page at ``slot * width`` and kernels read it in place), an ada
 most the tail of its last page plus gaps narrower than its narrowest row: the same adapter
 takes 10 pages, 94% used. (First-fit decreasing bin packing, with the bins' positions
 restricted to multiples of the item size.)
+
+The tail of the last page is what is left: a rank-1 adapter smaller than a page wastes most of
+its only page. So the rows of a partly used last page (:attr:`RowPlan.tail`) may go instead to
+pages several adapters share (:class:`~pagedlora.shared_pages.SharedPages`, which places them
+with :func:`fill_gaps` at the same aligned slots).
 """
 
 from __future__ import annotations
@@ -43,10 +48,14 @@ class RowPlan:
         places: ``key -> (pages, slots)``: per row of the group, in order, its page and its slot
             in the page seen as rows of the group's width. A row wider than a page has
             ``pieces`` entries (its pieces' pages, slot 0 each, in the page-wide view).
+        tail: ``width -> rows`` on the last page (``num_pages - 1``) when it is partly used
+            and holds no piece of a split row, widest first; empty otherwise. Those rows fit
+            one empty page packed by :func:`fill_gaps`, widest first.
     """
 
     num_pages: int
     places: dict[Hashable, tuple[list[int], list[int]]]
+    tail: dict[int, int]
 
 
 def pieces_of(width: int, page_numel: int) -> int:
@@ -88,9 +97,10 @@ def pack_rows(groups: Sequence[RowGroup], page_numel: int) -> RowPlan:
             gaps.extend((num_pages + (i + 1) * pieces - 1, tail, page_numel)
                         for i in range(g.count))
         num_pages += len(pages)
+    split_pages = num_pages
     for width in sorted({g.width for g in groups if g.width <= page_numel}, reverse=True):
         members = [g for g in groups if g.width == width]
-        pages, slots, gaps = _fill_gaps(gaps, width, sum(g.count for g in members))
+        pages, slots, gaps = fill_gaps(gaps, width, sum(g.count for g in members))
         rest = sum(g.count for g in members) - len(pages)
         per_page = page_numel // width
         for i in range(rest):
@@ -106,13 +116,28 @@ def pack_rows(groups: Sequence[RowGroup], page_numel: int) -> RowPlan:
         for g in members:
             places[g.key] = (pages[at:at + g.count], slots[at:at + g.count])
             at += g.count
-    return RowPlan(num_pages, places)
+    return RowPlan(num_pages, places, _tail(groups, places, num_pages, split_pages, page_numel))
 
 
-def _fill_gaps(gaps: list[tuple[int, int, int]], width: int, wanted: int
-               ) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
-    """Up to ``wanted`` rows of ``width`` placed in ``gaps`` in order: ``(pages, slots, gaps
-    left)``; what a gap does not use (before its first aligned slot, after its last used one)
+def _tail(groups: Sequence[RowGroup], places: dict[Hashable, tuple[list[int], list[int]]],
+          num_pages: int, split_pages: int, page_numel: int) -> dict[int, int]:
+    """Rows per width on the last page, when it is partly used and not a split row's."""
+    last = num_pages - 1
+    if last < split_pages:
+        return {}
+    rows: dict[int, int] = {}
+    for g in groups:
+        rows[g.width] = rows.get(g.width, 0) + sum(p == last for p in places[g.key][0])
+    if sum(w * n for w, n in rows.items()) == page_numel:
+        return {}
+    return {w: rows[w] for w in sorted(rows, reverse=True) if rows[w]}
+
+
+def fill_gaps(gaps: list[tuple[int, int, int]], width: int, wanted: int
+              ) -> tuple[list[int], list[int], list[tuple[int, int, int]]]:
+    """Up to ``wanted`` rows of ``width`` placed in ``gaps`` (``(page, start, end)`` free
+    elements) in order: ``(pages, slots, gaps left)``, each row at ``slot * width`` of its
+    page; what a gap does not use (before its first aligned slot, after its last used one)
     stays a gap."""
     pages: list[int] = []
     slots: list[int] = []

@@ -554,8 +554,9 @@ def check_step(engine: Engine, max_cpu_loras: int, max_loras: int) -> None:
         for key in r.adapter_keys:
             want[key] = want.get(key, 0) + 1
     assert pins == want
-    resident = sum(len(store.resident(k).pages) for k in store.resident_keys)
-    assert resident == engine.pool.allocator.num_used("adapter")
+    held = store.pages_in_use()
+    assert len(held) == len(set(held)) == engine.pool.allocator.num_used("adapter")
+    store.check_invariants()
     last = engine.stats()["last_step"]
     if last is not None:
         assert last["num_adapters"] <= max_loras

@@ -74,9 +74,12 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
         step += 1
         assert len(engine.adapters.host_keys) <= 16, "host budget exceeded"
         resident = engine.adapters.resident_keys
-        assert engine.stats()["pages_adapter"] == sum(
-            len(engine.adapters.resident(k).pages) for k in resident)
+        held = engine.adapters.pages_in_use()
+        assert engine.stats()["pages_adapter"] == len(held) == len(set(held))
+        assert {p for k in resident for p in engine.adapters.resident(k).shared_pages} == set(
+            engine.adapters.shared_pages)
         engine.pool.allocator.check_invariants()
+        engine.adapters.check_invariants()
         assert step < 1000
     for _, _, r in requests:
         assert done[r].finish_reason == "length", done[r].error

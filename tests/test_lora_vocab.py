@@ -141,8 +141,8 @@ def test_lm_head_weights_that_contradict_the_tie_are_refused(tiny_llama_dir, voc
 def test_rows_wider_than_a_page_are_split_across_pages(tiny_llama_dir, vocab_dirs):
     """Block 16 x 2 KV heads x head_dim 16 x K,V: pages of 1024 elements; a vocabulary row
     (49152) is 48 pages. Rank 5 on embed_tokens and lm_head: 2 x 5 x 48 pages for the wide
-    rows, and 5 + 5 rows of 64 (16 a page) in one page each for the narrow ones. Every row
-    reads back as the file's."""
+    rows, and 5 + 5 rows of 64 (16 a page) for the narrow ones, which fill 640 elements of one
+    page and so go to a shared page. Every row reads back as the file's."""
     engine = Engine(tiny_llama_dir, pool_gb=0.05, block_size=16)
     assert engine.pool.page_numel == 1024
     engine.add_adapter("plain", vocab_dirs["plain"])
@@ -150,7 +150,8 @@ def test_rows_wider_than_a_page_are_split_across_pages(tiny_llama_dir, vocab_dir
     assert engine.adapters.footprint(key) == 2 * 5 * 48 + 1
     engine.generate([[5, 6, 7]], adapters="plain", progress=False)
     placed = engine.adapters.resident(key)
-    assert len(placed.pages) == len(set(placed.pages)) == 2 * 5 * 48 + 1
+    assert len(placed.pages) == len(set(placed.pages)) == 2 * 5 * 48
+    assert len(placed.shared_pages) == 1 and sum(e - s for _, s, e in placed.spans) == 640
     file = load_file(vocab_dirs["plain"] / "adapter_model.safetensors")
     embed = placed.modules[(VOCAB_LAYER, "embed_tokens")]
     head = placed.modules[(VOCAB_LAYER, "lm_head")]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp  # registers torch's reductions: tensors cross as shared memory
 
-from pagedlora.adapter_pages import AdapterPacker, ResidentAdapter
+from pagedlora.adapter_pages import AdapterFootprint, AdapterPacker, ResidentAdapter
 from pagedlora.config import EngineConfig
 from pagedlora.errors import EngineDeadError
 from pagedlora.lora_adapter import AdapterWeights, LoraAdapter
@@ -39,6 +39,7 @@ from pagedlora.parallel.messages import (
 from pagedlora.parallel.worker import start_timeout_s, worker_main
 from pagedlora.sampler import Sampler
 from pagedlora.scheduler import RunnerOutput
+from pagedlora.shared_pages import TailSpots
 from pagedlora.step_input import StepInput
 
 log = logging.getLogger(__name__)
@@ -164,9 +165,10 @@ class TensorParallelExecutor:
         return [p.pid for p in self.procs]
 
     def load(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
-             placement_id: int) -> None:
-        """Sends every worker the adapter, to fill ``pages`` with its shard (in order before
-        the step that uses it; a failure surfaces at that step).
+             placement_id: int, tail: TailSpots | None = None) -> None:
+        """Sends every worker the adapter, to fill ``pages`` and the shared spots ``tail``
+        with its shard (in order before the step that uses it; a failure surfaces at that
+        step).
 
         Raises:
             EngineDeadError: a worker is gone.
@@ -176,7 +178,7 @@ class TensorParallelExecutor:
         with self._exchange("adapter load"):
             for rank, conn in enumerate(self.conns):
                 # pickled per rank: a shared buffer's file descriptor is handed out once
-                self._send(rank, conn, LoadAdapter(adapter, pages, placement_id, shared))
+                self._send(rank, conn, LoadAdapter(adapter, pages, placement_id, shared, tail))
 
     def run(self, step: StepInput) -> RunnerOutput:
         """Runs one step on every rank.
@@ -393,20 +395,21 @@ class ShardedAdapterPages:
         self.packer = packer
         self.executor = executor
 
-    def num_pages(self, adapter: LoraAdapter) -> int:
-        """Pages ``adapter`` takes on each rank."""
-        return self.packer.num_pages(adapter)
+    def footprint(self, adapter: LoraAdapter) -> AdapterFootprint:
+        """Pages ``adapter`` takes on each rank (the same on every rank)."""
+        return self.packer.footprint(adapter)
 
     def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
-             placement_id: int) -> ResidentAdapter:
-        """Sends the adapter to every worker to fill ``pages``; returns the placement.
+             placement_id: int, tail: TailSpots | None = None) -> ResidentAdapter:
+        """Sends the adapter to every worker to fill ``pages`` and ``tail``; returns the
+        placement.
 
         Raises:
-            ValueError: ``pages`` has another length than :meth:`num_pages`.
+            ValueError: ``pages`` or ``tail`` do not match :meth:`footprint`.
             EngineDeadError: a worker is gone.
         """
-        placement = self.packer.place(adapter, pages, placement_id)
-        self.executor.load(adapter, weights, pages, placement_id)
+        placement = self.packer.place(adapter, pages, placement_id, tail)
+        self.executor.load(adapter, weights, pages, placement_id, tail)
         return placement
 
     def host_form(self, weights: AdapterWeights) -> AdapterWeights:

@@ -12,6 +12,7 @@ from pagedlora.lora_adapter import LoraAdapter
 from pagedlora.parallel.host_weights import SharedWeights
 from pagedlora.sampler import RequestSampling
 from pagedlora.scheduler import AdapterTerms, RunnerOutput
+from pagedlora.shared_pages import TailSpots
 from pagedlora.step_input import SequenceInput
 
 
@@ -64,12 +65,15 @@ class LoadAdapter:
         pages: the pages the driver's allocator gave it (the same on every rank).
         placement_id: the placement's id, by which steps name it.
         weights: the whole adapter, in shared memory.
+        tail: where its last page's rows go in pages shared with other adapters (None when
+            its last page is its own).
     """
 
     adapter: LoraAdapter
     pages: list[int]
     placement_id: int
     weights: SharedWeights
+    tail: TailSpots | None = None
 
 
 @dataclass(frozen=True)

@@ -185,10 +185,9 @@ class Worker:
                     *shard.shard_lora(module, w.a, w.b_t),
                     None if w.dora is None else shard.shard_dora(module, w.dora))
                 for (layer, module), w in msg.weights.weights().items()}
-        placement = self.packer.fill(msg.adapter, mine, msg.pages, msg.placement_id)
-        written = set(msg.pages)
+        placement = self.packer.fill(msg.adapter, mine, msg.pages, msg.placement_id, msg.tail)
         self.placements = {pid: p for pid, p in self.placements.items()
-                           if written.isdisjoint(p.pages)}
+                           if not p.overlaps(placement)}  # stale: its pages were reused
         self.placements[msg.placement_id] = placement
 
     def _step(self, msg: RunStep) -> StepDone:
