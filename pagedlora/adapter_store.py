@@ -44,7 +44,7 @@ from pagedlora.lora_adapter import (
 )
 from pagedlora.pool import UnifiedPool
 from pagedlora.prefetcher import Prefetcher
-from pagedlora.scheduler import ADAPTER, OutOfPagesError, SchedulerOutput
+from pagedlora.scheduler import ADAPTER, SchedulerOutput
 from pagedlora.shared_pages import SharedPages
 from pagedlora.spill import SpillDir
 
@@ -599,7 +599,7 @@ class AdapterStore:
         if footprint.tail:
             try:
                 self._shared.place(self.unit_of(key), footprint.tail)
-            except (OutOfPagesError, ValueError):
+            except BaseException:  # OutOfPagesError, or a bug: the own pages go back
                 self.allocator.free(pages)
                 raise
         self._reserved[key] = pages

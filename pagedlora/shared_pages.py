@@ -99,10 +99,14 @@ class SharedPages:
             page = self.allocator.allocate(1, ADAPTER)[0]  # may reclaim: forget() runs first
             self._gaps[page] = [(0, self.page_numel)]
             fit = self._fit(tail)
-            if fit is None:  # the rows came from one page packed the same way
-                self._gaps.pop(page)
+            if fit is None or page not in fit[0].pages:
+                # unused: reclaiming for it opened a gap that holds the rows, or (never: the
+                # rows came from one page packed the same way) they do not fit it
+                del self._gaps[page]
                 self.allocator.free([page])
-                raise AssertionError(f"tail {dict(tail)} does not fit an empty page")
+                if fit is None:
+                    raise AssertionError(f"tail {dict(tail)} does not fit an empty page")
+                del fit[1][page]
         spots, gaps = fit
         self._gaps = gaps
         for page in spots.pages:
@@ -152,6 +156,7 @@ class SharedPages:
                 held[page].append((start, end))
                 tenants[page].add(unit)
         for page, pieces in held.items():
+            assert tenants[page], f"shared page {page} holds no rows (a leak)"
             pieces.sort()
             assert pieces and pieces[0][0] == 0 and pieces[-1][1] <= self.page_numel, (
                 f"shared page {page}: {pieces[:3]}...")

@@ -74,7 +74,8 @@ class PageAllocator:
     small adapters' last rows into common pages, :class:`~pagedlora.shared_pages.SharedPages`).
     Its owner names the tenants with :meth:`share` and :meth:`unshare`; the page is freed when
     its last tenant leaves, and it is reclaimable while every tenant is offered: reclaiming the
-    last of them frees it, and :meth:`available` counts it.
+    last of them frees it, and :meth:`available` counts it. A unit with no page of its own whose
+    shared pages have a tenant still in use would free nothing, so reclaiming passes it over.
 
     Thread safety: one lock guards the lists, held only inside these methods (never while an
     owner's callback runs), so an owner may offer, withdraw or free from another thread (the
@@ -145,9 +146,10 @@ class PageAllocator:
         """Whether ``kv`` KV pages and ``adapter`` adapter pages could be had together now,
         when the offered units ``keeping`` are withdrawn first (a request's prefix-cache hits,
         its resident adapter). With one free list the sum must fit."""
-        kept = self._kept(keeping)
-        return kv + adapter <= self.num_free + sum(
-            self._offered_pages[k] - kept[k] for k in _KINDS)
+        with self._lock:
+            kept = self._kept(keeping)
+            return kv + adapter <= self.num_free + sum(
+                self._offered_pages[k] - kept[k] for k in _KINDS)
 
     def could_ever_fit(self, kv: int, adapter: int) -> bool:
         """Whether ``kv`` KV pages and ``adapter`` adapter pages fit the pool with every page
@@ -216,8 +218,11 @@ class PageAllocator:
         reclaimed = []
         with self._lock:
             offers, freed = self._offers[kind], 0
-            while freed < num_pages and offers:
-                offer, released = self._pop_offer_locked(offers)
+            while freed < num_pages:
+                unit = self._next_useful_locked(offers)
+                if unit is None:
+                    break
+                offer, released = self._pop_offer_locked(offers, unit)
                 reclaimed.append(offer)
                 freed += released
         for offer in reclaimed:
@@ -276,7 +281,8 @@ class PageAllocator:
 
     def offered_pages(self, units: Iterable[Hashable]) -> int:
         """Pages of those of ``units`` that are reclaimable now."""
-        return sum(self._kept(units).values())
+        with self._lock:
+            return sum(self._kept(units).values())
 
     # -- shared pages ---------------------------------------------------------------------------
 
@@ -444,15 +450,28 @@ class PageAllocator:
             if not self._serves(offered_kind, kind):
                 continue
             offers = self._offers[offered_kind]
-            while self.num_free_for(kind) < n and offers:
-                reclaimed.append(self._pop_offer_locked(offers)[0])
+            while self.num_free_for(kind) < n:
+                unit = self._next_useful_locked(offers)
+                if unit is None:
+                    break
+                reclaimed.append(self._pop_offer_locked(offers, unit)[0])
         return reclaimed
 
-    def _pop_offer_locked(self, offers: OrderedDict[Hashable, _Offer]) -> tuple[_Offer, int]:
-        """Takes the least recently offered unit of ``offers``, frees its pages and leaves its
-        shared pages (freeing those it was the last tenant of); returns it and the pages
-        freed."""
-        unit, offer = offers.popitem(last=False)
+    def _next_useful_locked(self, offers: OrderedDict[Hashable, _Offer]) -> Hashable | None:
+        """The least recently offered unit of ``offers`` whose reclaim helps: one with pages
+        of its own, or a tenant of a shared page all of whose tenants are offered (reclaiming
+        them all frees it). A unit with neither (its rows in a page a pinned unit shares)
+        would free nothing, so it stays; None when no unit helps."""
+        for unit, offer in offers.items():
+            if offer.pages or any(self._is_idle(p) for p in self._shares.get(unit, ())):
+                return unit
+        return None
+
+    def _pop_offer_locked(self, offers: OrderedDict[Hashable, _Offer], unit: Hashable
+                          ) -> tuple[_Offer, int]:
+        """Takes ``unit`` out of ``offers``, frees its pages and leaves its shared pages
+        (freeing those it was the last tenant of); returns its offer and the pages freed."""
+        offer = offers.pop(unit)
         self._offered_pages[offer.kind] -= len(offer.pages)
         self._offered.difference_update(offer.pages)
         released = list(offer.pages)

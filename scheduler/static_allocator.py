@@ -68,10 +68,11 @@ class StaticSplitAllocator(PageAllocator):
     def fits(self, kv: int, adapter: int, *, keeping: Iterable[Hashable] = ()) -> bool:
         """As :meth:`PageAllocator.fits`, but each kind must fit its own region: reclaiming
         cached KV blocks frees nothing for adapters, nor reclaiming adapters for KV."""
-        kept = self._kept(keeping)
-        return (kv <= self.num_free_for(KV) + self.num_reclaimable(KV) - kept[KV]
-                and adapter <= self.num_free_for(ADAPTER) + self.num_reclaimable(ADAPTER)
-                - kept[ADAPTER])
+        with self._lock:
+            kept = self._kept(keeping)
+            return (kv <= self.num_free_for(KV) + self.num_reclaimable(KV) - kept[KV]
+                    and adapter <= self.num_free_for(ADAPTER) + self.num_reclaimable(ADAPTER)
+                    - kept[ADAPTER])
 
     def could_ever_fit(self, kv: int, adapter: int) -> bool:
         """Whether each kind fits its region with every page free."""

@@ -195,3 +195,79 @@ def test_adapters_sharing_pages_under_eviction_compute_peft(tiny_llama_dir, smal
     assert sum(a["evictions"] for a in stats["adapters"].values()) > 0
     engine.adapters.check_invariants()
     assert_no_leaks(engine)
+
+
+# -- found in review: an unused fresh page leaked; reclaim evicted units freeing nothing --
+
+
+def test_place_does_not_leak_the_fresh_page_when_reclaiming_opened_a_gap():
+    """place() finds no gap, allocates a fresh page; that allocation reclaims unit x, whose
+    rows in shared page 0 become a gap (forget runs inside allocate). The re-fit then puts
+    z's rows into page 0, so the fresh page must go back (it leaked: allocated, not free, not
+    reclaimable, freed by nobody)."""
+    alloc = PageAllocator(3)
+    shared = SharedPages(alloc, 1024)
+    shared.place("y", {64: 8})  # fresh page 0, [0, 512)
+    shared.place("x", {64: 8})  # page 0, [512, 1024)
+    own_x = alloc.allocate(1, ADAPTER)  # page 1
+    alloc.offer("x", own_x, ADAPTER, on_reclaim=lambda: shared.forget("x"))
+    kv = alloc.allocate(1, KV)  # page 2: the pool is full
+    shared.place("z", {64: 8})  # reclaims x for a fresh page, then fits in x's old rows
+    assert all(alloc.tenants_of(p) for p in shared.pages), (
+        f"shared pages {shared.pages} include one nobody holds: "
+        f"{[p for p in shared.pages if not alloc.tenants_of(p)]}")
+    shared.release("z")
+    shared.release("y")
+    alloc.free(kv)
+    assert alloc.num_free == 3, f"{3 - alloc.num_free} page(s) leaked"
+
+
+def test_store_pin_does_not_leak_a_page_into_the_shared_pages(tiny_llama_dir, make_adapter):
+    """The same through the adapter store: y (rank 1 on q,v: 448 elements, no page of its
+    own) pinned, x (rank 3: one page of its own, a 320-element tail beside y's) warm and
+    unpinned, the rest of the pool KV. Pinning z (another 448-element tail) reclaims x for a
+    fresh page and then fits z into x's old rows: with every adapter unpinned and evicted,
+    every page is free again (the fresh page leaked)."""
+    engine = engine_with(tiny_llama_dir, 12)
+    store, alloc = engine.adapters, engine.pool.allocator
+    qv = ["q_proj", "v_proj"]
+    engine.add_adapter("y", make_adapter(tiny_llama_dir, "y", r=1, target_modules=qv, seed=1))
+    engine.add_adapter("x", make_adapter(tiny_llama_dir, "x", r=3, target_modules=qv, seed=2),
+                       preload=True)
+    engine.add_adapter("z", make_adapter(tiny_llama_dir, "z", r=1, target_modules=qv, seed=3))
+    ky, kx, kz = (store.key_of(n) for n in "yxz")
+    assert store.pin(ky)
+    store.warm([kx])
+    assert store.tier(kx) == "pool" and alloc.is_offered(store.unit_of(kx))
+    (page,) = store.shared_pages
+    assert alloc.tenants_of(page) == {store.unit_of(ky), store.unit_of(kx)}
+    kv = alloc.allocate(alloc.num_free, KV)
+    assert store.pin(kz)
+    store.check_invariants()  # also: every shared page holds someone's rows
+    orphans = [p for p in store.shared_pages if not alloc.tenants_of(p)]
+    store.unpin(kz)
+    store.unpin(ky)
+    alloc.free(kv)
+    store.evict_unpinned(alloc.num_pages)
+    assert not orphans and alloc.num_free == alloc.num_pages, (
+        f"shared page(s) {orphans} held by no adapter; {alloc.num_pages - alloc.num_free} "
+        f"page(s) never come back (shared pages now {store.shared_pages})")
+
+
+def test_allocation_does_not_evict_an_adapter_that_frees_nothing():
+    """x has no page of its own and shares page 0 with y, which is pinned (not offered):
+    reclaiming x frees nothing. An allocation short of one page still evicts x (least
+    recently offered) before w, whose page is what it gets: x must stay (it was evicted for no
+    page at all, and a small adapter under a pinned neighbour was then evicted by every
+    allocation that reclaims, to be copied in again)."""
+    alloc = PageAllocator(3)
+    (page,) = alloc.allocate(1, ADAPTER)
+    alloc.share(page, "x")
+    alloc.share(page, "y")
+    evicted = []
+    alloc.offer("x", (), ADAPTER, on_reclaim=lambda: evicted.append("x"))
+    alloc.offer("w", alloc.allocate(1, ADAPTER), ADAPTER, on_reclaim=lambda: evicted.append("w"))
+    alloc.allocate(1, KV)
+    assert alloc.available(KV) == 1  # w's page; x's share is not counted, rightly
+    alloc.allocate(1, KV)
+    assert evicted == ["w"], f"evicted {evicted}: x freed no page"
