@@ -6,8 +6,10 @@ shapes of SmolLM2-135M, Llama-2-7B, Llama-3-8B and the toy model of
 elements that hold no weight, with each adapter's last page its own (``own``: rows packed across
 layers and modules, :func:`~pagedlora.row_packing.pack_rows`) and with the rows of partly used
 last pages in pages the adapters share (``shared``: :class:`~pagedlora.shared_pages.SharedPages`,
-the engine's unified layout). The engine-level measure, with real weights in a pool, is
-``examples/fragmentation_stress.py --idle``.
+the unified layout under the Triton kernels), and with rows whose width leaves slack in a page
+also split into narrow pieces (``pieces``: the unified layout under the torch kernels,
+:func:`~pagedlora.row_packing.row_pieces`). The engine-level measure, with real weights in a
+pool, is ``examples/fragmentation_stress.py --idle``.
 
     python benchmarks/page_waste.py [--adapters 24] [--json out.json]
 """
@@ -20,7 +22,7 @@ import random
 
 from pagedlora.adapter_pages import _groups
 from pagedlora.lora_adapter import TARGET_MODULES
-from pagedlora.row_packing import RowGroup, pack_rows
+from pagedlora.row_packing import RowGroup, pack_rows, stored_groups
 from pagedlora.scheduler import PageAllocator
 from pagedlora.shared_pages import SharedPages
 
@@ -47,21 +49,23 @@ KINDS = [(("q_proj", "v_proj"), 1), (("q_proj", "v_proj"), 4), (("q_proj",), 1),
 
 def waste(adapters: list[list[RowGroup]], page_numel: int) -> dict:
     """Pages and unused share of ``adapters`` (each its row groups) resident together, with
-    last pages their own and with them shared."""
+    last pages their own, with them shared, and shared with narrow pieces."""
     used = sum(g.width * g.count for groups in adapters for g in groups)
-    alloc = PageAllocator(10**7)
-    shared = SharedPages(alloc, page_numel)
-    own = with_tails = 0
-    for i, groups in enumerate(adapters):
-        plan = pack_rows(groups, page_numel)
-        own += plan.num_pages
-        with_tails += plan.num_pages - bool(plan.tail)
-        if plan.tail:
-            shared.place(i, plan.tail)
-    with_tails += len(shared.pages)
-    return {"pages_own": own, "unused_own": round(1 - used / (own * page_numel), 4),
-            "pages_shared": with_tails,
-            "unused_shared": round(1 - used / (with_tails * page_numel), 4)}
+    out = {}
+    for label, share, narrow in (("own", False, False), ("shared", True, False),
+                                 ("pieces", True, True)):
+        shared = SharedPages(PageAllocator(10**7), page_numel)
+        pages = 0
+        for i, groups in enumerate(adapters):
+            plan = pack_rows(stored_groups(groups, page_numel, narrow=narrow), page_numel)
+            pages += plan.num_pages
+            if share and plan.tail:
+                pages -= 1
+                shared.place(i, plan.tail)
+        pages += len(shared.pages)
+        out[f"pages_{label}"] = pages
+        out[f"unused_{label}"] = round(1 - used / (pages * page_numel), 4)
+    return out
 
 
 def main() -> None:
@@ -82,11 +86,12 @@ def main() -> None:
                          for _ in range(args.adapters))]
         for label, adapters in sets.items():
             rows.append({"model": name, "set": label, **waste(adapters, page_numel)})
-    print(f"{'model':13} {'adapters':22} {'pages own':>10} {'unused':>7} {'pages shared':>13} "
-          f"{'unused':>7}")
+    labels = ("own", "shared", "pieces")
+    print(f"{'model':13} {'adapters':22}" + "".join(f" {'pages ' + k:>13} {'unused':>7}"
+                                                   for k in labels))
     for r in rows:
-        print(f"{r['model']:13} {r['set']:22} {r['pages_own']:>10} {r['unused_own']:>7.1%} "
-              f"{r['pages_shared']:>13} {r['unused_shared']:>7.1%}")
+        print(f"{r['model']:13} {r['set']:22}" + "".join(
+            f" {r['pages_' + k]:>13} {r['unused_' + k]:>7.1%}" for k in labels))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

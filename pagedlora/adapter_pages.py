@@ -16,8 +16,15 @@ from pagedlora.lora_adapter import (
     LoraAdapter,
     ModuleWeights,
 )
-from pagedlora.pool import UnifiedPool, row_pieces
-from pagedlora.row_packing import RowGroup, RowPlan, pack_rows, upper_bound_pages
+from pagedlora.pool import UnifiedPool
+from pagedlora.row_packing import (
+    RowGroup,
+    RowPlan,
+    pack_rows,
+    row_pieces,
+    stored_groups,
+    upper_bound_pages,
+)
 from pagedlora.shared_pages import TailSpots
 from pagedlora.step_upload import to_device
 
@@ -112,15 +119,21 @@ class AdapterPacker:
     lora_A, ``out_features`` for lora_B^T and a DoRA module's output scale, one row) across
     layers and modules, widest first, each narrower width filling the gaps the wider ones
     left at slots aligned to its width. So an adapter of rank r takes pages in proportion to
-    r with no padding to max_lora_rank, loses at most its last page's tail and gaps narrower
-    than its narrowest row, and a decoder projection's row never straddles two pages (kernels
-    read those rows in place, ``slot * width`` into the page). The vocabulary modules
+    r with no padding to max_lora_rank, loses at most gaps narrower than its narrowest row
+    (and its last page's tail, unless that goes to a shared page), and a decoder projection's
+    row never straddles two pages (Triton kernels read those rows in place, ``slot * width``
+    into the page). The vocabulary modules
     (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
     elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
     is split into page-wide pieces, one page each (the last one's tail free for narrower
-    rows), and read back out of the pool whole (:meth:`UnifiedPool.read_rows`). The allocator
-    may charge more (``adapter_footprint``: a whole max-rank slot in the static layout); the
-    rows then fill the first pages it hands out.
+    rows), and read back out of the pool whole (:meth:`UnifiedPool.read_rows`); with
+    ``narrow_pieces``, so are rows whose width leaves part of each page unused, stored as
+    equal pieces that do not (:func:`~pagedlora.row_packing.row_pieces`). Where the allocator
+    shares adapters' page tails (``shares_adapter_tails``, the unified layout), the rows of a
+    partly used last page go to pages several adapters share
+    (:class:`~pagedlora.shared_pages.SharedPages` places them; :meth:`fill` is told where). The
+    static layout charges more (``adapter_footprint``: a whole max-rank slot); the rows then
+    fill the first pages it hands out.
 
     Args:
         pool: the unified pool.
@@ -129,15 +142,21 @@ class AdapterPacker:
             tensor parallelism a rank's, ``Shard.lora_widths``).
         scale_widths: ``module -> width`` of a DoRA module's output scale row where it is not
             ``out_features`` (a tensor-parallel rank's, ``Shard.dora_widths``).
+        narrow_pieces: split rows whose width leaves more than 1% of a page unused into
+            equal pieces that leave less (``row_pieces(narrow=True)``): for kernels that take
+            rows read out of the pool (``Kernels.reads_gathered_rows``, the torch ones), never
+            for those that read a row in place (Triton).
     Raises:
         ValueError: a decoder projection's row width exceeds a page (raise block_size).
     """
 
     def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]],
-                 scale_widths: dict[str, int] | None = None) -> None:
+                 scale_widths: dict[str, int] | None = None,
+                 narrow_pieces: bool = False) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
         self.scale_widths = scale_widths or {}
+        self.narrow_pieces = narrow_pieces
         for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
                       for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
@@ -206,19 +225,22 @@ class AdapterPacker:
                              f"pages, given spots for {given}")
         groups, plan = self._plan(adapter)
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
+        taken: dict[int, int] = {}  # tail spots used so far, per stored width
         # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
         for width in sorted({g.width for g in groups}, reverse=True):
             members = [g for g in groups if g.width == width]
-            pieces, stored = row_pieces(self.pool.page_numel, width)
+            pieces, stored = self._pieces(width)
             local = [p for g in members for p in plan.places[g.key][0]]
             slots = [s for g in members for s in plan.places[g.key][1]]
-            absolute = _absolute(local, slots, pages, tail.rows.get(width) if tail else None)
+            absolute = _absolute(local, slots, pages, tail.rows.get(stored) if tail else None,
+                                 taken.get(stored, 0))
+            taken[stored] = taken.get(stored, 0) + sum(p >= len(pages) for p in local)
             at_pages = to_device(torch.tensor(absolute[0], dtype=torch.long), device)
             at_slots = to_device(torch.tensor(absolute[1], dtype=torch.long), device)
             if weights is not None:
                 data = to_device(torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
                                             for g in members]), device)  # [rows, width]
-                if pieces > 1:  # [rows * pieces, stored], the last piece zero-padded
+                if pieces > 1:  # [rows * pieces, stored], a wide row's last piece zero-padded
                     split = data.new_zeros(data.shape[0], pieces * stored)
                     split[:, :width] = data
                     data = split.view(-1, stored)
@@ -227,7 +249,7 @@ class AdapterPacker:
             for g in members:
                 n = g.count * pieces
                 rows = PagedRows(at_pages[at:at + n], at_slots[at:at + n])
-                if pieces > 1:  # [rank, pieces]: one page per piece, each in slot 0
+                if pieces > 1:  # [rank, pieces]: a wide row's one page per piece, in slot 0
                     rows = PagedRows(rows.pages.view(g.count, pieces),
                                      rows.slots.view(g.count, pieces))
                 placed.setdefault(g.key[:2], {})[g.key[2]] = rows
@@ -240,23 +262,32 @@ class AdapterPacker:
                                modules=modules,
                                spans=tuple(tail.spans) if tail is not None else ())
 
+    def _pieces(self, width: int) -> tuple[int, int]:
+        """``(pieces, stored width)`` of a row of ``width`` (:func:`row_pieces`)."""
+        return row_pieces(self.pool.page_numel, width, narrow=self.narrow_pieces)
+
     def _plan(self, adapter: LoraAdapter) -> tuple[list[RowGroup], RowPlan]:
+        """The adapter's row groups and where they go; a group of rows split into narrow
+        pieces is packed as its pieces (``count * pieces`` rows of the stored width)."""
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
         dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
         groups = _groups(ranks, self.module_shapes, dora, self.scale_widths)
         key = tuple((g.key, g.count) for g in groups)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = pack_rows(groups, self.pool.page_numel)
+            page_numel = self.pool.page_numel
+            plan = self._plans[key] = pack_rows(
+                stored_groups(groups, page_numel, narrow=self.narrow_pieces), page_numel)
         return groups, plan
 
 
 def _absolute(local: list[int], slots: list[int], pages: list[int],
-              spots: tuple[tuple[int, ...], tuple[int, ...]] | None
+              spots: tuple[tuple[int, ...], tuple[int, ...]] | None, first: int = 0
               ) -> tuple[list[int], list[int]]:
     """Pool pages and slots of rows at plan-local ``(local, slots)``: local page ``i`` is
-    ``pages[i]``; a row on the page past them (the tail) takes the next of ``spots``."""
-    at_pages, at_slots, k = [], [], 0
+    ``pages[i]``; a row on the page past them (the tail) takes the next of ``spots``, from
+    ``first`` on (rows of several widths stored as one width share its spots)."""
+    at_pages, at_slots, k = [], [], first
     for page, slot in zip(local, slots, strict=True):
         if page < len(pages):
             at_pages.append(pages[page])

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 
 from pagedlora.adapter_pages import ResidentAdapter
-from pagedlora.kernels.lora import gather_rows
 from pagedlora.model import LlamaModel
 from pagedlora.pool import UnifiedPool
 
@@ -122,9 +121,9 @@ class MergedWeights:
         for (layer, module), rows in adapter.modules.items():
             name, start, end = m.fused_rows[module]
             in_f, out_f = m.module_shapes[module]
-            a = gather_rows(self.pool.rows(in_f), rows.a)       # [r, in]
-            b = gather_rows(self.pool.rows(out_f), rows.b).t()  # [out, r]
-            g = None if rows.dora is None else gather_rows(self.pool.rows(out_f), rows.dora)[0]
+            a = self.pool.read_rows(in_f, rows.a)       # [r, in]
+            b = self.pool.read_rows(out_f, rows.b).t()  # [out, r]
+            g = None if rows.dora is None else self.pool.read_rows(out_f, rows.dora)[0]
             touched.setdefault((layer, name), []).append((start, end, a, b, rows.scale, g))
         old, self._copies = self._copies, {}
         self._layers = [dict(w) for w in m.layers]

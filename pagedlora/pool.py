@@ -25,16 +25,6 @@ def rows_per_page(page_numel: int, width: int) -> int:
     return page_numel // width
 
 
-def row_pieces(page_numel: int, width: int) -> tuple[int, int]:
-    """How a rank row of ``width`` elements is stored: ``(pieces, stored_width)``. A row that
-    fits a page is one stored row of its own width; a wider one (a vocabulary-sized row) is
-    split into ``ceil(width / page_numel)`` pieces of ``page_numel`` elements, each filling a
-    page (the last one zero-padded)."""
-    if width <= page_numel:
-        return 1, width
-    return -(-width // page_numel), page_numel
-
-
 class UnifiedPool:
     """The engine's device memory for KV cache and adapter weights (S-LoRA, section 4.1).
 
@@ -43,8 +33,10 @@ class UnifiedPool:
     ``page_numel // width`` rank rows of one width (a row of lora_A is ``in_features`` wide, a
     row of lora_B^T ``out_features``), so a row never straddles two pages and kernels read rows in
     place through ``(page, slot)`` tables; a row wider than a page (``vocab_size`` elements, for
-    LoRA on embed_tokens or lm_head) is split into page-wide pieces (:func:`row_pieces`) and
-    read out whole (:meth:`read_rows`).
+    LoRA on embed_tokens or lm_head) is split into page-wide pieces
+    (:func:`~pagedlora.row_packing.row_pieces`) and read out whole (:meth:`read_rows`), as are
+    rows split into narrow pieces for kernels that read rows out of the pool (the torch ones),
+    where a row's width leaves part of each page unused.
 
     Under tensor parallelism (S-LoRA, section 6) the driver's pool is the accounting alone
     (``device=None``: the allocator and the page geometry, no tensor) and every worker holds a
@@ -171,16 +163,18 @@ class UnifiedPool:
 
     def read_rows(self, width: int, rows: PagedRows) -> torch.Tensor:
         """Copies ``r`` rows of ``width`` elements out of the pool, whether stored whole
-        (``rows.pages`` is ``[r]``) or split into page-wide pieces (``[r, pieces]``, see
-        :func:`row_pieces`).
+        (``rows.pages`` is ``[r]``) or split into pieces (``[r, pieces]``, see
+        :func:`~pagedlora.row_packing.row_pieces`: page-wide pieces of a row wider than a
+        page, else ``pieces`` equal ones).
 
         Returns:
             ``[r, width]`` contiguous, the pool's dtype.
         """
-        pieces, stored = row_pieces(self.page_numel, width)
-        out = self.rows(stored)[rows.pages, rows.slots]       # [r, stored] or [r, pieces, stored]
-        if pieces == 1:
-            return out
+        if rows.pages.dim() == 1:
+            return self.rows(width)[rows.pages, rows.slots]
+        pieces = rows.pages.shape[1]
+        stored = self.page_numel if width > self.page_numel else width // pieces
+        out = self.rows(stored)[rows.pages, rows.slots]       # [r, pieces, stored]
         return out.reshape(out.shape[0], pieces * stored)[:, :width].contiguous()
 
     def rows(self, width: int) -> torch.Tensor:

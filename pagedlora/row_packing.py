@@ -11,16 +11,44 @@ most the tail of its last page plus gaps narrower than its narrowest row: the sa
 takes 10 pages, 94% used. (First-fit decreasing bin packing, with the bins' positions
 restricted to multiples of the item size.)
 
-The tail of the last page is what is left: a rank-1 adapter smaller than a page wastes most of
-its only page. So the rows of a partly used last page (:attr:`RowPlan.tail`) may go instead to
-pages several adapters share (:class:`~pagedlora.shared_pages.SharedPages`, which places them
-with :func:`fill_gaps` at the same aligned slots).
+Two kinds of waste are left. Where a width does not divide the page and no narrower row fills
+the rest, every page of that width keeps a slack (SmolLM2's 576-wide rows leave 384 of 6,144
+elements): for kernels that read rows out of the pool rather than in place, such rows are
+split into equal narrower pieces that divide the page (:func:`row_pieces`,
+:func:`stored_groups`). And the tail of the last page: a rank-1 adapter smaller than a page
+wastes most of its only page. So the rows of a partly used last page (:attr:`RowPlan.tail`)
+may go instead to pages several adapters share (:class:`~pagedlora.shared_pages.SharedPages`,
+which places them with :func:`fill_gaps` at the same aligned slots).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+
+#: Most pieces a row that fits a page is split into (``row_pieces(narrow=True)``).
+MAX_NARROW_PIECES = 16
+
+
+def row_pieces(page_numel: int, width: int, *, narrow: bool = False) -> tuple[int, int]:
+    """How a rank row of ``width`` elements is stored: ``(pieces, stored_width)``. A row that
+    fits a page is one stored row of its own width; a wider one (a vocabulary-sized row) is
+    split into ``ceil(width / page_numel)`` pieces of ``page_numel`` elements, each filling a
+    page (the last one zero-padded).
+
+    With ``narrow`` (for kernels that read rows out of the pool rather than in place), a row
+    that fits a page but whose width leaves more than 1% of each page unused
+    (``page_numel % width``) is split into the fewest equal pieces, at most
+    :data:`MAX_NARROW_PIECES`, whose width leaves at most 1%: SmolLM2's 576-wide rows fill
+    10 x 576 = 5,760 of a 6,144-element page, 3 pieces of 192 fill all of it. A row no such
+    split helps stays whole."""
+    if width > page_numel:
+        return -(-width // page_numel), page_numel
+    if narrow and 100 * (page_numel % width) > page_numel:
+        for pieces in range(2, MAX_NARROW_PIECES + 1):
+            if width % pieces == 0 and 100 * (page_numel % (width // pieces)) <= page_numel:
+                return pieces, width // pieces
+    return 1, width
 
 
 @dataclass(frozen=True)
@@ -56,6 +84,20 @@ class RowPlan:
     num_pages: int
     places: dict[Hashable, tuple[list[int], list[int]]]
     tail: dict[int, int]
+
+
+def stored_groups(groups: Sequence[RowGroup], page_numel: int, *, narrow: bool
+                  ) -> list[RowGroup]:
+    """``groups`` as :func:`pack_rows` packs them: a group whose rows :func:`row_pieces`
+    splits into narrow pieces (``narrow``) becomes ``count * pieces`` rows of the stored width
+    (a row's pieces consecutive); rows wider than a page stay as they are (``pack_rows``
+    splits them)."""
+    out = []
+    for g in groups:
+        pieces, stored = row_pieces(page_numel, g.width, narrow=narrow)
+        out.append(g if g.width > page_numel or pieces == 1
+                   else RowGroup(g.key, stored, g.count * pieces))
+    return out
 
 
 def pieces_of(width: int, page_numel: int) -> int:

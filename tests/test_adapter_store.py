@@ -99,8 +99,9 @@ def test_thousand_adapters_small_pool_and_host_budget_match_peft(tiny_llama_dir,
 def test_a_b_a_with_other_targets_gives_a_the_same_output(tiny_llama_dir, hf_base, tmp_path):
     a = write_random_lora(tmp_path / "a", r=8, target_modules=list(TARGET_MODULES), seed=1)
     b = write_random_lora(tmp_path / "b", r=4, target_modules=["q_proj", "v_proj"], seed=2)
-    # A takes 19 pages, B 2, a request's KV 2: the pool holds one adapter at a time.
-    engine = engine_with(tiny_llama_dir, 22, max_loras=1, max_cpu_loras=0,
+    # A takes 18 pages and a tail, B 1 and a tail (19 and 2 at most; the tails share one
+    # page), a request's KV 2: the pool holds one adapter at a time.
+    engine = engine_with(tiny_llama_dir, 21, max_loras=1, max_cpu_loras=0,
                          spill_dir=tmp_path / "spill")
     engine.add_adapter("A", a)
     engine.add_adapter("B", b)

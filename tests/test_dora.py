@@ -199,8 +199,8 @@ def test_dora_pages_hold_one_scale_row_per_module(llama):
     resident = engine.adapters.resident(engine.adapters.key_of("dora8"))
     weights = load_file(dirs["dora8"] / "adapter_model.safetensors")
     assert resident.used_elements == sum(t.numel() for t in weights.values())
-    for m in resident.modules.values():
-        assert m.dora is not None and m.dora.pages.shape == (1,)
+    for m in resident.modules.values():  # one row (in pieces where its width leaves slack)
+        assert m.dora is not None and m.dora.pages.shape[0] == 1
 
 
 def test_dora_files_that_do_not_add_up_are_refused(llama, tmp_path):

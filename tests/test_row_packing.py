@@ -15,7 +15,14 @@ import torch
 from pagedlora.adapter_pages import AdapterPacker, _groups, packed_pages
 from pagedlora.lora_adapter import TARGET_MODULES, LoraAdapter, ModuleSpec, ModuleWeights
 from pagedlora.pool import UnifiedPool
-from pagedlora.row_packing import RowGroup, pack_rows, pieces_of, upper_bound_pages
+from pagedlora.row_packing import (
+    RowGroup,
+    pack_rows,
+    pieces_of,
+    row_pieces,
+    stored_groups,
+    upper_bound_pages,
+)
 from pagedlora.scheduler import PageAllocator
 from pagedlora.shared_pages import SharedPages
 
@@ -119,15 +126,18 @@ def test_bad_groups_are_refused_by_key():
         pack_rows([RowGroup("x", 8, 1), RowGroup("x", 8, 2)], 64)
 
 
-def test_packed_rows_read_back_from_a_pool():
+@pytest.mark.parametrize("narrow", [False, True], ids=["whole", "narrow-pieces"])
+def test_packed_rows_read_back_from_a_pool(narrow):
     """One adapter with rows of three widths, a DoRA scale row and a vocabulary row wider
     than a page, packed into scattered pages of a real pool: every matrix reads back exactly
-    (pool.read_rows through its page table), and the pages hold nothing else."""
+    (pool.read_rows through its page table), and the pages hold nothing else. With narrow
+    pieces the 176-wide rows (1,024 % 176 = 144 elements of slack a page) are stored as 11
+    pieces of 16."""
     module_shapes = {**shapes(64, 32, 176), "lm_head": (64, 1500)}
     pool = UnifiedPool(64, block_size=16, num_kv_heads=2, head_dim=16, dtype=torch.float32,
                        device=torch.device("cpu"))
     pool.tensor.fill_(float("nan"))
-    packer = AdapterPacker(pool, module_shapes=module_shapes)
+    packer = AdapterPacker(pool, module_shapes=module_shapes, narrow_pieces=narrow)
     g = torch.Generator().manual_seed(0)
     specs, weights = {}, {}
     for key, rank, dora in [((0, "q_proj"), 3, False), ((0, "down_proj"), 5, True),
@@ -147,6 +157,9 @@ def test_packed_rows_read_back_from_a_pool():
     tail = shared.place("mix", need.tail)
     placed = packer.fill(adapter, weights, pages, placement_id=1, tail=tail)
     assert placed.shared_pages == tail.pages and not tail.pages & set(pages)
+    down = placed.modules[(0, "down_proj")]
+    assert down.a.pages.shape == ((5, 11) if narrow else (5,))
+    assert down.b.pages.shape == (5,) and down.dora.pages.shape == (1,)  # 64 wide: whole
     shared.check_invariants()
     for key, w in weights.items():
         m = placed.modules[key]
@@ -172,12 +185,15 @@ def test_packed_rows_read_back_from_a_pool():
     assert torch.isnan(flat[list(tail.pages)][~written[list(tail.pages)]]).all()
 
 
-def _idle_pages(adapters: list[list[RowGroup]], page_numel: int) -> tuple[int, int]:
+def _idle_pages(adapters: list[list[RowGroup]], page_numel: int, narrow: bool = False
+                ) -> tuple[int, int]:
     """``(pages with last pages each adapter's own, pages with them shared)`` of ``adapters``
-    resident together (the shared layout through SharedPages, over an allocator)."""
+    resident together (the shared layout through SharedPages, over an allocator), their rows
+    split into narrow pieces where ``narrow``."""
     shared = SharedPages(PageAllocator(10**6), page_numel)
     own = with_tails = 0
     for i, groups in enumerate(adapters):
+        groups = stored_groups(groups, page_numel, narrow=narrow)
         pages, tail = check_plan(groups, page_numel), pack_rows(groups, page_numel).tail
         own += pages
         with_tails += pages - bool(tail)
@@ -203,23 +219,73 @@ def test_small_adapters_sharing_last_pages_waste_at_most_5_percent(name, layers,
     sets.append([_groups({(la, m): rng.randint(1, 128) for la in range(layers) for m in mods},
                          module_shapes)
                  for mods in (rng.sample(TARGET_MODULES, rng.randint(1, 7)) for _ in range(24))])
-    for adapters in sets:
+    for adapters, narrow in itertools.product(sets, (False, True)):
         used = sum(g.width * g.count for groups in adapters for g in groups)
-        own, shared = _idle_pages(adapters, page_numel)
+        own, shared = _idle_pages(adapters, page_numel, narrow)
         assert shared <= own
-        assert 1 - used / (shared * page_numel) <= 0.05, (name, own, shared, used)
-        if name == "stress-toy" and adapters is sets[0]:
+        assert 1 - used / (shared * page_numel) <= 0.05, (name, narrow, own, shared, used)
+        if name == "stress-toy" and adapters is sets[0] and not narrow:
             assert 1 - used / (own * page_numel) > 0.5
 
 
-def test_rows_whose_width_leaves_page_slack_keep_it():
+def test_narrow_pieces_recover_the_slack_of_rows_that_do_not_divide_a_page():
     """What sharing last pages cannot recover: SmolLM2's 576-wide rows fill 10 x 576 = 5,760
     of a page's 6,144 elements, so adapters with no narrower rows (q_proj alone) leave 384 of
-    every page of their own unused, 6.25%, shared tails or not (only rows straddling pages, or
-    a block size making pages a multiple of 576 such as 48, would)."""
+    every page of their own unused, 6.25%, shared tails or not. Stored as 3 pieces of 192
+    (for kernels that read rows out of the pool), they fill every page."""
     _, layers, module_shapes, page_numel = MODELS[0]
-    adapters = [_groups({(la, "q_proj"): 3 for la in range(layers)}, module_shapes)] * 24
-    used = sum(g.width * g.count for groups in adapters for g in groups)
-    own, shared = _idle_pages(adapters, page_numel)
-    assert 1 - used / (own * page_numel) == pytest.approx(384 / 6144)
-    assert 1 - used / (shared * page_numel) == pytest.approx(384 / 6144, abs=0.002)
+    assert row_pieces(page_numel, 576) == (1, 576)
+    assert row_pieces(page_numel, 576, narrow=True) == (3, 192)
+    for rank in (1, 3, 64):
+        adapters = [_groups({(la, "q_proj"): rank for la in range(layers)}, module_shapes)] * 24
+        used = sum(g.width * g.count for groups in adapters for g in groups)
+        own, shared = _idle_pages(adapters, page_numel)
+        assert 1 - used / (shared * page_numel) == pytest.approx(384 / 6144, abs=0.002)
+        _, narrow = _idle_pages(adapters, page_numel, narrow=True)
+        assert 1 - used / (narrow * page_numel) <= 0.005, rank
+
+
+@pytest.mark.parametrize("name,layers,module_shapes,page_numel", MODELS,
+                         ids=[m[0] for m in MODELS])
+def test_narrow_pieces_leave_at_most_1_percent_of_a_page(name, layers, module_shapes,
+                                                         page_numel):
+    """Every decoder row width of the four shapes, split by ``row_pieces(narrow=True)``,
+    divides into equal pieces that leave at most 1% of a page unused, or already did."""
+    for width in {w for shape in module_shapes.values() for w in shape}:
+        pieces, stored = row_pieces(page_numel, width, narrow=True)
+        assert stored * pieces == width and pieces <= 16
+        assert 100 * (page_numel % stored) <= page_numel, (name, width, pieces, stored)
+    assert row_pieces(1024, 577, narrow=True) == (1, 577)  # a prime: nothing divides it
+    assert row_pieces(1024, 1500, narrow=True) == (2, 1024)  # wider than a page: split
+
+
+def test_pieces_and_rows_of_their_width_share_the_tail_spots():
+    """SmolLM2's widths with narrow pieces: q_proj's 576-wide rows become pieces of 192, the
+    width of v_proj's lora_B^T rows, and both end up in the tail: each takes its own shared
+    spots (none twice), and every matrix reads back exactly."""
+    module_shapes = shapes(576, 192, 1536)
+    pool = UnifiedPool(16, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.float32,
+                       device=torch.device("cpu"))
+    packer = AdapterPacker(pool, module_shapes=module_shapes, narrow_pieces=True)
+    g = torch.Generator().manual_seed(1)
+    specs, weights = {}, {}
+    for key, rank in [((0, "q_proj"), 2), ((0, "v_proj"), 3), ((1, "v_proj"), 1)]:
+        in_f, out_f = module_shapes[key[1]]
+        specs[key] = ModuleSpec(rank=rank, scale=1.0)
+        weights[key] = ModuleWeights(torch.randn(rank, in_f, generator=g),
+                                     torch.randn(rank, out_f, generator=g))
+    adapter = LoraAdapter(name="qv", path=None, key="k", modules=specs, num_bytes=0)
+    need = packer.footprint(adapter)
+    # all of it in pieces of 192 beside v's lora_B^T rows: q 2 x 2 x 3, v's lora_A 4 x 3, 4
+    assert need.own_pages == 0 and need.tail == {192: 28}
+    shared = SharedPages(pool.allocator, pool.page_numel)
+    tail = shared.place("qv", need.tail)
+    placed = packer.fill(adapter, weights, [], placement_id=0, tail=tail)
+    spans = sorted(placed.spans)
+    assert all(a[0] != b[0] or a[2] <= b[1] for a, b in itertools.pairwise(spans))
+    for key, w in weights.items():
+        m = placed.modules[key]
+        in_f, out_f = module_shapes[key[1]]
+        assert torch.equal(pool.read_rows(in_f, m.a), w.a), key
+        assert torch.equal(pool.read_rows(out_f, m.b), w.b_t), key
+    assert placed.modules[(0, "q_proj")].b.pages.shape == (2, 3)
