@@ -260,27 +260,29 @@ def test_narrow_pieces_leave_at_most_1_percent_of_a_page(name, layers, module_sh
 
 
 def test_pieces_and_rows_of_their_width_share_the_tail_spots():
-    """SmolLM2's widths with narrow pieces: q_proj's 576-wide rows become pieces of 192, the
-    width of v_proj's lora_B^T rows, and both end up in the tail: each takes its own shared
-    spots (none twice), and every matrix reads back exactly."""
+    """SmolLM2's widths with narrow pieces: 576-wide rows become pieces of 192, the width of
+    v_proj's lora_B^T rows, and both end up in the tail: each takes its own shared spots (none
+    twice), and every matrix reads back exactly. (Whole, the 33 rows of 576 would hold 3 pages
+    and 1,728 elements of a tail; in pieces, 3 pages and 768.)"""
     module_shapes = shapes(576, 192, 1536)
     pool = UnifiedPool(16, block_size=16, num_kv_heads=3, head_dim=64, dtype=torch.float32,
                        device=torch.device("cpu"))
     packer = AdapterPacker(pool, module_shapes=module_shapes, narrow_pieces=True)
     g = torch.Generator().manual_seed(1)
     specs, weights = {}, {}
-    for key, rank in [((0, "q_proj"), 2), ((0, "v_proj"), 3), ((1, "v_proj"), 1)]:
+    for key, rank in [((0, "q_proj"), 8), ((1, "q_proj"), 8), ((1, "v_proj"), 1)]:
         in_f, out_f = module_shapes[key[1]]
         specs[key] = ModuleSpec(rank=rank, scale=1.0)
         weights[key] = ModuleWeights(torch.randn(rank, in_f, generator=g),
                                      torch.randn(rank, out_f, generator=g))
     adapter = LoraAdapter(name="qv", path=None, key="k", modules=specs, num_bytes=0)
     need = packer.footprint(adapter)
-    # all of it in pieces of 192 beside v's lora_B^T rows: q 2 x 2 x 3, v's lora_A 4 x 3, 4
-    assert need.own_pages == 0 and need.tail == {192: 28}
+    # 99 pieces of 192 (33 rows of 576), then v's one lora_B^T row: the last 4 in the tail
+    assert need.own_pages == 3 and need.tail == {192: 4}
     shared = SharedPages(pool.allocator, pool.page_numel)
     tail = shared.place("qv", need.tail)
-    placed = packer.fill(adapter, weights, [], placement_id=0, tail=tail)
+    placed = packer.fill(adapter, weights, pool.allocator.allocate(3, "adapter"),
+                         placement_id=0, tail=tail)
     spans = sorted(placed.spans)
     assert all(a[0] != b[0] or a[2] <= b[1] for a, b in itertools.pairwise(spans))
     for key, w in weights.items():
@@ -288,4 +290,5 @@ def test_pieces_and_rows_of_their_width_share_the_tail_spots():
         in_f, out_f = module_shapes[key[1]]
         assert torch.equal(pool.read_rows(in_f, m.a), w.a), key
         assert torch.equal(pool.read_rows(out_f, m.b), w.b_t), key
-    assert placed.modules[(0, "q_proj")].b.pages.shape == (2, 3)
+    assert placed.modules[(0, "q_proj")].b.pages.shape == (8, 3)
+    assert placed.modules[(1, "v_proj")].b.pages.shape == (1,)
