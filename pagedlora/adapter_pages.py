@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -169,15 +169,7 @@ class AdapterPacker:
         Raises:
             ValueError: it exceeds a static layout's slot.
         """
-        plan = self._plan(adapter)[1]
-        allocator = self.pool.allocator
-        if plan.tail and allocator.shares_adapter_tails:
-            return AdapterFootprint(plan.num_pages - 1, dict(plan.tail))
-        return AdapterFootprint(allocator.adapter_footprint(plan.num_pages), {})
-
-    def num_pages(self, adapter: LoraAdapter) -> int:
-        """The most pages placing ``adapter`` takes (:attr:`AdapterFootprint.max_pages`)."""
-        return self.footprint(adapter).max_pages
+        return self._footprint(self._plan(adapter)[1])
 
     def fill(self, adapter: LoraAdapter, weights: AdapterWeights, pages: list[int],
              placement_id: int, tail: TailSpots | None = None) -> ResidentAdapter:
@@ -215,7 +207,8 @@ class AdapterPacker:
                 weights: AdapterWeights | None = None) -> ResidentAdapter:
         """The placement of the adapter's rows in ``pages`` and ``tail`` by its plan, copying
         ``weights`` into the pool when given."""
-        need = self.footprint(adapter)
+        groups, plan = self._plan(adapter)
+        need = self._footprint(plan)
         if len(pages) != need.own_pages:
             raise ValueError(f"adapter {adapter.name!r} takes {need.own_pages} pages of its "
                              f"own, given {len(pages)}")
@@ -223,18 +216,18 @@ class AdapterPacker:
         if given != need.tail:
             raise ValueError(f"adapter {adapter.name!r} has tail rows {need.tail} for shared "
                              f"pages, given spots for {given}")
-        groups, plan = self._plan(adapter)
+        # per stored width, the tail's spots in order (rows of several widths stored as one
+        # width, pieces beside whole rows, take them in turn)
+        spots = {w: iter(zip(*rows, strict=True)) for w, rows in tail.rows.items()} \
+            if tail is not None else {}
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        taken: dict[int, int] = {}  # tail spots used so far, per stored width
         # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
         for width in sorted({g.width for g in groups}, reverse=True):
             members = [g for g in groups if g.width == width]
             pieces, stored = self._pieces(width)
             local = [p for g in members for p in plan.places[g.key][0]]
             slots = [s for g in members for s in plan.places[g.key][1]]
-            absolute = _absolute(local, slots, pages, tail.rows.get(stored) if tail else None,
-                                 taken.get(stored, 0))
-            taken[stored] = taken.get(stored, 0) + sum(p >= len(pages) for p in local)
+            absolute = _absolute(local, slots, pages, spots.get(stored))
             at_pages = to_device(torch.tensor(absolute[0], dtype=torch.long), device)
             at_slots = to_device(torch.tensor(absolute[1], dtype=torch.long), device)
             if weights is not None:
@@ -262,6 +255,13 @@ class AdapterPacker:
                                modules=modules,
                                spans=tuple(tail.spans) if tail is not None else ())
 
+    def _footprint(self, plan: RowPlan) -> AdapterFootprint:
+        """What ``plan`` takes, as the allocator charges it (see :meth:`footprint`)."""
+        allocator = self.pool.allocator
+        if plan.tail and allocator.shares_adapter_tails:
+            return AdapterFootprint(plan.num_pages - 1, dict(plan.tail))
+        return AdapterFootprint(allocator.adapter_footprint(plan.num_pages), {})
+
     def _pieces(self, width: int) -> tuple[int, int]:
         """``(pieces, stored width)`` of a row of ``width`` (:func:`row_pieces`)."""
         return row_pieces(self.pool.page_numel, width, narrow=self.narrow_pieces)
@@ -282,20 +282,18 @@ class AdapterPacker:
 
 
 def _absolute(local: list[int], slots: list[int], pages: list[int],
-              spots: tuple[tuple[int, ...], tuple[int, ...]] | None, first: int = 0
-              ) -> tuple[list[int], list[int]]:
+              spots: Iterator[tuple[int, int]] | None) -> tuple[list[int], list[int]]:
     """Pool pages and slots of rows at plan-local ``(local, slots)``: local page ``i`` is
-    ``pages[i]``; a row on the page past them (the tail) takes the next of ``spots``, from
-    ``first`` on (rows of several widths stored as one width share its spots)."""
-    at_pages, at_slots, k = [], [], first
+    ``pages[i]``; a row on the page past them (the tail) takes the next ``(page, slot)`` of
+    ``spots``."""
+    at_pages, at_slots = [], []
     for page, slot in zip(local, slots, strict=True):
-        if page < len(pages):
-            at_pages.append(pages[page])
-            at_slots.append(slot)
+        if page >= len(pages):
+            page, slot = next(spots)
         else:
-            at_pages.append(spots[0][k])
-            at_slots.append(spots[1][k])
-            k += 1
+            page = pages[page]
+        at_pages.append(page)
+        at_slots.append(slot)
     return at_pages, at_slots
 
 

@@ -605,8 +605,13 @@ class AdapterStore:
         self._reserved[key] = pages
 
     def _unreserve(self, key: str) -> None:
-        """Frees a reservation that was never filled: its pages, and its shared rows."""
-        self.allocator.free(self._reserved.pop(key))
+        """Frees a reservation that was never filled."""
+        self._give_back(key, self._reserved.pop(key))
+
+    def _give_back(self, key: str, pages: list[int]) -> None:
+        """Frees ``key``'s own ``pages`` and its rows in the shared pages (which go back to
+        the pool with their last tenant)."""
+        self.allocator.free(pages)
         self._shared.release(self.unit_of(key))
 
     def _fetch(self, key: str) -> AdapterWeights:
@@ -718,8 +723,7 @@ class AdapterStore:
         if self._pins[key] or self._holds[key] or any(k == key for k, _ in self._names.values()):
             return
         if key in self._resident and self.allocator.withdraw(self.unit_of(key)):
-            self.allocator.free(self._resident.pop(key).pages)
-            self._shared.release(self.unit_of(key))
+            self._give_back(key, self._resident.pop(key).pages)
         self._host.discard(key)
         self.spill.delete(key)
         self._contents.pop(key, None)

@@ -100,11 +100,6 @@ def stored_groups(groups: Sequence[RowGroup], page_numel: int, *, narrow: bool
     return out
 
 
-def pieces_of(width: int, page_numel: int) -> int:
-    """Pages a row of ``width`` elements is split into (1 when it fits a page)."""
-    return max(1, -(-width // page_numel))
-
-
 def pack_rows(groups: Sequence[RowGroup], page_numel: int) -> RowPlan:
     """Packs the groups' rows into pages of ``page_numel`` elements.
 
@@ -131,7 +126,7 @@ def pack_rows(groups: Sequence[RowGroup], page_numel: int) -> RowPlan:
     for g in groups:
         if g.width <= page_numel:
             continue
-        pieces = pieces_of(g.width, page_numel)
+        pieces = row_pieces(page_numel, g.width)[0]
         tail = g.width - (pieces - 1) * page_numel  # elements of the last piece
         pages = list(range(num_pages, num_pages + g.count * pieces))
         places[g.key] = (pages, [0] * len(pages))
@@ -206,7 +201,7 @@ def upper_bound_pages(groups: Sequence[RowGroup], page_numel: int) -> int:
     """Pages of ``groups`` with each width on pages of its own (a wide row's pieces one page
     each): at least what :func:`pack_rows` takes, and never fewer for more or wider-ranked
     rows, so a slot of this size holds any adapter with fewer rows of each width."""
-    total = sum(g.count * pieces_of(g.width, page_numel) for g in groups
+    total = sum(g.count * row_pieces(page_numel, g.width)[0] for g in groups
                 if g.width > page_numel)
     for width in {g.width for g in groups if g.width <= page_numel}:
         rows = sum(g.count for g in groups if g.width == width)

@@ -70,11 +70,6 @@ class SharedPages:
         """The shared pages now, ascending."""
         return sorted(self._gaps)
 
-    @property
-    def free_elements(self) -> int:
-        """Elements of the shared pages that no row holds."""
-        return sum(end - start for gaps in self._gaps.values() for start, end in gaps)
-
     def spots(self, unit: Hashable) -> TailSpots | None:
         """Where ``unit``'s tail rows are (None when it has none)."""
         return self._spots.get(unit)

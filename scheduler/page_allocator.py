@@ -346,11 +346,6 @@ class PageAllocator:
         with self._lock:
             return frozenset(self._tenants.get(page, ()))
 
-    def shared_pages(self, unit: Hashable) -> frozenset[int]:
-        """The pages ``unit`` shares with others (see :meth:`share`)."""
-        with self._lock:
-            return frozenset(self._shares.get(unit, ()))
-
     # -- checks -------------------------------------------------------------------------------
 
     def kind_of(self, page: int) -> str | None:

@@ -18,7 +18,6 @@ from pagedlora.pool import UnifiedPool
 from pagedlora.row_packing import (
     RowGroup,
     pack_rows,
-    pieces_of,
     row_pieces,
     stored_groups,
     upper_bound_pages,
@@ -42,7 +41,7 @@ def check_plan(groups: list[RowGroup], page_numel: int) -> int:
     taken: dict[int, list[tuple[int, int]]] = {}
     for g in groups:
         pages, slots = plan.places[g.key]
-        pieces = pieces_of(g.width, page_numel)
+        pieces = row_pieces(page_numel, g.width)[0]
         assert len(pages) == len(slots) == g.count * pieces, g
         stored = min(g.width, page_numel)
         for i, (p, s) in enumerate(zip(pages, slots, strict=True)):
