@@ -6,9 +6,9 @@ shapes of SmolLM2-135M, Llama-2-7B, Llama-3-8B and the toy model of
 elements that hold no weight, with each adapter's last page its own (``own``: rows packed across
 layers and modules, :func:`~pagedlora.row_packing.pack_rows`) and with the rows of partly used
 last pages in pages the adapters share (``shared``: :class:`~pagedlora.shared_pages.SharedPages`,
-the unified layout under the Triton kernels), and with rows whose width leaves slack in a page
-also split into narrow pieces (``pieces``: the unified layout under the torch kernels,
-:func:`~pagedlora.row_packing.row_pieces`). The engine-level measure, with real weights in a
+the unified layout of stop 24 under the Triton kernels), and with rows whose width leaves slack
+in a page also split into narrow pieces (``pieces``: :func:`~pagedlora.row_packing.row_pieces`,
+the unified layout under either kernel backend). The engine-level measure, with real weights in a
 pool, is ``examples/fragmentation_stress.py --idle``.
 
     python benchmarks/page_waste.py [--adapters 24] [--json out.json]

@@ -3,8 +3,9 @@
 Segmented gather matrix-vector products (SGMV, Punica, Chen et al. 2023, section 4) over the
 heterogeneous-rank rows of S-LoRA's unified pool (Sheng et al. 2023, section 5.1): each
 segment of consecutive tokens shares one adapter, whose rank rows are read in place through
-its page table. Same semantics as :func:`pagedlora.kernels.lora.lora_shrink_expand`; on CPU
-tensors the kernels need the Triton interpreter (see :mod:`.triton_launch`).
+its page table, whole or in narrow pieces (a page and a slot per piece). Same semantics as
+:func:`pagedlora.kernels.lora.lora_shrink_expand`; on CPU tensors the kernels need the Triton
+interpreter (see :mod:`.triton_launch`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ from pagedlora.kernels.lora import LoraBatch, PagedRows, SegmentTable, disjoint_
 from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_dtype, tile
 
 
+@triton.jit
+def _piece_offsets(pages_ptr, slots_ptr, row, col, mask, stride_page, piece_width,
+                   PIECES: tl.constexpr):
+    # Element offsets of columns col of rows row (broadcast against each other, e.g. [1, R]
+    # and [K, 1]), each row stored in PIECES pieces of piece_width elements: piece p of row i
+    # at page pages[i, p], slot slots[i, p] of its piece_width-wide slots
+    # (row_packing.row_pieces(narrow=True)).
+    piece = col // piece_width
+    entry = row * PIECES + piece
+    return (tl.load(pages_ptr + entry, mask=mask, other=0) * stride_page
+            + tl.load(slots_ptr + entry, mask=mask, other=0) * piece_width
+            + (col - piece * piece_width))
+
+
 # Ints and pointers that vary from step to step are not specialised on (Triton otherwise
 # compiles a variant per value equal to 1 or divisible by 16, and per pointer alignment: the
 # segment tables are slices of one step buffer, tmp's row stride is the step's largest rank).
@@ -27,9 +42,10 @@ from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_
 def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_ptr,
                    in_features, split_k, stride_xt, stride_page, stride_slot, stride_tmp,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DOT: tl.constexpr):
+                   PIECES: tl.constexpr, DOT: tl.constexpr):
     # Program (segment, token tile, rank tile x k split): tmp[tokens, ranks] (+)= scale *
-    # x[tokens, k range] @ A[ranks, k range]^T, A's rows gathered from their pages.
+    # x[tokens, k range] @ A[ranks, k range]^T, A's rows gathered from their pages (each
+    # row whole, or in PIECES pieces of stride_slot elements with a page and slot each).
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2) // split_k
@@ -44,16 +60,22 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
     tok_ok = tok < end
     r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rank
-    rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
-            + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)   # [BLOCK_R]
+    if PIECES == 1:
+        rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
+                + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)  # [BLOCK_R]
     acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
     for k0 in range(pid_k * BLOCK_K, in_features, BLOCK_K * split_k):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < in_features
         x = tl.load(x_ptr + tok[:, None] * stride_xt + k[None, :],
                     mask=tok_ok[:, None] & k_ok[None, :], other=0.0)          # [M, K]
-        a = tl.load(a_ptr + rows[None, :] + k[:, None],
-                    mask=r_ok[None, :] & k_ok[:, None], other=0.0)            # [K, R]
+        mask = r_ok[None, :] & k_ok[:, None]
+        if PIECES == 1:
+            at = rows[None, :] + k[:, None]                                   # [K, R]
+        else:
+            at = _piece_offsets(pages_ptr, slots_ptr, (col + r)[None, :], k[:, None], mask,
+                                stride_page, stride_slot, PIECES)
+        a = tl.load(a_ptr + at, mask=mask, other=0.0)                          # [K, R]
         acc += tl.dot(x.to(DOT), a.to(DOT), input_precision="ieee")
     acc *= tl.load(scale_ptr + seg)
     out = tmp_ptr + tok[:, None] * stride_tmp + r[None, :]
@@ -68,9 +90,10 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
 def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
                    out_features, stride_tmp, stride_page, stride_slot, stride_yt,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                   DOT: tl.constexpr):
+                   PIECES: tl.constexpr, DOT: tl.constexpr):
     # Program (segment, token tile, column tile): y[tokens, cols] += tmp[tokens, :rank] @
-    # B^T[:rank, cols], B^T's rows gathered from their pages; one rounding to y's dtype.
+    # B^T[:rank, cols], B^T's rows gathered from their pages (whole or in PIECES pieces, as
+    # in the shrink); one rounding to y's dtype.
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     start = tl.load(seg_ptr + 4 * seg)
@@ -89,10 +112,15 @@ def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
         r_ok = r < rank
         t = tl.load(tmp_ptr + tok[:, None] * stride_tmp + r[None, :],
                     mask=tok_ok[:, None] & r_ok[None, :], other=0.0)          # [M, R]
-        rows = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
-                + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)
-        b = tl.load(b_ptr + rows[:, None] + n[None, :],
-                    mask=r_ok[:, None] & n_ok[None, :], other=0.0)            # [R, N]
+        mask = r_ok[:, None] & n_ok[None, :]
+        if PIECES == 1:
+            at = (tl.load(pages_ptr + col + r, mask=r_ok, other=0) * stride_page
+                  + tl.load(slots_ptr + col + r, mask=r_ok, other=0) * stride_slot)[:, None] \
+                + n[None, :]                                                  # [R, N]
+        else:
+            at = _piece_offsets(pages_ptr, slots_ptr, (col + r)[:, None], n[None, :], mask,
+                                stride_page, stride_slot, PIECES)
+        b = tl.load(b_ptr + at, mask=mask, other=0.0)                          # [R, N]
         acc += tl.dot(t.to(DOT), b.to(DOT), input_precision="ieee")
     out = y_ptr + tok[:, None] * stride_yt + n[None, :]
     mask = tok_ok[:, None] & n_ok[None, :]
@@ -121,13 +149,27 @@ def segment_tensors(batch: LoraBatch, num_tokens: int, device: torch.device) -> 
                         max(s.end - s.start for s in batch.segments))
 
 
-def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int) -> None:
+def _check_rows(name: str, rows: PagedRows, view: torch.Tensor, num_rows: int,
+                width: int) -> int:
+    """Checks a batch's page tables against ``view``, the pool as rows of the stored width,
+    and the ``width`` of the matrix's rows; returns the pieces per row (1: whole rows).
+
+    Raises:
+        ValueError: naming what disagrees.
+    """
     check_tensor(f"{name}_view", view, ndim=3, dtype=view.dtype, device=view.device)
+    pieces = 1 if rows.pages.dim() == 1 else rows.pages.shape[1]
     for part in ("pages", "slots"):
         t = getattr(rows, part)
-        check_tensor(f"batch.{name}.{part}", t, ndim=1, dtype=torch.int64, device=view.device)
-        if t.shape[0] != num_rows:
-            raise ValueError(f"batch.{name}.{part} has {t.shape[0]} rows, batch.a {num_rows}")
+        check_tensor(f"batch.{name}.{part}", t, ndim=rows.pages.dim(), dtype=torch.int64,
+                     device=view.device, contiguous=True)
+        if t.shape[0] != num_rows or t.shape[1:] != rows.pages.shape[1:]:
+            raise ValueError(f"batch.{name}.{part} is {tuple(t.shape)}, batch.{name}.pages "
+                             f"{tuple(rows.pages.shape)}, batch.a {num_rows} rows")
+    if view.shape[2] * pieces != width:
+        raise ValueError(f"{name}_view's rows are {view.shape[2]} wide: {pieces} piece(s) of "
+                         f"them do not make the {width}-wide rows of {name}")
+    return pieces
 
 
 def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
@@ -137,7 +179,10 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     Args:
         x: ``[T, in_features]`` input of the projection, the pool's dtype, unit last stride.
         batch: the step's rows and segments for this module (token_scale is not read).
-        a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+        a_view: ``[num_pages, rows_per_page, width]`` pool view for lora_A rows: ``width`` is
+            ``in_features`` for whole rows (``batch.a.pages`` ``[r]``), ``in_features / P``
+            for rows in ``P`` narrow pieces (``[r, P]``, see
+            :func:`pagedlora.pool.UnifiedPool.stored_rows`).
         segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
     Returns:
         ``[T, max_rank]`` float32 (max_rank: the largest segment rank); row t's first r_s
@@ -150,10 +195,8 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     """
     device = a_view.device
     check_tensor("x", x, ndim=2, dtype=a_view.dtype, device=device)
-    _check_rows("a", batch.a, a_view, batch.a.pages.shape[0])
     num_tokens, in_features = x.shape
-    if a_view.shape[2] != in_features:
-        raise ValueError(f"x has {in_features} features, a_view rows {a_view.shape[2]}")
+    pieces = _check_rows("a", batch.a, a_view, batch.a.pages.shape[0], in_features)
     check_launchable(_shrink_kernel, device)
     seg = segment_table or segment_tensors(batch, num_tokens, device)
     table, scales, max_rank, max_len = seg.table, seg.scale, seg.max_rank, seg.max_len
@@ -173,7 +216,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     _shrink_kernel[grid](
         x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features, split_k,
         x.stride(0), a_view.stride(0), a_view.stride(1), tmp.stride(0),
-        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, PIECES=pieces,
         DOT=dot_dtype(x.dtype, _shrink_kernel))
     return tmp
 
@@ -187,7 +230,8 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
         y: ``[T, out_features]`` output of the base projection, the pool's dtype, updated.
         tmp: ``[T, max_rank]`` float32 from :func:`lora_shrink`.
         batch: the step's rows and segments for this module.
-        b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+        b_view: ``[num_pages, rows_per_page, width]`` pool view for lora_B^T rows, whole or
+            in pieces as ``a_view`` in :func:`lora_shrink`.
         segment_table: the segments as tensors, if already built (see :func:`segment_tensors`).
     Raises:
         ValueError: a shape, dtype, device or stride the kernel cannot take (named).
@@ -195,11 +239,10 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
     device = b_view.device
     check_tensor("y", y, ndim=2, dtype=b_view.dtype, device=device)
     check_tensor("tmp", tmp, ndim=2, dtype=torch.float32, device=device)
-    _check_rows("b", batch.b, b_view, batch.a.pages.shape[0])
     num_tokens, out_features = y.shape
-    if b_view.shape[2] != out_features or tmp.shape[0] != num_tokens:
-        raise ValueError(f"y is {tuple(y.shape)}, tmp {tuple(tmp.shape)}, b_view rows "
-                         f"{b_view.shape[2]} wide")
+    pieces = _check_rows("b", batch.b, b_view, batch.a.pages.shape[0], out_features)
+    if tmp.shape[0] != num_tokens:
+        raise ValueError(f"y is {tuple(y.shape)}, tmp {tuple(tmp.shape)}")
     check_launchable(_expand_kernel, device)
     seg = segment_table or segment_tensors(batch, num_tokens, device)
     block_m, block_n = tile(seg.max_len), 128
@@ -208,7 +251,7 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
     _expand_kernel[grid](
         tmp, b_view, batch.b.pages, batch.b.slots, seg.table, y, out_features,
         tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]), PIECES=pieces,
         DOT=dot_dtype(y.dtype, _expand_kernel))
 
 
@@ -227,8 +270,8 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         y: ``[T, out_features]`` output of the base projection, updated in place.
         x: ``[T, in_features]`` input of the projection, same dtype as ``y``.
         batch: the step's rows and segments for this module.
-        a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
-        b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+        a_view, b_view: pool views for lora_A and lora_B^T rows, as in :func:`lora_shrink`
+            and :func:`lora_expand` (rows whole or in narrow pieces).
     Raises:
         ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens;
             a shape, dtype, device or stride the kernels cannot take (named).

@@ -122,7 +122,7 @@ class AdapterPacker:
     r with no padding to max_lora_rank, loses at most gaps narrower than its narrowest row
     (and its last page's tail, unless that goes to a shared page), and a decoder projection's
     row never straddles two pages (Triton kernels read those rows in place, ``slot * width``
-    into the page). The vocabulary modules
+    into the page, a page and slot per piece for rows in narrow pieces). The vocabulary modules
     (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
     elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
     is split into page-wide pieces, one page each (the last one's tail free for narrower
@@ -143,16 +143,17 @@ class AdapterPacker:
         scale_widths: ``module -> width`` of a DoRA module's output scale row where it is not
             ``out_features`` (a tensor-parallel rank's, ``Shard.dora_widths``).
         narrow_pieces: split rows whose width leaves more than 1% of a page unused into
-            equal pieces that leave less (``row_pieces(narrow=True)``): for kernels that take
-            rows read out of the pool (``Kernels.reads_gathered_rows``, the torch ones), never
-            for those that read a row in place (Triton).
+            equal pieces that leave less (``row_pieces(narrow=True)``). Every kernel takes
+            them: the torch ones read rows out of the pool (:meth:`UnifiedPool.read_rows`),
+            the Triton ones address each piece in place; False (whole rows) is for layout
+            comparisons.
     Raises:
         ValueError: a decoder projection's row width exceeds a page (raise block_size).
     """
 
     def __init__(self, pool: UnifiedPool, *, module_shapes: dict[str, tuple[int, int]],
                  scale_widths: dict[str, int] | None = None,
-                 narrow_pieces: bool = False) -> None:
+                 narrow_pieces: bool = True) -> None:
         self.pool = pool
         self.module_shapes = module_shapes
         self.scale_widths = scale_widths or {}

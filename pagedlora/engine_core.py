@@ -17,7 +17,6 @@ from pagedlora.adapter_pages import AdapterPacker, AdapterPages, packed_pages
 from pagedlora.adapter_store import AdapterStore, AdapterStoreStats
 from pagedlora.config import EngineConfig
 from pagedlora.errors import EngineDeadError
-from pagedlora.kernels.backend import resolve_backend
 from pagedlora.merge_policy import MergePolicy, MergeStats
 from pagedlora.merged_weights import MergedStats, MergedWeights
 from pagedlora.model import LlamaModel
@@ -306,10 +305,8 @@ class EngineCore:
             config, num_layers=shard.num_layers, num_kv_heads=shard.num_kv_heads,
             head_dim=shard.head_dim, static_slot_pages=static_slot_pages,
             device=device if tp == 1 else None)
-        # the torch kernels read rows out of the pool (so rows may be split), Triton in place
         packer = AdapterPacker(pool, module_shapes=shard.lora_widths,  # rows must fit pages
-                               scale_widths=shard.dora_widths, narrow_pieces=resolve_backend(
-                                   config.kernel_backend, device) == "torch")
+                               scale_widths=shard.dora_widths)
         base: BaseWeights
         if tp == 1:
             model = LlamaModel(hf_config, load_weights(model_dir), dtype=dtype, device=device,

@@ -51,12 +51,12 @@ class ModuleRows:
         b: the matching ``R`` lora_B^T rows (``[R, out_features]``).
         cols: per such adapter ``(i, col_start, col_end, scale)``: the set's adapter ``i``
             owns rows ``[col_start, col_end)``.
-        pieces: per such adapter, its rows read out of the pool, or None (kernels that read
-            pages in place).
+        pieces: per such adapter, its rows read out of the pool (joined where stored in
+            pieces), or None (kernels that read pages in place).
         dora: the set's DoRA adapters among them, by index (empty when none).
         dora_rows: the page table of their scale rows, in ``dora`` order (None when none).
-        dora_pieces: ``[len(dora), out_features]`` their scale rows read out of the pool, or
-            None (no DoRA adapter, or kernels that read pages in place).
+        dora_pieces: ``[len(dora), out_features]`` their scale rows read out of the pool
+            (for every kernel backend), or None (no DoRA adapter).
     """
 
     a: PagedRows
@@ -159,10 +159,11 @@ class LoraLayouts:
     over :data:`BGMV_MIN_ADAPTERS` or more adapters, the BGMV form. The copies (the batch's
     adapters' weights, at most twice: the pieces and one layout per module) are dropped as soon
     as an adapter leaves the batch. Kernels that read pages in place (Triton) get page tables
-    only, except for the vocabulary modules: their rows (``vocab_size`` wide, split across
-    pages) are always read out once per placement and handed over in the dense form, for the
-    torch ops the model runs on them (``embed_tokens`` over the step's tokens, ``lm_head``
-    over its logits rows).
+    only (rows whole or in narrow pieces), except for the vocabulary modules: their rows
+    (``vocab_size`` wide, split across pages) are always read out once per placement and
+    handed over in the dense form, for the torch ops the model runs on them (``embed_tokens``
+    over the step's tokens, ``lm_head`` over its logits rows); and DoRA scale rows, one per
+    adapter and module, read out once per set of adapters for the elementwise rescale.
 
     Args:
         pool: the unified pool.
@@ -374,7 +375,7 @@ class LoraLayouts:
         self._modules = {
             lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
                                  if self.gather_rows or lm[1] in VOCAB_MODULES else None,
-                                 read_scale(lm) if self.gather_rows else None)
+                                 read_scale(lm))
             for lm, ms in parts.items()}
         self._forms = {}
         self._fused_weights_of = {}

@@ -289,7 +289,7 @@ class LlamaModel:
         sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         h = self._embed(batch.input_ids, batch)                            # [T, H]
         kv_pages = pool.kv_pages
-        rows = pool.rows
+        rows = pool.stored_rows  # each module's rows, whole or in pieces, as stored
         ops, linear = self.kernels, self.linear
         comm = self.comm
         hidden = slice(*self.shard.hidden)
@@ -300,22 +300,24 @@ class LlamaModel:
                 if work is None:
                     return
                 a_width, b_width = self.lora_widths[module]
+                a_view, b_view = rows(a_width, work.a), rows(b_width, work.b)
                 if comm is None or module not in ROW_PARALLEL:
-                    ops.lora_shrink_expand(y, x, work, rows(a_width), rows(b_width))
+                    ops.lora_shrink_expand(y, x, work, a_view, b_view)
                 else:
-                    shrunk = ops.lora_shrink(x, work, rows(a_width))  # partial: x's columns
+                    shrunk = ops.lora_shrink(x, work, a_view)  # partial: x's columns
                     comm.all_reduce(shrunk)
-                    ops.lora_expand(y[:, hidden], shrunk, work, rows(b_width))
+                    ops.lora_expand(y[:, hidden], shrunk, work, b_view)
                 if work.dora is not None and (comm is None or module not in ROW_PARALLEL):
                     dora_rescale(y, self.base_bias(n, module), work.dora,
-                                 rows(self.dora_widths[module]))
+                                 rows(self.dora_widths[module], work.dora.rows))
 
             def reduce(module: str, y: torch.Tensor, n: int = n) -> None:
                 """A row-parallel output's all-reduce, then its DoRA scale (whole rows)."""
                 comm.all_reduce(y)
                 work = batch.lora.get((n, module))
                 if work is not None and work.dora is not None:
-                    dora_rescale(y, None, work.dora, rows(self.dora_widths[module]))
+                    dora_rescale(y, None, work.dora,
+                                 rows(self.dora_widths[module], work.dora.rows))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
             qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]

@@ -170,12 +170,24 @@ class UnifiedPool:
         Returns:
             ``[r, width]`` contiguous, the pool's dtype.
         """
+        view = self.stored_rows(width, rows)
         if rows.pages.dim() == 1:
-            return self.rows(width)[rows.pages, rows.slots]
-        pieces = rows.pages.shape[1]
-        stored = self.page_numel if width > self.page_numel else width // pieces
-        out = self.rows(stored)[rows.pages, rows.slots]       # [r, pieces, stored]
-        return out.reshape(out.shape[0], pieces * stored)[:, :width].contiguous()
+            return view[rows.pages, rows.slots]
+        out = view[rows.pages, rows.slots]                    # [r, pieces, stored]
+        return out.reshape(out.shape[0], -1)[:, :width].contiguous()
+
+    def stored_rows(self, width: int, rows: PagedRows) -> torch.Tensor:
+        """The view (:meth:`rows`) that ``rows``, of ``width`` elements each, are stored in:
+        rows of ``width`` if whole, of a page if split for being wider than a page, of
+        ``width / pieces`` if in narrow pieces. What the Triton kernels index in place.
+
+        Raises:
+            RuntimeError: a pool without a tensor (see the class docstring).
+        """
+        if rows.pages.dim() == 1:
+            return self.rows(width)
+        return self.rows(self.page_numel if width > self.page_numel
+                         else width // rows.pages.shape[1])
 
     def rows(self, width: int) -> torch.Tensor:
         """``[num_pages, rows_per_page(width), width]`` view of the pool as rows of ``width``.

@@ -6,19 +6,20 @@ per layer and width, every (layer, width) group leaves the tail of its last page
 for small ranks most of the adapter's pages (a rank-4 q,v adapter of SmolLM2 used 42% of its
 90 pages). Packed across layers and modules instead, widest rows first, each narrower width
 filling the gaps the wider ones left (at slots aligned to its own width, so that a row still
-sits whole in one page at ``slot * width`` and kernels read it in place), an adapter loses at
+sits whole in one page at ``slot * width``, where kernels find it), an adapter loses at
 most the tail of its last page plus gaps narrower than its narrowest row: the same adapter
 takes 10 pages, 94% used. (First-fit decreasing bin packing, with the bins' positions
 restricted to multiples of the item size.)
 
 Two kinds of waste are left. Where a width does not divide the page and no narrower row fills
 the rest, every page of that width keeps a slack (SmolLM2's 576-wide rows leave 384 of 6,144
-elements): for kernels that read rows out of the pool rather than in place, such rows are
-split into equal narrower pieces that divide the page (:func:`row_pieces`,
-:func:`stored_groups`). And the tail of the last page: a rank-1 adapter smaller than a page
-wastes most of its only page. So the rows of a partly used last page (:attr:`RowPlan.tail`)
-may go instead to pages several adapters share (:class:`~pagedlora.shared_pages.SharedPages`,
-which places them with :func:`fill_gaps` at the same aligned slots).
+elements): such rows are split into equal narrower pieces that divide the page
+(:func:`row_pieces`, :func:`stored_groups`), which the torch kernels read out of the pool and
+join, and the Triton kernels address in place, a page and slot per piece. And the tail of
+the last page: a rank-1 adapter smaller than a page wastes most of its only page. So the rows
+of a partly used last page (:attr:`RowPlan.tail`) may go instead to pages several adapters
+share (:class:`~pagedlora.shared_pages.SharedPages`, which places them with :func:`fill_gaps`
+at the same aligned slots).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def row_pieces(page_numel: int, width: int, *, narrow: bool = False) -> tuple[in
     split into ``ceil(width / page_numel)`` pieces of ``page_numel`` elements, each filling a
     page (the last one zero-padded).
 
-    With ``narrow`` (for kernels that read rows out of the pool rather than in place), a row
+    With ``narrow`` (what the engine packs, for every kernel backend), a row
     that fits a page but whose width leaves more than 1% of each page unused
     (``page_numel % width``) is split into the fewest equal pieces, at most
     :data:`MAX_NARROW_PIECES`, whose width leaves at most 1%: SmolLM2's 576-wide rows fill

@@ -5,7 +5,7 @@ wastes only the unused tail of its last page; for small adapters that tail is mo
 they take (a rank-1 q,v adapter of the toy model fills 448 of a page's 1,024 elements, one of
 SmolLM2 loses 6% of its 10 pages). The rows of that last page (:attr:`RowPlan.tail`) go instead
 to pages that several adapters share, into the free gaps earlier tails left, at slots aligned
-to each row's width (a row still sits whole in one page, where kernels read it in place), and
+to each row's width (a row or piece still sits whole in one page, at ``slot * width``), and
 to a fresh page only when no gap holds them. A shared page goes back to the pool when its last
 tenant leaves; the allocator counts it reclaimable while every tenant is
 (:meth:`~pagedlora.scheduler.page_allocator.PageAllocator.share`). This is the slab idea

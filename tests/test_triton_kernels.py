@@ -41,7 +41,7 @@ def test_triton_cases_pass_compiled_on_cuda_or_interpreted_on_the_cpu():
 def test_kernels_compile_for_a_hopper_gpu_without_one():
     r = run_python([str(TESTS / "triton_compile_check.py")], interpret=False)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    assert r.stdout.count("compiled ") == 10, r.stdout
+    assert r.stdout.count("compiled ") == 14, r.stdout
 
 
 def test_cpu_backends_without_the_interpreter():

@@ -15,7 +15,15 @@ import math
 
 import pytest
 import torch
-from support import random_prompt, save_random_dora_adapter
+from support import (
+    PeftReference,
+    check_output,
+    random_prompt,
+    save_random_adapter,
+    save_random_dora_adapter,
+    save_random_llama,
+    scored,
+)
 
 from pagedlora import AdapterMix, Engine, SamplingParams
 from pagedlora.kernels import lora as ref_lora
@@ -224,6 +232,57 @@ def test_lora_shrink_expand_matches_reference(num_tokens, in_f, out_f, ranks, po
     assert torch.equal(got[base], y[base])  # base-model tokens untouched
 
 
+def in_pieces(view: torch.Tensor, rows: PagedRows, pieces: int, seed: int
+              ) -> tuple[torch.Tensor, PagedRows]:
+    """The rows ``rows`` of ``view`` copied into a fresh pool in ``pieces`` equal pieces at
+    random pages and slots, as ``row_pieces(narrow=True)`` stores them; returns the fresh
+    pool's view as pieces and their ``[r, pieces]`` page table, on DEVICE."""
+    g = gen(seed)
+    whole = view[rows.pages, rows.slots].cpu()                        # [r, width]
+    r, width = whole.shape
+    piece = width // pieces
+    assert piece * pieces == width
+    page_numel = view.stride(0)
+    per_page = page_numel // piece
+    num_pages = math.ceil(r * pieces / per_page) + 3
+    spots = torch.randperm(num_pages * per_page, generator=g)[: r * pieces]
+    pool = torch.zeros(num_pages, page_numel, dtype=view.dtype)
+    pieced = pool[:, : per_page * piece].view(num_pages, per_page, piece)
+    table = PagedRows((spots // per_page).view(r, pieces), (spots % per_page).view(r, pieces))
+    pieced[table.pages, table.slots] = whole.view(r, pieces, piece)
+    return pieced.to(DEVICE), PagedRows(table.pages.to(DEVICE), table.slots.to(DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, in_f, out_f, ranks, popularity, pieces", [
+    (7, 96, 64, [1, 3, 8, 16, 64, 128, 8], "distinct", (3, 4)),   # pieces of 32 and 16
+    (33, 2049, 96, [3, 16, 64], "zipf", (3, 1)),                  # 3 x 683: odd, lora_A only
+    (33, 64, 2049, [128, 3], "with_base", (1, 3)),                # lora_B^T only
+    (1, 96, 96, [16], "identical", (6, 2)),
+])
+def test_lora_over_rows_in_narrow_pieces_matches_whole_rows(num_tokens, in_f, out_f, ranks,
+                                                            popularity, pieces, dtype):
+    """Rows split into equal pieces, each at its own page and slot
+    (``row_pieces(narrow=True)``), read in place: the reference runs on the same rows whole."""
+    y, x, batch, a_view, b_view, owner = lora_case(num_tokens, in_f, out_f, ranks, popularity,
+                                                   dtype, seed=num_tokens + out_f)
+    want = y.clone().float()
+    ref_lora.lora_shrink_expand(want, x.float(), batch, a_view.float(), b_view.float())
+    (a_pieced, a_rows), (b_pieced, b_rows) = (
+        in_pieces(view, rows, p, seed=p) if p > 1 else (view, rows)
+        for view, rows, p in ((a_view, batch.a, pieces[0]), (b_view, batch.b, pieces[1])))
+    got = y.clone()
+    triton_lora.lora_shrink_expand(got, x, LoraBatch(a_rows, b_rows, batch.segments, None),
+                                   a_pieced, b_pieced)
+    assert_close(got, want)
+    base = torch.tensor([o is None for o in owner], device=DEVICE)
+    assert torch.equal(got[base], y[base])
+    if pieces[0] > 1:  # a table of pieces with the view of whole rows is refused, named
+        with pytest.raises(ValueError, match=f"a_view's rows are {in_f} wide: {pieces[0]} "
+                                             f"piece\\(s\\) of them do not make"):
+            triton_lora.lora_shrink(x, LoraBatch(a_rows, b_rows, batch.segments, None), a_view)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_with_tokens_of_mixes_matches_reference(dtype):
     """Tokens of a mix are in one segment per adapter (weighted scales): adapter 0's tokens
@@ -299,3 +358,39 @@ def test_engine_on_triton_kernels_gives_the_torch_tokens(tiny_llama_dir, make_ad
     assert not built, f"{len(built)} LoRA calls copied their own segment table"
     assert tokens["torch"][0] != tokens["torch"][5]  # the adapter changes the tokens
     torch.testing.assert_close(logprobs["triton"], logprobs["torch"], atol=1e-3, rtol=0)
+
+
+def test_engine_on_triton_kernels_over_rows_in_narrow_pieces_matches_peft(default_model_dir,
+                                                                          tmp_path):
+    """A tiny Llama whose widths leave page slack (hidden 96 on 1,024-element pages: 96-wide
+    rows in 3 pieces of 32, intermediate 176 in 11 of 16, k/v's 32 whole): the Triton kernels
+    read the pieces in place, beside DoRA scale rows in pieces and base requests, against
+    PEFT (mixes on Triton: the test above)."""
+    model = save_random_llama(tmp_path / "model", default_model_dir, seed=7, hidden_size=96,
+                              num_attention_heads=6, num_key_value_heads=2)
+    dirs = {"all": save_random_adapter(model, tmp_path / "all", r=5, seed=31,
+                                       target_modules=ALL),
+            "qv": save_random_adapter(model, tmp_path / "qv", r=2, seed=32,
+                                      target_modules=["q_proj", "v_proj"]),
+            "dora": save_random_dora_adapter(model, tmp_path / "dora", r=3, seed=33,
+                                             target_modules=["o_proj", "gate_proj",
+                                                             "down_proj"])}
+    engine = Engine(model, pool_gb=0.05, max_lora_rank=8, device=DEVICE.type,
+                    dtype="float32", kernel_backend="triton")
+    assert engine.pool.page_numel == 1024
+    for name, path in dirs.items():
+        engine.add_adapter(name, path)
+    prompts = [random_prompt(5 + 3 * i, seed=60 + i) for i in range(5)]
+    adapters = ["all", None, "qv", "dora", "all"]
+    ask = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logprobs=3,
+                         prompt_logprobs=3)
+    outs = engine.generate(prompts, adapters=adapters, sampling_params=ask, progress=False)
+    resident = engine.adapters.resident(engine.adapters.key_of("all"))
+    assert resident.modules[(0, "q_proj")].a.pages.shape == (5, 3)       # in pieces
+    assert resident.modules[(0, "down_proj")].a.pages.shape == (5, 11)
+    assert resident.modules[(0, "k_proj")].b.pages.shape == (5,)         # 32 divides a page
+    dora = engine.adapters.resident(engine.adapters.key_of("dora"))
+    assert dora.modules[(0, "o_proj")].dora.pages.shape == (1, 3)
+    ref = PeftReference(model, dirs)
+    for o in outs:
+        check_output(o, scored(ref, o))

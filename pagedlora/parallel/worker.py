@@ -143,8 +143,7 @@ class Worker:
         sampler = Sampler(device) if rank == 0 and not spec.driver_samples else None
         return cls(rank, shard, ModelRunner(model, pool, sampler),
                    AdapterPacker(pool, module_shapes=shard.lora_widths,
-                                 scale_widths=shard.dora_widths,
-                                 narrow_pieces=model.kernels.reads_gathered_rows))
+                                 scale_widths=shard.dora_widths))
 
     def serve(self, conn: Connection) -> None:
         """Handles messages until :class:`Shutdown` or end-of-file; a failure is sent as
