@@ -2,8 +2,10 @@
 fp16), written as JSON and a markdown table.
 
 - LoRA shrink+expand (SGMV) for 1..256 tokens over 1..64 adapters of ranks 8..64, rows read
-  from pool pages, against the base GEMM of the same 4096x4096 projection and against the
-  torch reference (:func:`pagedlora.kernels.lora.lora_shrink_expand`).
+  from pool pages, whole and as narrow pieces (8 of 512: the per-piece addressing of rows
+  whose width leaves page slack, such as Llama-2-7B's 11,008), against the base GEMM of the
+  same 4096x4096 projection and against the torch reference
+  (:func:`pagedlora.kernels.lora.lora_shrink_expand`).
 - Paged decode attention against torch SDPA on a contiguous cache, and against the torch
   reference over the same pages.
 
@@ -34,9 +36,10 @@ from pagedlora.kernels.lora import LoraBatch, LoraSegment, PagedRows
 
 FULL = dict(hidden=4096, heads=32, head_dim=128, block_size=16, dtype=torch.float16,
             tokens=[1, 4, 16, 64, 256], adapters=[1, 4, 16, 64], ranks=[8, 16, 32, 64, "mixed"],
-            batch=[1, 8, 32, 64], context=[512, 4096])
+            batch=[1, 8, 32, 64], context=[512, 4096], pieces=8)
 DRY = dict(hidden=96, heads=4, head_dim=16, block_size=4, dtype=torch.float32,
-           tokens=[1, 7], adapters=[1, 4], ranks=[8, "mixed"], batch=[1, 3], context=[9])
+           tokens=[1, 7], adapters=[1, 4], ranks=[8, "mixed"], batch=[1, 3], context=[9],
+           pieces=3)
 
 
 def timer(device: torch.device):
@@ -73,6 +76,22 @@ def lora_batch(tokens: int, ranks: list[int], hidden: int, rows_view: torch.Tens
     return LoraBatch(a, b, segments, token_scale)
 
 
+def as_pieces(rows_view: torch.Tensor, batch: LoraBatch, pieces: int
+              ) -> tuple[torch.Tensor, LoraBatch]:
+    """The same rows seen as ``pieces`` narrow pieces each (a row at slot s of a page is
+    pieces s * pieces ... s * pieces + pieces - 1 of the view of ``width / pieces``), as
+    ``row_pieces(narrow=True)`` stores rows whose width leaves page slack: the Triton
+    kernels' per-piece addressing over the same bytes."""
+    num_pages, per_page, width = rows_view.shape
+    view = rows_view.reshape(num_pages, per_page * pieces, width // pieces)
+    step = torch.arange(pieces, device=rows_view.device)
+
+    def split(rows: PagedRows) -> PagedRows:
+        return PagedRows(rows.pages[:, None].expand(-1, pieces).contiguous(),
+                         rows.slots[:, None] * pieces + step)
+    return view, LoraBatch(split(batch.a), split(batch.b), batch.segments, None)
+
+
 def bench_lora(cfg: dict, device: torch.device, time_us) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     h, dtype = cfg["hidden"], cfg["dtype"]
@@ -93,15 +112,24 @@ def bench_lora(cfg: dict, device: torch.device, time_us) -> list[dict]:
                 batch = lora_batch(tokens, ranks, h, rows_view, g)
                 y0 = F.linear(x, weight)
                 want, got = y0.clone(), y0.clone()
+                pieces_view, pieced = as_pieces(rows_view, batch, cfg["pieces"])
+                got_pieces = y0.clone()
                 ref_lora.lora_shrink_expand(want, x, batch, rows_view, rows_view)
                 triton_lora.lora_shrink_expand(got, x, batch, rows_view, rows_view)
+                triton_lora.lora_shrink_expand(got_pieces, x, pieced, pieces_view, pieces_view)
+                # before timing: the timed calls add into got and want again, unequally often
+                err = max((g.float() - want.float()).abs().max().item()
+                          for g in (got, got_pieces))
                 results.append(dict(
                     tokens=tokens, adapters=n, rank=rank, base_gemm_us=base_us,
                     triton_us=time_us(partial(triton_lora.lora_shrink_expand, got, x, batch,
                                               rows_view, rows_view)),
+                    triton_pieces_us=time_us(partial(triton_lora.lora_shrink_expand,
+                                                     got_pieces, x, pieced, pieces_view,
+                                                     pieces_view)),
                     torch_us=time_us(partial(ref_lora.lora_shrink_expand, want, x, batch,
                                              rows_view, rows_view)),
-                    max_abs_err=(got.float() - want.float()).abs().max().item()))
+                    max_abs_err=err))
     return results
 
 
