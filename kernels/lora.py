@@ -19,8 +19,10 @@ class PagedRows:
     """Where the ``r`` rows of one ``[r, width]`` adapter matrix live in the pool.
 
     Attributes:
-        pages: ``[r]`` int64 page id of each row.
-        slots: ``[r]`` int64 row slot inside its page.
+        pages: ``[r]`` int64 page id of each row, or ``[r, P]`` for rows stored in ``P``
+            pieces (``row_packing.row_pieces``): the page of each piece.
+        slots: the row's (or each piece's) slot inside its page, in the view of the stored
+            width; same shape as ``pages``.
     """
 
     pages: torch.Tensor
@@ -100,9 +102,9 @@ class DoraScales:
     Attributes:
         ranges: ``(start, end, k)``: tokens ``[start, end)`` use DoRA adapter ``k``.
         rows: the page table of the ``n`` DoRA adapters' scale rows (``out_features`` wide,
-            in the lora_B^T rows' view of the pool), adapter k's row k.
-        gathered: ``[n, out_features]`` those rows read out of the pool, or None (read them
-            through ``rows``).
+            whole or in narrow pieces), adapter k's row k.
+        gathered: ``[n, out_features]`` those rows read out of the pool (what the engine
+            hands over, on either backend), or None (read them through ``rows``).
     """
 
     ranges: tuple[tuple[int, int, int], ...]
@@ -272,15 +274,20 @@ def disjoint_groups(segments: Sequence[LoraSegment]) -> list[tuple[LoraSegment, 
 
 
 def gather_rows(rows_view: torch.Tensor, rows: PagedRows) -> torch.Tensor:
-    """Reads rows through a page table.
+    """Reads rows through a page table, joining rows stored in pieces.
 
     Args:
-        rows_view: ``[num_pages, rows_per_page, width]`` view of the pool.
-        rows: the page table of ``r`` rows.
+        rows_view: ``[num_pages, rows_per_page, stored]`` view of the pool at the width the
+            rows are stored in (``UnifiedPool.stored_rows``).
+        rows: the page table of ``r`` rows: ``[r]`` for whole rows, ``[r, P]`` for rows in
+            ``P`` pieces.
     Returns:
-        ``[r, width]`` tensor, same dtype as the pool.
+        ``[r, P * stored]`` tensor (``P = 1`` for whole rows), same dtype as the pool; rows
+        wider than a page come back with their last piece's zero padding
+        (``UnifiedPool.read_rows`` trims it).
     """
-    return rows_view[rows.pages, rows.slots]
+    out = rows_view[rows.pages, rows.slots]          # [r, stored] or [r, P, stored]
+    return out if rows.pages.dim() == 1 else out.reshape(out.shape[0], -1)
 
 
 # Batches of at most this many tokens take the dense form (one shrink over every adapter's
@@ -488,7 +495,8 @@ def dora_rescale(y: torch.Tensor, bias: torch.Tensor | None, dora: DoraScales,
         y: ``[T, out_features]`` the projection's output (bias and LoRA delta included).
         bias: ``[out_features]`` the projection's bias, or None.
         dora: the step's DoRA adapters of this module and their tokens.
-        b_view: ``[num_pages, rows_per_page, out_features]`` pool view of the scale rows.
+        b_view: ``[num_pages, rows_per_page, stored]`` pool view of the scale rows at their
+            stored width (read only when ``dora.gathered`` is None).
     """
     g = dora.gathered if dora.gathered is not None else gather_rows(b_view, dora.rows)
     for start, end, k in dora.ranges:

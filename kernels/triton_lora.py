@@ -21,16 +21,15 @@ from pagedlora.kernels.triton_launch import check_launchable, check_tensor, dot_
 
 
 @triton.jit
-def _piece_offsets(pages_ptr, slots_ptr, row, col, mask, stride_page, piece_width,
-                   PIECES: tl.constexpr):
+def _piece_offsets(pages_ptr, slots_ptr, row, col, mask, stride_page, stride_slot,
+                   piece_width, PIECES: tl.constexpr):
     # Element offsets of columns col of rows row (broadcast against each other, e.g. [1, R]
     # and [K, 1]), each row stored in PIECES pieces of piece_width elements: piece p of row i
-    # at page pages[i, p], slot slots[i, p] of its piece_width-wide slots
-    # (row_packing.row_pieces(narrow=True)).
+    # at page pages[i, p], slot slots[i, p] (row_packing.row_pieces(narrow=True)).
     piece = col // piece_width
     entry = row * PIECES + piece
     return (tl.load(pages_ptr + entry, mask=mask, other=0) * stride_page
-            + tl.load(slots_ptr + entry, mask=mask, other=0) * piece_width
+            + tl.load(slots_ptr + entry, mask=mask, other=0) * stride_slot
             + (col - piece * piece_width))
 
 
@@ -40,12 +39,12 @@ def _piece_offsets(pages_ptr, slots_ptr, row, col, mask, stride_page, piece_widt
 @triton.jit(do_not_specialize=["split_k", "stride_tmp"],
             do_not_specialize_on_alignment=["pages_ptr", "slots_ptr", "seg_ptr", "scale_ptr"])
 def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_ptr,
-                   in_features, split_k, stride_xt, stride_page, stride_slot, stride_tmp,
-                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   in_features, piece_width, split_k, stride_xt, stride_page, stride_slot,
+                   stride_tmp, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    PIECES: tl.constexpr, DOT: tl.constexpr):
     # Program (segment, token tile, rank tile x k split): tmp[tokens, ranks] (+)= scale *
     # x[tokens, k range] @ A[ranks, k range]^T, A's rows gathered from their pages (each
-    # row whole, or in PIECES pieces of stride_slot elements with a page and slot each).
+    # row whole, or in PIECES pieces of piece_width elements with a page and slot each).
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_r = tl.program_id(2) // split_k
@@ -74,7 +73,7 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
             at = rows[None, :] + k[:, None]                                   # [K, R]
         else:
             at = _piece_offsets(pages_ptr, slots_ptr, (col + r)[None, :], k[:, None], mask,
-                                stride_page, stride_slot, PIECES)
+                                stride_page, stride_slot, piece_width, PIECES)
         a = tl.load(a_ptr + at, mask=mask, other=0.0)                          # [K, R]
         acc += tl.dot(x.to(DOT), a.to(DOT), input_precision="ieee")
     acc *= tl.load(scale_ptr + seg)
@@ -88,7 +87,7 @@ def _shrink_kernel(x_ptr, a_ptr, pages_ptr, slots_ptr, seg_ptr, scale_ptr, tmp_p
 @triton.jit(do_not_specialize=["stride_tmp"],
             do_not_specialize_on_alignment=["pages_ptr", "slots_ptr", "seg_ptr"])
 def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
-                   out_features, stride_tmp, stride_page, stride_slot, stride_yt,
+                   out_features, piece_width, stride_tmp, stride_page, stride_slot, stride_yt,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                    PIECES: tl.constexpr, DOT: tl.constexpr):
     # Program (segment, token tile, column tile): y[tokens, cols] += tmp[tokens, :rank] @
@@ -119,7 +118,7 @@ def _expand_kernel(tmp_ptr, b_ptr, pages_ptr, slots_ptr, seg_ptr, y_ptr,
                 + n[None, :]                                                  # [R, N]
         else:
             at = _piece_offsets(pages_ptr, slots_ptr, (col + r)[:, None], n[None, :], mask,
-                                stride_page, stride_slot, PIECES)
+                                stride_page, stride_slot, piece_width, PIECES)
         b = tl.load(b_ptr + at, mask=mask, other=0.0)                          # [R, N]
         acc += tl.dot(t.to(DOT), b.to(DOT), input_precision="ieee")
     out = y_ptr + tok[:, None] * stride_yt + n[None, :]
@@ -214,8 +213,8 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor,
     grid = (len(seg.segments), triton.cdiv(max_len, block_m),
             triton.cdiv(max_rank, block_r) * split_k)
     _shrink_kernel[grid](
-        x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features, split_k,
-        x.stride(0), a_view.stride(0), a_view.stride(1), tmp.stride(0),
+        x, a_view, batch.a.pages, batch.a.slots, table, scales, tmp, in_features,
+        a_view.shape[2], split_k, x.stride(0), a_view.stride(0), a_view.stride(1), tmp.stride(0),
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, PIECES=pieces,
         DOT=dot_dtype(x.dtype, _shrink_kernel))
     return tmp
@@ -250,7 +249,7 @@ def lora_expand(y: torch.Tensor, tmp: torch.Tensor, batch: LoraBatch, b_view: to
                                                                              block_n))
     _expand_kernel[grid](
         tmp, b_view, batch.b.pages, batch.b.slots, seg.table, y, out_features,
-        tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
+        b_view.shape[2], tmp.stride(0), b_view.stride(0), b_view.stride(1), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=tile(tmp.shape[1]), PIECES=pieces,
         DOT=dot_dtype(y.dtype, _expand_kernel))
 

@@ -121,8 +121,8 @@ class AdapterPacker:
     left at slots aligned to its width. So an adapter of rank r takes pages in proportion to
     r with no padding to max_lora_rank, loses at most gaps narrower than its narrowest row
     (and its last page's tail, unless that goes to a shared page), and a decoder projection's
-    row never straddles two pages (Triton kernels read those rows in place, ``slot * width``
-    into the page, a page and slot per piece for rows in narrow pieces). The vocabulary modules
+    row, or each of its narrow pieces, sits whole in one page at ``slot * width`` (the pieces
+    of one row may be on different pages: each has its own page and slot). The vocabulary modules
     (``embed_tokens``, ``lm_head``; "layer" ``VOCAB_LAYER``) have rows of ``vocab_size``
     elements (the embedding's lora_A, lm_head's lora_B^T), often wider than a page: such a row
     is split into page-wide pieces, one page each (the last one's tail free for narrower

@@ -312,7 +312,8 @@ class LlamaModel:
                                  rows(self.dora_widths[module], work.dora.rows))
 
             def reduce(module: str, y: torch.Tensor, n: int = n) -> None:
-                """A row-parallel output's all-reduce, then its DoRA scale (whole rows)."""
+                """A row-parallel output's all-reduce, then its DoRA scale (on the reduced
+                output)."""
                 comm.all_reduce(y)
                 work = batch.lora.get((n, module))
                 if work is not None and work.dora is not None:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pagedlora.kernels.lora import PagedRows
+from pagedlora.kernels.lora import PagedRows, gather_rows
 from pagedlora.scheduler import PageAllocator, StaticSplitAllocator
 
 if TYPE_CHECKING:
@@ -31,12 +31,12 @@ class UnifiedPool:
     The tensor is ``[num_pages, page_numel]``. A KV page is one block of one layer, viewed as
     ``[2, block_size, num_kv_heads, head_dim]`` (K then V). An adapter page holds
     ``page_numel // width`` rank rows of one width (a row of lora_A is ``in_features`` wide, a
-    row of lora_B^T ``out_features``), so a row never straddles two pages and kernels read rows in
-    place through ``(page, slot)`` tables; a row wider than a page (``vocab_size`` elements, for
-    LoRA on embed_tokens or lm_head) is split into page-wide pieces
-    (:func:`~pagedlora.row_packing.row_pieces`) and read out whole (:meth:`read_rows`), as are
-    rows split into narrow pieces for kernels that read rows out of the pool (the torch ones),
-    where a row's width leaves part of each page unused.
+    row of lora_B^T ``out_features``), found through ``(page, slot)`` tables. A row whose width
+    leaves part of each page unused is stored as equal narrow pieces, each whole in one page
+    with a page and slot of its own (:func:`~pagedlora.row_packing.row_pieces`): the torch
+    kernels read rows out and join them (:meth:`read_rows`), the Triton kernels address each
+    piece in place (:meth:`stored_rows`). A row wider than a page (``vocab_size`` elements,
+    for LoRA on embed_tokens or lm_head) is split into page-wide pieces and always read out.
 
     Under tensor parallelism (S-LoRA, section 6) the driver's pool is the accounting alone
     (``device=None``: the allocator and the page geometry, no tensor) and every worker holds a
@@ -170,11 +170,8 @@ class UnifiedPool:
         Returns:
             ``[r, width]`` contiguous, the pool's dtype.
         """
-        view = self.stored_rows(width, rows)
-        if rows.pages.dim() == 1:
-            return view[rows.pages, rows.slots]
-        out = view[rows.pages, rows.slots]                    # [r, pieces, stored]
-        return out.reshape(out.shape[0], -1)[:, :width].contiguous()
+        out = gather_rows(self.stored_rows(width, rows), rows)
+        return out if out.shape[1] == width else out[:, :width].contiguous()
 
     def stored_rows(self, width: int, rows: PagedRows) -> torch.Tensor:
         """The view (:meth:`rows`) that ``rows``, of ``width`` elements each, are stored in:

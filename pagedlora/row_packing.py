@@ -6,10 +6,10 @@ per layer and width, every (layer, width) group leaves the tail of its last page
 for small ranks most of the adapter's pages (a rank-4 q,v adapter of SmolLM2 used 42% of its
 90 pages). Packed across layers and modules instead, widest rows first, each narrower width
 filling the gaps the wider ones left (at slots aligned to its own width, so that a row still
-sits whole in one page at ``slot * width``, where kernels find it), an adapter loses at
-most the tail of its last page plus gaps narrower than its narrowest row: the same adapter
-takes 10 pages, 94% used. (First-fit decreasing bin packing, with the bins' positions
-restricted to multiples of the item size.)
+sits whole in one page at ``slot * width``, where kernels find it; a row stored in narrow
+pieces, below, has each piece so), an adapter loses at most the tail of its last page plus
+gaps narrower than its narrowest row: the same adapter takes 10 pages, 94% used. (First-fit
+decreasing bin packing, with the bins' positions restricted to multiples of the item size.)
 
 Two kinds of waste are left. Where a width does not divide the page and no narrower row fills
 the rest, every page of that width keeps a slack (SmolLM2's 576-wide rows leave 384 of 6,144

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from pagedlora.kernels.lora import (
+    DoraScales,
     LoraBatch,
     LoraSegment,
     PagedRows,
     Stacked,
     StackedTokens,
+    dora_rescale,
     lora_shrink_expand,
 )
 from pagedlora.kernels.paged_attention import attention_metadata, paged_attention, write_kv
@@ -78,6 +80,34 @@ def test_lora_shrink_expand_matches_per_token_math(num_tokens, gathered):
             want[t] += scale * (x[t] @ a.t()) @ b
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[: cuts[1]], y0[: cuts[1]]) and torch.equal(y[cuts[5]:], y0[cuts[5]:])
+
+
+def test_rows_in_narrow_pieces_are_joined_when_read_through_their_page_tables():
+    """Rows stored in pieces (``[r, P]`` tables over the view of the piece width) read
+    through the page tables, as the kernels do when no rows are handed over: a 60-wide
+    lora_A in 3 pieces of 20, a 40-wide lora_B^T and DoRA scale row in 2 pieces of 20."""
+    g = torch.Generator().manual_seed(3)
+    pool = torch.zeros(12, 100)
+    view = pool[:, :100].view(12, 5, 20)            # slots of 20 elements, 5 a page
+    spots = torch.randperm(60, generator=g).tolist()
+
+    def store(rows: torch.Tensor, pieces: int) -> PagedRows:
+        table = scatter_rows(view, rows.reshape(-1, 20), spots)
+        return PagedRows(table.pages.view(-1, pieces), table.slots.view(-1, pieces))
+    a, b, scale = (torch.randn(4, 60, generator=g), torch.randn(4, 40, generator=g),
+                   torch.rand(1, 40, generator=g) + 0.5)
+    batch = LoraBatch(store(a, 3), store(b, 2), (LoraSegment(1, 5, 0, 4, 0.5),),
+                      token_scale=torch.tensor([0.0, 0.5, 0.5, 0.5, 0.5])[:, None].expand(5, 4))
+    x, y0 = torch.randn(5, 60, generator=g), torch.randn(5, 40, generator=g)
+    y = y0.clone()
+    lora_shrink_expand(y, x, batch, view, view)
+    want = y0.clone()
+    want[1:5] += 0.5 * (x[1:5] @ a.t()) @ b
+    torch.testing.assert_close(y, want)
+    dora = DoraScales(((2, 4, 0),), store(scale, 2))
+    dora_rescale(y, None, dora, view)
+    want[2:4] *= scale[0]
+    torch.testing.assert_close(y, want)
 
 
 def test_lora_shrink_expand_refuses_mismatched_tokens():

@@ -283,6 +283,27 @@ def test_lora_over_rows_in_narrow_pieces_matches_whole_rows(num_tokens, in_f, ou
             triton_lora.lora_shrink(x, LoraBatch(a_rows, b_rows, batch.segments, None), a_view)
 
 
+def test_lora_over_pieces_in_a_view_with_padded_slots_matches_whole_rows():
+    """The piece width is the view's row width, not its slot stride: pieces of 32 in slots
+    37 elements apart (a reviewer's case; the kernels once divided by the stride)."""
+    y, x, batch, a_view, b_view, _ = lora_case(7, 96, 64, [3, 8, 5], "distinct",
+                                               torch.float32, seed=11)
+    want = y.clone()
+    ref_lora.lora_shrink_expand(want, x, batch, a_view, b_view)
+    views = []
+    for view, rows, p in ((a_view, batch.a, 3), (b_view, batch.b, 2)):
+        pieced, table = in_pieces(view, rows, p, seed=p)
+        padded = torch.zeros(*pieced.shape[:2], pieced.shape[2] + 5, device=DEVICE)
+        padded[..., : pieced.shape[2]] = pieced
+        views.append((padded[..., : pieced.shape[2]], table))
+    (a_padded, a_rows), (b_padded, b_rows) = views
+    assert a_padded.stride(1) == 37 and a_padded.shape[2] == 32
+    got = y.clone()
+    triton_lora.lora_shrink_expand(got, x, LoraBatch(a_rows, b_rows, batch.segments, None),
+                                   a_padded, b_padded)
+    assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_lora_with_tokens_of_mixes_matches_reference(dtype):
     """Tokens of a mix are in one segment per adapter (weighted scales): adapter 0's tokens

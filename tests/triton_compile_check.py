@@ -50,8 +50,8 @@ def main() -> None:
                            dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=128, DOT=dot, **one))
         shrink = dict(x_ptr=p, a_ptr=p, pages_ptr=INDEX, slots_ptr=INDEX, seg_ptr=INDEX,
                       scale_ptr="*fp32", tmp_ptr="*fp32",
-                      **ints("in_features", "split_k", "stride_xt", "stride_page",
-                             "stride_slot", "stride_tmp"))
+                      **ints("in_features", "piece_width", "split_k", "stride_xt",
+                             "stride_page", "stride_slot", "stride_tmp"))
         # split_k and the strides that vary per step are not specialised on (one variant);
         # rows whole, and in narrow pieces (SmolLM2's 576-wide rows: 3 x 192)
         for pieces in (1, 3):
@@ -59,8 +59,8 @@ def main() -> None:
                 BLOCK_M=16, BLOCK_R=64, BLOCK_K=128, PIECES=pieces, DOT=dot))
             compile_kernel(triton_lora._expand_kernel, dict(
                 tmp_ptr="*fp32", b_ptr=p, pages_ptr=INDEX, slots_ptr=INDEX, seg_ptr=INDEX,
-                y_ptr=p, **ints("out_features", "stride_tmp", "stride_page", "stride_slot",
-                                "stride_yt")),
+                y_ptr=p, **ints("out_features", "piece_width", "stride_tmp", "stride_page",
+                                "stride_slot", "stride_yt")),
                 dict(BLOCK_M=64, BLOCK_N=128, BLOCK_R=64, PIECES=pieces, DOT=dot))
 
 
