@@ -387,13 +387,34 @@ class LoraLayouts:
 
     def _read(self, placement: ResidentAdapter, layer_module: LayerModule,
               m: ResidentModule) -> Rows:
-        """One adapter's rows of one module, read out of the pool once per placement."""
+        """One adapter's rows of one module, read out of the pool once per placement: on
+        the first miss, those of every module of the placement that is read out."""
         cached = self._pieces[placement.placement_id]
         if layer_module not in cached:
-            in_f, out_f = self.module_shapes[layer_module[1]]
-            cached[layer_module] = (self.pool.read_rows(in_f, m.a),
-                                    self.pool.read_rows(out_f, m.b))
+            cached.update(self._read_placement(placement))
         return cached[layer_module]
+
+    def _read_placement(self, placement: ResidentAdapter) -> dict[LayerModule, Rows]:
+        """The rows of the placement's modules that are read out (all of them for kernels
+        that take read-out rows, else the vocabulary modules'), one gather per row width
+        (a few per adapter rather than two per module: a rank-8 q,v SmolLM2 adapter reads
+        120 matrices; see docs/benchmarks.md). Each module's rows are contiguous views of
+        their width's gather."""
+        widths: dict[int, list[tuple[LayerModule, int, PagedRows]]] = {}
+        for lm, m in placement.modules.items():
+            if self.gather_rows or lm[1] in VOCAB_MODULES:
+                in_f, out_f = self.module_shapes[lm[1]]
+                widths.setdefault(in_f, []).append((lm, 0, m.a))
+                widths.setdefault(out_f, []).append((lm, 1, m.b))
+        read: dict[LayerModule, list[torch.Tensor]] = {}
+        for width, members in widths.items():  # a width's rows share one table shape
+            rows = self.pool.read_rows(width, PagedRows(
+                torch.cat([r.pages for _, _, r in members]),
+                torch.cat([r.slots for _, _, r in members])))
+            counts = [r.pages.shape[0] for _, _, r in members]
+            for (lm, side, _), part in zip(members, rows.split(counts), strict=True):
+                read.setdefault(lm, [None, None])[side] = part
+        return {lm: (a, b) for lm, (a, b) in read.items()}
 
     def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str):
         """The module's rows in layout ``kind`` ("concatenated" or "stacked"), kept until the
