@@ -46,17 +46,14 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from pagedlora import Engine, SamplingParams
+    from pagedlora import SamplingParams
 
     torch.set_num_threads(args.threads)
     ns = argparse.Namespace(num_requests=args.num_requests, adapters_dir=args.adapters_dir,
                             model=None, dtype=args.dtype, threads=args.threads, rate=2.0,
                             cv=1.0)
     _, job = throughput.prepare(ns, args.scenario)
-    engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
-                    max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
-                    max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
-                    enable_prefix_caching=False)
+    engine = throughput.build_engine(job)
     names = [None] * len(job.prompts)
     if not args.base_only:
         for i, path in enumerate(job.adapter_paths):

@@ -206,13 +206,7 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False,
     steps while it has work; TTFT counts from the trace arrival time. With
     ``merge_policy="auto"`` the warm-up's merged copies and credit are dropped before the
     timed run, so it pays for its own merges."""
-    from pagedlora import Engine
-
-    engine = Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
-                    max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
-                    max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
-                    enable_prefix_caching=False, merge_policy=merge_policy,
-                    tensor_parallel_size=job.tensor_parallel_size)
+    engine = build_engine(job, merge_policy=merge_policy)
     try:
         result = _timed_pagedlora(engine, job, base_only, online, merge_policy)
     finally:
@@ -221,6 +215,18 @@ def run_pagedlora(job: Job, base_only: bool = False, online: bool = False,
         result.extra["worker_peak_rss_mib"] = resource.getrusage(
             resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return result
+
+
+def build_engine(job: Job, **options):
+    """The scenario's pagedlora Engine (its pool, batch and adapter limits; no prefix caching:
+    every system computes every prompt), ``options`` passed on (e.g. ``merge_policy``)."""
+    from pagedlora import Engine
+
+    return Engine(job.model_dir, pool_gb=job.pool_gb, dtype=job.dtype,
+                  max_num_seqs=job.max_num_seqs, max_loras=job.max_loras,
+                  max_lora_rank=job.max_lora_rank, max_cpu_loras=job.max_cpu_loras,
+                  enable_prefix_caching=False, tensor_parallel_size=job.tensor_parallel_size,
+                  **options)
 
 
 def _timed_pagedlora(engine, job: Job, base_only: bool, online: bool, merge_policy: str
