@@ -29,15 +29,10 @@ sys.path.insert(0, str(HERE))
 def main() -> None:
     import throughput
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="mixed-4", choices=sorted(throughput.SCENARIOS))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser = throughput.scenario_parser(__doc__)
     parser.add_argument("--num-requests", type=int, default=None,
                         help="default: the scenario's, at most its max_num_seqs (one decode batch)")
     parser.add_argument("--steps", type=int, default=40, help="decode steps per engine")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--adapters-dir", type=Path,
-                        default=Path(os.environ.get("TMPDIR", "/tmp")) / "pagedlora-bench-adapters")
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args()
 

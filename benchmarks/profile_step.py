@@ -27,19 +27,14 @@ sys.path.insert(0, str(HERE))
 def main() -> None:
     import throughput
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="mixed-4", choices=sorted(throughput.SCENARIOS))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser = throughput.scenario_parser(__doc__)
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5, help="decode steps profiled")
     parser.add_argument("--context", type=int, default=0,
                         help="decode steps run before the profile, so that contexts are this many "
                              "tokens longer than the prompts (throughput.py's runs reach 64)")
     parser.add_argument("--base-only", action="store_true", help="no adapters")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--adapters-dir", type=Path,
-                        default=Path(os.environ.get("TMPDIR", "/tmp")) / "pagedlora-bench-adapters")
     parser.add_argument("--trace", type=Path, help="write a Chrome trace here")
     args = parser.parse_args()
 

@@ -229,6 +229,18 @@ def build_engine(job: Job, **options):
                   **options)
 
 
+def scenario_parser(doc: str) -> argparse.ArgumentParser:
+    """A parser with the options the scripts that build a scenario's engine share
+    (profile_step.py, lora_overhead.py): --scenario, --dtype, --threads, --adapters-dir."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--scenario", default="mixed-4", choices=sorted(SCENARIOS))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--adapters-dir", type=Path,
+                        default=Path(os.environ.get("TMPDIR", "/tmp")) / "pagedlora-bench-adapters")
+    return parser
+
+
 def _timed_pagedlora(engine, job: Job, base_only: bool, online: bool, merge_policy: str
                      ) -> Result:
     from pagedlora import SamplingParams
