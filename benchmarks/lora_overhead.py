@@ -1,11 +1,13 @@
 """What LoRA costs against the base model, measured side by side in one process.
 
 Two engines of a throughput.py scenario (same pool, limits and requests; one serves each
-request's adapter, the other the base model) step in turn: each engine's prefill steps (its
-requests' prompts, with the adapters' loads and layouts on the LoRA side), then ``--steps``
-decode steps each, alternating which goes first. Ratios of medians taken this way survive
-the load of a shared machine, which moves separate runs of throughput.py by more than the
-differences measured here (docs/benchmarks.md). Prints per side the prefill seconds and the
+request's adapter, the other the base model), each first warmed up on two requests as
+throughput.py's runs are. Then each engine's prefill steps are timed (the steps with prompt
+tokens; on the LoRA side they include the adapters' loads and layouts; base first, one total
+per side, so this ratio is the noisier one), then ``--steps`` decode steps each, the engines
+alternating which goes first. Ratios of medians taken this way survive the load of a shared
+machine, which moves separate runs of throughput.py by more than the differences measured
+here (docs/benchmarks.md). Prints per side the prefill seconds and the
 median decode step, and base / LoRA for both; ``--json`` writes them.
 
     python benchmarks/lora_overhead.py --scenario mixed-4 --dtype float32
@@ -53,16 +55,22 @@ def main() -> None:
     names = {"lora": throughput.request_adapters(job), "base": [None] * len(job.prompts)}
     params = SamplingParams(max_tokens=args.steps + 8, temperature=0.0, ignore_eos=True)
     prefill = {}
-    for side, engine in engines.items():
+    for side in ("base", "lora"):  # first-call costs outside the timing, as throughput.py's
+        engines[side].generate(job.prompts[:2], names[side][:2], params, progress=False)
+    for side in ("base", "lora"):
+        engine = engines[side]
         for prompt, name in zip(job.prompts, names[side], strict=True):
             engine.add_request(prompt, name, params)
-        t0 = time.perf_counter()
-        while True:  # until a step is decodes only
+        prefill[side] = 0.0
+        while True:  # the steps with prompt tokens; the first decodes-only one is not counted
+            t0 = time.perf_counter()
             engine.step()
             last = engine.stats()["last_step"]
             if last["num_tokens"] == last["batch_size"]:
                 break
-        prefill[side] = time.perf_counter() - t0
+            prefill[side] += time.perf_counter() - t0
+        if engine.stats()["requests_waiting"]:
+            raise RuntimeError(f"{side}: requests still waiting after the prefill")
     steps: dict[str, list[float]] = {"lora": [], "base": []}
     for i in range(args.steps):
         for side in ("lora", "base") if i % 2 == 0 else ("base", "lora"):
@@ -71,6 +79,8 @@ def main() -> None:
             steps[side].append(time.perf_counter() - t0)
     decode = {side: statistics.median(v) for side, v in steps.items()}
     batch = engines["lora"].stats()["last_step"]["batch_size"]
+    if engines["base"].stats()["last_step"]["batch_size"] != batch:
+        raise RuntimeError("the LoRA and base engines decoded different batches")
     result = dict(scenario=args.scenario, dtype=args.dtype, threads=args.threads, batch=batch,
                   load_average=os.getloadavg()[0], prefill_s=prefill, decode_step_s=decode,
                   prefill_base_over_lora=prefill["base"] / prefill["lora"],
