@@ -40,20 +40,6 @@ class Kernels:
     lora_expand: Callable[..., None]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend ``backend`` means on ``device``: "auto" is Triton on CUDA and torch
-    elsewhere.
-
-    Raises:
-        ValueError: an unknown backend.
-    """
-    if backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    return backend
-
-
 def select_kernels(backend: str, device: torch.device) -> Kernels:
     """The kernels for ``backend`` on ``device``.
 
@@ -64,7 +50,10 @@ def select_kernels(backend: str, device: torch.device) -> Kernels:
         ValueError: an unknown backend, or "triton" on the CPU without the interpreter enabled
             (``TRITON_INTERPRET=1`` before triton is imported; the message says so).
     """
-    backend = resolve_backend(backend, device)
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
     if backend == "torch":
         from pagedlora.kernels import lora, paged_attention
         return Kernels("torch", True, paged_attention.write_kv, paged_attention.paged_attention,

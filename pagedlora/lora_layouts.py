@@ -70,9 +70,9 @@ class ModuleRows:
     @classmethod
     def build(cls, modules: Sequence[tuple[int, ResidentModule]],
               pieces: Sequence[Rows] | None,
-              read_scale: Callable[[PagedRows], torch.Tensor] | None = None) -> ModuleRows:
+              read_scale: Callable[[PagedRows], torch.Tensor]) -> ModuleRows:
         """From ``(adapter index, its module)`` pairs in order (and their read-out rows;
-        ``read_scale`` reads a DoRA scale row out of the pool, None: not read)."""
+        ``read_scale`` reads DoRA scale rows out of the pool)."""
         cols, start = [], 0
         for i, m in modules:
             rank = m.a.pages.shape[0]
@@ -83,8 +83,7 @@ class ModuleRows:
         if scaled:
             dora_rows = PagedRows(torch.cat([r.pages for _, r in scaled]),
                                   torch.cat([r.slots for _, r in scaled]))
-            if read_scale is not None:
-                dora_pieces = read_scale(dora_rows)
+            dora_pieces = read_scale(dora_rows)
         return cls(PagedRows(torch.cat([m.a.pages for _, m in modules]),
                              torch.cat([m.a.slots for _, m in modules])),
                    PagedRows(torch.cat([m.b.pages for _, m in modules]),
@@ -363,8 +362,8 @@ class LoraLayouts:
         ids = tuple(p.placement_id for p in placements)
         if ids == self._set:
             return
-        self._pieces = {p.placement_id: self._pieces.get(p.placement_id, {})
-                        for p in placements}
+        self._pieces = {p.placement_id: self._pieces[p.placement_id]
+                        for p in placements if p.placement_id in self._pieces}
         parts: dict[LayerModule, list[tuple[int, ResidentModule]]] = {}
         for i, placement in enumerate(placements):
             for layer_module, m in placement.modules.items():
@@ -373,9 +372,8 @@ class LoraLayouts:
         def read_scale(layer_module: LayerModule) -> Callable[[PagedRows], torch.Tensor]:
             return lambda rows: self.pool.read_rows(self.scale_widths[layer_module[1]], rows)
         self._modules = {
-            lm: ModuleRows.build(ms, [self._read(placements[i], lm, m) for i, m in ms]
-                                 if self.gather_rows or lm[1] in VOCAB_MODULES else None,
-                                 read_scale(lm))
+            lm: ModuleRows.build(ms, [self._read(placements[i])[lm] for i, _ in ms]
+                                 if self._reads_out(lm[1]) else None, read_scale(lm))
             for lm, ms in parts.items()}
         self._forms = {}
         self._fused_weights_of = {}
@@ -385,24 +383,22 @@ class LoraLayouts:
         self._step_key = None
         self._set = ids
 
-    def _read(self, placement: ResidentAdapter, layer_module: LayerModule,
-              m: ResidentModule) -> Rows:
-        """One adapter's rows of one module, read out of the pool once per placement: on
-        the first miss, those of every module of the placement that is read out."""
-        cached = self._pieces[placement.placement_id]
-        if layer_module not in cached:
-            cached.update(self._read_placement(placement))
-        return cached[layer_module]
+    def _reads_out(self, module: str) -> bool:
+        """Whether ``module``'s rows are read out of the pool: every module's for kernels
+        that take read-out rows, else the vocabulary modules' (torch ops run on them)."""
+        return self.gather_rows or module in VOCAB_MODULES
 
-    def _read_placement(self, placement: ResidentAdapter) -> dict[LayerModule, Rows]:
-        """The rows of the placement's modules that are read out (all of them for kernels
-        that take read-out rows, else the vocabulary modules'), one gather per row width
-        (a few per adapter rather than two per module: a rank-8 q,v SmolLM2 adapter reads
-        120 matrices; see docs/benchmarks.md). Each module's rows are contiguous views of
-        their width's gather."""
+    def _read(self, placement: ResidentAdapter) -> dict[LayerModule, Rows]:
+        """The rows of the placement's modules that are read out (:meth:`_reads_out`), by
+        module, read once per placement: one gather per row width (a few per adapter rather
+        than two per module: a rank-8 q,v SmolLM2 adapter reads 120 matrices; see
+        docs/benchmarks.md), each module's rows contiguous views of their width's gather."""
+        cached = self._pieces.get(placement.placement_id)
+        if cached is not None:
+            return cached
         widths: dict[int, list[tuple[LayerModule, int, PagedRows]]] = {}
         for lm, m in placement.modules.items():
-            if self.gather_rows or lm[1] in VOCAB_MODULES:
+            if self._reads_out(lm[1]):
                 in_f, out_f = self.module_shapes[lm[1]]
                 widths.setdefault(in_f, []).append((lm, 0, m.a))
                 widths.setdefault(out_f, []).append((lm, 1, m.b))
@@ -414,7 +410,9 @@ class LoraLayouts:
             counts = [r.pages.shape[0] for _, _, r in members]
             for (lm, side, _), part in zip(members, rows.split(counts), strict=True):
                 read.setdefault(lm, [None, None])[side] = part
-        return {lm: (a, b) for lm, (a, b) in read.items()}
+        cached = self._pieces[placement.placement_id] = {lm: (a, b) for lm, (a, b) in
+                                                         read.items()}
+        return cached
 
     def _form(self, layer_module: LayerModule, rows: ModuleRows, kind: str):
         """The module's rows in layout ``kind`` ("concatenated" or "stacked"), kept until the
