@@ -103,7 +103,9 @@ def test_rows_in_narrow_pieces_are_joined_when_read_through_their_page_tables():
     lora_shrink_expand(y, x, batch, view, view)
     want = y0.clone()
     want[1:5] += 0.5 * (x[1:5] @ a.t()) @ b
-    torch.testing.assert_close(y, want)
+    # the same float32 products as the per-token test above, summed in another order by the
+    # BLAS: its tolerance, not torch's default (a last-bit difference per 60-term sum)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     dora = DoraScales(((2, 4, 0),), store(scale, 2))
     dora_rescale(y, None, dora, view)
     want[2:4] *= scale[0]
