@@ -192,6 +192,7 @@ class AdapterStore:
         self._prefetcher = Prefetcher(self.prefetch)
         self._lock = threading.RLock()
         self._names: dict[str, tuple[str, Path]] = {}  # name -> (content key, source path)
+        self._names_by_key: dict[str, set[str]] = {}  # content key -> its names (_names inverted)
         self._contents: dict[str, _Content] = {}
         # Pool placements, least recently pinned first.
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
@@ -249,7 +250,7 @@ class AdapterStore:
         with self._lock:
             for adapter, weights, footprint in read:
                 old = self._names.get(adapter.name)
-                self._names[adapter.name] = (adapter.key, adapter.path)
+                self._set_name(adapter.name, adapter.key, adapter.path)
                 if adapter.key not in self._contents:
                     self._contents[adapter.key] = _Content(adapter, footprint)
                 if preload and adapter.key not in self._host:
@@ -273,7 +274,7 @@ class AdapterStore:
             if users and self.names_of(key) == [name]:
                 raise ValueError(f"adapter {name!r} is in use by {users} waiting or running "
                                  f"request(s); remove it once they finish")
-            del self._names[name]
+            self._del_name(name)
             self._drop_if_unused(key)
 
     def hold(self, key: str) -> bool:
@@ -330,7 +331,7 @@ class AdapterStore:
     def names_of(self, key: str) -> list[str]:
         """Names currently pointing at content ``key``."""
         with self._lock:
-            return sorted(n for n, (k, _) in self._names.items() if k == key)
+            return sorted(self._names_by_key.get(key, ()))
 
     # -- residency: the scheduler's AdapterResidency interface (accounting, no I/O) ----------
 
@@ -510,12 +511,13 @@ class AdapterStore:
                 return "host"
             return "disk" if self.spill.has(key) else "source"
 
-    def stats(self) -> AdapterStoreStats:
-        """Per-name tiers and counters, the resident names, and the pool elements in use."""
+    def stats(self, per_name: bool = True) -> AdapterStoreStats:
+        """Per-name tiers and counters (left empty without ``per_name``: with thousands of
+        names they cost ~15 ms), the resident names, and the pool elements in use."""
         with self._lock:
             adapters = {name: AdapterUsage(tier=self.tier(key),
                                            **asdict(self._contents[key].stats))
-                        for name, (key, _) in sorted(self._names.items())}
+                        for name, (key, _) in sorted(self._names.items())} if per_name else {}
             resident = sorted(n for k in self._resident for n in self.names_of(k))
             used = sum(r.used_elements for r in self._resident.values())
             return AdapterStoreStats(adapters, resident, used)
@@ -536,8 +538,9 @@ class AdapterStore:
                     *self._shared.pages]
 
     def check_invariants(self) -> None:
-        """Asserts that the shared pages' rows and gaps tile them and that their tenants are
-        the adapters with rows in them (for tests).
+        """Asserts that the shared pages' rows and gaps tile them, that their tenants are
+        the adapters with rows in them, and that the names by content key invert the names
+        (for tests).
 
         Raises:
             AssertionError: naming what broke.
@@ -549,6 +552,9 @@ class AdapterStore:
                 stray = set(self.allocator.tenants_of(page)) - held
                 assert not stray, f"shared page {page} held by {stray}, neither resident nor " \
                                   f"reserved"
+            inverted = {(n, k) for k, names in self._names_by_key.items() for n in names}
+            assert inverted == {(n, k) for n, (k, _) in self._names.items()}, \
+                "the names by content key do not invert the names"
 
     def resident(self, key: str) -> ResidentAdapter:
         """The pool placement of a resident adapter."""
@@ -670,7 +676,7 @@ class AdapterStore:
     def _sources(self, key: str) -> list[tuple[str, Path]]:
         """``(name, path)`` of every name registered with content ``key``, else the source it
         was first registered from (content kept for queued requests after its name moved)."""
-        sources = [(n, p) for n, (k, p) in sorted(self._names.items()) if k == key]
+        sources = [(n, self._names[n][1]) for n in sorted(self._names_by_key.get(key, ()))]
         if not sources and key in self._contents:
             first = self._contents[key].adapter
             sources = [(first.name, first.path)]
@@ -717,10 +723,25 @@ class AdapterStore:
         for pushed in self._host.put(adapter, weights):
             self._contents[pushed.key].stats.evictions += 1
 
+    def _set_name(self, name: str, key: str, path: Path) -> None:
+        """Points ``name`` at content ``key`` read from ``path`` (in both maps)."""
+        if name in self._names:
+            self._del_name(name)
+        self._names[name] = (key, path)
+        self._names_by_key.setdefault(key, set()).add(name)
+
+    def _del_name(self, name: str) -> None:
+        """Forgets ``name`` (in both maps)."""
+        key, _ = self._names.pop(name)
+        names = self._names_by_key[key]
+        names.discard(name)
+        if not names:
+            del self._names_by_key[key]
+
     def _drop_if_unused(self, key: str) -> None:
         """Forgets content no name refers to, once no request holds or pins it: its pages,
         host copy, spill file and counters."""
-        if self._pins[key] or self._holds[key] or any(k == key for k, _ in self._names.values()):
+        if self._pins[key] or self._holds[key] or self._names_by_key.get(key):
             return
         if key in self._resident and self.allocator.withdraw(self.unit_of(key)):
             self._give_back(key, self._resident.pop(key).pages)
