@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -161,7 +161,8 @@ class AdapterPacker:
         for width in {w for m, shape in module_shapes.items() if m in TARGET_MODULES
                       for w in shape}:
             pool.rows_per_page(width)  # fail early if a row cannot fit a page
-        self._plans: dict[tuple, RowPlan] = {}  # adapters of one shape share their plan
+        # adapters of one shape share their plan and its rows per width
+        self._plans: dict[tuple, tuple[RowPlan, tuple[_WidthRows, ...]]] = {}
 
     def footprint(self, adapter: LoraAdapter) -> AdapterFootprint:
         """Pages ``adapter`` takes in the pool (its packed rows, as the allocator charges
@@ -208,7 +209,7 @@ class AdapterPacker:
                 weights: AdapterWeights | None = None) -> ResidentAdapter:
         """The placement of the adapter's rows in ``pages`` and ``tail`` by its plan, copying
         ``weights`` into the pool when given."""
-        groups, plan = self._plan(adapter)
+        groups, plan, width_rows = self._plan(adapter)
         need = self._footprint(plan)
         if len(pages) != need.own_pages:
             raise ValueError(f"adapter {adapter.name!r} takes {need.own_pages} pages of its "
@@ -217,36 +218,28 @@ class AdapterPacker:
         if given != need.tail:
             raise ValueError(f"adapter {adapter.name!r} has tail rows {need.tail} for shared "
                              f"pages, given spots for {given}")
-        # per stored width, the tail's spots in order (rows of several widths stored as one
-        # width, pieces beside whole rows, take them in turn)
-        spots = {w: iter(zip(*rows, strict=True)) for w, rows in tail.rows.items()} \
-            if tail is not None else {}
+        own = torch.tensor(pages, dtype=torch.long)
+        taken: dict[int, int] = {}  # per stored width, the tail spots handed out so far
         placed: dict[tuple[int, str], dict[str, PagedRows]] = {}
-        # wide (split) rows first: their last pieces' zero tails are gaps narrower rows fill
-        for width in sorted({g.width for g in groups}, reverse=True):
-            members = [g for g in groups if g.width == width]
-            pieces, stored = self._pieces(width)
-            local = [p for g in members for p in plan.places[g.key][0]]
-            slots = [s for g in members for s in plan.places[g.key][1]]
-            absolute = _absolute(local, slots, pages, spots.get(stored))
-            at_pages = to_device(torch.tensor(absolute[0], dtype=torch.long), device)
-            at_slots = to_device(torch.tensor(absolute[1], dtype=torch.long), device)
+        for rows in width_rows:
+            absolute = _absolute(rows, own, tail, taken)
+            at_pages, at_slots = (to_device(t, device) for t in absolute)
             if weights is not None:
                 data = to_device(torch.cat([_row_tensor(weights[g.key[:2]], g.key[2])
-                                            for g in members]), device)  # [rows, width]
-                if pieces > 1:  # [rows * pieces, stored], a wide row's last piece zero-padded
-                    split = data.new_zeros(data.shape[0], pieces * stored)
-                    split[:, :width] = data
-                    data = split.view(-1, stored)
-                self.pool.rows(stored)[at_pages, at_slots] = data
+                                            for g in rows.members]), device)  # [rows, width]
+                if rows.pieces > 1:  # [rows * pieces, stored], a wide row's last piece padded
+                    split = data.new_zeros(data.shape[0], rows.pieces * rows.stored)
+                    split[:, :rows.width] = data
+                    data = split.view(-1, rows.stored)
+                self.pool.rows(rows.stored)[at_pages, at_slots] = data
             at = 0
-            for g in members:
-                n = g.count * pieces
-                rows = PagedRows(at_pages[at:at + n], at_slots[at:at + n])
-                if pieces > 1:  # [rank, pieces]: a wide row's one page per piece, in slot 0
-                    rows = PagedRows(rows.pages.view(g.count, pieces),
-                                     rows.slots.view(g.count, pieces))
-                placed.setdefault(g.key[:2], {})[g.key[2]] = rows
+            for g in rows.members:
+                n = g.count * rows.pieces
+                placed_rows = PagedRows(at_pages[at:at + n], at_slots[at:at + n])
+                if rows.pieces > 1:  # [rank, pieces]: a wide row's one page per piece, slot 0
+                    placed_rows = PagedRows(placed_rows.pages.view(g.count, rows.pieces),
+                                            placed_rows.slots.view(g.count, rows.pieces))
+                placed.setdefault(g.key[:2], {})[g.key[2]] = placed_rows
                 at += n
         modules = {lm: ResidentModule(a=p["a"], b=p["b"], scale=adapter.modules[lm].scale,
                                       dora=p.get("m"))
@@ -267,34 +260,74 @@ class AdapterPacker:
         """``(pieces, stored width)`` of a row of ``width`` (:func:`row_pieces`)."""
         return row_pieces(self.pool.page_numel, width, narrow=self.narrow_pieces)
 
-    def _plan(self, adapter: LoraAdapter) -> tuple[list[RowGroup], RowPlan]:
-        """The adapter's row groups and where they go; a group of rows split into narrow
-        pieces is packed as its pieces (``count * pieces`` rows of the stored width)."""
+    def _plan(self, adapter: LoraAdapter
+              ) -> tuple[list[RowGroup], RowPlan, tuple[_WidthRows, ...]]:
+        """The adapter's row groups, where they go, and the plan's rows per width (widest
+        first); a group of rows split into narrow pieces is packed as its pieces (``count *
+        pieces`` rows of the stored width)."""
         ranks = {lm: spec.rank for lm, spec in adapter.modules.items()}
         dora = {lm for lm, spec in adapter.modules.items() if spec.dora}
         groups = _groups(ranks, self.module_shapes, dora, self.scale_widths)
         key = tuple((g.key, g.count) for g in groups)
-        plan = self._plans.get(key)
-        if plan is None:
+        cached = self._plans.get(key)
+        if cached is None:
             page_numel = self.pool.page_numel
-            plan = self._plans[key] = pack_rows(
-                stored_groups(groups, page_numel, narrow=self.narrow_pieces), page_numel)
-        return groups, plan
+            plan = pack_rows(stored_groups(groups, page_numel, narrow=self.narrow_pieces),
+                             page_numel)
+            cached = self._plans[key] = (plan, self._width_rows(groups, plan))
+        return groups, *cached
+
+    def _width_rows(self, groups: list[RowGroup], plan: RowPlan) -> tuple[_WidthRows, ...]:
+        """``plan``'s rows per width, widest first: the rows of split wide rows go first, so
+        the zero tails of their last pieces are written before the narrower rows that fill
+        those gaps."""
+        out = []
+        for width in sorted({g.width for g in groups}, reverse=True):
+            members = tuple(g for g in groups if g.width == width)
+            pieces, stored = self._pieces(width)
+            local = [p for g in members for p in plan.places[g.key][0]]
+            slots = [s for g in members for s in plan.places[g.key][1]]
+            out.append(_WidthRows(width, members, pieces, stored,
+                                  torch.tensor(local, dtype=torch.long),
+                                  torch.tensor(slots, dtype=torch.long)))
+        return tuple(out)
 
 
-def _absolute(local: list[int], slots: list[int], pages: list[int],
-              spots: Iterator[tuple[int, int]] | None) -> tuple[list[int], list[int]]:
-    """Pool pages and slots of rows at plan-local ``(local, slots)``: local page ``i`` is
-    ``pages[i]``; a row on the page past them (the tail) takes the next ``(page, slot)`` of
-    ``spots``."""
-    at_pages, at_slots = [], []
-    for page, slot in zip(local, slots, strict=True):
-        if page >= len(pages):
-            page, slot = next(spots)
-        else:
-            page = pages[page]
-        at_pages.append(page)
-        at_slots.append(slot)
+@dataclass(frozen=True)
+class _WidthRows:
+    """A plan's rows of one width, in group order (a row split into pieces as its pieces).
+
+    Attributes:
+        width: elements of a row. members: the groups of that width.
+        pieces, stored: each row is stored as ``pieces`` pieces of ``stored`` elements.
+        local, slots: ``[sum(count * pieces)]`` int64 plan-local pages and slots.
+    """
+
+    width: int
+    members: tuple[RowGroup, ...]
+    pieces: int
+    stored: int
+    local: torch.Tensor
+    slots: torch.Tensor
+
+
+def _absolute(rows: _WidthRows, pages: torch.Tensor, tail: TailSpots | None,
+              taken: dict[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n]`` int64 pool pages and slots of ``rows`` (plan-local pages and slots): local page
+    ``i`` is ``pages[i]``; the rows on the page past them (the tail), in order, take the next
+    spots of ``tail.rows[rows.stored]`` (``taken`` counts those already handed out per stored
+    width: rows of several widths stored as one take them in turn)."""
+    on_tail = rows.local >= pages.shape[0]
+    n_tail = int(on_tail.sum())
+    if n_tail == 0:
+        return pages[rows.local], rows.slots.clone()
+    start = taken.get(rows.stored, 0)
+    taken[rows.stored] = start + n_tail
+    spot_pages, spot_slots = tail.rows[rows.stored]
+    at_pages, at_slots = rows.local.clone(), rows.slots.clone()
+    at_pages[~on_tail] = pages[rows.local[~on_tail]]
+    at_pages[on_tail] = torch.tensor(spot_pages[start:start + n_tail], dtype=torch.long)
+    at_slots[on_tail] = torch.tensor(spot_slots[start:start + n_tail], dtype=torch.long)
     return at_pages, at_slots
 
 
