@@ -164,12 +164,17 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol, shapes
         torch.testing.assert_close(got[start:start + new].float(), want, atol=atol, rtol=atol)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("skip", [None, 4])
-@pytest.mark.parametrize("tokens_per_adapter", [[1] * 9, [1, 3, 1, 1, 2, 1, 1, 4, 1]])
-def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
+@pytest.mark.parametrize("tokens_per_adapter", [[1] * 9, [1, 3, 1, 1, 2, 1, 1, 4, 1],
+                                                [1, 1, 1, 1, 5, 1, 1, 1, 2]],
+                         ids=["one-each", "padded", "split"])
+def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip, weighted):
     """The stacked (BGMV) form that the model runner builds for decode batches over many
-    adapters: one token each (no scatter), and several tokens for some adapters, with base
-    tokens before them, and (``skip``) one adapter's tokens left out (it lacks the module)."""
+    adapters: one token each (no scatter), several tokens for some adapters (zero-padded, or,
+    when at most a quarter of a rank class has several, split into first tokens and the rest),
+    with base tokens before them, (``skip``) one adapter's tokens left out (it lacks the
+    module), and (``weighted``) tokens at weights other than 1 (a mix's)."""
     from pagedlora.lora_layouts import ModuleRows
 
     g = torch.Generator().manual_seed(len(tokens_per_adapter) + sum(tokens_per_adapter))
@@ -192,7 +197,8 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     zero = torch.zeros(1, dtype=torch.long)
     rows = ModuleRows(PagedRows(zero, zero), PagedRows(zero, zero), tuple(cols),
                       tuple(zip(a_rows, b_rows, strict=True)))
-    uses = [[(*s[:2], 1.0)] for s in segments]
+    weights = [0.5 + 0.25 * i if weighted else 1.0 for i in range(len(ranks))]
+    uses = [[(*s[:2], weights[i])] for i, s in enumerate(segments)]
     classes = rows.stacked()
     # ranks 1..16: classes 16..4 (each >= a quarter of the largest), 3..1
     assert sorted(len(e) for e, _, _ in classes) == sorted(
@@ -204,6 +210,8 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
                                                    dtype=torch.float32,
                                                    device=torch.device("cpu")))
                     for entries, a, b in classes)
+    # the "split" case has one or two of the eight rank 4-16 adapters with several tokens
+    assert any(p.tokens.rest is not None for p in stacked) == (tokens_per_adapter[4] == 5)
     batch = LoraBatch(rows.a, rows.b, LoraBatch.segments_of(rows.cols, uses), None,
                       stacked=stacked)
     x = torch.randn(num_tokens, in_f, generator=g)
@@ -215,7 +223,7 @@ def test_bgmv_form_matches_per_token_math(tokens_per_adapter, skip):
     want = y0.clone()
     for k, i in enumerate(which):
         for t in range(segments[i][0], segments[i][1]):
-            want[t] += scales[i] * (x[t] @ a_rows[k].t()) @ b_rows[k]
+            want[t] += weights[i] * scales[i] * (x[t] @ a_rows[k].t()) @ b_rows[k]
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
     assert torch.equal(y[:base], y0[:base])
     if skip is not None:
