@@ -67,7 +67,8 @@ class StackedTokens:
         weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
             every weight is 1.
         first: when adapter k's one token is ``first + k`` at weight 1 for every k, ``first``
-            (the kernel slices instead of indexing), else None.
+            (the kernel slices instead of indexing), else None. (In a ``rest`` layout, adapter
+            k is ``rest_entries[k]``.)
         rest: the later tokens of the adapters ``rest_entries``, their own layout over those
             adapters (entry ``i`` is adapter ``rest_entries[i]``), or None.
         rest_entries: ``[E]`` int64, or None.
@@ -405,8 +406,9 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     Returns:
         one contiguous tensor, the pool's dtype: ``[hi - lo, R]`` for the dense form (tokens
         ``lo..hi`` of the segments, all R rows of the batch; zero where a token's adapter does
-        not own the column), for BGMV each rank class's ``[S, width, r]`` and for the segment
-        loop every segment's ``[len, r]`` block, flattened one after another.
+        not own the column), for BGMV each rank class's ``[S, width, r]`` (a split class's
+        ``[S, 1, r]`` for the first tokens, then ``[E, rest.width, r]`` for the rest) and for
+        the segment loop every segment's ``[len, r]`` block, flattened one after another.
     """
     form = _form(x.shape[0], batch)
     if form == "bgmv":  # one contiguous tensor however many rank classes

@@ -99,7 +99,7 @@ class AdapterStoreStats:
     """The store's accounting (see :meth:`AdapterStore.stats`).
 
     Attributes:
-        adapters: per registered name, sorted by name.
+        adapters: per registered name, sorted by name (empty from ``stats(per_name=False)``).
         resident: names of the adapters in the pool, sorted.
         used_elements: pool elements holding adapter weights (the rest of the adapters' pages
             is internal fragmentation: gaps between packed rows, free room in the shared tail

@@ -104,7 +104,8 @@ class EngineStats:
         pool: page counts (the allocator's).
         kv: the KV cache's (the KV block manager's).
         scheduler: request counts and counters (the scheduler's).
-        adapters: tiers and counters per adapter (the adapter store's).
+        adapters: tiers and counters per adapter (the adapter store's; its per-name figures
+            empty from ``stats(per_adapter=False)``, as in :attr:`EngineCore.peak`).
         queued: requests added but not yet handed to the scheduler (they join at the next
             step; ``requests_waiting`` counts them).
         merge: the merge policy's counters.
