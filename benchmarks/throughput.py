@@ -42,7 +42,8 @@ ignore_eos, 4 adapters of ranks 4/8/16/32 on different target modules, uniform p
 "mixed-4-mix" (the same with every fourth request a mix of its adapter at 0.7 and the next
 one at 0.3); "hot-1" (mixed-4's prompts, every request on one adapter of rank 32 on all seven
 projections, like mixed-4's largest: a single-tenant burst); "many" (256 requests over 1,000
-adapters of ranks 4-16 on q_proj and v_proj, alpha=1, max_cpu_loras=64). Every system decodes
+adapters of ranks 4-16 on q_proj and v_proj, alpha=1, max_cpu_loras=64); "many-skewed" (the
+same at alpha=0.3: a quarter of the requests on the first 10 adapters). Every system decodes
 greedily.
 
     python benchmarks/throughput.py --scenario mixed-4
@@ -133,6 +134,14 @@ SCENARIOS = {
         ranks=(32,), module_sets=(ALL_MODULES,), cycle=True),
     "many": Scenario(
         spec=WorkloadSpec(num_requests=256, num_adapters=1000, alpha=1.0, input_range=(10, 40),
+                          output_range=(64, 64)),
+        ranks=tuple(range(4, 17)), module_sets=(QV,), cycle=False,
+        max_loras=64, max_lora_rank=16, max_cpu_loras=64),
+    # many's adapters under a skewed popularity (S-LoRA's power law, section 7.1): a quarter
+    # of the requests go to the first 10 adapters, so some adapters have several tokens in
+    # a step while most have one
+    "many-skewed": Scenario(
+        spec=WorkloadSpec(num_requests=256, num_adapters=1000, alpha=0.3, input_range=(10, 40),
                           output_range=(64, 64)),
         ranks=tuple(range(4, 17)), module_sets=(QV,), cycle=False,
         max_loras=64, max_lora_rank=16, max_cpu_loras=64),
