@@ -47,31 +47,16 @@ class LoraSegment:
 class StackedTokens:
     """Where the tokens of one rank class of a BGMV batch sit in its adapter-major layout.
 
-    When a few adapters have several tokens and most have one, zero-padding every adapter to
-    the most tokens any has costs more than it saves; the layout is then split
-    (:meth:`of`): this one holds each adapter's first token (one each, ``width`` 1) and
-    ``rest`` the later tokens of the adapters ``rest_entries``, laid out over those adapters
-    alone (the kernel multiplies their rows, copied out of the stack). Measured on this
-    project's 2-core CPU (fp32, rank 16, 576 -> 576, shrink and expand): 62 adapters with one
-    token and one with two, 384 us padded against 244 split; one adapter with 20 tokens among
-    44 with one, 676 against 240; 32 adapters with two tokens each, 254 against 538 (so no
-    split there).
-
     Attributes:
         index: ``[N]`` int64 (token, adapter) pairs' token (a token of a mix appears once per
             adapter).
         entry: ``[N]`` int64 their adapter among the stacked ones.
-        position: ``[N]`` int64 their place among that adapter's tokens (in this layout).
-        width: the most tokens any one adapter has in this layout (1: one each, no
-            zero-padded layout).
+        position: ``[N]`` int64 their place among that adapter's tokens.
+        width: the most tokens any one adapter has (1: one each, no zero-padded layout).
         weight: ``[N]`` the token's weight for that adapter (the batch's dtype), or None when
             every weight is 1.
         first: when adapter k's one token is ``first + k`` at weight 1 for every k, ``first``
-            (the kernel slices instead of indexing), else None. (In a ``rest`` layout, adapter
-            k is ``rest_entries[k]``.)
-        rest: the later tokens of the adapters ``rest_entries``, their own layout over those
-            adapters (entry ``i`` is adapter ``rest_entries[i]``), or None.
-        rest_entries: ``[E]`` int64, or None.
+            (the kernel slices instead of indexing), else None.
     """
 
     index: torch.Tensor
@@ -80,42 +65,31 @@ class StackedTokens:
     width: int
     weight: torch.Tensor | None = None
     first: int | None = None
-    rest: StackedTokens | None = None
-    rest_entries: torch.Tensor | None = None
 
     @classmethod
     def of(cls, ranges: Sequence[Sequence[TokenRange]], *, dtype: torch.dtype,
            device: torch.device) -> StackedTokens:
         """The layout of the stacked adapters' tokens (``ranges[k]``: adapter k's, in
-        order; each adapter has at least one token), split off into ``rest`` when at most a
-        quarter of the adapters have more than one token."""
-        tokens = [[(t, w) for start, end, w in adapter_ranges for t in range(start, end)]
-                  for adapter_ranges in ranges]
-        several = [k for k, own in enumerate(tokens) if len(own) > 1]
-        if not several or 4 * len(several) > len(tokens):
-            return cls._layout(tokens, dtype, device)
-        head = cls._layout([own[:1] for own in tokens], dtype, device)
-        return cls(head.index, head.entry, head.position, head.width, head.weight, head.first,
-                   rest=cls._layout([tokens[k][1:] for k in several], dtype, device),
-                   rest_entries=torch.tensor(several, dtype=torch.long, device=device))
-
-    @classmethod
-    def _layout(cls, tokens: Sequence[Sequence[tuple[int, float]]], dtype: torch.dtype,
-                device: torch.device) -> StackedTokens:
-        """One zero-padded layout of ``tokens[k]``, adapter k's ``(token, weight)`` pairs."""
-        lo = tokens[0][0][0]
-        first = lo if all(own == [(lo + k, 1.0)] for k, own in enumerate(tokens)) else None
-        index = [t for own in tokens for t, _ in own]
-        weight = [w for own in tokens for _, w in own]
-        entry = [k for k, own in enumerate(tokens) for _ in own]
-        position = [p for own in tokens for p in range(len(own))]
+        order; each adapter has at least one token)."""
+        lo = ranges[0][0][0]
+        first = lo if all(len(r) == 1 and r[0] == (lo + k, lo + k + 1, 1.0)
+                          for k, r in enumerate(ranges)) else None
+        index, entry, position, weight, width = [], [], [], [], 0
+        for k, adapter_ranges in enumerate(ranges):
+            n = 0
+            for start, end, w in adapter_ranges:
+                index.extend(range(start, end))
+                weight.extend([w] * (end - start))
+                position.extend(range(n, n + end - start))
+                n += end - start
+            entry.extend([k] * n)
+            width = max(width, n)
 
         def t(v: list[int]) -> torch.Tensor:
             return torch.tensor(v, dtype=torch.long, device=device)
         weights = None if all(w == 1.0 for w in weight) else torch.tensor(
             weight, dtype=dtype, device=device)
-        return cls(t(index), t(entry), t(position), max(len(own) for own in tokens), weights,
-                   first)
+        return cls(t(index), t(entry), t(position), width, weights, first)
 
 
 @dataclass(frozen=True)
@@ -406,14 +380,12 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
     Returns:
         one contiguous tensor, the pool's dtype: ``[hi - lo, R]`` for the dense form (tokens
         ``lo..hi`` of the segments, all R rows of the batch; zero where a token's adapter does
-        not own the column), for BGMV each rank class's ``[S, width, r]`` (a split class's
-        ``[S, 1, r]`` for the first tokens, then ``[E, rest.width, r]`` for the rest) and for
-        the segment loop every segment's ``[len, r]`` block, flattened one after another.
+        not own the column), for BGMV each rank class's ``[S, width, r]`` and for the segment
+        loop every segment's ``[len, r]`` block, flattened one after another.
     """
     form = _form(x.shape[0], batch)
     if form == "bgmv":  # one contiguous tensor however many rank classes
-        return torch.cat([_bgmv_shrink(x, a, tokens).reshape(-1) for part in batch.stacked
-                          for a, tokens in _bgmv_stacks(part, "a")])
+        return torch.cat([_bgmv_shrink(x, part).reshape(-1) for part in batch.stacked])
     a, _ = _rows(batch, a_view, None)
     if form == "dense":
         lo, hi = _dense_span(batch)
@@ -445,11 +417,10 @@ def lora_expand(y: torch.Tensor, shrunk: torch.Tensor, batch: LoraBatch,
     if form == "bgmv":
         offset = 0
         for part in batch.stacked:
-            for b, tokens in _bgmv_stacks(part, "b"):
-                shape = _bgmv_shape(b, tokens)
-                n = shape[0] * shape[1] * shape[2]
-                _bgmv_expand(y, shrunk[offset:offset + n].view(shape), b, tokens)
-                offset += n
+            shape = _bgmv_shape(part)
+            n = shape[0] * shape[1] * shape[2]
+            _bgmv_expand(y, shrunk[offset:offset + n].view(shape), part)
+            offset += n
         return
     _, b = _rows(batch, None, b_view)
     if form == "dense":
@@ -468,37 +439,25 @@ def _bgmv(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch) -> None:
     """``y[t] += w_(t,e) * (x[t] @ a[e]^T) @ b[e]`` for every token t and adapter e of each
     rank class of ``batch.stacked``: :func:`_bgmv_expand` of :func:`_bgmv_shrink`."""
     for part in batch.stacked:
-        for (a, tokens), (b, _) in zip(_bgmv_stacks(part, "a"), _bgmv_stacks(part, "b"),
-                                       strict=True):
-            _bgmv_expand(y, _bgmv_shrink(x, a, tokens), b, tokens)
+        _bgmv_expand(y, _bgmv_shrink(x, part), part)
 
 
-def _bgmv_stacks(part: Stacked, which: str) -> list[tuple[torch.Tensor, StackedTokens]]:
-    """The rank class's stacked ``which`` rows ("a": ``part.a``, "b": ``part.b``) and token
-    layout the kernels multiply: the class itself, or, for a split layout
-    (``StackedTokens.rest``), the adapters' first tokens over the whole stack, then their
-    later tokens over the rows of the adapters that have them."""
-    rows, tokens = (part.a if which == "a" else part.b), part.tokens
-    if tokens.rest is None:
-        return [(rows, tokens)]
-    return [(rows, tokens), (rows[tokens.rest_entries], tokens.rest)]
-
-
-def _bgmv_shape(rows: torch.Tensor, tokens: StackedTokens) -> tuple[int, int, int]:
-    """``(S, width, r)`` of a shrink over the stacked ``rows`` ``[S, r, *]`` for ``tokens``
-    (width 1 unless an adapter has several tokens laid out zero-padded)."""
+def _bgmv_shape(part: Stacked) -> tuple[int, int, int]:
+    """``(S, width, r)`` of the rank class's shrink (width 1 unless an adapter has several
+    tokens laid out zero-padded)."""
+    tokens = part.tokens
     width = 1 if tokens.first is not None or tokens.width == 1 else tokens.width
-    return rows.shape[0], width, rows.shape[1]
+    return part.a.shape[0], width, part.a.shape[1]
 
 
-def _bgmv_shrink(x: torch.Tensor, a: torch.Tensor, tokens: StackedTokens) -> torch.Tensor:
-    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and adapter e of ``tokens`` (``a``:
-    ``[S, r, in]`` the stacked lora_A rows), as :func:`_bgmv_shape` ``[S, width, r]`` (the
-    scale is in ``b``; ``w`` is the token's weight for the adapter, 1 but in a mix). Tokens
-    are laid out adapter-major (``[S, width, in]``, zero-padded when an adapter has several,
-    a mix's token once per adapter, its weight applied to its activation row) rather than
-    copying weights per token: an activation row is ``in`` elements, an adapter's rows
-    ``r * in``."""
+def _bgmv_shrink(x: torch.Tensor, part: Stacked) -> torch.Tensor:
+    """``w_(t,e) * x[t] @ a[e]^T`` for every token t and adapter e of one rank class, as
+    :func:`_bgmv_shape` ``[S, width, r]`` (the scale is in ``b``; ``w`` is the token's weight
+    for the adapter, 1 but in a mix). Tokens are laid out adapter-major (``[S, width, in]``,
+    zero-padded when an adapter has several, a mix's token once per adapter, its weight
+    applied to its activation row) rather than copying weights per token: an activation row
+    is ``in`` elements, an adapter's rows ``r * in``."""
+    a, tokens = part.a, part.tokens
     if tokens.first is not None:  # one token each, in order: slices, no indexing
         lo = tokens.first
         return torch.bmm(x[lo:lo + a.shape[0]].unsqueeze(1), a.transpose(1, 2))  # [S, 1, r]
@@ -512,10 +471,9 @@ def _bgmv_shrink(x: torch.Tensor, a: torch.Tensor, tokens: StackedTokens) -> tor
     return torch.bmm(laid, a.transpose(1, 2))
 
 
-def _bgmv_expand(y: torch.Tensor, shrunk: torch.Tensor, b: torch.Tensor,
-                 tokens: StackedTokens) -> None:
-    """``y[t] += shrunk @ b[e]`` for the tokens of :func:`_bgmv_shrink`'s result (``b``:
-    ``[S, r, out]`` the stacked lora_B^T rows times the scales), in place."""
+def _bgmv_expand(y: torch.Tensor, shrunk: torch.Tensor, part: Stacked) -> None:
+    """``y[t] += shrunk @ b[e]`` for the tokens of :func:`_bgmv_shrink`'s result, in place."""
+    b, tokens = part.b, part.tokens
     out = torch.bmm(shrunk, b)                                          # [S, width, out]
     if tokens.first is not None:
         y[tokens.first:tokens.first + b.shape[0]] += out.squeeze(1)

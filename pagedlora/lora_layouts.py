@@ -157,9 +157,7 @@ class LoraLayouts:
     the batch and laid out once per set of adapters, in the dense form or, for decode batches
     over :data:`BGMV_MIN_ADAPTERS` or more adapters, the BGMV form. The copies (the batch's
     adapters' weights, at most twice: the pieces and one layout per module) are dropped as soon
-    as an adapter leaves the batch; a BGMV rank class split into first and later tokens
-    (``StackedTokens.rest``) also copies the rows of the adapters with later tokens, at most a
-    quarter of the class, in each call. Kernels that read pages in place (Triton) get page tables
+    as an adapter leaves the batch. Kernels that read pages in place (Triton) get page tables
     only (rows whole or in narrow pieces), except for the vocabulary modules: their rows
     (``vocab_size`` wide, split across pages) are always read out once per placement and
     handed over in the dense form, for the torch ops the model runs on them (``embed_tokens``

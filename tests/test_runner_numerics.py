@@ -79,8 +79,7 @@ def test_dense_and_loop(tiny_llama_dir, dirs, oracle):
 
 def test_bgmv_is_exercised(tiny_llama_dir, dirs, oracle, monkeypatch):
     """The first test above runs the BGMV form in two rank classes (ranks 4-16 and 1-3), with
-    adapters of several tokens (the zero-padded layout: its classes are too small to split,
-    see the split test below) and of one token each."""
+    adapters of several tokens (the zero-padded layout) and of one token each."""
     import pagedlora.kernels.lora as kl
 
     seen = []
@@ -123,33 +122,3 @@ def test_evict_reload_and_readd_between_steps(tiny_llama_dir, dirs, oracle, tmp_
                                progress=False)
         assert outs[0].token_ids == peft_greedy(base, dirs[name], prompt, 5), (i, name)
     assert sum(a["evictions"] for a in engine.stats()["adapters"].values()) >= 2
-
-
-QV_SPECS = {f"b{i}": dict(r=4 + i % 5, target_modules=["q_proj", "v_proj"], seed=20 + i)
-            for i in range(8)}  # one rank class: ranks 4..8
-
-
-def test_bgmv_split_layout_against_peft(tiny_llama_dir, tmp_path_factory, monkeypatch):
-    """Eight adapters of one rank class decode while one or two of them also prefill a
-    prompt: the BGMV layout splits into each adapter's first token and the rest (at most a
-    quarter of the class has several tokens); logits equal PEFT's at every step."""
-    import pagedlora.kernels.lora as kl
-
-    dirs = save_adapters(tiny_llama_dir, tmp_path_factory.mktemp("split"), QV_SPECS)
-    oracle = PeftOracle(tiny_llama_dir, dirs).logits
-    seen = []
-    real = kl._bgmv
-
-    def spy(y, x, batch):
-        seen.append(any(p.tokens.rest is not None for p in batch.stacked))
-        return real(y, x, batch)
-    monkeypatch.setattr(kl, "_bgmv", spy)
-    engine = _engine(tiny_llama_dir, dirs)
-    first = [(f"{n}-0", random_prompt(2, seed=30 + i), n) for i, n in enumerate(QV_SPECS)]
-    arrivals = {0: first,
-                2: [("b3-late", random_prompt(5, 60), "b3")],
-                3: [("b1-late", random_prompt(3, 61), "b1"),
-                    ("b5-late", random_prompt(2, 62), "b5")]}
-    d = drive(engine, arrivals, oracle, max_tokens=4)
-    assert d.num_compared == 4 * (len(first) + 3)
-    assert True in seen and False in seen, seen
