@@ -21,8 +21,9 @@ class MergedStats:
         seconds: wall time spent merging (reading the adapter's rows out of the pool, copying
             the base weights, adding the deltas), seconds. Unmerging costs nothing: the base
             weights are never changed, a step reads them again.
-        bytes: device memory the merged copies hold now, bytes (in bfloat16 on a CPU their
-            prepacked copies hold about as much again, not counted here).
+        bytes: device memory the merged copies hold now, bytes (on a CPU with oneDNN, in
+            bfloat16 and float32, their prepacked copies hold about as much again, not counted
+            here).
         key: the adapter (content key) they hold, None before the first merge.
     """
 
@@ -59,10 +60,10 @@ class MergedWeights:
     on all seven projections (the size of the model's projection weights), 63 MiB for one on
     q/v only. They are kept until another adapter is merged (so the same adapter re-enters
     merged mode without recomputing them), reusing the buffers of the fused weights both
-    adapters touch. :attr:`stats` reports their bytes. In bfloat16 on a CPU with oneDNN's
-    bfloat16 kernels each copy is also prepacked, as the base weights are
-    (:class:`~pagedlora.packed_linear.PackedLinear`: the same results, faster GEMMs), which
-    costs its bytes again.
+    adapters touch. :attr:`stats` reports their bytes. On a CPU with oneDNN (bfloat16: with its
+    bfloat16 kernels; and float32) each copy is also prepacked, as the base weights are
+    (:class:`~pagedlora.packed_linear.PackedLinear`: faster GEMMs), which costs its bytes
+    again.
 
     Args:
         model: the model whose ``layers`` are copied.
@@ -140,7 +141,7 @@ class MergedWeights:
                     _fold(copy[start:end], base[start:end], a, b, scale, g)
                     done = end
                 copy[done:] = base[done:]
-                m.linear.pack(copy)  # its new values (bf16 on the CPU: as the base's own)
+                m.linear.pack(copy)  # its new values (on a oneDNN CPU: as the base's own)
                 self._copies[(layer, name)] = copy
                 self._layers[layer][name] = copy
         finally:  # also when a merge raises: none of them is kept

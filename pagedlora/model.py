@@ -201,7 +201,7 @@ class LlamaModel:
                                       take(p + "mlp.up_proj.weight")]),
                 "down": take(p + "mlp.down_proj.weight"),
             })
-        self.linear = PackedLinear(dtype, device)  # the base GEMMs (bf16 CPU: prepacked)
+        self.linear = PackedLinear(dtype, device)  # the base GEMMs (oneDNN CPU: prepacked)
         for w in self.layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 self.linear.pack(w[name])

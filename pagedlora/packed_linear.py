@@ -8,32 +8,39 @@ import torch.nn.functional as F
 
 class PackedLinear:
     """``F.linear`` over weights reordered once into oneDNN's blocked layout, where that pays:
-    bfloat16 on a CPU with oneDNN's bfloat16 kernels (AVX-512 BF16 or AMX).
+    bfloat16 and float32 on a CPU with oneDNN (bfloat16 needs its bfloat16 kernels: AVX-512
+    BF16 or AMX).
 
     ``F.linear`` on bfloat16 CPU tensors already runs oneDNN's GEMM, but reorders the weight
     into the kernel's layout on every call; the packed copy skips that, with the same results
     bit for bit (the same kernel on the same numbers). Measured on this project's CPU (2-core
     AMD EPYC with AVX-512 BF16, one thread, CPU time): 0.64 against 0.84 ms for SmolLM2's fused
     gate/up at 32 tokens, 4.6 against 7.3 ms for its LM head at one token, 17.8 against 19.1 ms
-    for gate/up at 1,000 (a prefill). In float32 MKL's packed GEMM (``mkl._mkl_linear``) is not
-    faster than ``F.linear`` here (2.10 against 2.04 ms), so float32 weights are not packed.
-    The technique is what inductor's weight freezing does for CPU linears (``torch.compile``
-    with ``freezing=True``), without compiling anything.
+    for gate/up at 1,000 (a prefill). In float32 ``F.linear`` runs MKL's GEMM instead, and
+    oneDNN's over packed weights is much faster at every batch size (2 threads, median of
+    runs; ``/work/notes/s26/fp32_gemm*.py``): SmolLM2's gate/up 1.15 -> 0.61 ms at 32 tokens,
+    0.52 -> 0.21 at 8, 42.1 -> 29.4 at 1,500; its LM head 37.0 -> 12.7 ms at 32 tokens,
+    12.4 -> 6.1 at one. Its float32 results are not F.linear's bit for bit (another summation
+    order: within 2e-4 of them for unit-scale inputs, as between two BLAS libraries). MKL's
+    own packed GEMM (``mkl._mkl_linear``) was not faster than ``F.linear`` here (2.10 against
+    2.04 ms). The technique is what inductor's weight freezing does for CPU linears
+    (``torch.compile`` with ``freezing=True``), without compiling anything.
 
     A packed copy belongs to one weight tensor, found by identity: any other tensor (a
     tensor-parallel shard made later) runs ``F.linear``; the owner of a weight whose values
     change (a merged adapter's copy of a layer's weights) packs it again after writing it and
-    :meth:`forget` s it before dropping it. The copy costs the weight's memory again.
+    :meth:`forget` s it before dropping it. The copy costs the weight's memory again (SmolLM2
+    in float32: about 530 MB).
 
     Args:
-        dtype, device: of the model's weights; packing is on only for bfloat16 on a CPU whose
-            oneDNN has bfloat16 kernels.
+        dtype, device: of the model's weights; packing is on only for bfloat16 (on a CPU whose
+            oneDNN has bfloat16 kernels) and float32, on a CPU with oneDNN.
     """
 
     def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        self.enabled = (device.type == "cpu" and dtype == torch.bfloat16
-                        and torch.backends.mkldnn.is_available()
-                        and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        self.enabled = (device.type == "cpu" and torch.backends.mkldnn.is_available()
+                        and (dtype == torch.float32 or dtype == torch.bfloat16
+                             and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
         self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def pack(self, weight: torch.Tensor, batch_hint: int = 32) -> None:
