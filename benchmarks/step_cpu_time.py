@@ -7,8 +7,8 @@ time (``time.process_time``) on one intra-op thread, and the minimum and median 
 then each prefills the same prompts again on the base model, twice. CPU time still moves with
 cache and memory-bandwidth contention, so compare variants of one invocation only.
 
-Variants: "packed" (the engine as it is) and "unpacked" (the same, its bfloat16 projections
-through ``F.linear`` instead of weights prepacked for oneDNN, see
+Variants: "packed" (the engine as it is) and "unpacked" (the same, its projections through
+``F.linear`` instead of weights prepacked for oneDNN, also merged copies, see
 :class:`pagedlora.packed_linear.PackedLinear`).
 
     python benchmarks/step_cpu_time.py --dtype bfloat16 --variants unpacked,packed
@@ -64,6 +64,7 @@ def main() -> None:
                         enable_prefix_caching=False)
         if variant == "unpacked":
             engine.model.linear._packed.clear()
+            engine.model.linear.enabled = False  # nor packs a merged copy later
         names = [None] * len(job.prompts)
         if not args.base_only:
             for i, path in enumerate(job.adapter_paths):

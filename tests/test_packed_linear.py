@@ -30,6 +30,9 @@ def test_packed_is_f_linear_bit_for_bit(rows, with_bias):
     assert got.dtype == torch.bfloat16 and got.shape == (rows, 96)
     assert torch.equal(got, F.linear(x, w, bias))
     assert torch.equal(linear(x[:, :].t().contiguous().t(), w, bias), got)  # strided x
+    if with_bias:  # a strided bias (oneDNN reads it densely)
+        strided = torch.randn(192, generator=g).to(torch.bfloat16)[::2]
+        assert torch.equal(linear(x, w, strided), F.linear(x, w, strided))
 
 
 @pytest.mark.skipif(not PackedLinear(torch.float32, CPU).enabled, reason="no oneDNN")
@@ -52,6 +55,11 @@ def test_packed_float32_is_f_linear_within_rounding(rows, with_bias):
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
     torch.testing.assert_close(F.linear(x, w, bias).double(), want, rtol=0, atol=1e-4)
     assert torch.equal(linear(x[:, :].t().contiguous().t(), w, bias), got)  # strided x
+    if with_bias:  # a strided bias (oneDNN reads it densely)
+        strided = torch.randn(192, generator=g)[::2]
+        torch.testing.assert_close(linear(x, w, strided).double(),
+                                   F.linear(x.double(), w.double(), strided.double()),
+                                   rtol=0, atol=1e-4)
 
 
 @needs_bf16
