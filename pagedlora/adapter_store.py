@@ -676,7 +676,7 @@ class AdapterStore:
     def _sources(self, key: str) -> list[tuple[str, Path]]:
         """``(name, path)`` of every name registered with content ``key``, else the source it
         was first registered from (content kept for queued requests after its name moved)."""
-        sources = [(n, self._names[n][1]) for n in sorted(self._names_by_key.get(key, ()))]
+        sources = [(n, self._names[n][1]) for n in self.names_of(key)]
         if not sources and key in self._contents:
             first = self._contents[key].adapter
             sources = [(first.name, first.path)]
