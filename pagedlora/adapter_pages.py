@@ -324,7 +324,7 @@ def _absolute(rows: _WidthRows, pages: torch.Tensor, tail: TailSpots | None,
     start = taken.get(rows.stored, 0)
     taken[rows.stored] = start + n_tail
     spot_pages, spot_slots = tail.rows[rows.stored]
-    at_pages, at_slots = rows.local.clone(), rows.slots.clone()
+    at_pages, at_slots = torch.empty_like(rows.local), rows.slots.clone()
     at_pages[~on_tail] = pages[rows.local[~on_tail]]
     at_pages[on_tail] = torch.tensor(spot_pages[start:start + n_tail], dtype=torch.long)
     at_slots[on_tail] = torch.tensor(spot_slots[start:start + n_tail], dtype=torch.long)
