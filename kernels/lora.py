@@ -228,7 +228,8 @@ class FusedLora:
     parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]
 
 
-def lora_fused(y: torch.Tensor, x: torch.Tensor, work: FusedLora) -> None:
+def lora_fused(y: torch.Tensor, x: torch.Tensor, work: FusedLora,
+               raw: torch.Tensor | None = None) -> None:
     """LoRA of every member module of ``work``, in place: :func:`lora_shrink_expand`'s dense
     form with the members' shrinks in one GEMM (Punica's SGMV batches segments of one
     module; this also batches modules that read the same input), then one block-diagonal
@@ -240,13 +241,15 @@ def lora_fused(y: torch.Tensor, x: torch.Tensor, work: FusedLora) -> None:
         y: ``[T, fused_out]`` the fused projection's output (bias included), updated.
         x: ``[T, in_features]`` its input.
         work: the members' rows and token scales.
+        raw: ``[T, R]`` ``x @ work.a^T`` already computed (by the base GEMM,
+            :meth:`pagedlora.packed_linear.PackedLinear.ride`; scaled here in place), or None.
     Raises:
         ValueError: ``x``, ``y`` and the token scales disagree on the number of tokens.
     """
     if not x.shape[0] == y.shape[0] == work.token_scale.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, y {y.shape[0]}, token_scale "
                          f"{work.token_scale.shape[0]}")
-    shrunk = F.linear(x, work.a).mul_(work.token_scale)
+    shrunk = (F.linear(x, work.a) if raw is None else raw).mul_(work.token_scale)
     if work.b is not None:
         y.addmm_(shrunk, work.b)
         return
@@ -303,7 +306,8 @@ BGMV_MIN_ADAPTERS = 8
 
 
 def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
-                       a_view: torch.Tensor, b_view: torch.Tensor) -> None:
+                       a_view: torch.Tensor | None, b_view: torch.Tensor | None,
+                       raw: torch.Tensor | None = None) -> None:
     """Multi-adapter LoRA, in place: ``y[t] += sum_s scale_s * (x[t] @ A_s^T) @ B_s^T`` over
     the segments s holding token t (one for a plain adapter, one per adapter of a mix, none
     for base tokens).
@@ -326,6 +330,8 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
         batch: the step's rows, segments and token scales for this module.
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
         b_view: ``[num_pages, rows_per_page, out_features]`` pool view for lora_B^T rows.
+        raw: for the dense form, ``[T, R]`` ``x @ A^T`` over all of the step's tokens and the
+            batch's rows (:func:`dense_rows`) already computed, or None.
     Raises:
         ValueError: ``x``, ``y`` and ``batch.token_scale`` disagree on the number of tokens,
             or a batch without ``stacked`` has no token scales.
@@ -340,7 +346,17 @@ def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, batch: LoraBatch,
     if x.shape[0] != batch.token_scale.shape[0]:
         raise ValueError(f"x has {x.shape[0]} tokens, token_scale "
                          f"{batch.token_scale.shape[0]}")
-    lora_expand(y, lora_shrink(x, batch, a_view), batch, b_view)
+    lora_expand(y, lora_shrink(x, batch, a_view, raw), batch, b_view)
+
+
+def dense_rows(batch: LoraBatch | None, num_tokens: int) -> torch.Tensor | None:
+    """``[R, in_features]``: the lora_A rows that :func:`lora_shrink` multiplies all of a
+    decode-sized step's tokens by (the dense form over read-out rows), which a caller may
+    compute with the base GEMM and hand over as ``raw``; None for any other form."""
+    if (batch is None or batch.gathered is None or num_tokens > DENSE_MAX_TOKENS
+            or _form(num_tokens, batch) != "dense"):
+        return None
+    return batch.gathered[0]
 
 
 def _form(num_tokens: int, batch: LoraBatch) -> str:
@@ -368,7 +384,8 @@ def _rows(batch: LoraBatch, a_view: torch.Tensor | None, b_view: torch.Tensor | 
             None if b_view is None else gather_rows(b_view, batch.b))
 
 
-def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torch.Tensor:
+def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor | None,
+                raw: torch.Tensor | None = None) -> torch.Tensor:
     """Shrink: ``x[t] @ A_t^T * scale_t`` for every token t of a segment, in the layout
     :func:`lora_expand` reads (a tensor-parallel rank all-reduces it in between, S-LoRA
     section 6: its rows of A see only its columns of ``x``).
@@ -377,15 +394,21 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor) -> torc
         x: ``[T, in_features]`` input of the projection, the pool's dtype.
         batch: the step's rows, segments and token scales for this module.
         a_view: ``[num_pages, rows_per_page, in_features]`` pool view for lora_A rows.
+        raw: ``[T, R]`` ``x @ A^T`` already computed for the dense form (scaled here in
+            place), or None.
     Returns:
-        one contiguous tensor, the pool's dtype: ``[hi - lo, R]`` for the dense form (tokens
-        ``lo..hi`` of the segments, all R rows of the batch; zero where a token's adapter does
-        not own the column), for BGMV each rank class's ``[S, width, r]`` and for the segment
-        loop every segment's ``[len, r]`` block, flattened one after another.
+        one contiguous tensor, the pool's dtype (a view of ``raw`` when given): ``[hi - lo,
+        R]`` for the dense form (tokens ``lo..hi`` of the segments, all R rows of the batch;
+        zero where a token's adapter does not own the column), for BGMV each rank class's
+        ``[S, width, r]`` and for the segment loop every segment's ``[len, r]`` block,
+        flattened one after another.
     """
     form = _form(x.shape[0], batch)
     if form == "bgmv":  # one contiguous tensor however many rank classes
         return torch.cat([_bgmv_shrink(x, part).reshape(-1) for part in batch.stacked])
+    if form == "dense" and raw is not None:
+        lo, hi = _dense_span(batch)
+        return raw[lo:hi].mul_(batch.token_scale[lo:hi])
     a, _ = _rows(batch, a_view, None)
     if form == "dense":
         lo, hi = _dense_span(batch)

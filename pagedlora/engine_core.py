@@ -312,7 +312,8 @@ class EngineCore:
         if tp == 1:
             model = LlamaModel(hf_config, load_weights(model_dir), dtype=dtype, device=device,
                                max_model_len=max_model_len,
-                               kernel_backend=config.kernel_backend)
+                               kernel_backend=config.kernel_backend,
+                               lora_shrink_in_base_after=config.lora_shrink_in_base_after)
             runner: Runner = ModelRunner(model, pool, sampler or Sampler(device))
             pages: AdapterPages = packer
             base = model

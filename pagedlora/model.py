@@ -10,8 +10,10 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from pagedlora.kernels.backend import select_kernels
 from pagedlora.kernels.lora import (
+    DENSE_MAX_TOKENS,
     FusedLora,
     LoraBatch,
+    dense_rows,
     dora_rescale,
     lora_embedding,
     lora_fused,
@@ -134,6 +136,9 @@ class LlamaModel:
         kernel_backend: "auto", "torch" or "triton" (see :class:`pagedlora.EngineConfig`).
         shard: this rank's part; None: the whole model (one rank).
         comm: the collectives of this rank's group; None with one rank.
+        lora_shrink_in_base_after: decode steps a set of adapters repeats before its lora_A
+            rows are packed below the base weights they share an input with
+            (:meth:`PackedLinear.ride`; one process only); 0: never.
 
     Raises:
         ValueError: an unsupported model type, rope type, or a missing weight (named); a
@@ -144,7 +149,8 @@ class LlamaModel:
 
     def __init__(self, config, weights: dict[str, torch.Tensor], *, dtype: torch.dtype,
                  device: torch.device, max_model_len: int, kernel_backend: str = "auto",
-                 shard: Shard | None = None, comm: TPComm | None = None) -> None:
+                 shard: Shard | None = None, comm: TPComm | None = None,
+                 lora_shrink_in_base_after: int = 0) -> None:
         self.check_config(config)
         shard = shard or Shard.of(config)
         if (comm.size if comm is not None else 1) != shard.size:
@@ -201,7 +207,8 @@ class LlamaModel:
                                       take(p + "mlp.up_proj.weight")]),
                 "down": take(p + "mlp.down_proj.weight"),
             })
-        self.linear = PackedLinear(dtype, device)  # the base GEMMs (oneDNN CPU: prepacked)
+        # the base GEMMs (oneDNN CPU: prepacked), in decode steps with the LoRA shrinks
+        self.linear = PackedLinear(dtype, device, ride_after=lora_shrink_in_base_after)
         for w in self.layers:
             for name in ("qkv", "o", "gate_up", "down"):
                 self.linear.pack(w[name])
@@ -294,14 +301,29 @@ class LlamaModel:
         comm = self.comm
         hidden = slice(*self.shard.hidden)
         t, d = h.shape[0], self.head_dim
+        # decode-sized steps in one process: the dense form's shrinks ride the base GEMMs
+        ride = comm is None and t <= DENSE_MAX_TOKENS
+        linear.begin_step()
+
+        def project(x: torch.Tensor, weight: torch.Tensor, lora_rows: torch.Tensor | None,
+                    bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The base projection and, where it rode along, the shrink ``x @ lora_rows^T``."""
+            if ride:
+                return linear.ride(x, weight, lora_rows, bias)
+            return linear(x, weight, bias), None
+
         for n, w in enumerate(self.layers if batch.layers is None else batch.layers):
-            def lora(module: str, y: torch.Tensor, x: torch.Tensor, n: int = n) -> None:
+            def lora(module: str, y: torch.Tensor, x: torch.Tensor, raw: torch.Tensor | None,
+                     n: int = n) -> None:
                 work = batch.lora.get((n, module))
                 if work is None:
                     return
                 a_width, b_width = self.lora_widths[module]
                 a_view, b_view = rows(a_width, work.a), rows(b_width, work.b)
-                if comm is None or module not in ROW_PARALLEL:
+                if raw is not None:  # the dense form over read-out rows: torch's kernel
+                    lora_shrink_expand(y, x, work, a_view, b_view, raw)
+                elif comm is None or module not in ROW_PARALLEL:
                     ops.lora_shrink_expand(y, x, work, a_view, b_view)
                 else:
                     shrunk = ops.lora_shrink(x, work, a_view)  # partial: x's columns
@@ -321,14 +343,16 @@ class LlamaModel:
                                  rows(self.dora_widths[module], work.dora.rows))
 
             x = _rms_norm(h, w["in_norm"], self.eps)
-            qkv = linear(x, w["qkv"], w["qkv_bias"])                       # [T, (H+2KVH)*D]
+            fused = batch.fused_lora.get((n, "qkv"))
+            qkv, raw = project(x, w["qkv"], None if fused is None else fused.a,
+                               w["qkv_bias"])                              # [T, (H+2KVH)*D]
             q, k, v = qkv.split(self._split_qkv, dim=-1)
-            if (n, "qkv") in batch.fused_lora:
-                lora_fused(qkv, x, batch.fused_lora[n, "qkv"])
+            if fused is not None:
+                lora_fused(qkv, x, fused, raw)
             else:
-                lora("q_proj", q, x)
-                lora("k_proj", k, x)
-                lora("v_proj", v, x)
+                lora("q_proj", q, x, None)
+                lora("k_proj", k, x, None)
+                lora("v_proj", v, x, None)
             # RoPE on q and k at once: they are adjacent columns of qkv.
             qk = qkv[:, : self._split_qkv[0] + self._split_qkv[1]].view(
                 t, self.num_heads + self.num_kv_heads, d)
@@ -341,22 +365,23 @@ class LlamaModel:
                 attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
                                                               g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
-            o = linear(attn, w["o"])
-            lora("o_proj", o, attn)
+            o, raw = project(attn, w["o"], dense_rows(batch.lora.get((n, "o_proj")), t))
+            lora("o_proj", o, attn, raw)
             if comm is not None:
                 reduce("o_proj", o)
             h = h + o
             x = _rms_norm(h, w["post_norm"], self.eps)
-            gate_up = linear(x, w["gate_up"])
+            fused = batch.fused_lora.get((n, "gate_up"))
+            gate_up, raw = project(x, w["gate_up"], None if fused is None else fused.a)
             gate, up = gate_up.chunk(2, dim=-1)
-            if (n, "gate_up") in batch.fused_lora:
-                lora_fused(gate_up, x, batch.fused_lora[n, "gate_up"])
+            if fused is not None:
+                lora_fused(gate_up, x, fused, raw)
             else:
-                lora("gate_proj", gate, x)
-                lora("up_proj", up, x)
+                lora("gate_proj", gate, x, None)
+                lora("up_proj", up, x, None)
             a = F.silu(gate) * up
-            down = linear(a, w["down"])
-            lora("down_proj", down, a)
+            down, raw = project(a, w["down"], dense_rows(batch.lora.get((n, "down_proj")), t))
+            lora("down_proj", down, a, raw)
             if comm is not None:
                 reduce("down_proj", down)
             h = h + down

@@ -39,16 +39,33 @@ class PackedLinear:
     :meth:`forget` s it before dropping it. The copy costs the weight's memory again (SmolLM2
     in float32: about 530 MB).
 
+    A packed copy may also carry rows below the weight's (:meth:`ride`): the step's lora_A
+    rows of the modules that read the GEMM's input, so that the LoRA shrink comes out of the
+    base GEMM as extra output columns instead of a GEMM of its own.
+
     Args:
         dtype, device: of the model's weights; packing is on only for bfloat16 (on a CPU whose
             oneDNN has bfloat16 kernels) and for float32 (on an x86-64 CPU), with oneDNN.
+        ride_after: decode steps in a row that a weight must be asked for the same rows before
+            :meth:`ride` packs them below it (0: never).
+        repacks_per_step: most weights packed again in one step (between two
+            :meth:`begin_step` calls), so that packing a new set's rows into every layer is
+            spread over steps instead of stalling one.
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, *, ride_after: int = 0,
+                 repacks_per_step: int = 16) -> None:
         self.enabled = (device.type == "cpu" and torch.backends.mkldnn.is_available()
                         and (dtype == torch.float32 and _X86_64 or dtype == torch.bfloat16
                              and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.ride_after = ride_after
+        self.repacks_per_step = repacks_per_step
+        self._repacks_left = repacks_per_step
+        # id(weight) -> (weight, packed copy, rows packed below it or None, padded bias or None)
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                      tuple[torch.Tensor | None, torch.Tensor] | None]] = {}
+        # id(weight) -> (the rows last asked for, or None, and how many steps in a row)
+        self._asked: dict[int, tuple[torch.Tensor | None, int]] = {}
 
     def pack(self, weight: torch.Tensor, batch_hint: int = 32) -> None:
         """Prepacks ``weight`` (``[out_features, in_features]``, contiguous) for the GEMMs of
@@ -56,7 +73,8 @@ class PackedLinear:
         A no-op when packing is off."""
         if self.enabled:
             packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-            self._packed[id(weight)] = (weight, packed)
+            self._packed[id(weight)] = (weight, packed, None, None)
+            self._asked.pop(id(weight), None)
 
     def __contains__(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` (this very tensor) has a packed copy."""
@@ -64,22 +82,91 @@ class PackedLinear:
 
     def _packed_of(self, weight: torch.Tensor) -> torch.Tensor | None:
         """``weight``'s packed copy, or None (another tensor may reuse a freed one's id)."""
+        entry = self._entry(weight)
+        return None if entry is None else entry[1]
+
+    def _entry(self, weight: torch.Tensor) -> tuple | None:
         entry = self._packed.get(id(weight))
-        return entry[1] if entry is not None and entry[0] is weight else None
+        return entry if entry is not None and entry[0] is weight else None
 
     def forget(self, weight: torch.Tensor) -> None:
         """Drops ``weight``'s packed copy, if it has one (before the weight is freed or its
         values change: a packed copy is of the values it was packed from)."""
         if weight in self:
             del self._packed[id(weight)]
+            self._asked.pop(id(weight), None)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``: ``[..., in_features]`` -> ``[..., out_features]``,
         through ``weight``'s packed copy when it has one."""
-        packed = self._packed_of(weight)
-        if packed is None:
+        entry = self._entry(weight)
+        if entry is None:
             return F.linear(x, weight, bias)
+        return self._gemm(x, weight, bias, entry)[..., :weight.shape[0]]
+
+    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              entry: tuple) -> torch.Tensor:
+        """The packed GEMM, rows below the weight's included (``[..., out + R]``)."""
+        _, packed, rows, padded = entry
+        if bias is not None and rows is not None:  # zeros in the rows' columns
+            if padded is None or padded[0] is not bias:
+                padded = (bias, torch.cat([bias, bias.new_zeros(rows.shape[0])]))
+                self._packed[id(weight)] = entry[:3] + (padded,)
+            bias = padded[1]
         # oneDNN reads the bias densely: a strided one would be misread
         return torch.ops.mkldnn._linear_pointwise(
             x.contiguous(), packed, None if bias is None else bias.contiguous(), "none", [], "")
+
+    def begin_step(self) -> None:
+        """Starts a step: :meth:`ride` may pack ``repacks_per_step`` weights again."""
+        self._repacks_left = self.repacks_per_step
+
+    def ride(self, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
+             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F.linear(x, weight, bias)`` and, when ``weight``'s packed copy carries ``rows``
+        below it, ``x @ rows^T`` out of the same GEMM: one decode step's call per weight.
+
+        The LoRA shrink of the modules reading ``x`` (their lora_A rows, ``rows``) is small
+        (ranks of 4-128 against 576-3,072 output features) and its weights are cold in the
+        cache after the base GEMMs of a step stream past them: as a GEMM of its own it cost
+        about as much as 10-30% of the base GEMM. Packed below the base weight, its rows are
+        read in the same stream (measured on this project's CPU: docs/benchmarks.md, issue
+        19, stop 27). Packing costs a reorder of the whole weight (float32 SmolLM2: ~3 ms for
+        gate/up), so rows are packed only once the same ``rows`` tensor (by identity: a set
+        of adapters' rows, kept while the set repeats) has been asked for ``ride_after``
+        steps in a row, at most ``repacks_per_step`` weights a step; ``rows=None`` asked as
+        many times (steps without LoRA on this weight, or in another form) packs the weight
+        alone again.
+
+        Args:
+            x: ``[T, in_features]``.
+            weight: ``[out_features, in_features]``, packed (:meth:`pack`), else this is
+                ``F.linear`` and no shrink.
+            rows: ``[R, in_features]`` lora_A rows the caller would multiply ``x`` by next,
+                or None (none this step).
+            bias: ``[out_features]`` or None.
+        Returns:
+            ``([T, out_features], [T, R] or None)``: the projection (a view of the GEMM's
+            output when rows ride along) and ``x @ rows^T`` when ``rows`` rode along, else
+            None (the caller runs its shrink).
+        """
+        entry = self._entry(weight)
+        if entry is None or not self.ride_after:
+            return self(x, weight, bias), None
+        if rows is None or entry[2] is not rows:
+            asked, count = self._asked.get(id(weight), (None, 0))
+            count = count + 1 if asked is rows else 1
+            self._asked[id(weight)] = (rows, count)
+            if count < self.ride_after or entry[2] is rows or self._repacks_left <= 0:
+                return self(x, weight, bias), None
+            self._repacks_left -= 1
+            full = weight if rows is None else torch.cat([weight, rows])
+            entry = (weight, torch.ops.mkldnn._reorder_linear_weight(full, 32), rows,
+                     None)
+            self._packed[id(weight)] = entry
+            if rows is None:
+                return self(x, weight, bias), None
+        out = self._gemm(x, weight, bias, entry)
+        n = weight.shape[0]
+        return out[..., :n], out[..., n:]

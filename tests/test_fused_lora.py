@@ -5,7 +5,8 @@ gate/up) shrunk in one GEMM in decode-sized steps, expanded through a block-diag
 Every sampled logits row is compared with PEFT's (teacher forcing, tests/support.py ``drive``)
 within the derived tolerance of the dtype, over steps whose adapters leave some member modules
 out (an adapter on q and k only: the block-diagonal rows must still span the whole fused
-output), mixed with adapters on every projection and base-model requests.
+output), mixed with adapters on every projection and base-model requests; and with the
+shrinks riding the base GEMMs (``lora_shrink_in_base_after``), across changes of the set.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def adapter_dirs(tiny_llama_dir, tmp_path_factory):
     return save_adapters(tiny_llama_dir, tmp_path_factory.mktemp("fused"), ADAPTERS)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_lora_matches_peft(tiny_llama_dir, adapter_dirs, dtype):
+def _oracle_and_engine(tiny_llama_dir, adapter_dirs, dtype, **options):
+    """PEFT's last logits row per (adapter, ids), and a torch-kernel engine with the
+    adapters added (``options`` passed on)."""
     refs = PeftReference(tiny_llama_dir, adapter_dirs, dtype).models
 
     @torch.inference_mode()
@@ -49,9 +51,15 @@ def test_fused_lora_matches_peft(tiny_llama_dir, adapter_dirs, dtype):
 
     engine = Engine(tiny_llama_dir, pool_gb=0.05, dtype=str(dtype).removeprefix("torch."),
                     max_loras=4, max_lora_rank=16, kernel_backend="torch",
-                    sampler=OracleSampler())
+                    sampler=OracleSampler(), **options)
     for name, path in adapter_dirs.items():
         engine.add_adapter(name, path)
+    return oracle, engine
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_lora_matches_peft(tiny_llama_dir, adapter_dirs, dtype):
+    oracle, engine = _oracle_and_engine(tiny_llama_dir, adapter_dirs, dtype)
     layouts = engine.core.runner.lora
     fused = layouts.fused
     seen: list[dict] = []
@@ -79,3 +87,40 @@ def test_fused_lora_matches_peft(tiny_llama_dir, adapter_dirs, dtype):
                 **{(n, "gate_up"): (2, block_diagonal) for n in range(layers)}}
     assert together in seen, seen
     assert {} in seen  # the prefill step of 87 tokens (past the dense form): per module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shrinks_riding_the_base_gemms_match_peft(tiny_llama_dir, adapter_dirs, dtype):
+    """``lora_shrink_in_base_after=2``: from the second step of a set of adapters, the fused
+    and the o/down shrinks come out of the base GEMMs (rows packed below the base weights);
+    when the set changes, the rows packed for the old set are not used, and every logits row
+    stays within PEFT's tolerance throughout."""
+    oracle, engine = _oracle_and_engine(tiny_llama_dir, adapter_dirs, dtype,
+                                        lora_shrink_in_base_after=2)
+    linear = engine.model.linear
+    if not linear.enabled:
+        pytest.skip("no oneDNN packing on this CPU")
+    ride = linear.ride
+    rode: list[int] = []
+
+    def spy(x, weight, rows, bias=None):
+        y, raw = ride(x, weight, rows, bias)
+        rode[-1] += raw is not None
+        return y, raw
+
+    linear.ride = spy
+    begin = linear.begin_step
+    linear.begin_step = lambda: (rode.append(0), begin())[1]
+    arrivals = {0: [("all", random_prompt(5, 2), "all"), ("gu", random_prompt(4, 4), "gu")],
+                4: [("v", random_prompt(6, 5), "v"), ("qk", random_prompt(7, 1), "qk"),
+                    ("base", random_prompt(9, 3), None)]}
+    with engine:
+        result = drive(engine, arrivals, oracle, max_tokens=8,
+                       compare=logits_within(logits_rtol(model_config(engine), dtype)))
+    assert result.num_compared == 5 * 8
+    every = 4 * model_config(engine).num_hidden_layers  # q/k/v, o, gate/up, down per layer
+    # steps 0-3: "all" and "gu" (step 0 asks, the rows are packed at step 1); step 4: three
+    # arrivals, a new set, whose rows are asked for (the old set's are not used); step 8: "all"
+    # and "gu" are done, and "v" and "qk" need q/k/v and down only
+    assert rode == [0, every, every, every, 0, every, every, every, 0, every // 2,
+                    every // 2, every // 2], rode

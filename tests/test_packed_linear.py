@@ -85,3 +85,71 @@ def test_model_packs_its_projections(tiny_llama_dir, dtype):
         return
     weights = [w[n] for w in model.layers for n in ("qkv", "o", "gate_up", "down")]
     assert {id(t) for t in [*weights, model.lm_head]} == set(packed)
+
+
+RIDE_DTYPES = [d for d in (torch.float32, torch.bfloat16) if PackedLinear(d, CPU).enabled]
+
+
+@pytest.mark.skipif(not RIDE_DTYPES, reason="no oneDNN packing on this CPU")
+@pytest.mark.parametrize("dtype", RIDE_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_rows_ride_the_packed_gemm(dtype, with_bias):
+    """``ride``: rows asked for ``ride_after`` steps in a row are packed below the weight,
+    and the GEMM then gives ``x @ rows^T`` beside the projection; other rows, or none, get
+    the projection alone, right whatever rows the packed copy carries."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(96, 40, generator=g).to(dtype)
+    bias = torch.randn(96, generator=g).to(dtype) if with_bias else None
+    rows = torch.randn(12, 40, generator=g).to(dtype)
+    other = torch.randn(5, 40, generator=g).to(dtype)
+    x = torch.randn(9, 40, generator=g).to(dtype)
+    atol = 1e-4 if dtype == torch.float32 else 0.1  # bf16: 40 products of unit-scale terms
+
+    def want(weight, b=None):
+        return F.linear(x.double(), weight.double(), None if b is None else b.double())
+
+    linear = PackedLinear(dtype, CPU, ride_after=2)
+    linear.pack(w)
+    for step in range(4):
+        linear.begin_step()
+        y, raw = linear.ride(x, w, rows, bias)
+        torch.testing.assert_close(y.double(), want(w, bias), rtol=0, atol=atol)
+        assert (raw is None) == (step == 0), step  # asked twice in a row: packed, rides
+        if raw is not None:
+            assert raw.shape == (9, 12) and raw.dtype == dtype
+            torch.testing.assert_close(raw.double(), want(rows), rtol=0, atol=atol)
+    # plain calls (a prefill step) see the projection only, and ask nothing
+    torch.testing.assert_close(linear(x, w, bias).double(), want(w, bias), rtol=0, atol=atol)
+    assert linear.ride(x, w, other, bias)[1] is None  # other rows: not packed at once
+    y, raw = linear.ride(x, w, rows, bias)  # the packed ones still ride
+    assert raw is not None
+    for _ in range(2):  # two steps without LoRA on the weight: packed alone again
+        linear.begin_step()
+        y, raw = linear.ride(x, w, None, bias)
+        assert raw is None
+        torch.testing.assert_close(y.double(), want(w, bias), rtol=0, atol=atol)
+    assert linear._packed[id(w)][2] is None
+    assert linear.ride(x, w, rows, bias)[1] is None  # the count started again
+
+
+@pytest.mark.skipif(not RIDE_DTYPES, reason="no oneDNN packing on this CPU")
+def test_repacks_are_spread_over_steps():
+    dtype = RIDE_DTYPES[0]
+    g = torch.Generator().manual_seed(8)
+    weights = [torch.randn(32, 16, generator=g).to(dtype) for _ in range(3)]
+    rows = [torch.randn(4, 16, generator=g).to(dtype) for _ in range(3)]
+    x = torch.randn(3, 16, generator=g).to(dtype)
+    linear = PackedLinear(dtype, CPU, ride_after=1, repacks_per_step=2)
+    off = PackedLinear(dtype, CPU)  # ride_after=0: never
+    for w in weights:
+        linear.pack(w)
+        off.pack(w)
+    rode = []
+    for _ in range(2):
+        linear.begin_step()
+        rode.append([linear.ride(x, w, r)[1] is not None for w, r in
+                     zip(weights, rows, strict=True)])
+    assert rode == [[True, True, False], [True, True, True]]
+    assert off.ride(x, weights[0], rows[0])[1] is None
+    never_packed = PackedLinear(dtype, CPU, ride_after=1)  # F.linear, no shrink
+    assert never_packed.ride(x, weights[0], rows[0])[1] is None
