@@ -39,6 +39,8 @@ class AttentionMetadata:
         out_start: ``[B]`` int64 row of sequence b's first new token among the N outputs.
         num_keys: key positions per sequence in the gathered blocks (max_blocks * block_size).
         q_pos: ``[B, Q]`` int64 position of each query in its sequence (0 for padding).
+        whole_batch: whether the group's new tokens are all of the batch's, in order
+            (``flat_index`` is ``arange(N)``: the queries are ``q`` as it is).
     """
 
     token_index: torch.Tensor
@@ -51,6 +53,7 @@ class AttentionMetadata:
     num_keys: int
     q_pos: torch.Tensor
     padded_index: torch.Tensor
+    whole_batch: bool = False
 
     @functools.cached_property
     def mask(self) -> torch.Tensor:
@@ -69,7 +72,8 @@ class AttentionMetadata:
 def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: torch.Tensor,
                        num_keys: int, *, max_q_len: int | None = None,
                        flat_index: torch.Tensor | None = None,
-                       padded_index: torch.Tensor | None = None) -> AttentionMetadata:
+                       padded_index: torch.Tensor | None = None,
+                       whole_batch: bool = False) -> AttentionMetadata:
     """Builds the padding and the causal positions of a group.
 
     For sequence b with ``n = q_lens[b]`` new tokens and ``c = ctx_lens[b]`` tokens in the cache
@@ -86,6 +90,8 @@ def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: to
             ``[N]`` int64, their places in the padded ``[B * Q]`` layout. A caller that knows
             them from host data passes them all: computed here, each is a device-to-host
             synchronisation on a GPU (reading ``q_lens`` back; indexing with a mask).
+        whole_batch: the group's new tokens are all of the batch's, in order
+            (:attr:`AttentionMetadata.whole_batch`).
     """
     ar = torch.arange(int(q_lens.max()) if max_q_len is None else max_q_len,
                       device=q_lens.device)
@@ -99,7 +105,7 @@ def attention_metadata(q_start: torch.Tensor, q_lens: torch.Tensor, ctx_lens: to
     return AttentionMetadata(token_index=token_index, valid=valid, flat_index=flat_index,
                              q_start=q_start, q_lens=q_lens, ctx_lens=ctx_lens,
                              out_start=q_lens.cumsum(0) - q_lens, num_keys=num_keys,
-                             q_pos=q_pos, padded_index=padded_index)
+                             q_pos=q_pos, padded_index=padded_index, whole_batch=whole_batch)
 
 
 def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch.Tensor,
@@ -129,17 +135,20 @@ def paged_attention(q: torch.Tensor, kv_pages: torch.Tensor, block_tables: torch
     num_keys = max_blocks * block_size
     keys = kv_pages[:, 0].index_select(0, index)                     # [B * W, bs, KVH, D]
     values = kv_pages[:, 1].index_select(0, index)
+    # a decode group of the whole batch reads q as it is (no gather of the queries)
+    in_place = meta.is_decode and meta.whole_batch
     if meta.is_decode and q.dtype != torch.float32:
         laid = (num_seqs, num_keys, num_kv_heads * head_dim)
-        return _decode_by_bmm(q[meta.flat_index], keys.view(laid), values.view(laid), meta,
-                              scale)
+        return _decode_by_bmm(q if in_place else q[meta.flat_index], keys.view(laid),
+                              values.view(laid), meta, scale)
     shape = (num_seqs, num_keys, num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        q[meta.token_index].transpose(1, 2), keys.view(shape).transpose(1, 2),
-        values.view(shape).transpose(1, 2), attn_mask=meta.mask, scale=scale,
-        enable_gqa=True)                                                 # [B, H, Q, D]
+        (q[:, None] if in_place else q[meta.token_index]).transpose(1, 2),
+        keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2),
+        attn_mask=meta.mask, scale=scale, enable_gqa=True)               # [B, H, Q, D]
     out = out.transpose(1, 2).reshape(-1, out.shape[1], head_dim)        # [B * Q, H, D]
-    return out[meta.padded_index]                                        # [N, H, D]
+    # one query per sequence: the padded layout is the outputs' order already
+    return out if meta.is_decode else out[meta.padded_index]             # [N, H, D]
 
 
 def _decode_by_bmm(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -360,10 +360,14 @@ class LlamaModel:
             q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
             v = v.reshape(t, self.num_kv_heads, d)
             ops.write_kv(kv_pages, batch.slot_pages[n], batch.slot_offsets, k, v)
-            attn = torch.empty_like(q)
-            for g in batch.groups:
-                attn[g.meta.flat_index] = ops.paged_attention(q, kv_pages, g.block_tables[n],
-                                                              g.meta, d ** -0.5)
+            if len(batch.groups) == 1:  # every token, in order: no scatter of the outputs
+                g = batch.groups[0]
+                attn = ops.paged_attention(q, kv_pages, g.block_tables[n], g.meta, d ** -0.5)
+            else:
+                attn = torch.empty_like(q)
+                for g in batch.groups:
+                    attn[g.meta.flat_index] = ops.paged_attention(
+                        q, kv_pages, g.block_tables[n], g.meta, d ** -0.5)
             attn = attn.reshape(t, self.num_heads * d)
             o, raw = project(attn, w["o"], dense_rows(batch.lora.get((n, "o_proj")), t))
             lora("o_proj", o, attn, raw)

@@ -191,7 +191,7 @@ class ModelRunner:
             tables, q_start, q_lens, ctx_lens, flat, padded = on_device[at:at + per_group]
             groups.append(AttentionGroup(tables, attention_metadata(
                 q_start, q_lens, ctx_lens, width * bs, max_q_len=longest, flat_index=flat,
-                padded_index=padded)))
+                padded_index=padded, whole_batch=len(shapes) == 1)))
         if step.merged is None:
             keys = sorted(uses)  # a fixed order: LoraLayouts keeps its layouts while it repeats
             lora = self.lora.batches([step.adapters[k] for k in keys], [uses[k] for k in keys],

@@ -127,9 +127,13 @@ MIXED_GROUP = [(9, 1), (0, 7), (5, 6), (12, 1), (0, 1)]
 DECODE_GROUP = [(9, 1), (0, 1), (12, 1), (30, 1), (3, 1)]
 
 
+@pytest.mark.parametrize("whole_batch", [False, True])
 @pytest.mark.parametrize("shapes", [MIXED_GROUP, DECODE_GROUP], ids=["mixed", "decode"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_paged_attention_matches_contiguous_causal_attention(dtype, atol, shapes):
+def test_paged_attention_matches_contiguous_causal_attention(dtype, atol, shapes, whole_batch):
+    """``whole_batch``: the group is the batch's every token in order (the model runner's
+    single group), whose decodes read the queries in place; the queries are a column slice
+    of q/k/v's output, as in the model."""
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d, bs, num_pages = 6, 2, 16, 4, 40
     cache = torch.zeros(num_pages, 2, bs, kv_heads, d, dtype=dtype)
@@ -149,9 +153,11 @@ def test_paged_attention_matches_contiguous_causal_attention(dtype, atol, shapes
     width = max(len(s[5]) for s in seqs)
     tables = torch.tensor([s[5] + [0] * (width - len(s[5])) for s in seqs])
     q_all = torch.cat(q_parts)
+    q_all = torch.cat([q_all, torch.randn_like(q_all)[:, :2]], dim=1)[:, :heads]  # strided
     starts = torch.tensor([0] + [s[1] for s in seqs]).cumsum(0)[:-1]
     meta = attention_metadata(starts, torch.tensor([s[1] for s in seqs]),
-                              torch.tensor([s[0] + s[1] for s in seqs]), width * bs)
+                              torch.tensor([s[0] + s[1] for s in seqs]), width * bs,
+                              whole_batch=whole_batch)
     got = torch.full_like(q_all, float("nan"))
     got[meta.flat_index] = paged_attention(q_all, cache, tables, meta, d ** -0.5)
     for (ctx, new, k, v, q, _), start in zip(seqs, starts.tolist(), strict=True):
