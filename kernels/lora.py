@@ -397,7 +397,7 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor | None,
         raw: ``[T, R]`` ``x @ A^T`` already computed for the dense form (scaled here in
             place), or None.
     Returns:
-        one contiguous tensor, the pool's dtype (a view of ``raw`` when given): ``[hi - lo,
+        one contiguous tensor, the pool's dtype (a strided view of ``raw`` when given): ``[hi - lo,
         R]`` for the dense form (tokens ``lo..hi`` of the segments, all R rows of the batch;
         zero where a token's adapter does not own the column), for BGMV each rank class's
         ``[S, width, r]`` and for the segment loop every segment's ``[len, r]`` block,

@@ -101,12 +101,13 @@ class EngineConfig:
             (the fused weights the adapter targets: up to the size of the model's projection
             weights) live on the device outside the pool; see ``stats()["merge"]``. Refused
             with ``tensor_parallel_size > 1``.
-        lora_shrink_in_base_after: on the CPU (oneDNN's packed GEMMs), decode steps that the
-            same set of adapters must repeat before their lora_A rows are packed below the
-            base weights they share an input with (q/k/v, o, gate/up, down), so that the LoRA
-            shrinks come out of the base GEMMs; packing again costs a reorder of every
-            adapted weight (SmolLM2 float32: about 0.3 s in all, spread over steps), hence the
-            wait. 0: never (a shrink GEMM per fused weight). One process only.
+        lora_shrink_in_base_after: on the CPU (oneDNN's packed GEMMs), steps of at most 64
+            tokens (decodes, short prefills) that the same set of adapters must run in a row
+            before their lora_A rows are packed below the base weights they share an input
+            with (q/k/v, o, gate/up, down), so that the LoRA shrinks come out of the base
+            GEMMs; packing again costs a reorder of every adapted weight (SmolLM2 float32:
+            about 0.3 s in all, spread over steps), hence the wait. 0: never (a shrink GEMM
+            per fused weight). One process only: ignored with ``tensor_parallel_size > 1``.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.

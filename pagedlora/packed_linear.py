@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,33 +63,27 @@ class PackedLinear:
         self.ride_after = ride_after
         self.repacks_per_step = repacks_per_step
         self._repacks_left = repacks_per_step
-        # id(weight) -> (weight, packed copy, rows packed below it or None, padded bias or None)
-        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None,
-                                      tuple[torch.Tensor | None, torch.Tensor] | None]] = {}
-        # id(weight) -> (the rows last asked for, or None, and how many steps in a row)
-        self._asked: dict[int, tuple[torch.Tensor | None, int]] = {}
+        self._packed: dict[int, _Packed] = {}  # id(weight) -> its packed copy
+        # id(weight) -> (the rows asked for at the last step that did not ride, how many
+        # steps in a row they were asked, steps in a row that did not ride)
+        self._asked: dict[int, tuple[weakref.ref | None, int, int]] = {}
 
     def pack(self, weight: torch.Tensor, batch_hint: int = 32) -> None:
         """Prepacks ``weight`` (``[out_features, in_features]``, contiguous) for the GEMMs of
         later calls (``batch_hint``: the usual number of rows of ``x``; any number works).
         A no-op when packing is off."""
         if self.enabled:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint)
-            self._packed[id(weight)] = (weight, packed, None, None)
+            self._packed[id(weight)] = _Packed.of(weight, None, batch_hint)
             self._asked.pop(id(weight), None)
 
     def __contains__(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` (this very tensor) has a packed copy."""
-        return self._packed_of(weight) is not None
+        return self._entry(weight) is not None
 
-    def _packed_of(self, weight: torch.Tensor) -> torch.Tensor | None:
+    def _entry(self, weight: torch.Tensor) -> _Packed | None:
         """``weight``'s packed copy, or None (another tensor may reuse a freed one's id)."""
-        entry = self._entry(weight)
-        return None if entry is None else entry[1]
-
-    def _entry(self, weight: torch.Tensor) -> tuple | None:
         entry = self._packed.get(id(weight))
-        return entry if entry is not None and entry[0] is weight else None
+        return entry if entry is not None and entry.weight is weight else None
 
     def forget(self, weight: torch.Tensor) -> None:
         """Drops ``weight``'s packed copy, if it has one (before the weight is freed or its
@@ -99,24 +95,12 @@ class PackedLinear:
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
         """``F.linear(x, weight, bias)``: ``[..., in_features]`` -> ``[..., out_features]``,
-        through ``weight``'s packed copy when it has one."""
+        through ``weight``'s packed copy when it has one (then a view of the GEMM's output,
+        strided when rows ride below the weight, :meth:`ride`)."""
         entry = self._entry(weight)
         if entry is None:
             return F.linear(x, weight, bias)
-        return self._gemm(x, weight, bias, entry)[..., :weight.shape[0]]
-
-    def _gemm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-              entry: tuple) -> torch.Tensor:
-        """The packed GEMM, rows below the weight's included (``[..., out + R]``)."""
-        _, packed, rows, padded = entry
-        if bias is not None and rows is not None:  # zeros in the rows' columns
-            if padded is None or padded[0] is not bias:
-                padded = (bias, torch.cat([bias, bias.new_zeros(rows.shape[0])]))
-                self._packed[id(weight)] = entry[:3] + (padded,)
-            bias = padded[1]
-        # oneDNN reads the bias densely: a strided one would be misread
-        return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), packed, None if bias is None else bias.contiguous(), "none", [], "")
+        return entry.gemm(x, bias)[..., :weight.shape[0]]
 
     def begin_step(self) -> None:
         """Starts a step: :meth:`ride` may pack ``repacks_per_step`` weights again."""
@@ -125,7 +109,7 @@ class PackedLinear:
     def ride(self, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor | None,
              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``F.linear(x, weight, bias)`` and, when ``weight``'s packed copy carries ``rows``
-        below it, ``x @ rows^T`` out of the same GEMM: one decode step's call per weight.
+        below it, ``x @ rows^T`` out of the same GEMM: one step's call per weight.
 
         The LoRA shrink of the modules reading ``x`` (their lora_A rows, ``rows``) is small
         (ranks of 4-128 against 576-3,072 output features) and its weights are cold in the
@@ -135,9 +119,11 @@ class PackedLinear:
         19, stop 27). Packing costs a reorder of the whole weight (float32 SmolLM2: ~3 ms for
         gate/up), so rows are packed only once the same ``rows`` tensor (by identity: a set
         of adapters' rows, kept while the set repeats) has been asked for ``ride_after``
-        steps in a row, at most ``repacks_per_step`` weights a step; ``rows=None`` asked as
-        many times (steps without LoRA on this weight, or in another form) packs the weight
-        alone again.
+        steps in a row, at most ``repacks_per_step`` weights a step. The weight is packed
+        alone again after ``ride_after`` steps in a row that did not ride (other rows each
+        step, none, or the packed rows freed: their set is gone), so that an old set's rows
+        are not computed on for long. The rows are held weakly: a set's rows are freed when
+        its adapters leave the batch.
 
         Args:
             x: ``[T, in_features]``.
@@ -147,26 +133,68 @@ class PackedLinear:
                 or None (none this step).
             bias: ``[out_features]`` or None.
         Returns:
-            ``([T, out_features], [T, R] or None)``: the projection (a view of the GEMM's
-            output when rows ride along) and ``x @ rows^T`` when ``rows`` rode along, else
-            None (the caller runs its shrink).
+            ``([T, out_features], [T, R] or None)``: the projection (a strided view of the
+            GEMM's output when rows ride along) and ``x @ rows^T`` (another) when ``rows``
+            rode along, else None (the caller runs its shrink).
         """
         entry = self._entry(weight)
         if entry is None or not self.ride_after:
             return self(x, weight, bias), None
-        if rows is None or entry[2] is not rows:
-            asked, count = self._asked.get(id(weight), (None, 0))
-            count = count + 1 if asked is rows else 1
-            self._asked[id(weight)] = (rows, count)
-            if count < self.ride_after or entry[2] is rows or self._repacks_left <= 0:
+        if not _is(entry.rows, rows):
+            asked, count, misses = self._asked.get(id(weight), (None, 0, 0))
+            count = count + 1 if count and _is(asked, rows) else 1
+            self._asked[id(weight)] = (_ref(rows), count, misses + 1)
+            repack = count >= self.ride_after or (misses + 1 >= self.ride_after
+                                                   and entry.num_rows > 0)
+            if not repack or self._repacks_left <= 0:
                 return self(x, weight, bias), None
             self._repacks_left -= 1
-            full = weight if rows is None else torch.cat([weight, rows])
-            entry = (weight, torch.ops.mkldnn._reorder_linear_weight(full, 32), rows,
-                     None)
-            self._packed[id(weight)] = entry
-            if rows is None:
-                return self(x, weight, bias), None
-        out = self._gemm(x, weight, bias, entry)
+            if count < self.ride_after:  # stale rows: the weight alone
+                rows = None
+            entry = self._packed[id(weight)] = _Packed.of(weight, rows, entry.batch_hint)
+        self._asked.pop(id(weight), None)  # a step that rides (or plain, as packed)
+        if rows is None:
+            return self(x, weight, bias), None
+        out = entry.gemm(x, bias)
         n = weight.shape[0]
         return out[..., :n], out[..., n:]
+
+
+def _ref(rows: torch.Tensor | None) -> weakref.ref | None:
+    return None if rows is None else weakref.ref(rows)
+
+
+def _is(ref: weakref.ref | None, rows: torch.Tensor | None) -> bool:
+    """Whether ``ref`` (from :func:`_ref`) is of ``rows`` (None of None; a freed tensor's
+    reference is of nothing)."""
+    return rows is None if ref is None else rows is not None and ref() is rows
+
+
+@dataclass
+class _Packed:
+    """One weight's packed copy, with ``num_rows`` rows packed below it (a weak reference to
+    them in ``rows``; None when none are)."""
+
+    weight: torch.Tensor
+    packed: torch.Tensor
+    batch_hint: int
+    rows: weakref.ref | None
+    num_rows: int
+    padded_bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (bias, with the zeros)
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, rows: torch.Tensor | None, batch_hint: int) -> _Packed:
+        full = weight if rows is None else torch.cat([weight, rows])
+        return cls(weight, torch.ops.mkldnn._reorder_linear_weight(full, batch_hint), batch_hint,
+                   _ref(rows), 0 if rows is None else rows.shape[0])
+
+    def gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The packed GEMM, the rows below the weight's included (``[..., out + R]``)."""
+        if bias is not None and self.num_rows:  # zeros in the rows' columns
+            if self.padded_bias is None or self.padded_bias[0] is not bias:
+                self.padded_bias = (bias, torch.cat([bias, bias.new_zeros(self.num_rows)]))
+            bias = self.padded_bias[1]
+        # oneDNN reads the bias densely: a strided one would be misread
+        return torch.ops.mkldnn._linear_pointwise(
+            x.contiguous(), self.packed, None if bias is None else bias.contiguous(), "none",
+            [], "")

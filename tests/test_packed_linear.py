@@ -128,8 +128,40 @@ def test_rows_ride_the_packed_gemm(dtype, with_bias):
         y, raw = linear.ride(x, w, None, bias)
         assert raw is None
         torch.testing.assert_close(y.double(), want(w, bias), rtol=0, atol=atol)
-    assert linear._packed[id(w)][2] is None
+    assert linear._packed[id(w)].num_rows == 0
     assert linear.ride(x, w, rows, bias)[1] is None  # the count started again
+
+
+@pytest.mark.skipif(not RIDE_DTYPES, reason="no oneDNN packing on this CPU")
+def test_rows_are_packed_for_a_set_that_repeats_only():
+    """Two sets alternating step by step are never packed (their asks are not in a row, and
+    steps that ride restart the count); a new set every step drops the packed rows after
+    ``ride_after`` steps and is not packed itself; packed rows whose set is freed are
+    dropped after as many steps."""
+    dtype = RIDE_DTYPES[0]
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(48, 24, generator=g).to(dtype)
+    x = torch.randn(4, 24, generator=g).to(dtype)
+    sets = [torch.randn(6, 24, generator=g).to(dtype) for _ in range(2)]
+    linear = PackedLinear(dtype, CPU, ride_after=3)
+    linear.pack(w)
+
+    def step(rows):
+        linear.begin_step()
+        return linear.ride(x, w, rows)[1] is not None
+
+    assert [step(sets[0]) for _ in range(3)] == [False, False, True]
+    packed = linear._packed[id(w)]
+    assert [step(sets[i % 2]) for i in range(1, 21)] == [False, True] * 10
+    assert linear._packed[id(w)] is packed  # never packed again
+    churn = [step(torch.randn(6, 24, generator=g).to(dtype)) for _ in range(10)]
+    assert churn == [False] * 10
+    assert linear._packed[id(w)].num_rows == 0  # dropped at the third step, then left alone
+    kept = torch.randn(5, 24, generator=g).to(dtype)
+    assert [step(kept) for _ in range(3)] == [False, False, True]
+    del kept  # its set is gone: the weak reference is of nothing
+    assert [step(None) for _ in range(3)] == [False] * 3
+    assert linear._packed[id(w)].num_rows == 0
 
 
 @pytest.mark.skipif(not RIDE_DTYPES, reason="no oneDNN packing on this CPU")
