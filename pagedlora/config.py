@@ -105,9 +105,13 @@ class EngineConfig:
             tokens (decodes, short prefills) that the same set of adapters must run in a row
             before their lora_A rows are packed below the base weights they share an input
             with (q/k/v, o, gate/up, down), so that the LoRA shrinks come out of the base
-            GEMMs; packing again costs a reorder of every adapted weight (SmolLM2 float32:
-            about 0.3 s in all, spread over steps), hence the wait. 0: never (a shrink GEMM
-            per fused weight). One process only: ignored with ``tensor_parallel_size > 1``.
+            GEMMs; packing again costs a reorder of every adapted weight, hence the wait.
+            None (the default) waits about as many steps as the packing costs in the steps'
+            savings (the ski-rental rule: at most twice the cost of knowing the future):
+            SmolLM2's mixed-4 packs in ~0.37 s and saves ~5 ms a decode step in float32
+            (64 steps), ~0.05-0.1 s and ~3.7 ms in bfloat16 (16 steps; docs/benchmarks.md,
+            issue 19 stop 27). 0: never (a shrink GEMM per fused weight). One process only:
+            ignored with ``tensor_parallel_size > 1``.
 
     Raises:
         ValueError: naming the offending option, from ``__post_init__``.
@@ -137,7 +141,7 @@ class EngineConfig:
     worker_timeout_s: float = 300.0
     max_logprobs: int = 20
     merge_policy: str = "never"
-    lora_shrink_in_base_after: int = 8
+    lora_shrink_in_base_after: int | None = None
 
     def __post_init__(self) -> None:
         if not self.pool_gb > 0:
@@ -192,6 +196,9 @@ class EngineConfig:
         if isinstance(self.max_logprobs, bool) or not isinstance(self.max_logprobs, int) \
                 or self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be an int >= 0, got {self.max_logprobs!r}")
+        if self.lora_shrink_in_base_after is None:
+            object.__setattr__(self, "lora_shrink_in_base_after",
+                               64 if self.dtype == "float32" else 16)
         if isinstance(self.lora_shrink_in_base_after, bool) \
                 or not isinstance(self.lora_shrink_in_base_after, int) \
                 or self.lora_shrink_in_base_after < 0:

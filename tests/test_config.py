@@ -19,10 +19,20 @@ def test_dtype_defaults_by_device():
     ({"host_cache_gb": "1"}, "host_cache_gb"), ({"host_cache_gb": -0.5}, "host_cache_gb"),
     ({"spill_dir": 5}, "spill_dir"), ({"spill_dir": ""}, "spill_dir"),
     ({"memory_layout": "paged"}, "memory_layout"),
+    ({"lora_shrink_in_base_after": -1}, "lora_shrink_in_base_after"),
+    ({"lora_shrink_in_base_after": True}, "lora_shrink_in_base_after"),
 ])
 def test_invalid_values_name_the_option(options, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(**options)
+
+
+def test_shrink_packing_waits_by_dtype():
+    """The wait before lora_A rows are packed below the base weights is about the steps the
+    packing costs: float32's reorder is the slower (docs/benchmarks.md, issue 19 stop 27)."""
+    assert EngineConfig().lora_shrink_in_base_after == 64
+    assert EngineConfig(dtype="bfloat16").lora_shrink_in_base_after == 16
+    assert EngineConfig(lora_shrink_in_base_after=0).lora_shrink_in_base_after == 0
 
 
 def test_from_options_rejects_unknown_names():
