@@ -149,8 +149,10 @@ class PackedLinear:
             if not repack or self._repacks_left <= 0:
                 return self(x, weight, bias), None
             self._repacks_left -= 1
-            if count < self.ride_after:  # stale rows: the weight alone
-                rows = None
+            if count < self.ride_after:  # stale rows: the weight alone; the count runs on
+                self._packed[id(weight)] = _Packed.of(weight, None, entry.batch_hint)
+                self._asked[id(weight)] = (_ref(rows), count, 0)
+                return self(x, weight, bias), None
             entry = self._packed[id(weight)] = _Packed.of(weight, rows, entry.batch_hint)
         self._asked.pop(id(weight), None)  # a step that rides (or plain, as packed)
         if rows is None:

@@ -162,6 +162,13 @@ def test_rows_are_packed_for_a_set_that_repeats_only():
     del kept  # its set is gone: the weak reference is of nothing
     assert [step(None) for _ in range(3)] == [False] * 3
     assert linear._packed[id(w)].num_rows == 0
+    # a set that comes while stale rows are dropped keeps its count: packed at its third ask
+    assert [step(sets[0]) for _ in range(3)] == [False, False, True]
+    assert step(sets[1]) is False
+    assert [step(sets[0]) for _ in range(4)] == [True] * 4  # not stale yet: still packed
+    newer = torch.randn(6, 24, generator=g).to(dtype)
+    assert step(sets[1]) is False  # sets[0] stale after 3 steps without it...
+    assert [step(newer) for _ in range(3)] == [False, False, True]  # ...and newer packed
 
 
 @pytest.mark.skipif(not RIDE_DTYPES, reason="no oneDNN packing on this CPU")
