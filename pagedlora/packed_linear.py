@@ -149,11 +149,15 @@ class PackedLinear:
             if not repack or self._repacks_left <= 0:
                 return self(x, weight, bias), None
             self._repacks_left -= 1
+            # the old copy is freed first: the allocator can hand its memory to the new one
+            # (fresh pages cost more than the reorder itself: docs/benchmarks.md, stop 27)
+            hint = self._packed.pop(id(weight)).batch_hint
+            del entry
             if count < self.ride_after:  # stale rows: the weight alone; the count runs on
-                self._packed[id(weight)] = _Packed.of(weight, None, entry.batch_hint)
+                self._packed[id(weight)] = _Packed.of(weight, None, hint)
                 self._asked[id(weight)] = (_ref(rows), count, 0)
                 return self(x, weight, bias), None
-            entry = self._packed[id(weight)] = _Packed.of(weight, rows, entry.batch_hint)
+            entry = self._packed[id(weight)] = _Packed.of(weight, rows, hint)
         self._asked.pop(id(weight), None)  # a step that rides (or plain, as packed)
         if rows is None:
             return self(x, weight, bias), None
