@@ -136,9 +136,9 @@ class LlamaModel:
         kernel_backend: "auto", "torch" or "triton" (see :class:`pagedlora.EngineConfig`).
         shard: this rank's part; None: the whole model (one rank).
         comm: the collectives of this rank's group; None with one rank.
-        lora_shrink_in_base_after: decode steps a set of adapters repeats before its lora_A
-            rows are packed below the base weights they share an input with
-            (:meth:`PackedLinear.ride`; one process only); 0: never.
+        lora_shrink_in_base_after: steps of at most ``DENSE_MAX_TOKENS`` tokens that a set of
+            adapters runs in a row before its lora_A rows are packed below the base weights
+            they share an input with (:meth:`PackedLinear.ride`; one process only); 0: never.
 
     Raises:
         ValueError: an unsupported model type, rope type, or a missing weight (named); a
