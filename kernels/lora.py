@@ -406,15 +406,16 @@ def lora_shrink(x: torch.Tensor, batch: LoraBatch, a_view: torch.Tensor | None,
     form = _form(x.shape[0], batch)
     if form == "bgmv":  # one contiguous tensor however many rank classes
         return torch.cat([_bgmv_shrink(x, part).reshape(-1) for part in batch.stacked])
-    if form == "dense" and raw is not None:
-        lo, hi = _dense_span(batch)
-        return raw[lo:hi].mul_(batch.token_scale[lo:hi])
-    a, _ = _rows(batch, a_view, None)
     if form == "dense":
         lo, hi = _dense_span(batch)
-        if (lo, hi) == (0, x.shape[0]):  # no slicing: every op counts on the CPU
-            return F.linear(x, a).mul_(batch.token_scale)
-        return F.linear(x[lo:hi], a).mul_(batch.token_scale[lo:hi])
+        whole = (lo, hi) == (0, x.shape[0])  # no slicing: every op counts on the CPU
+        if raw is not None:
+            shrunk = raw if whole else raw[lo:hi]
+        else:
+            a, _ = _rows(batch, a_view, None)
+            shrunk = F.linear(x if whole else x[lo:hi], a)
+        return shrunk.mul_(batch.token_scale if whole else batch.token_scale[lo:hi])
+    a, _ = _rows(batch, a_view, None)
     out = x.new_empty(sum((s.end - s.start) * (s.col_end - s.col_start)
                           for s in batch.segments))
     offset = 0

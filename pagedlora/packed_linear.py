@@ -48,8 +48,9 @@ class PackedLinear:
     Args:
         dtype, device: of the model's weights; packing is on only for bfloat16 (on a CPU whose
             oneDNN has bfloat16 kernels) and for float32 (on an x86-64 CPU), with oneDNN.
-        ride_after: decode steps in a row that a weight must be asked for the same rows before
-            :meth:`ride` packs them below it (0: never).
+        ride_after: steps in a row (:meth:`ride` calls between :meth:`begin_step` calls) that a
+            weight must be asked for the same rows before :meth:`ride` packs them below it (0:
+            never).
         repacks_per_step: most weights packed again in one step (between two
             :meth:`begin_step` calls), so that packing a new set's rows into every layer is
             spread over steps instead of stalling one.
